@@ -1,0 +1,14 @@
+//! xlb's agent: sources -> model -> desired state -> diff -> BPF maps.
+//!
+//! - [`source`] turns manifests (and later the Kubernetes API) into one [`model::Snapshot`];
+//! - [`desired`] computes, for this node, the whole BPF state the snapshot asks for;
+//! - [`dataplane`] loads and attaches the kernel programs, reads back what the maps hold,
+//!   and applies the difference;
+//! - [`metrics`] serves `/metrics` and `/healthz`;
+//! - [`agent`] wires them into the running process.
+pub mod agent;
+pub mod dataplane;
+pub mod desired;
+pub mod metrics;
+pub mod model;
+pub mod source;

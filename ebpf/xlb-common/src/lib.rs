@@ -1,0 +1,377 @@
+//! Map keys, values and constants shared by xlb's kernel programs and its agent.
+//!
+//! Every BPF map layout is defined here once, `#[repr(C)]`, with explicit padding so
+//! that the kernel (bpfel) and the agent (x86_64/aarch64) agree byte for byte; the
+//! `layout` tests pin sizes and offsets. Multi-byte fields that come from packets
+//! (addresses, ports) are kept in network byte order, exactly as they sit in the
+//! packet, so the fast path never swaps bytes; `bpftool map dump` therefore shows
+//! them as the wire bytes (port 80 reads `00 50`).
+#![no_std]
+
+/// Pin names (also the BPF object names, which the kernel caps at 15 characters) of
+/// every map, under `--pin-path`.
+pub mod names {
+    /// VIP:port:proto -> [`super::Service`].
+    pub const SERVICES: &str = "xlb_services";
+    /// (service table, slot) -> backend id: the selection tables.
+    pub const SLOTS: &str = "xlb_slots";
+    /// backend id -> [`super::Backend`].
+    pub const BACKENDS: &str = "xlb_backends";
+    /// Connection tracking: client flow -> [`super::CtEntry`].
+    pub const CONNTRACK: &str = "xlb_conntrack";
+    /// Reverse NAT: reply flow (backend -> client) -> [`super::RevNat`].
+    pub const REVNAT: &str = "xlb_revnat";
+    /// Per-CPU packet/byte counters per service id.
+    pub const SERVICE_STATS: &str = "xlb_svc_stats";
+    /// Per-CPU packet/byte counters per backend id.
+    pub const BACKEND_STATS: &str = "xlb_be_stats";
+    /// Per-CPU counters per [`super::Reason`].
+    pub const REASONS: &str = "xlb_reasons";
+    /// Agent-written switches for the programs, see [`super::Config`].
+    pub const CONFIG: &str = "xlb_config";
+    /// Every map, in the order `xlb cleanup` removes them.
+    pub const ALL_MAPS: [&str; 9] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        REVNAT,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        REASONS,
+        CONFIG,
+    ];
+    /// Program names in the object file.
+    pub const XDP_PROG: &str = "xlb_xdp";
+    /// TC egress (reverse NAT) program name.
+    pub const TC_EGRESS_PROG: &str = "xlb_tc_egress";
+}
+
+/// Map capacities. The agent refuses a desired state larger than these.
+pub mod limits {
+    /// VIP:port:proto entries.
+    pub const MAX_SERVICES: u32 = 65_536;
+    /// Distinct backends (ip, port) across all services.
+    pub const MAX_BACKENDS: u32 = 262_144;
+    /// Selection-table slots across all services and both generations.
+    pub const MAX_SLOTS: u32 = 1_048_576;
+    /// Largest selection table of one service.
+    pub const MAX_SLOTS_PER_SERVICE: u32 = 65_521;
+    /// Connection-tracking entries (LRU).
+    pub const CONNTRACK_ENTRIES: u32 = 262_144;
+}
+
+/// Address family, as stored in keys (`AF_INET`/`AF_INET6` values are not used so
+/// that the byte reads plainly in `bpftool` output).
+pub const FAMILY_V4: u8 = 4;
+/// IPv6; keys carry room for it from day one.
+pub const FAMILY_V6: u8 = 6;
+
+/// IANA protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// An IPv4 or IPv6 address; IPv4 uses the first four bytes, the rest are zero.
+pub type Addr = [u8; 16];
+
+/// Key of `xlb_services`: a VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    /// Destination address, network order.
+    pub addr: Addr,
+    /// Destination port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// Service flag: externalTrafficPolicy Local (only this node's endpoints).
+pub const SVC_F_LOCAL: u32 = 1 << 0;
+
+/// Value of `xlb_services`.
+///
+/// The selection table is double-buffered: the agent writes the slots of the idle
+/// generation, then replaces this value (one atomic map update) to flip `table` and
+/// `count`, so packets see either the old table or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Stable id, key of `xlb_svc_stats`.
+    pub id: u32,
+    /// Active table id: `id * 2 + generation`, the first half of a [`SlotKey`].
+    pub table: u32,
+    /// Slots in the active table; 0 means no usable backend (packets are dropped and
+    /// counted as [`Reason::DropNoBackend`]).
+    pub count: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+}
+
+/// Key of `xlb_slots`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SlotKey {
+    /// [`Service::table`].
+    pub table: u32,
+    /// 0..count.
+    pub slot: u32,
+}
+
+/// Value of `xlb_backends`: where a backend lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend {
+    /// Pod address, network order.
+    pub addr: Addr,
+    /// Pod port, network order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Reserved, zero.
+    pub flags: u8,
+}
+
+/// Key of the connection-tracking and reverse-NAT maps: one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address, network order.
+    pub src: Addr,
+    /// Destination address, network order.
+    pub dst: Addr,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Address family.
+    pub family: u8,
+    /// Zero; part of the hashed key, so it must always be written as zero.
+    pub pad: [u8; 2],
+}
+
+/// Value of `xlb_conntrack`, keyed by the client's flow (client -> VIP:port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// Backend the flow is pinned to.
+    pub backend_id: u32,
+    /// Service the flow belongs to.
+    pub service_id: u32,
+}
+
+/// Value of `xlb_revnat`, keyed by the reply flow (backend -> client): what the reply's
+/// source must be rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNat {
+    /// VIP, network order.
+    pub addr: Addr,
+    /// Service port, network order.
+    pub port: u16,
+    /// Address family.
+    pub family: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Per-CPU packet and byte counter (value of the stats maps); the agent sums CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes of the whole frame as received.
+    pub bytes: u64,
+}
+
+/// Keys of `xlb_config` (an array of u64).
+pub mod config {
+    /// Reserved for the forwarding mode; 0 = XDP_PASS into the kernel's routing.
+    pub const FORWARD_MODE: u32 = 0;
+    /// Number of entries.
+    pub const LEN: u32 = 4;
+}
+
+/// Why a packet left the programs the way it did. Every drop has one, counted per CPU
+/// in `xlb_reasons` (indexed by the discriminant) and exported as
+/// `xlb_packets_total{reason}`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A VIP packet DNATed to a newly chosen backend.
+    FwdNewFlow = 0,
+    /// A VIP packet DNATed to its connection-tracked backend.
+    FwdConntrack = 1,
+    /// A reply whose source was rewritten back to VIP:port.
+    RevNat = 2,
+    /// Passed untouched: IPv4 with options (IHL > 5).
+    PassIpOptions = 3,
+    /// Passed untouched: an IPv4 fragment (only the first carries ports).
+    PassFragment = 4,
+    /// Dropped: VIP:port known but no usable backend.
+    DropNoBackend = 5,
+    /// Dropped: a VIP packet whose L4 header is malformed (TCP data offset < 5,
+    /// UDP length < 8 or beyond the IP payload).
+    DropMalformedL4 = 6,
+    /// Dropped: the selection table or backend vanished between lookups (a race with
+    /// the agent; retried by the sender).
+    DropTableMiss = 7,
+    /// Connection-tracked backend no longer exists: a new one was chosen.
+    CtStaleBackend = 8,
+    /// A conntrack or reverse-NAT insert failed (map full beyond LRU eviction).
+    CtInsertFailed = 9,
+}
+
+impl Reason {
+    /// Number of reasons (length of `xlb_reasons`).
+    pub const COUNT: u32 = 10;
+    /// Every reason, indexed by discriminant.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::FwdNewFlow,
+        Reason::FwdConntrack,
+        Reason::RevNat,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::DropNoBackend,
+        Reason::DropMalformedL4,
+        Reason::DropTableMiss,
+        Reason::CtStaleBackend,
+        Reason::CtInsertFailed,
+    ];
+
+    /// The label value exported in metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Reason::FwdNewFlow => "fwd_new_flow",
+            Reason::FwdConntrack => "fwd_conntrack",
+            Reason::RevNat => "rev_nat",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropMalformedL4 => "drop_malformed_l4",
+            Reason::DropTableMiss => "drop_table_miss",
+            Reason::CtStaleBackend => "ct_stale_backend",
+            Reason::CtInsertFailed => "ct_insert_failed",
+        }
+    }
+}
+
+/// The flow hash that picks a slot: the same 5-tuple gives the same value on every
+/// node and in userspace (used by tests to predict choices). A murmur3-style mix of
+/// the key's 32-bit words; not cryptographic, only well-spread.
+#[inline(always)]
+pub fn flow_hash_v4(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h: u32 = 0x9747_b28c;
+    h = mix(h, src);
+    h = mix(h, dst);
+    h = mix(h, ((sport as u32) << 16) | dport as u32);
+    h = mix(h, proto as u32);
+    fmix(h)
+}
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain only integers and byte arrays,
+    // and have explicit padding fields, so every bit pattern is valid and no byte is
+    // uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod layout {
+    //! The kernel reads these structs at fixed offsets; a change here must be a
+    //! deliberate map-format change (pinned maps from an older agent are reused).
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn service_key_layout() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(offset_of!(ServiceKey, port), 16);
+        assert_eq!(offset_of!(ServiceKey, proto), 18);
+        assert_eq!(offset_of!(ServiceKey, family), 19);
+    }
+
+    #[test]
+    fn service_value_layout() {
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(offset_of!(Service, table), 4);
+        assert_eq!(offset_of!(Service, count), 8);
+        assert_eq!(offset_of!(Service, flags), 12);
+    }
+
+    #[test]
+    fn slot_and_backend_layout() {
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(offset_of!(Backend, port), 16);
+        assert_eq!(offset_of!(Backend, family), 18);
+    }
+
+    #[test]
+    fn flow_key_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(offset_of!(FlowKey, dst), 16);
+        assert_eq!(offset_of!(FlowKey, sport), 32);
+        assert_eq!(offset_of!(FlowKey, dport), 34);
+        assert_eq!(offset_of!(FlowKey, proto), 36);
+        assert_eq!(offset_of!(FlowKey, family), 37);
+        assert_eq!(offset_of!(FlowKey, pad), 38);
+        assert_eq!(align_of::<FlowKey>(), 2);
+    }
+
+    #[test]
+    fn ct_revnat_counter_layout() {
+        assert_eq!(size_of::<CtEntry>(), 8);
+        assert_eq!(size_of::<RevNat>(), 20);
+        assert_eq!(offset_of!(RevNat, port), 16);
+        assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(offset_of!(Counter, bytes), 8);
+    }
+
+    #[test]
+    fn reasons_are_indexed_by_discriminant() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.label());
+        }
+    }
+
+    #[test]
+    fn flow_hash_depends_on_every_field() {
+        let base = flow_hash_v4(1, 2, 3, 4, 6);
+        assert_ne!(base, flow_hash_v4(9, 2, 3, 4, 6));
+        assert_ne!(base, flow_hash_v4(1, 9, 3, 4, 6));
+        assert_ne!(base, flow_hash_v4(1, 2, 9, 4, 6));
+        assert_ne!(base, flow_hash_v4(1, 2, 3, 9, 6));
+        assert_ne!(base, flow_hash_v4(1, 2, 3, 4, 17));
+        assert_eq!(base, flow_hash_v4(1, 2, 3, 4, 6));
+    }
+}

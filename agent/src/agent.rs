@@ -1,1 +1,277 @@
-//! placeholder
+//! The running agent: one loop that, on every source change, loads the model,
+//! computes the desired state, diffs it against what the maps hold and applies the
+//! difference. Errors in the input are reported once each and skipped; a failed map
+//! write is retried from a fresh read of the maps.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    dataplane::{
+        Dataplane, DataplaneError, Stats,
+        state::{self, Ids, MapState, Write},
+    },
+    desired::{self, Desired},
+    metrics::{self, BpfCollector, Metrics},
+    model::ConfigError,
+    source::manifests::{self, ManifestSource},
+};
+
+/// Everything `xlb agent` needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Uplink interface the programs attach to.
+    pub interface: String,
+    /// This node's name, matched against EndpointSlice `nodeName`.
+    pub node_name: String,
+    /// Manifest directory.
+    pub manifests: PathBuf,
+    /// `/metrics` and `/healthz` listen address.
+    pub metrics_addr: SocketAddr,
+    /// bpffs directory for maps and links.
+    pub pin_path: PathBuf,
+    /// XDP attach mode.
+    pub xdp_mode: XdpMode,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Loading, attaching or taking over the datapath failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The manifest directory cannot be watched.
+    #[error("watching {dir}: {message}")]
+    Watch {
+        /// Directory.
+        dir: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// The metrics listener failed.
+    #[error("metrics server on {addr}: {source}")]
+    Metrics {
+        /// Listen address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The reconciler's memory: what it last applied and the errors already reported.
+struct Reconciler {
+    dp: Dataplane,
+    node_name: String,
+    applied: MapState,
+    ids: Ids,
+    previous: Option<Desired>,
+    reported: BTreeSet<String>,
+    metrics: Arc<Metrics>,
+    collector: Arc<BpfCollector>,
+}
+
+impl Reconciler {
+    /// Reports each distinct error once (log line + metric); errors that went away
+    /// are forgotten so that they are reported again if they come back.
+    fn report(&mut self, errors: &[ConfigError]) {
+        let now: BTreeSet<String> = errors.iter().map(|e| e.to_string()).collect();
+        for e in errors {
+            let s = e.to_string();
+            if !self.reported.contains(&s) {
+                warn!(error = %s, "configuration error: skipped, last good state kept");
+                self.metrics
+                    .config_errors
+                    .get_or_create(&vec![("kind", e.kind().to_string())])
+                    .inc();
+            }
+        }
+        self.reported = now;
+    }
+
+    fn sync(&mut self, source: &mut ManifestSource) -> Result<(), DataplaneError> {
+        let started = Instant::now();
+        let loaded = source.load();
+        let desired = desired::compute(&loaded.snapshot, &self.node_name, self.previous.as_ref());
+        let mut errors = loaded.errors;
+        errors.extend(desired.errors.iter().cloned());
+        self.report(&errors);
+        for (vip, ds) in &desired.services {
+            if !ds.remote_backends.is_empty() {
+                tracing::debug!(
+                    service = %ds.owner, %vip.addr, vip.port,
+                    remote = ds.remote_backends.len(),
+                    "remote endpoints of a Cluster service are not forwarded to yet"
+                );
+            }
+        }
+
+        let target = match state::target(&desired, &self.applied, self.ids) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(error = %e, "desired state does not fit the maps; keeping the current one");
+                self.metrics
+                    .syncs
+                    .get_or_create(&vec![("result", "too_large".to_string())])
+                    .inc();
+                return Ok(());
+            }
+        };
+        let writes = state::diff(&self.applied, &target.state);
+        if let Err(e) = self.dp.apply(&writes) {
+            // Start the next attempt from what the maps really hold.
+            self.applied = self.dp.read_state()?;
+            self.metrics
+                .syncs
+                .get_or_create(&vec![("result", "error".to_string())])
+                .inc();
+            return Err(e);
+        }
+        let id_writes = self.dp.write_ids(self.ids, target.ids)?;
+        self.metrics.map_updates.inc_by(writes.len() as u64 + id_writes);
+        log_changes(&writes, &target);
+        self.collector.set_target(&target);
+        self.metrics.services.set(target.state.services.len() as i64);
+        self.applied = target.state;
+        self.ids = target.ids;
+        self.previous = Some(desired);
+        self.metrics
+            .syncs
+            .get_or_create(&vec![("result", "ok".to_string())])
+            .inc();
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// One log line per changed service, none per packet or per unchanged sync.
+fn log_changes(writes: &[Write], target: &state::Target) {
+    if writes.is_empty() {
+        return;
+    }
+    for w in writes {
+        match w {
+            Write::PutService(k, svc) => {
+                if let Some(l) = target.services.get(&svc.id) {
+                    info!(
+                        service = %l.owner, vip = %l.vip, port = l.port, protocol = l.protocol.as_str(),
+                        backends = svc.count, local = svc.flags & xlb_common::SVC_F_LOCAL != 0,
+                        "service programmed"
+                    );
+                } else {
+                    info!(?k, backends = svc.count, "service programmed");
+                }
+            }
+            Write::DelService(k) => {
+                let vip = state::backend_addr(&xlb_common::Backend {
+                    addr: k.addr,
+                    port: k.port,
+                    family: k.family,
+                    flags: 0,
+                });
+                info!(vip = %vip, proto = k.proto, "service removed");
+            }
+            _ => {}
+        }
+    }
+    info!(writes = writes.len(), "maps updated");
+}
+
+/// Runs the agent until SIGTERM/SIGINT. The datapath is left attached and pinned on
+/// exit so that traffic keeps flowing until the next agent takes over.
+pub async fn run(cfg: Config) -> Result<(), AgentError> {
+    let dp = Dataplane::open(&cfg.interface, &cfg.pin_path, cfg.xdp_mode)?;
+    let applied = dp.read_state()?;
+    let ids = Ids::after(&applied, dp.read_ids()?);
+    info!(
+        services = applied.services.len(),
+        backends = applied.backends.len(),
+        "datapath ready; reconciling from the state the maps hold"
+    );
+    let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?);
+    let metrics = Metrics::new(collector.clone());
+
+    let addr = cfg.metrics_addr;
+    let listener_metrics = metrics.clone();
+    let (server_err_tx, mut server_err) = mpsc::channel(1);
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(addr, listener_metrics).await {
+            let _ = server_err_tx.send(e).await;
+        }
+    });
+
+    let (_watcher, mut changes) =
+        manifests::watch(&cfg.manifests).map_err(|e| AgentError::Watch {
+            dir: cfg.manifests.clone(),
+            message: e.to_string(),
+        })?;
+    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut rec = Reconciler {
+        dp,
+        node_name: cfg.node_name.clone(),
+        applied,
+        ids,
+        previous: None,
+        reported: BTreeSet::new(),
+        metrics,
+        collector,
+    };
+
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    // A failed apply is retried on this tick; so is anything a missed event hid.
+    let mut resync = tokio::time::interval(Duration::from_secs(30));
+    let mut retry_soon = false;
+    let mut first = true;
+    loop {
+        if first || retry_soon {
+            first = false;
+            match rec.sync(&mut source) {
+                Ok(()) => retry_soon = false,
+                Err(e) => {
+                    error!(error = %e, "applying to the maps failed; retrying");
+                    retry_soon = true;
+                }
+            }
+        }
+        let backoff = tokio::time::sleep(Duration::from_secs(1));
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: exiting, datapath stays attached"); break; }
+            _ = int.recv() => { info!("SIGINT: exiting, datapath stays attached"); break; }
+            Some(e) = server_err.recv() => {
+                return Err(AgentError::Metrics { addr: cfg.metrics_addr, source: e });
+            }
+            Some(()) = changes.recv() => {
+                // Editors write a file in several steps: coalesce what arrives together.
+                let settle = tokio::time::sleep(Duration::from_millis(50));
+                tokio::pin!(settle);
+                loop {
+                    tokio::select! {
+                        _ = &mut settle => break,
+                        Some(()) = changes.recv() => {}
+                    }
+                }
+                retry_soon = true;
+            }
+            _ = resync.tick() => { retry_soon = true; }
+            _ = backoff, if retry_soon => {}
+        }
+    }
+    Ok(())
+}

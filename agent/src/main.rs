@@ -1,1 +1,117 @@
-fn main() {}
+//! `xlb`: the command line. `xlb agent` runs the load balancer on this node;
+//! `xlb cleanup` removes the datapath it leaves attached.
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// An eBPF/XDP load balancer for bare-metal Kubernetes.
+#[derive(Parser, Debug)]
+#[command(name = "xlb", version, about)]
+struct Cli {
+    /// Log level or tracing filter (e.g. `info`, `xlb=debug`).
+    #[arg(long, global = true, default_value = "info", env = "XLB_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent: attach XDP/TC to the interface and keep the BPF maps in step
+    /// with the Services and EndpointSlices in --manifests. On SIGTERM/SIGINT it exits
+    /// and leaves the datapath attached (traffic keeps flowing); the next agent takes
+    /// it over without a gap.
+    Agent {
+        /// Uplink interface to attach to (where VIP traffic arrives).
+        #[arg(long)]
+        interface: String,
+        /// This node's name, as in EndpointSlice `endpoints[].nodeName`.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Directory of Kubernetes manifests (Service, EndpointSlice; *.yaml, *.yml,
+        /// *.json, multi-document), watched for changes.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Address for /metrics and /healthz.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics_addr: SocketAddr,
+        /// bpffs directory where maps and links are pinned (bpffs is mounted on
+        /// /sys/fs/bpf if missing).
+        #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+        pin_path: PathBuf,
+        /// XDP attach mode: `native` (driver) or `generic` (skb, for NICs without XDP).
+        #[arg(long, value_enum, default_value_t = Mode::Native)]
+        xdp_mode: Mode,
+    },
+    /// Detach xlb's programs from the interface and remove its pinned maps and links.
+    /// Use it when uninstalling xlb from a node; a normal restart or upgrade must not
+    /// run it (the datapath is meant to outlive the agent).
+    Cleanup {
+        /// Interface the programs are attached to.
+        #[arg(long)]
+        interface: String,
+        /// bpffs directory the agent pinned to.
+        #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    Native,
+    Generic,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_new(&cli.log_level)
+                .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Agent {
+            interface,
+            node_name,
+            manifests,
+            metrics_addr,
+            pin_path,
+            xdp_mode,
+        } => {
+            let cfg = xlb::agent::Config {
+                interface,
+                node_name,
+                manifests,
+                metrics_addr,
+                pin_path,
+                xdp_mode: match xdp_mode {
+                    Mode::Native => XdpMode::Driver,
+                    Mode::Generic => XdpMode::Skb,
+                },
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(xlb::agent::run(cfg)).context("xlb agent")?;
+        }
+        Command::Cleanup {
+            interface,
+            pin_path,
+        } => {
+            let removed = xlb::dataplane::cleanup(&interface, &pin_path)
+                .with_context(|| format!("cleaning up {}", pin_path.display()))?;
+            for p in &removed {
+                println!("removed {}", p.display());
+            }
+            println!("xlb datapath removed from {interface} ({} pins)", removed.len());
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,242 @@
-//! placeholder
+//! `/metrics` (Prometheus text format) and `/healthz`, served from one HTTP server.
+//!
+//! Agent-side metrics are ordinary prometheus-client metrics; datapath counters are
+//! read from the per-CPU BPF maps at scrape time by [`BpfCollector`], labelled with
+//! what the reconciler last programmed.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use xlb_common::Reason;
+
+use crate::dataplane::{
+    Stats,
+    state::{ServiceLabels, Target},
+};
+
+/// Labels as prometheus-client takes them.
+type Labels = Vec<(&'static str, String)>;
+
+/// Metrics the agent updates as it works.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Config errors by kind (`xlb_config_errors_total`), counted once per distinct error.
+    pub config_errors: Family<Labels, Counter>,
+    /// BPF map writes made by the reconciler (`xlb_map_updates_total`).
+    pub map_updates: Counter,
+    /// Reconciliations by result (`xlb_syncs_total{result}`).
+    pub syncs: Family<Labels, Counter>,
+    /// Time from a source change to the maps being updated (`xlb_sync_duration_seconds`).
+    pub sync_duration: Histogram,
+    /// Services currently programmed (`xlb_services`).
+    pub services: Gauge,
+    /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
+    pub ready: AtomicBool,
+    registry: Mutex<Registry>,
+}
+
+impl Metrics {
+    /// Registers every metric, plus the BPF counter collector.
+    pub fn new(bpf: Arc<BpfCollector>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let config_errors = Family::<Labels, Counter>::default();
+        let map_updates = Counter::default();
+        let syncs = Family::<Labels, Counter>::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let services = Gauge::default();
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        registry.register("xlb_build_info", "Build of the running agent", build_info);
+        registry.register(
+            "xlb_config_errors",
+            "Configuration errors found in sources, by kind (each distinct error once)",
+            config_errors.clone(),
+        );
+        registry.register(
+            "xlb_map_updates",
+            "BPF map writes made by the reconciler since the agent started",
+            map_updates.clone(),
+        );
+        registry.register("xlb_syncs", "Reconciliations by result", syncs.clone());
+        registry.register(
+            "xlb_sync_duration_seconds",
+            "Time to compute and apply one reconciliation",
+            sync_duration.clone(),
+        );
+        registry.register("xlb_services", "VIP:port entries programmed", services.clone());
+        registry.register_collector(Box::new(bpf));
+        Arc::new(Metrics {
+            config_errors,
+            map_updates,
+            syncs,
+            sync_duration,
+            services,
+            ready: AtomicBool::new(false),
+            registry: Mutex::new(registry),
+        })
+    }
+
+    /// The text exposition of everything.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        let registry = self.registry.lock().map_err(|_| std::fmt::Error)?;
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+}
+
+/// What the BPF counters mean: labels per service and backend id, from the last
+/// applied [`Target`].
+#[derive(Debug, Default, Clone)]
+pub struct CounterLabels {
+    services: BTreeMap<u32, ServiceLabels>,
+    backends: BTreeMap<u32, SocketAddr>,
+}
+
+/// Reads the datapath's per-CPU counters on each scrape.
+pub struct BpfCollector {
+    stats: Mutex<Stats>,
+    labels: RwLock<CounterLabels>,
+}
+
+impl std::fmt::Debug for BpfCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BpfCollector")
+    }
+}
+
+impl BpfCollector {
+    /// A collector over opened stats maps.
+    pub fn new(stats: Stats) -> Arc<Self> {
+        Arc::new(BpfCollector {
+            stats: Mutex::new(stats),
+            labels: RwLock::new(CounterLabels::default()),
+        })
+    }
+
+    /// Takes the labels of a newly applied target.
+    pub fn set_target(&self, t: &Target) {
+        if let Ok(mut l) = self.labels.write() {
+            l.services = t.services.clone();
+            l.backends = t.backends.clone();
+        }
+    }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for BpfCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = match self.stats.lock().map(|s| s.read()) {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading BPF counters");
+                return Ok(());
+            }
+            Err(_) => return Ok(()),
+        };
+        let labels = self.labels.read().map(|l| l.clone()).unwrap_or_default();
+        let (mut sp, mut sb) = (Vec::new(), Vec::new());
+        for (id, c) in &snap.services {
+            let Some(l) = labels.services.get(id) else { continue };
+            let set: Labels = vec![
+                ("namespace", l.owner.namespace.clone()),
+                ("service", l.owner.name.clone()),
+                ("vip", l.vip.to_string()),
+                ("port", l.port.to_string()),
+                ("protocol", l.protocol.as_str().to_string()),
+            ];
+            sp.push((set.clone(), c.packets));
+            sb.push((set, c.bytes));
+        }
+        counter(&mut encoder, "xlb_service_packets", "Packets to a VIP:port seen by XDP", &sp)?;
+        counter(&mut encoder, "xlb_service_bytes", "Bytes to a VIP:port seen by XDP", &sb)?;
+        let (mut bp, mut bb) = (Vec::new(), Vec::new());
+        for (id, c) in &snap.backends {
+            let Some(addr) = labels.backends.get(id) else { continue };
+            let set: Labels = vec![("backend", addr.to_string())];
+            bp.push((set.clone(), c.packets));
+            bb.push((set, c.bytes));
+        }
+        counter(&mut encoder, "xlb_backend_packets", "Packets DNATed to a backend", &bp)?;
+        counter(&mut encoder, "xlb_backend_bytes", "Bytes DNATed to a backend", &bb)?;
+        let rows: Vec<(Labels, u64)> = Reason::ALL
+            .iter()
+            .map(|r| {
+                let v = snap.reasons.get(*r as usize).copied().unwrap_or(0);
+                (vec![("reason", r.label().to_string())], v)
+            })
+            .collect();
+        counter(
+            &mut encoder,
+            "xlb_datapath_packets",
+            "Packets the programs forwarded, passed or dropped, by reason",
+            &rows,
+        )
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the listener fails.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(healthz))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    axum::serve(listener, app).await
+}
+
+async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.render() {
+        Ok(body) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            String::from("encoding failed\n"),
+        ),
+    }
+}
+
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not yet synced\n")
+    }
+}

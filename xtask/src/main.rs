@@ -1,1 +1,199 @@
-fn main() {}
+//! `cargo xtask setup | build | run | demo | test`: everything a fresh Debian machine
+//! needs to build, try and test xlb, in the project's own files.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: Debian's rustc + library source (the only toolchain here with
+/// rust-src, needed for `-Z build-std=core` on bpfel-unknown-none), LLVM 22 for
+/// bpf-linker, and the tools the netns lab and tests use.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "bpftool",
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "util-linux",
+];
+
+/// bpf-linker links the eBPF object; built against Debian's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup           install what the build and tests need (Debian packages, bpf-linker); idempotent
+  build           build target/release/xlb with its eBPF programs embedded
+  run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
+  demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
+  test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(true),
+        Some("build") => build().map(|_| ()),
+        Some("run") => run(&args[1..]),
+        Some("demo") => demo(),
+        Some("test") => test(),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo_home_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn bpf_linker_ok() -> bool {
+    let out = Command::new(cargo_home_bin().join("bpf-linker"))
+        .arg("--version")
+        .output();
+    matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+/// Installs what is missing. With `verbose`, also says when nothing is.
+fn setup(verbose: bool) -> Result<()> {
+    let pkgs = missing_packages();
+    if !pkgs.is_empty() {
+        if is_not_root() {
+            bail!("installing {} needs root", pkgs.join(" "));
+        }
+        eprintln!("xtask setup: installing Debian packages: {}", pkgs.join(" "));
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    } else if verbose {
+        eprintln!("xtask setup: Debian packages present");
+    }
+    if !bpf_linker_ok() {
+        eprintln!(
+            "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (about a minute)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        sh(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path))?;
+    } else if verbose {
+        eprintln!("xtask setup: bpf-linker {BPF_LINKER_VERSION} present");
+    }
+    if verbose {
+        eprintln!("xtask setup: done");
+    }
+    Ok(())
+}
+
+fn is_not_root() -> bool {
+    // geteuid has no preconditions; avoids a libc dependency for one call.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0")
+        .unwrap_or(true)
+}
+
+/// Builds the release binary (the eBPF object is built and embedded by agent/build.rs).
+fn build() -> Result<PathBuf> {
+    setup(false)?;
+    sh(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--release", "-p", "xlb"]))?;
+    let bin = root().join("target/release/xlb");
+    eprintln!("xtask build: {}", bin.display());
+    Ok(bin)
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let bin = build()?;
+    let args = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    sh(Command::new(bin).arg("agent").args(args))
+}
+
+fn demo() -> Result<()> {
+    let bin = build()?;
+    let passed = xlb_lab::demo::run(&bin, &root().join("deploy/examples"))?;
+    if !passed {
+        bail!("the demo's verdict is FAIL");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    if is_not_root() {
+        bail!("the integration tests create network namespaces and load BPF programs: run as root");
+    }
+    let bin = build()?;
+    let root = root();
+    eprintln!("xtask test: cargo fmt --check");
+    sh(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    eprintln!("xtask test: cargo clippy --all-targets -- -D warnings");
+    sh(Command::new("cargo")
+        .current_dir(&root)
+        .args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    eprintln!("xtask test: unit and integration tests (release profile, shared with the build)");
+    sh(Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--release", "--workspace"])
+        .env("XLB_BIN", &bin))?;
+    eprintln!("xtask test: all passed");
+    Ok(())
+}

@@ -1,1 +1,467 @@
-//! placeholder
+//! The kernel side as the agent sees it: loading the embedded programs, attaching them
+//! to the uplink (or taking over the ones a previous agent left), reading back what the
+//! maps hold, and applying ordered writes ([`state::diff`]).
+//!
+//! The datapath outlives the agent, like Cilium's and Katran's: maps and bpf_links are
+//! pinned under `--pin-path`, nothing is detached on exit, and a starting agent reuses
+//! the pinned maps (aya's `map_pin_path`) and swaps its programs into the pinned links
+//! with `BPF_LINK_UPDATE`, which the kernel does atomically: every packet runs either
+//! the old or the new program, never neither.
+pub mod pin;
+pub mod state;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use tracing::{debug, info};
+use xlb_common::{Backend, Counter, Service, ServiceKey, SlotKey, config, names};
+
+use self::state::{Ids, MapState, Write};
+
+/// The eBPF object built by `agent/build.rs`, aligned for the ELF parser.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJ"));
+
+/// Dataplane failures; each names the map, program or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// Built with `XLB_SKIP_EBPF=1`.
+    #[error("this xlb binary was built without its eBPF programs (XLB_SKIP_EBPF=1); rebuild with `cargo xtask build`")]
+    NoObject,
+    /// bpffs could not be mounted or the pin directory made.
+    #[error("pin path {path}: {source}")]
+    PinPath {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Loading the object or creating/reusing pinned maps failed.
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load, attach or take over its link.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        source: ProgramError,
+    },
+    /// A pinned link could not be opened, pinned or removed.
+    #[error("link {path}: {message}")]
+    Link {
+        /// Pin path of the link.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The object lacks a map or program the agent expects (a build mismatch).
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    /// The number of possible CPUs (per-CPU values) could not be used.
+    #[error("per-CPU values: {0}")]
+    Cpus(io::Error),
+    /// A map read or write failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        source: MapError,
+    },
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// The attached, pinned datapath of one interface.
+pub struct Dataplane {
+    // Keeps the programs loaded while the agent runs; links are pinned, so dropping
+    // this never detaches anything.
+    _ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    service_stats: PerCpuHashMap<MapData, u32, Counter>,
+    backend_stats: PerCpuHashMap<MapData, u32, Counter>,
+    config: Array<MapData, u64>,
+    ncpus: usize,
+}
+
+/// Link pin names, one per interface so that one pin directory can serve several.
+pub fn xdp_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join(format!("link_xdp_{iface}"))
+}
+
+/// See [`xdp_link_pin`].
+pub fn tc_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join(format!("link_tc_egress_{iface}"))
+}
+
+impl Dataplane {
+    /// Loads the programs, reusing pinned maps, and attaches them to `iface`, taking
+    /// over a previous agent's links if they are pinned.
+    pub fn open(iface: &str, pin_path: &Path, xdp_mode: XdpMode) -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        pin::prepare(pin_path).map_err(|source| DataplaneError::PinPath {
+            path: pin_path.to_path_buf(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        let map_pins: Vec<(&'static str, PathBuf)> = names::ALL_MAPS
+            .iter()
+            .map(|n| (*n, pin_path.join(n)))
+            .collect();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        attach_xdp(&mut ebpf, iface, pin_path, xdp_mode)?;
+        attach_tc(&mut ebpf, iface, pin_path)?;
+
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
+        let services = HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+        let slots = HashMap::try_from(take(names::SLOTS)?).map_err(map_err(names::SLOTS))?;
+        let backends = HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
+            .map_err(map_err(names::SERVICE_STATS))?;
+        let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
+            .map_err(map_err(names::BACKEND_STATS))?;
+        let config = Array::try_from(take(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        Ok(Dataplane {
+            _ebpf: ebpf,
+            services,
+            slots,
+            backends,
+            service_stats,
+            backend_stats,
+            config,
+            ncpus,
+        })
+    }
+
+    /// Reads back what the configuration maps hold now (after a restart: what the
+    /// previous agent programmed).
+    pub fn read_state(&self) -> Result<MapState, DataplaneError> {
+        let mut s = MapState::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(map_err(names::SERVICES))?;
+            s.services.insert(k, v);
+        }
+        for kv in self.slots.iter() {
+            let (k, v) = kv.map_err(map_err(names::SLOTS))?;
+            s.slots.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
+            s.backends.insert(k, v);
+        }
+        for k in self.service_stats.keys() {
+            s.service_stats.insert(k.map_err(map_err(names::SERVICE_STATS))?);
+        }
+        for k in self.backend_stats.keys() {
+            s.backend_stats.insert(k.map_err(map_err(names::BACKEND_STATS))?);
+        }
+        Ok(s)
+    }
+
+    /// The id counters persisted by a previous agent (zero on a fresh datapath).
+    pub fn read_ids(&self) -> Result<Ids, DataplaneError> {
+        let get = |i: u32| self.config.get(&i, 0).map_err(map_err(names::CONFIG));
+        Ok(Ids {
+            next_service: get(config::NEXT_SERVICE_ID)? as u32,
+            next_backend: get(config::NEXT_BACKEND_ID)? as u32,
+        })
+    }
+
+    /// Persists the id counters (only when they changed; returns writes made).
+    pub fn write_ids(&mut self, old: Ids, new: Ids) -> Result<u64, DataplaneError> {
+        let mut n = 0;
+        if old.next_service != new.next_service {
+            self.config
+                .set(config::NEXT_SERVICE_ID, u64::from(new.next_service), 0)
+                .map_err(map_err(names::CONFIG))?;
+            n += 1;
+        }
+        if old.next_backend != new.next_backend {
+            self.config
+                .set(config::NEXT_BACKEND_ID, u64::from(new.next_backend), 0)
+                .map_err(map_err(names::CONFIG))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Applies writes in order; stops at the first failure (the caller re-reads the
+    /// maps and retries, so a partial apply is never mistaken for the target).
+    pub fn apply(&mut self, writes: &[Write]) -> Result<(), DataplaneError> {
+        let zero = || PerCpuValues::try_from(vec![Counter::default(); self.ncpus]);
+        for w in writes {
+            debug!(?w, "map write");
+            match *w {
+                Write::PutBackend(id, b) => self
+                    .backends
+                    .insert(id, b, 0)
+                    .map_err(map_err(names::BACKENDS))?,
+                Write::PutBackendStats(id) => {
+                    let z = zero().map_err(DataplaneError::Cpus)?;
+                    self.backend_stats
+                        .insert(id, z, 0)
+                        .map_err(map_err(names::BACKEND_STATS))?
+                }
+                Write::PutSlot(k, v) => self.slots.insert(k, v, 0).map_err(map_err(names::SLOTS))?,
+                Write::PutServiceStats(id) => {
+                    let z = zero().map_err(DataplaneError::Cpus)?;
+                    self.service_stats
+                        .insert(id, z, 0)
+                        .map_err(map_err(names::SERVICE_STATS))?
+                }
+                Write::PutService(k, v) => self
+                    .services
+                    .insert(k, v, 0)
+                    .map_err(map_err(names::SERVICES))?,
+                Write::DelService(k) => ignore_missing(self.services.remove(&k))
+                    .map_err(map_err(names::SERVICES))?,
+                Write::DelServiceStats(id) => ignore_missing(self.service_stats.remove(&id))
+                    .map_err(map_err(names::SERVICE_STATS))?,
+                Write::DelSlot(k) => {
+                    ignore_missing(self.slots.remove(&k)).map_err(map_err(names::SLOTS))?
+                }
+                Write::DelBackend(id) => ignore_missing(self.backends.remove(&id))
+                    .map_err(map_err(names::BACKENDS))?,
+                Write::DelBackendStats(id) => ignore_missing(self.backend_stats.remove(&id))
+                    .map_err(map_err(names::BACKEND_STATS))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> DataplaneError {
+    move |source| DataplaneError::Program { name, source }
+}
+
+fn link_err(path: &Path, message: impl ToString) -> DataplaneError {
+    DataplaneError::Link {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// Opens a pinned link, `None` if nothing is pinned there. A pin whose link has gone
+/// defunct (its interface was deleted) is removed and reported as absent.
+fn open_pinned_link(path: &Path) -> Result<Option<FdLink>, DataplaneError> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(FdLink::from(link))),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(link_err(path, e)),
+    }
+}
+
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    pin_path: &Path,
+    mode: XdpMode,
+) -> Result<(), DataplaneError> {
+    let name = names::XDP_PROG;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Missing("XDP program"))?
+        .try_into()
+        .map_err(program_err(name))?;
+    prog.load().map_err(program_err(name))?;
+    let pin = xdp_link_pin(pin_path, iface);
+    let id = match open_pinned_link(&pin)? {
+        Some(old) => {
+            let link = XdpLink::try_from(old).map_err(|e| link_err(&pin, e))?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    info!(iface, link = %pin.display(), "took over the XDP link (atomic program replace)");
+                    // The replaced link is still pinned; nothing to re-pin.
+                    let link = prog.take_link(id).map_err(program_err(name))?;
+                    drop(link);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Defunct link (interface recreated): start afresh.
+                    info!(iface, error = %e, "pinned XDP link unusable, attaching anew");
+                    std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+                    prog.attach(iface, mode).map_err(program_err(name))?
+                }
+            }
+        }
+        None => prog.attach(iface, mode).map_err(program_err(name))?,
+    };
+    let link = prog.take_link(id).map_err(program_err(name))?;
+    let fd = FdLink::try_from(link).map_err(|e| link_err(&pin, e))?;
+    fd.pin(&pin).map_err(|e| link_err(&pin, e))?;
+    info!(iface, ?mode, link = %pin.display(), "attached XDP program");
+    Ok(())
+}
+
+fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_path: &Path) -> Result<(), DataplaneError> {
+    let name = names::TC_EGRESS_PROG;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Missing("TC program"))?
+        .try_into()
+        .map_err(program_err(name))?;
+    prog.load().map_err(program_err(name))?;
+    let pin = tc_link_pin(pin_path, iface);
+    let attach_new = |prog: &mut SchedClassifier| {
+        prog.attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(program_err(name))
+    };
+    let id = match open_pinned_link(&pin)? {
+        Some(old) => {
+            let link = SchedClassifierLink::try_from(old).map_err(|e| link_err(&pin, e))?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    info!(iface, link = %pin.display(), "took over the TC egress link (atomic program replace)");
+                    let link = prog.take_link(id).map_err(program_err(name))?;
+                    drop(link);
+                    return Ok(());
+                }
+                Err(e) => {
+                    info!(iface, error = %e, "pinned TC link unusable, attaching anew");
+                    std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+                    attach_new(prog)?
+                }
+            }
+        }
+        None => attach_new(prog)?,
+    };
+    let link = prog.take_link(id).map_err(program_err(name))?;
+    let fd = FdLink::try_from(link).map_err(|e| link_err(&pin, e))?;
+    fd.pin(&pin).map_err(|e| link_err(&pin, e))?;
+    info!(iface, link = %pin.display(), "attached TC egress program (tcx)");
+    Ok(())
+}
+
+/// `xlb cleanup`: detaches the programs from `iface` (by unpinning their links, the
+/// last reference) and removes every pinned map, then the directory if it is empty.
+/// Returns what it removed.
+pub fn cleanup(iface: &str, pin_path: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
+    let mut removed = Vec::new();
+    for pin in [xdp_link_pin(pin_path, iface), tc_link_pin(pin_path, iface)] {
+        if let Some(link) = open_pinned_link(&pin)? {
+            // Unpinning drops the bpffs reference; dropping `link` closes our fd, the
+            // last one, and the kernel detaches the program.
+            std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+            drop(link);
+            removed.push(pin);
+        }
+    }
+    for name in names::ALL_MAPS {
+        let p = pin_path.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(link_err(&p, e)),
+        }
+    }
+    match std::fs::remove_dir(pin_path) {
+        Ok(()) => removed.push(pin_path.to_path_buf()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Other interfaces' links may still live there.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+        Err(e) => return Err(link_err(pin_path, e)),
+    }
+    Ok(removed)
+}
+
+/// Read-only handles on the per-CPU counters, opened from their pins so the metrics
+/// server can read them without sharing the reconciler's handles.
+pub struct Stats {
+    services: PerCpuHashMap<MapData, u32, Counter>,
+    backends: PerCpuHashMap<MapData, u32, Counter>,
+    reasons: aya::maps::PerCpuArray<MapData, u64>,
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Per service id.
+    pub services: std::collections::BTreeMap<u32, Counter>,
+    /// Per backend id.
+    pub backends: std::collections::BTreeMap<u32, Counter>,
+    /// Per [`xlb_common::Reason`], indexed by discriminant.
+    pub reasons: Vec<u64>,
+}
+
+impl Stats {
+    /// Opens the pinned counter maps under `pin_path`.
+    pub fn open(pin_path: &Path) -> Result<Self, DataplaneError> {
+        let open = |name: &'static str| {
+            MapData::from_pin(pin_path.join(name)).map_err(map_err(name))
+        };
+        Ok(Stats {
+            services: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+                names::SERVICE_STATS,
+            )?))
+            .map_err(map_err(names::SERVICE_STATS))?,
+            backends: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+                names::BACKEND_STATS,
+            )?))
+            .map_err(map_err(names::BACKEND_STATS))?,
+            reasons: aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(
+                names::REASONS,
+            )?))
+            .map_err(map_err(names::REASONS))?,
+        })
+    }
+
+    /// Reads and sums every counter.
+    pub fn read(&self) -> Result<StatsSnapshot, DataplaneError> {
+        let sum = |vals: PerCpuValues<Counter>| {
+            vals.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            })
+        };
+        let mut s = StatsSnapshot::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(map_err(names::SERVICE_STATS))?;
+            s.services.insert(k, sum(v));
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(map_err(names::BACKEND_STATS))?;
+            s.backends.insert(k, sum(v));
+        }
+        for v in self.reasons.iter() {
+            let v = v.map_err(map_err(names::REASONS))?;
+            s.reasons.push(v.iter().sum());
+        }
+        Ok(s)
+    }
+}

@@ -194,8 +194,12 @@ pub struct Counter {
 pub mod config {
     /// Reserved for the forwarding mode; 0 = XDP_PASS into the kernel's routing.
     pub const FORWARD_MODE: u32 = 0;
+    /// The agent's next service id, persisted so ids are not reused across restarts.
+    pub const NEXT_SERVICE_ID: u32 = 1;
+    /// The agent's next backend id, likewise.
+    pub const NEXT_BACKEND_ID: u32 = 2;
     /// Number of entries.
-    pub const LEN: u32 = 4;
+    pub const LEN: u32 = 8;
 }
 
 /// Why a packet left the programs the way it did. Every drop has one, counted per CPU

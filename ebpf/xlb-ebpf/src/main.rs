@@ -1,8 +1,201 @@
+//! xlb's kernel programs.
+//!
+//! - `xlb_xdp` (XDP, on the node's uplink): for a packet to a VIP:port, pick a backend
+//!   (`lb`), DNAT destination address and port with incremental checksums, and hand
+//!   it to the kernel's routing (XDP_PASS) which delivers it to the pod. Everything
+//!   else passes after one map lookup.
+//! - `xlb_tc_egress` (TC egress, same interface): a reply from a backend gets its
+//!   source rewritten back to VIP:port (`revnat` map), so the client only ever talks
+//!   to the VIP while the pod sees the client's real address.
 #![no_std]
 #![no_main]
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+mod csum;
+mod lb;
+mod maps;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use xlb_common::{PROTO_TCP, Reason, ServiceKey, FAMILY_V4};
+
+use crate::{
+    maps::{BACKEND_STATS, REVNAT, SERVICE_STATS, SERVICES, add, count},
+    packet::{
+        IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, NotFlow, TCP_CSUM_OFF, UDP_CSUM_OFF,
+        addr16, parse4, ptr_at,
+    },
+};
+
+/// XDP entry: service load balancing on the uplink.
 #[xdp]
-pub fn xlb_xdp(_ctx: XdpContext) -> u32 { xdp_action::XDP_PASS }
+pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    match lb_ingress(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// One packet's whole path: parse, VIP lookup, validate, select, DNAT, pass.
+/// `Err(reason)` drops the packet and counts the reason.
+#[inline(always)]
+fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let flow = match parse4(start, end) {
+        Ok(f) => f,
+        Err(NotFlow::Other) => return Ok(xdp_action::XDP_PASS),
+        Err(NotFlow::IpOptions) => {
+            count(Reason::PassIpOptions);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Err(NotFlow::Fragment) => {
+            count(Reason::PassFragment);
+            return Ok(xdp_action::XDP_PASS);
+        }
+    };
+    let vip = ServiceKey {
+        addr: addr16(flow.dst),
+        port: u16::from_ne_bytes(flow.dport),
+        proto: flow.proto,
+        family: FAMILY_V4,
+    };
+    // SAFETY: plain data copied out at once.
+    let Some(svc) = (unsafe { SERVICES.get(&vip) }) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let svc = *svc;
+    let bytes = (end - start) as u64;
+    add(&SERVICE_STATS, svc.id, bytes);
+
+    // Validate the whole L4 header before rewriting it.
+    let l4_csum_off = if flow.proto == PROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(start, end, L4_OFF).ok_or(Reason::DropMalformedL4)?;
+        // SAFETY: bounds checked by ptr_at.
+        if unsafe { (*tcp).doff() } < 5 {
+            return Err(Reason::DropMalformedL4);
+        }
+        L4_OFF + TCP_CSUM_OFF
+    } else {
+        let udp: *const UdpHdr = ptr_at(start, end, L4_OFF).ok_or(Reason::DropMalformedL4)?;
+        let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropMalformedL4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (ulen, iplen) = unsafe {
+            (
+                u16::from_be_bytes((*udp).len) as usize,
+                u16::from_be_bytes((*ip).tot_len) as usize,
+            )
+        };
+        if ulen < 8 || ulen + Ipv4Hdr::LEN > iplen {
+            return Err(Reason::DropMalformedL4);
+        }
+        L4_OFF + UDP_CSUM_OFF
+    };
+
+    let key = lb::flow_key(&flow);
+    let (backend_id, backend) = lb::select(&svc, &flow, &key)?;
+    add(&BACKEND_STATS, backend_id, bytes);
+
+    let new_dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+    let new_port = u16::to_ne_bytes(backend.port);
+    dnat4(start, end, l4_csum_off, flow.proto, &flow.dst, &new_dst, &flow.dport, &new_port)
+        .ok_or(Reason::DropMalformedL4)?;
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Rewrites destination address and port, updating the IPv4 header checksum and the
+/// L4 checksum (which covers the pseudo-header, RFC 793 section 3.1 / RFC 768).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dnat4(
+    start: usize,
+    end: usize,
+    l4_csum_off: usize,
+    proto: u8,
+    old_dst: &[u8; 4],
+    new_dst: &[u8; 4],
+    old_port: &[u8; 2],
+    new_port: &[u8; 2],
+) -> Option<()> {
+    let ip_csum: *mut [u8; 2] = ptr_at(start, end, IP_OFF + IP_CSUM_OFF)?;
+    let ip_dst: *mut [u8; 4] = ptr_at(start, end, IP_OFF + IP_DST_OFF)?;
+    let l4_csum: *mut [u8; 2] = ptr_at(start, end, l4_csum_off)?;
+    let dport: *mut [u8; 2] = ptr_at(start, end, L4_OFF + 2)?;
+    // SAFETY: all four pointers were bounds checked above.
+    unsafe {
+        let c = u16::from_be_bytes(*ip_csum);
+        *ip_csum = csum::replace4(c, *old_dst, *new_dst).to_be_bytes();
+        *ip_dst = *new_dst;
+        let c = u16::from_be_bytes(*l4_csum);
+        // UDP checksum 0 means "none" over IPv4 (RFC 768): leave it so.
+        if proto == PROTO_TCP || c != 0 {
+            let mut c = csum::replace4(c, *old_dst, *new_dst);
+            c = csum::replace2(c, *old_port, *new_port);
+            if proto != PROTO_TCP && c == 0 {
+                c = 0xffff;
+            }
+            *l4_csum = c.to_be_bytes();
+        }
+        *dport = *new_port;
+    }
+    Some(())
+}
+
+/// TC egress entry: reverse NAT of replies from backends.
+#[classifier]
+pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+    // Anything we cannot parse or rewrite goes on unchanged.
+    let _ = rev_nat(&ctx);
+    TC_ACT_OK as i32
+}
+
+/// Rewrites a reply's source to the VIP:port its flow was DNATed from. Uses the skb
+/// checksum helpers, which also handle CHECKSUM_PARTIAL skbs from local pods.
+#[inline(always)]
+fn rev_nat(ctx: &TcContext) -> Option<()> {
+    let flow = parse4(ctx.data(), ctx.data_end()).ok()?;
+    let mut key = lb::flow_key(&flow);
+    key.pad = [0; 2];
+    // SAFETY: plain data copied out at once.
+    let rn = *unsafe { REVNAT.get(&key) }?;
+    let new_src = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];
+    let new_port = u16::to_ne_bytes(rn.port);
+    let (csum_off, mangled) = if flow.proto == PROTO_TCP {
+        (L4_OFF + TCP_CSUM_OFF, 0)
+    } else {
+        (L4_OFF + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let old_src = u32::from_ne_bytes(flow.src) as u64;
+    let new_src_v = u32::from_ne_bytes(new_src) as u64;
+    let flags = BPF_F_PSEUDO_HDR as u64 | mangled;
+    ctx.l4_csum_replace(csum_off, old_src, new_src_v, flags | 4).ok()?;
+    ctx.l4_csum_replace(
+        csum_off,
+        u16::from_ne_bytes(flow.sport) as u64,
+        u16::from_ne_bytes(new_port) as u64,
+        mangled | 2,
+    )
+    .ok()?;
+    ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_src, new_src_v, 4).ok()?;
+    ctx.store(IP_OFF + IP_SRC_OFF, &new_src, 0).ok()?;
+    ctx.store(L4_OFF, &new_port, 0).ok()?;
+    count(Reason::RevNat);
+    Some(())
+}
+
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible license: needed for helpers such as bpf_fib_lookup.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

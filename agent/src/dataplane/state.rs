@@ -1,0 +1,532 @@
+//! The BPF state as data: what the maps hold ([`MapState`]), what they should hold
+//! for a [`Desired`] state ([`target`]), and the ordered writes between the two
+//! ([`diff`]). Pure: no syscalls here, so the whole reconciliation is unit tested.
+//!
+//! Ordering makes every service change atomic for packets: backends and the new
+//! selection table (the idle generation) are written first, then one service-value
+//! update flips to them, and only then is anything old deleted.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
+
+use xlb_common::{
+    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey,
+    SlotKey, limits,
+};
+
+use crate::{
+    desired::{Desired, VipKey},
+    model::{Protocol, ServiceRef},
+};
+
+/// Exactly what the configuration maps hold, plus which stats entries exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    /// `xlb_services`.
+    pub services: BTreeMap<ServiceKey, Service>,
+    /// `xlb_slots`.
+    pub slots: BTreeMap<SlotKey, u32>,
+    /// `xlb_backends`.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Keys of `xlb_svc_stats`.
+    pub service_stats: BTreeSet<u32>,
+    /// Keys of `xlb_be_stats`.
+    pub backend_stats: BTreeSet<u32>,
+}
+
+/// Id counters. Ids are never reused within an agent's life (and the next ids are
+/// persisted in `xlb_config` across restarts), so a conntrack entry that still names
+/// a removed backend can never reach a different one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ids {
+    /// Next service id.
+    pub next_service: u32,
+    /// Next backend id.
+    pub next_backend: u32,
+}
+
+impl Ids {
+    /// Counters that continue after everything `state` holds and after `persisted`.
+    pub fn after(state: &MapState, persisted: Ids) -> Ids {
+        let svc = state.services.values().map(|s| s.id).max().unwrap_or(0);
+        let be = state.backends.keys().copied().max().unwrap_or(0);
+        Ids {
+            next_service: persisted.next_service.max(svc + 1).max(1),
+            next_backend: persisted.next_backend.max(be + 1).max(1),
+        }
+    }
+}
+
+/// Metric labels of one programmed service (VIP:port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabels {
+    /// The Service object.
+    pub owner: ServiceRef,
+    /// The VIP.
+    pub vip: IpAddr,
+    /// Service port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+/// A desired state turned into map contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// What the maps must hold.
+    pub state: MapState,
+    /// Counters after the allocations this target made.
+    pub ids: Ids,
+    /// Labels per service id, for metrics and logs.
+    pub services: BTreeMap<u32, ServiceLabels>,
+    /// Address per backend id, for metrics.
+    pub backends: BTreeMap<u32, SocketAddr>,
+}
+
+/// Why a desired state cannot be programmed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    /// More of something than the maps can hold.
+    #[error("desired state needs {needed} {what}, the maps hold {max}")]
+    TooLarge {
+        /// What overflowed.
+        what: &'static str,
+        /// How many were needed.
+        needed: usize,
+        /// Capacity.
+        max: u32,
+    },
+}
+
+/// The map key of a VIP:port:proto.
+pub fn service_key(vip: &VipKey) -> ServiceKey {
+    let (addr, family) = addr_bytes(vip.addr);
+    ServiceKey {
+        addr,
+        port: vip.port.to_be(),
+        proto: proto_number(vip.protocol),
+        family,
+    }
+}
+
+/// The map value of a backend address.
+pub fn backend_value(sa: &SocketAddr) -> Backend {
+    let (addr, family) = addr_bytes(sa.ip());
+    Backend {
+        addr,
+        port: sa.port().to_be(),
+        family,
+        flags: 0,
+    }
+}
+
+/// Reads a backend value back into an address.
+pub fn backend_addr(b: &Backend) -> SocketAddr {
+    let ip = if b.family == FAMILY_V6 {
+        IpAddr::from(b.addr)
+    } else {
+        IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
+    };
+    SocketAddr::new(ip, u16::from_be(b.port))
+}
+
+fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (a, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
+}
+
+/// Computes the map contents for `desired`, keeping every id, table and generation
+/// of `current` that still fits, so an unchanged desired state yields `current`.
+pub fn target(desired: &Desired, current: &MapState, ids: Ids) -> Result<Target, StateError> {
+    let mut ids = ids;
+    let mut state = MapState::default();
+    let mut labels = BTreeMap::new();
+    let mut backend_addrs = BTreeMap::new();
+    let existing_backends: BTreeMap<Backend, u32> =
+        current.backends.iter().map(|(id, b)| (*b, *id)).collect();
+    let mut chosen_backends: BTreeMap<Backend, u32> = BTreeMap::new();
+
+    for (vip, ds) in &desired.services {
+        let key = service_key(vip);
+        let old = current.services.get(&key);
+        let id = match old {
+            Some(s) => s.id,
+            None => {
+                let id = ids.next_service;
+                ids.next_service += 1;
+                id
+            }
+        };
+        let mut table_ids = Vec::with_capacity(ds.backends.len());
+        for sa in &ds.backends {
+            let b = backend_value(sa);
+            let bid = match chosen_backends.get(&b).or_else(|| existing_backends.get(&b)) {
+                Some(bid) => *bid,
+                None => {
+                    let bid = ids.next_backend;
+                    ids.next_backend += 1;
+                    bid
+                }
+            };
+            chosen_backends.insert(b, bid);
+            state.backends.insert(bid, b);
+            backend_addrs.insert(bid, *sa);
+            table_ids.push(bid);
+        }
+        if table_ids.len() > limits::MAX_SLOTS_PER_SERVICE as usize {
+            return Err(StateError::TooLarge {
+                what: "slots in one service",
+                needed: table_ids.len(),
+                max: limits::MAX_SLOTS_PER_SERVICE,
+            });
+        }
+        let flags = if ds.local { SVC_F_LOCAL } else { 0 };
+        let table = match old {
+            Some(o) if same_table(current, o, &table_ids) => o.table,
+            // The idle generation of this service's two tables.
+            Some(o) => id * 2 + (1 - o.table % 2),
+            None => id * 2,
+        };
+        for (i, bid) in table_ids.iter().enumerate() {
+            state.slots.insert(
+                SlotKey {
+                    table,
+                    slot: i as u32,
+                },
+                *bid,
+            );
+        }
+        state.services.insert(
+            key,
+            Service {
+                id,
+                table,
+                count: table_ids.len() as u32,
+                flags,
+            },
+        );
+        labels.insert(
+            id,
+            ServiceLabels {
+                owner: ds.owner.clone(),
+                vip: vip.addr,
+                port: vip.port,
+                protocol: vip.protocol,
+            },
+        );
+    }
+    state.service_stats = state.services.values().map(|s| s.id).collect();
+    state.backend_stats = state.backends.keys().copied().collect();
+    check_capacity("services", state.services.len(), limits::MAX_SERVICES)?;
+    check_capacity("backends", state.backends.len(), limits::MAX_BACKENDS)?;
+    // Both generations of a table may exist at once during a flip.
+    check_capacity("slots", state.slots.len() * 2, limits::MAX_SLOTS)?;
+    Ok(Target {
+        state,
+        ids,
+        services: labels,
+        backends: backend_addrs,
+    })
+}
+
+fn check_capacity(what: &'static str, needed: usize, max: u32) -> Result<(), StateError> {
+    if needed > max as usize {
+        return Err(StateError::TooLarge { what, needed, max });
+    }
+    Ok(())
+}
+
+/// Whether `svc`'s active table in `state` holds exactly `ids`.
+fn same_table(state: &MapState, svc: &Service, ids: &[u32]) -> bool {
+    svc.count as usize == ids.len()
+        && ids.iter().enumerate().all(|(i, id)| {
+            state.slots.get(&SlotKey {
+                table: svc.table,
+                slot: i as u32,
+            }) == Some(id)
+        })
+}
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Insert or replace a backend.
+    PutBackend(u32, Backend),
+    /// Create a zeroed backend counter.
+    PutBackendStats(u32),
+    /// Insert or replace a slot.
+    PutSlot(SlotKey, u32),
+    /// Create a zeroed service counter.
+    PutServiceStats(u32),
+    /// Insert or replace a service: the flip that makes a change visible.
+    PutService(ServiceKey, Service),
+    /// Delete a service.
+    DelService(ServiceKey),
+    /// Delete a service counter.
+    DelServiceStats(u32),
+    /// Delete a slot.
+    DelSlot(SlotKey),
+    /// Delete a backend.
+    DelBackend(u32),
+    /// Delete a backend counter.
+    DelBackendStats(u32),
+}
+
+/// The writes that turn `current` into `target`, in an order where packets only ever
+/// see a complete old or a complete new service (see the module docs).
+pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
+    let mut w = Vec::new();
+    for (id, b) in &target.backends {
+        if current.backends.get(id) != Some(b) {
+            w.push(Write::PutBackend(*id, *b));
+        }
+    }
+    for id in target.backend_stats.difference(&current.backend_stats) {
+        w.push(Write::PutBackendStats(*id));
+    }
+    for (k, v) in &target.slots {
+        if current.slots.get(k) != Some(v) {
+            w.push(Write::PutSlot(*k, *v));
+        }
+    }
+    for id in target.service_stats.difference(&current.service_stats) {
+        w.push(Write::PutServiceStats(*id));
+    }
+    for (k, v) in &target.services {
+        if current.services.get(k) != Some(v) {
+            w.push(Write::PutService(*k, *v));
+        }
+    }
+    for k in current.services.keys() {
+        if !target.services.contains_key(k) {
+            w.push(Write::DelService(*k));
+        }
+    }
+    for id in current.service_stats.difference(&target.service_stats) {
+        w.push(Write::DelServiceStats(*id));
+    }
+    for k in current.slots.keys() {
+        if !target.slots.contains_key(k) {
+            w.push(Write::DelSlot(*k));
+        }
+    }
+    for id in current.backends.keys() {
+        if !target.backends.contains_key(id) {
+            w.push(Write::DelBackend(*id));
+        }
+    }
+    for id in current.backend_stats.difference(&target.backend_stats) {
+        w.push(Write::DelBackendStats(*id));
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::desired::DesiredService;
+
+    fn vip(port: u16) -> VipKey {
+        VipKey {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 100, 1)),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn desired(entries: &[(u16, &[&str])]) -> Desired {
+        let mut d = Desired::default();
+        for (port, backends) in entries {
+            d.services.insert(
+                vip(*port),
+                DesiredService {
+                    owner: ServiceRef {
+                        namespace: "demo".into(),
+                        name: "web".into(),
+                    },
+                    port_name: String::new(),
+                    local: true,
+                    backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+                    remote_backends: vec![],
+                },
+            );
+        }
+        d
+    }
+
+    const START: Ids = Ids {
+        next_service: 1,
+        next_backend: 1,
+    };
+
+    fn apply(state: &MapState, writes: &[Write]) -> MapState {
+        let mut s = state.clone();
+        for w in writes {
+            match *w {
+                Write::PutBackend(id, b) => {
+                    s.backends.insert(id, b);
+                }
+                Write::PutBackendStats(id) => {
+                    s.backend_stats.insert(id);
+                }
+                Write::PutSlot(k, v) => {
+                    s.slots.insert(k, v);
+                }
+                Write::PutServiceStats(id) => {
+                    s.service_stats.insert(id);
+                }
+                Write::PutService(k, v) => {
+                    s.services.insert(k, v);
+                }
+                Write::DelService(k) => {
+                    s.services.remove(&k);
+                }
+                Write::DelServiceStats(id) => {
+                    s.service_stats.remove(&id);
+                }
+                Write::DelSlot(k) => {
+                    s.slots.remove(&k);
+                }
+                Write::DelBackend(id) => {
+                    s.backends.remove(&id);
+                }
+                Write::DelBackendStats(id) => {
+                    s.backend_stats.remove(&id);
+                }
+            }
+        }
+        s
+    }
+
+    /// Every prefix of the write sequence leaves each service pointing at a complete
+    /// table of existing backends: what a packet racing the agent would see.
+    fn assert_every_prefix_consistent(state: &MapState, writes: &[Write]) {
+        for n in 0..=writes.len() {
+            let s = apply(state, &writes[..n]);
+            for (k, svc) in &s.services {
+                for i in 0..svc.count {
+                    let slot = SlotKey {
+                        table: svc.table,
+                        slot: i,
+                    };
+                    let id = s.slots.get(&slot);
+                    assert!(id.is_some(), "after {n} writes {k:?} slot {i} missing");
+                    assert!(
+                        s.backends.contains_key(id.unwrap()),
+                        "after {n} writes slot {slot:?} names a missing backend"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unchanged_desired_state_writes_nothing() {
+        let d = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080"])]);
+        let t = target(&d, &MapState::default(), START).unwrap();
+        let again = target(&d, &t.state, Ids::after(&t.state, t.ids)).unwrap();
+        assert_eq!(again.state, t.state);
+        assert!(diff(&t.state, &again.state).is_empty());
+    }
+
+    #[test]
+    fn backend_change_writes_idle_generation_then_flips() {
+        let d1 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080"])]);
+        let t1 = target(&d1, &MapState::default(), START).unwrap();
+        let d2 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.13:8080"])]);
+        let t2 = target(&d2, &t1.state, t1.ids).unwrap();
+        let old = t1.state.services.values().next().unwrap();
+        let new = t2.state.services.values().next().unwrap();
+        assert_eq!(old.id, new.id);
+        assert_ne!(old.table, new.table, "a changed table goes to the other generation");
+        let writes = diff(&t1.state, &t2.state);
+        let flip = writes
+            .iter()
+            .position(|w| matches!(w, Write::PutService(..)))
+            .unwrap();
+        assert!(writes[..flip].iter().all(|w| matches!(
+            w,
+            Write::PutSlot(..) | Write::PutBackend(..) | Write::PutBackendStats(..)
+        )));
+        assert!(writes[flip + 1..].iter().all(|w| matches!(
+            w,
+            Write::DelSlot(..) | Write::DelBackend(..) | Write::DelBackendStats(..)
+        )));
+        assert_every_prefix_consistent(&t1.state, &writes);
+        assert_eq!(apply(&t1.state, &writes), t2.state);
+    }
+
+    #[test]
+    fn removed_backend_id_is_never_reused() {
+        let d1 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080"])]);
+        let t1 = target(&d1, &MapState::default(), START).unwrap();
+        let d2 = desired(&[(80, &["10.0.1.11:8080"])]);
+        let t2 = target(&d2, &t1.state, t1.ids).unwrap();
+        let d3 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.14:8080"])]);
+        let t3 = target(&d3, &t2.state, t2.ids).unwrap();
+        let old_ids: BTreeSet<u32> = t1.state.backends.keys().copied().collect();
+        let new_id = t3
+            .state
+            .backends
+            .iter()
+            .find(|(_, b)| backend_addr(b).to_string() == "10.0.1.14:8080")
+            .map(|(id, _)| *id)
+            .unwrap();
+        assert!(!old_ids.contains(&new_id));
+    }
+
+    #[test]
+    fn removing_a_service_deletes_it_before_its_table() {
+        let d1 = desired(&[(80, &["10.0.1.11:8080"]), (81, &["10.0.1.12:8080"])]);
+        let t1 = target(&d1, &MapState::default(), START).unwrap();
+        let d2 = desired(&[(81, &["10.0.1.12:8080"])]);
+        let t2 = target(&d2, &t1.state, t1.ids).unwrap();
+        let writes = diff(&t1.state, &t2.state);
+        assert_every_prefix_consistent(&t1.state, &writes);
+        assert_eq!(apply(&t1.state, &writes), t2.state);
+        assert_eq!(t2.state.services.len(), 1);
+        assert_eq!(t2.state.backends.len(), 1);
+    }
+
+    #[test]
+    fn service_without_backends_has_count_zero() {
+        let d = desired(&[(80, &[])]);
+        let t = target(&d, &MapState::default(), START).unwrap();
+        assert_eq!(t.state.services.values().next().unwrap().count, 0);
+        assert!(t.state.slots.is_empty());
+    }
+
+    #[test]
+    fn shared_backend_gets_one_id() {
+        let d = desired(&[(80, &["10.0.1.11:8080"]), (81, &["10.0.1.11:8080"])]);
+        let t = target(&d, &MapState::default(), START).unwrap();
+        assert_eq!(t.state.backends.len(), 1);
+    }
+
+    #[test]
+    fn keys_are_in_network_order() {
+        let k = service_key(&vip(80));
+        assert_eq!(k.port.to_ne_bytes(), [0, 80]);
+        assert_eq!(&k.addr[..4], &[10, 0, 100, 1]);
+        assert_eq!(k.family, FAMILY_V4);
+        let b = backend_value(&"10.0.1.11:8080".parse().unwrap());
+        assert_eq!(b.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(backend_addr(&b).to_string(), "10.0.1.11:8080");
+    }
+}

@@ -1,0 +1,75 @@
+//! Every map the programs use. BTF-defined, so `bpftool map dump` prints keys and
+//! values field by field; the agent pins each by name under `--pin-path` so the
+//! datapath (and its connection tracking) outlives the agent. Layouts: `xlb_common`.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    macros::btf_map,
+};
+use xlb_common::{
+    Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey, SlotKey, config,
+    limits,
+};
+
+/// VIP:port:proto -> service. The only lookup non-VIP traffic pays.
+#[btf_map(name = "xlb_services")]
+pub static SERVICES: HashMap<ServiceKey, Service, { limits::MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// (service table, slot) -> backend id.
+#[btf_map(name = "xlb_slots")]
+pub static SLOTS: HashMap<SlotKey, u32, { limits::MAX_SLOTS as usize }> = HashMap::new();
+
+/// backend id -> backend address. Ids are never reused, so a conntrack entry that
+/// names a removed backend misses here instead of reaching a stranger.
+#[btf_map(name = "xlb_backends")]
+pub static BACKENDS: HashMap<u32, Backend, { limits::MAX_BACKENDS as usize }> = HashMap::new();
+
+/// Client flow -> chosen backend. LRU: the kernel evicts the least recently used
+/// entry when full, so a burst of new flows cannot wedge the table.
+#[btf_map(name = "xlb_conntrack")]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { limits::CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Reply flow (backend -> client) -> VIP:port to restore as the reply's source.
+#[btf_map(name = "xlb_revnat")]
+pub static REVNAT: LruHashMap<FlowKey, RevNat, { limits::CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU traffic per service id (entries created by the agent).
+#[btf_map(name = "xlb_svc_stats")]
+pub static SERVICE_STATS: PerCpuHashMap<u32, Counter, { limits::MAX_SERVICES as usize }> =
+    PerCpuHashMap::new();
+
+/// Per-CPU traffic per backend id (entries created by the agent).
+#[btf_map(name = "xlb_be_stats")]
+pub static BACKEND_STATS: PerCpuHashMap<u32, Counter, { limits::MAX_BACKENDS as usize }> =
+    PerCpuHashMap::new();
+
+/// Per-CPU packets per [`Reason`].
+#[btf_map(name = "xlb_reasons")]
+pub static REASONS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Agent-written switches, see `xlb_common::config`.
+#[btf_map(name = "xlb_config")]
+pub static CONFIG: Array<u64, { config::LEN as usize }> = Array::new();
+
+/// Counts one packet for `reason`.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = REASONS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, programs run with preemption disabled on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` to a per-CPU counter map entry, if the agent made one.
+#[inline(always)]
+pub fn add<const N: usize>(map: &PerCpuHashMap<u32, Counter, N>, id: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(id) {
+        // SAFETY: per-CPU value, see `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}

@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?,
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Agent {
@@ -110,7 +111,10 @@ fn main() -> anyhow::Result<()> {
             for p in &removed {
                 println!("removed {}", p.display());
             }
-            println!("xlb datapath removed from {interface} ({} pins)", removed.len());
+            println!(
+                "xlb datapath removed from {interface} ({} pins)",
+                removed.len()
+            );
         }
     }
     Ok(())

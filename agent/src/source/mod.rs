@@ -1,1 +1,31 @@
-//! placeholder
+//! Where the model comes from. Every source turns its input into one
+//! [`Snapshot`] plus the errors it found; nothing downstream knows
+//! which source it was.
+//!
+//! - [`manifests`]: a directory of Kubernetes manifests, watched with inotify (the
+//!   embedded default and the way to run without an API server);
+//! - the Kubernetes API (kube watchers) comes later and produces the same model.
+pub mod manifests;
+
+use crate::model::{ConfigError, Snapshot};
+
+/// The result of one load: the model and the errors of this load.
+///
+/// `errors` is the complete list for the current input, not only new ones: the same
+/// broken file yields the same errors on every load until it is fixed, so the caller
+/// can report each distinct error once.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loaded {
+    /// Everything that could be used, with the last good version of what is broken.
+    pub snapshot: Snapshot,
+    /// What was wrong, each naming file, object and field.
+    pub errors: Vec<ConfigError>,
+}
+
+/// A source that cannot run at all (as opposed to bad input, which is a [`ConfigError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// inotify could not be set up on the directory.
+    #[error("inotify: {0}")]
+    Watch(#[from] notify::Error),
+}

@@ -16,7 +16,10 @@ use std::{
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("agent/ has a parent").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("agent/ has a parent")
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let obj_out = out_dir.join("xlb.bpf.o");
     println!("cargo:rerun-if-env-changed=XLB_SKIP_EBPF");
@@ -34,14 +37,20 @@ fn main() {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
     for p in ["src", "Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", root.join("ebpf/xlb-common").join(p).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            root.join("ebpf/xlb-common").join(p).display()
+        );
     }
 
     let debian_rustc = Path::new("/usr/bin/rustc");
     let debian_cargo = Path::new("/usr/bin/cargo");
     let missing: Vec<&str> = [
         (debian_rustc.exists(), "Debian rustc (/usr/bin/rustc)"),
-        (Path::new("/usr/lib/rustlib/src/rust").exists(), "rust-src (/usr/lib/rustlib/src/rust)"),
+        (
+            Path::new("/usr/lib/rustlib/src/rust").exists(),
+            "rust-src (/usr/lib/rustlib/src/rust)",
+        ),
         (which("bpf-linker"), "bpf-linker"),
     ]
     .into_iter()
@@ -58,7 +67,14 @@ fn main() {
     let target_dir = root.join("target/ebpf");
     let mut cmd = Command::new(debian_cargo);
     cmd.current_dir(&ebpf_dir)
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTC", debian_rustc)
@@ -75,7 +91,10 @@ fn main() {
         }
     }
     // BTF lets bpftool print map keys and values field by field.
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     let status = cmd.status().expect("run /usr/bin/cargo for the eBPF build");
     assert!(status.success(), "eBPF build failed (see the output above)");
     let obj = target_dir.join("bpfel-unknown-none/release/xlb");

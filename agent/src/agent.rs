@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        Dataplane, DataplaneError, Stats,
+        Dataplane, DataplaneError, ForwardMode, Stats,
         state::{self, Ids, MapState, Write},
     },
     desired::{self, Desired},
@@ -43,6 +43,8 @@ pub struct Config {
     pub pin_path: PathBuf,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
+    /// How XDP forwards DNATed packets.
+    pub forward: ForwardMode,
 }
 
 /// Why the agent stopped.
@@ -141,10 +143,14 @@ impl Reconciler {
             return Err(e);
         }
         let id_writes = self.dp.write_ids(self.ids, target.ids)?;
-        self.metrics.map_updates.inc_by(writes.len() as u64 + id_writes);
+        self.metrics
+            .map_updates
+            .inc_by(writes.len() as u64 + id_writes);
         log_changes(&writes, &target);
         self.collector.set_target(&target);
-        self.metrics.services.set(target.state.services.len() as i64);
+        self.metrics
+            .services
+            .set(target.state.services.len() as i64);
         self.applied = target.state;
         self.ids = target.ids;
         self.previous = Some(desired);
@@ -196,7 +202,9 @@ fn log_changes(writes: &[Write], target: &state::Target) {
 /// Runs the agent until SIGTERM/SIGINT. The datapath is left attached and pinned on
 /// exit so that traffic keeps flowing until the next agent takes over.
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
-    let dp = Dataplane::open(&cfg.interface, &cfg.pin_path, cfg.xdp_mode)?;
+    let mut dp = Dataplane::open(&cfg.interface, &cfg.pin_path, cfg.xdp_mode)?;
+    let forward_written = dp.set_forward_mode(cfg.forward)?;
+    info!(mode = ?cfg.forward, "XDP forwarding");
     let applied = dp.read_state()?;
     let ids = Ids::after(&applied, dp.read_ids()?);
     info!(
@@ -206,6 +214,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     );
     let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?);
     let metrics = Metrics::new(collector.clone());
+    metrics.map_updates.inc_by(u64::from(forward_written));
 
     let addr = cfg.metrics_addr;
     let listener_metrics = metrics.clone();

@@ -45,6 +45,11 @@ enum Command {
         /// XDP attach mode: `native` (driver) or `generic` (skb, for NICs without XDP).
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         xdp_mode: Mode,
+        /// How XDP hands a DNATed packet on: `pass` to the kernel's routing (works with
+        /// any CNI), or `redirect` after a FIB lookup (needs pod devices that accept
+        /// XDP frames, e.g. veth with GRO or XDP on the pod side).
+        #[arg(long, value_enum, default_value_t = Forward::Pass)]
+        forward: Forward,
     },
     /// Detach xlb's programs from the interface and remove its pinned maps and links.
     /// Use it when uninstalling xlb from a node; a normal restart or upgrade must not
@@ -57,6 +62,12 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/xlb")]
         pin_path: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Forward {
+    Pass,
+    Redirect,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             pin_path,
             xdp_mode,
+            forward,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -93,6 +105,10 @@ fn main() -> anyhow::Result<()> {
                 xdp_mode: match xdp_mode {
                     Mode::Native => XdpMode::Driver,
                     Mode::Generic => XdpMode::Skb,
+                },
+                forward: match forward {
+                    Forward::Pass => xlb::dataplane::ForwardMode::Pass,
+                    Forward::Redirect => xlb::dataplane::ForwardMode::Redirect,
                 },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -83,7 +83,11 @@ impl Metrics {
             "Time to compute and apply one reconciliation",
             sync_duration.clone(),
         );
-        registry.register("xlb_services", "VIP:port entries programmed", services.clone());
+        registry.register(
+            "xlb_services",
+            "VIP:port entries programmed",
+            services.clone(),
+        );
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -169,7 +173,9 @@ impl Collector for BpfCollector {
         let labels = self.labels.read().map(|l| l.clone()).unwrap_or_default();
         let (mut sp, mut sb) = (Vec::new(), Vec::new());
         for (id, c) in &snap.services {
-            let Some(l) = labels.services.get(id) else { continue };
+            let Some(l) = labels.services.get(id) else {
+                continue;
+            };
             let set: Labels = vec![
                 ("namespace", l.owner.namespace.clone()),
                 ("service", l.owner.name.clone()),
@@ -180,17 +186,39 @@ impl Collector for BpfCollector {
             sp.push((set.clone(), c.packets));
             sb.push((set, c.bytes));
         }
-        counter(&mut encoder, "xlb_service_packets", "Packets to a VIP:port seen by XDP", &sp)?;
-        counter(&mut encoder, "xlb_service_bytes", "Bytes to a VIP:port seen by XDP", &sb)?;
+        counter(
+            &mut encoder,
+            "xlb_service_packets",
+            "Packets to a VIP:port seen by XDP",
+            &sp,
+        )?;
+        counter(
+            &mut encoder,
+            "xlb_service_bytes",
+            "Bytes to a VIP:port seen by XDP",
+            &sb,
+        )?;
         let (mut bp, mut bb) = (Vec::new(), Vec::new());
         for (id, c) in &snap.backends {
-            let Some(addr) = labels.backends.get(id) else { continue };
+            let Some(addr) = labels.backends.get(id) else {
+                continue;
+            };
             let set: Labels = vec![("backend", addr.to_string())];
             bp.push((set.clone(), c.packets));
             bb.push((set, c.bytes));
         }
-        counter(&mut encoder, "xlb_backend_packets", "Packets DNATed to a backend", &bp)?;
-        counter(&mut encoder, "xlb_backend_bytes", "Bytes DNATed to a backend", &bb)?;
+        counter(
+            &mut encoder,
+            "xlb_backend_packets",
+            "Packets DNATed to a backend",
+            &bp,
+        )?;
+        counter(
+            &mut encoder,
+            "xlb_backend_bytes",
+            "Bytes DNATed to a backend",
+            &bb,
+        )?;
         let rows: Vec<(Labels, u64)> = Reason::ALL
             .iter()
             .map(|r| {

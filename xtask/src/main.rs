@@ -73,9 +73,7 @@ fn cargo_home_bin() -> PathBuf {
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -109,7 +107,10 @@ fn setup(verbose: bool) -> Result<()> {
         if is_not_root() {
             bail!("installing {} needs root", pkgs.join(" "));
         }
-        eprintln!("xtask setup: installing Debian packages: {}", pkgs.join(" "));
+        eprintln!(
+            "xtask setup: installing Debian packages: {}",
+            pkgs.join(" ")
+        );
         sh(Command::new("apt-get").args(["update", "-q"]))?;
         sh(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -127,7 +128,13 @@ fn setup(verbose: bool) -> Result<()> {
             std::env::var("PATH").unwrap_or_default()
         );
         sh(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path))?;
     } else if verbose {
@@ -184,11 +191,19 @@ fn test() -> Result<()> {
     let bin = build()?;
     let root = root();
     eprintln!("xtask test: cargo fmt --check");
-    sh(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
-    eprintln!("xtask test: cargo clippy --all-targets -- -D warnings");
     sh(Command::new("cargo")
         .current_dir(&root)
-        .args(["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        .args(["fmt", "--all", "--check"]))?;
+    eprintln!("xtask test: cargo clippy --all-targets -- -D warnings");
+    sh(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     eprintln!("xtask test: unit and integration tests (release profile, shared with the build)");
     sh(Command::new("cargo")
         .current_dir(&root)

@@ -9,6 +9,7 @@
 //! the old or the new program, never neither.
 pub mod pin;
 pub mod state;
+pub mod testrun;
 
 use std::{
     io,
@@ -37,7 +38,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJ"));
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// Built with `XLB_SKIP_EBPF=1`.
-    #[error("this xlb binary was built without its eBPF programs (XLB_SKIP_EBPF=1); rebuild with `cargo xtask build`")]
+    #[error(
+        "this xlb binary was built without its eBPF programs (XLB_SKIP_EBPF=1); rebuild with `cargo xtask build`"
+    )]
     NoObject,
     /// bpffs could not be mounted or the pin directory made.
     #[error("pin path {path}: {source}")]
@@ -84,6 +87,17 @@ pub enum DataplaneError {
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
+}
+
+/// How XDP hands a DNATed packet on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardMode {
+    /// XDP_PASS into the kernel's routing: works with any CNI (the default).
+    Pass = 0,
+    /// `bpf_fib_lookup` + `bpf_redirect` to the pod's device, XDP_PASS when the FIB
+    /// cannot resolve the next hop. Needs devices that accept XDP frames (veth: XDP
+    /// or GRO on the pod side); otherwise the kernel drops redirected frames.
+    Redirect = 1,
 }
 
 /// The attached, pinned datapath of one interface.
@@ -135,10 +149,13 @@ impl Dataplane {
         attach_tc(&mut ebpf, iface, pin_path)?;
 
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
-        let services = HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
+        let services =
+            HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
         let slots = HashMap::try_from(take(names::SLOTS)?).map_err(map_err(names::SLOTS))?;
-        let backends = HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        let backends =
+            HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
         let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
             .map_err(map_err(names::SERVICE_STATS))?;
         let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
@@ -173,10 +190,12 @@ impl Dataplane {
             s.backends.insert(k, v);
         }
         for k in self.service_stats.keys() {
-            s.service_stats.insert(k.map_err(map_err(names::SERVICE_STATS))?);
+            s.service_stats
+                .insert(k.map_err(map_err(names::SERVICE_STATS))?);
         }
         for k in self.backend_stats.keys() {
-            s.backend_stats.insert(k.map_err(map_err(names::BACKEND_STATS))?);
+            s.backend_stats
+                .insert(k.map_err(map_err(names::BACKEND_STATS))?);
         }
         Ok(s)
     }
@@ -188,6 +207,23 @@ impl Dataplane {
             next_service: get(config::NEXT_SERVICE_ID)? as u32,
             next_backend: get(config::NEXT_BACKEND_ID)? as u32,
         })
+    }
+
+    /// Sets how XDP forwards DNATed packets (`xlb_config[FORWARD_MODE]`); writes only
+    /// on a change and returns whether it wrote.
+    pub fn set_forward_mode(&mut self, mode: ForwardMode) -> Result<bool, DataplaneError> {
+        let want = mode as u64;
+        let now = self
+            .config
+            .get(&config::FORWARD_MODE, 0)
+            .map_err(map_err(names::CONFIG))?;
+        if now == want {
+            return Ok(false);
+        }
+        self.config
+            .set(config::FORWARD_MODE, want, 0)
+            .map_err(map_err(names::CONFIG))?;
+        Ok(true)
     }
 
     /// Persists the id counters (only when they changed; returns writes made).
@@ -225,7 +261,9 @@ impl Dataplane {
                         .insert(id, z, 0)
                         .map_err(map_err(names::BACKEND_STATS))?
                 }
-                Write::PutSlot(k, v) => self.slots.insert(k, v, 0).map_err(map_err(names::SLOTS))?,
+                Write::PutSlot(k, v) => {
+                    self.slots.insert(k, v, 0).map_err(map_err(names::SLOTS))?
+                }
                 Write::PutServiceStats(id) => {
                     let z = zero().map_err(DataplaneError::Cpus)?;
                     self.service_stats
@@ -236,15 +274,17 @@ impl Dataplane {
                     .services
                     .insert(k, v, 0)
                     .map_err(map_err(names::SERVICES))?,
-                Write::DelService(k) => ignore_missing(self.services.remove(&k))
-                    .map_err(map_err(names::SERVICES))?,
+                Write::DelService(k) => {
+                    ignore_missing(self.services.remove(&k)).map_err(map_err(names::SERVICES))?
+                }
                 Write::DelServiceStats(id) => ignore_missing(self.service_stats.remove(&id))
                     .map_err(map_err(names::SERVICE_STATS))?,
                 Write::DelSlot(k) => {
                     ignore_missing(self.slots.remove(&k)).map_err(map_err(names::SLOTS))?
                 }
-                Write::DelBackend(id) => ignore_missing(self.backends.remove(&id))
-                    .map_err(map_err(names::BACKENDS))?,
+                Write::DelBackend(id) => {
+                    ignore_missing(self.backends.remove(&id)).map_err(map_err(names::BACKENDS))?
+                }
                 Write::DelBackendStats(id) => ignore_missing(self.backend_stats.remove(&id))
                     .map_err(map_err(names::BACKEND_STATS))?,
             }
@@ -276,9 +316,7 @@ fn link_err(path: &Path, message: impl ToString) -> DataplaneError {
 fn open_pinned_link(path: &Path) -> Result<Option<FdLink>, DataplaneError> {
     match PinnedLink::from_pin(path) {
         Ok(link) => Ok(Some(FdLink::from(link))),
-        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-            Ok(None)
-        }
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(link_err(path, e)),
     }
 }
@@ -422,9 +460,8 @@ pub struct StatsSnapshot {
 impl Stats {
     /// Opens the pinned counter maps under `pin_path`.
     pub fn open(pin_path: &Path) -> Result<Self, DataplaneError> {
-        let open = |name: &'static str| {
-            MapData::from_pin(pin_path.join(name)).map_err(map_err(name))
-        };
+        let open =
+            |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
         Ok(Stats {
             services: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
                 names::SERVICE_STATS,

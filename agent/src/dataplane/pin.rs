@@ -26,7 +26,13 @@ pub fn prepare(pin_path: &Path) -> io::Result<()> {
         let fstype = c"bpf";
         // SAFETY: plain mount(2) with NUL-terminated strings and no data.
         let rc = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());

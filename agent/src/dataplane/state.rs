@@ -11,8 +11,8 @@ use std::{
 };
 
 use xlb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey,
-    SlotKey, limits,
+    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey, SlotKey,
+    limits,
 };
 
 use crate::{
@@ -174,7 +174,10 @@ pub fn target(desired: &Desired, current: &MapState, ids: Ids) -> Result<Target,
         let mut table_ids = Vec::with_capacity(ds.backends.len());
         for sa in &ds.backends {
             let b = backend_value(sa);
-            let bid = match chosen_backends.get(&b).or_else(|| existing_backends.get(&b)) {
+            let bid = match chosen_backends
+                .get(&b)
+                .or_else(|| existing_backends.get(&b))
+            {
                 Some(bid) => *bid,
                 None => {
                     let bid = ids.next_backend;
@@ -454,7 +457,10 @@ mod tests {
         let old = t1.state.services.values().next().unwrap();
         let new = t2.state.services.values().next().unwrap();
         assert_eq!(old.id, new.id);
-        assert_ne!(old.table, new.table, "a changed table goes to the other generation");
+        assert_ne!(
+            old.table, new.table,
+            "a changed table goes to the other generation"
+        );
         let writes = diff(&t1.state, &t2.state);
         let flip = writes
             .iter()

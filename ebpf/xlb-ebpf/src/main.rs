@@ -2,8 +2,9 @@
 //!
 //! - `xlb_xdp` (XDP, on the node's uplink): for a packet to a VIP:port, pick a backend
 //!   (`lb`), DNAT destination address and port with incremental checksums, and hand
-//!   it to the kernel's routing (XDP_PASS) which delivers it to the pod. Everything
-//!   else passes after one map lookup.
+//!   it to the kernel's routing (XDP_PASS) which delivers it to the pod, or redirect
+//!   it after a FIB lookup when configured (`fwd`). Everything else passes after one
+//!   map lookup.
 //! - `xlb_tc_egress` (TC egress, same interface): a reply from a backend gets its
 //!   source rewritten back to VIP:port (`revnat` map), so the client only ever talks
 //!   to the VIP while the pod sees the client's real address.
@@ -11,6 +12,7 @@
 #![no_main]
 
 mod csum;
+mod fwd;
 mod lb;
 mod maps;
 mod packet;
@@ -106,7 +108,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     let new_port = u16::to_ne_bytes(backend.port);
     dnat4(start, end, l4_csum_off, flow.proto, &flow.dst, &new_dst, &flow.dport, &new_port)
         .ok_or(Reason::DropMalformedL4)?;
-    Ok(xdp_action::XDP_PASS)
+    Ok(fwd::forward(ctx))
 }
 
 /// Rewrites destination address and port, updating the IPv4 header checksum and the
@@ -199,3 +201,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Baseline for BPF_PROG_TEST_RUN cost comparisons; never attached.
+#[xdp]
+pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}

@@ -1,0 +1,463 @@
+//! The lab topology: a client, node(s) and Calico-style pods, each in its own namespace, with
+//! everything removed on drop (even when a test panics).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::agent::{Agent, AgentConfig, run_cleanup, strip_ansi, tail, xlb_bin};
+use crate::netns::Netns;
+use crate::servers::{Servers, TCP_LINE_PORT, UDP_ECHO_PORT};
+use crate::traffic::Host;
+
+/// Every lab name starts with this, then `{pid}-{counter}`.
+pub const NAME_PREFIX: &str = "xlb-";
+/// The node's uplink interface name (towards the client / router).
+pub const UPLINK: &str = "eth0";
+/// The client's address.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// Where the agent serves /metrics and /healthz inside each node's namespace (each node has
+/// its own loopback, so the port never collides between labs).
+pub const METRICS_PORT: u16 = 9464;
+/// The gateway address Calico-style pods route through (answered by proxy ARP on the node).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Where the lab puts pin directories (one per node, unique per lab).
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Pods on the (single) node; pod `i` (1-based) is `10.0.1.{10+i}`.
+    pub pods: usize,
+}
+
+/// A running lab: client ↔ node (direct veth) and pods behind the node. Dropping it stops the
+/// agents, runs `xlb cleanup`, removes pin directories, stops servers and deletes namespaces.
+/// The scratch directory (manifests, agent logs) is kept, and its path printed, if the thread
+/// is panicking.
+pub struct Lab {
+    id: String,
+    scratch: PathBuf,
+    /// The nodes (this issue: exactly one, `node-a`).
+    pub nodes: Vec<Node>,
+    /// The client (`10.0.0.1`, default route via the first node).
+    pub client: Host,
+}
+
+/// A lab node: its namespace, its pods, and (once started) its agent.
+pub struct Node {
+    agent: Option<Agent>,
+    /// Pods behind this node (dropped before the node's namespace).
+    pub pods: Vec<Pod>,
+    /// The node's Kubernetes name (`node-a`, `node-b`, ...), used as `--node-name`.
+    pub name: String,
+    /// 0-based node index (node-a = 0); pod subnet is `10.0.{index+1}.0/24`.
+    pub index: u8,
+    /// The node's namespace and uplink address (`10.0.0.{2+index}`).
+    pub host: Host,
+    /// `--pin-path` for this node's agent: `/sys/fs/bpf/{lab id}-{node}`.
+    pub pin_dir: PathBuf,
+    /// The manifests directory tests write to (the default `--manifests`).
+    pub manifests_dir: PathBuf,
+    log_dir: PathBuf,
+    ns_prefix: String,
+    used_bin: Option<PathBuf>,
+}
+
+/// A Calico-style pod: a namespace with `eth0` `/32`, default route via 169.254.1.1, and the
+/// lab's UDP echo (5353) and TCP line (8080) servers.
+pub struct Pod {
+    /// The pod's servers (stopped before the namespace is deleted).
+    pub servers: Servers,
+    /// Pod name (`pod1`, ...), also the label in every server reply.
+    pub name: String,
+    /// The pod's IP.
+    pub ip: Ipv4Addr,
+    /// The node-side veth name (`vp{i}`).
+    pub node_veth: String,
+    /// The pod's namespace and address.
+    pub host: Host,
+}
+
+impl Lab {
+    /// Builds a lab with one node (`node-a`) and `spec.pods` pods.
+    pub fn new(spec: LabSpec) -> Result<Lab> {
+        preflight()?;
+        SWEEP.call_once(sweep_stale);
+        let id = format!(
+            "{NAME_PREFIX}{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let client = Host::new(Netns::create(&format!("{id}-client"))?, CLIENT_ADDR);
+        let scratch = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        let mut lab = Lab {
+            id,
+            scratch,
+            nodes: Vec::new(),
+            client,
+        };
+        lab.add_node()?;
+        // The client stands in for the rack router: everything, VIPs included, goes to the node.
+        let gw = lab.nodes[0].host.addr.to_string();
+        lab.client.ns.ip(&["route", "add", "default", "via", &gw])?;
+        for _ in 0..spec.pods {
+            lab.nodes[0].add_pod()?;
+        }
+        Ok(lab)
+    }
+
+    /// Shorthand for `Lab::new(LabSpec { pods })`.
+    pub fn one_node(pods: usize) -> Result<Lab> {
+        Lab::new(LabSpec { pods })
+    }
+
+    /// This lab's unique id (`xlb-{pid}-{n}`), the prefix of all its names.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The scratch directory (manifests, logs).
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// The first node.
+    pub fn node(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    /// The first node, mutably.
+    pub fn node_mut(&mut self) -> &mut Node {
+        &mut self.nodes[0]
+    }
+
+    fn add_node(&mut self) -> Result<()> {
+        let index = u8::try_from(self.nodes.len())?;
+        if index > 0 {
+            bail!(
+                "this lab supports one node so far (multi-node needs the bridge/router topology)"
+            );
+        }
+        let name = format!("node-{}", (b'a' + index) as char);
+        let addr = Ipv4Addr::new(10, 0, 0, 2 + index);
+        let ns = Netns::create(&format!("{}-{name}", self.id))?;
+        // Created from inside the node namespace, with the peer placed straight into the
+        // client's: neither end ever exists in the host namespace.
+        ns.ip(&[
+            "link",
+            "add",
+            UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.client.ns.name(),
+        ])?;
+        let c = &self.client.ns;
+        c.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        c.ip(&["link", "set", "eth0", "up"])?;
+        c.disable_tx_checksum("eth0")?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
+        ns.ip(&["link", "set", UPLINK, "up"])?;
+        ns.disable_tx_checksum(UPLINK)?;
+        ns.sysctl("net/ipv4/ip_forward", "1")?;
+        // Proxy ARP only answers for addresses the node routes out of another interface. A
+        // real node has a default route via its uplink; this one has no default route (so
+        // unknown destinations, e.g. a VIP nobody serves, fail fast instead of looping back to
+        // the client), so it gets just this /32.
+        ns.ip(&["route", "add", &format!("{POD_GATEWAY}/32"), "dev", UPLINK])?;
+        let node_dir = self.scratch.join(&name);
+        let manifests_dir = node_dir.join("manifests");
+        let log_dir = node_dir.join("logs");
+        std::fs::create_dir_all(&manifests_dir)?;
+        std::fs::create_dir_all(&log_dir)?;
+        self.nodes.push(Node {
+            agent: None,
+            pods: Vec::new(),
+            pin_dir: Path::new(BPFFS).join(format!("{}-{name}", self.id)),
+            ns_prefix: format!("{}-{name}", self.id),
+            name,
+            index,
+            host: Host::new(ns, addr),
+            manifests_dir,
+            log_dir,
+            used_bin: None,
+        });
+        Ok(())
+    }
+
+    /// Starts the first node's agent (binary from [`xlb_bin`]) on its own manifests dir.
+    pub fn start_agent(&mut self) -> Result<&mut Agent> {
+        let bin = xlb_bin()?;
+        let node = self.node_mut();
+        let dir = node.manifests_dir.clone();
+        node.start_agent(&bin, &dir)
+    }
+
+    /// The first node's agent.
+    pub fn agent(&mut self) -> Result<&mut Agent> {
+        self.node_mut().agent()
+    }
+}
+
+impl Node {
+    /// Adds pod `pod{n}` (`10.0.{index+1}.{10+n}`) with its servers running.
+    pub fn add_pod(&mut self) -> Result<&Pod> {
+        let n = self.pods.len() + 1;
+        let name = format!("pod{n}");
+        let ip = Ipv4Addr::new(10, 0, self.index + 1, u8::try_from(10 + n)?);
+        let veth = format!("vp{n}");
+        let ns = Netns::create(&format!("{}-{name}", self.ns_prefix))?;
+        let node = &self.host.ns;
+        node.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        node.sysctl(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")?;
+        node.ip(&["link", "set", &veth, "up"])?;
+        node.ip(&["route", "add", &format!("{ip}/32"), "dev", &veth])?;
+        node.disable_tx_checksum(&veth)?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        ns.disable_tx_checksum("eth0")?;
+        let servers = Servers::start(
+            &ns,
+            &name,
+            Ipv4Addr::UNSPECIFIED,
+            UDP_ECHO_PORT,
+            TCP_LINE_PORT,
+        )?;
+        self.pods.push(Pod {
+            servers,
+            name,
+            ip,
+            node_veth: veth,
+            host: Host::new(ns, ip),
+        });
+        Ok(&self.pods[n - 1])
+    }
+
+    /// Starts `xlb agent` in this node's namespace with `--manifests manifests_dir`.
+    pub fn start_agent(&mut self, xlb_bin: &Path, manifests_dir: &Path) -> Result<&mut Agent> {
+        if self.agent.is_some() {
+            bail!("agent on {} already started", self.name);
+        }
+        self.used_bin = Some(xlb_bin.to_path_buf());
+        let agent = Agent::start(AgentConfig {
+            xlb_bin: xlb_bin.to_path_buf(),
+            netns: self.host.ns.name().to_string(),
+            interface: UPLINK.to_string(),
+            node_name: self.name.clone(),
+            manifests_dir: manifests_dir.to_path_buf(),
+            metrics_addr: (Ipv4Addr::LOCALHOST, METRICS_PORT).into(),
+            pin_dir: self.pin_dir.clone(),
+            log_dir: self.log_dir.clone(),
+            log_level: "debug".to_string(),
+        })?;
+        Ok(self.agent.insert(agent))
+    }
+
+    /// This node's agent (started with [`Node::start_agent`]).
+    pub fn agent(&mut self) -> Result<&mut Agent> {
+        let name = &self.name;
+        self.agent
+            .as_mut()
+            .with_context(|| format!("no agent started on {name}"))
+    }
+
+    /// Runs `xlb cleanup --interface eth0 --pin-path PIN_DIR` in this node's namespace. The
+    /// agent must be stopped first.
+    pub fn cleanup(&mut self) -> Result<String> {
+        if let Some(a) = self.agent.as_mut()
+            && a.check_running().is_ok()
+        {
+            bail!("stop the agent on {} before running cleanup", self.name);
+        }
+        let bin = match &self.used_bin {
+            Some(b) => b.clone(),
+            None => xlb_bin()?,
+        };
+        run_cleanup(&bin, &self.host.ns, UPLINK, &self.pin_dir)
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> Result<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name} on {}", self.name))
+    }
+
+    /// `ip -d link show dev eth0` in the node namespace.
+    pub fn uplink_details(&self) -> Result<String> {
+        self.host.ns.ip(&["-d", "link", "show", "dev", UPLINK])
+    }
+
+    fn teardown(&mut self, panicking: bool) {
+        if let Some(mut agent) = self.agent.take() {
+            if panicking {
+                for p in agent.log_paths() {
+                    eprintln!("xlb-lab: agent log {} (tail):", p.display());
+                    let log = strip_ansi(&std::fs::read_to_string(p).unwrap_or_default());
+                    eprintln!("{}", tail(&log, 40));
+                }
+            }
+            if agent.pid().is_some()
+                && let Err(e) = agent.stop()
+            {
+                eprintln!("xlb-lab: stopping agent on {}: {e:#}", self.name);
+            }
+        }
+        if self.pin_dir.exists() {
+            if let Some(bin) = &self.used_bin
+                && let Err(e) = run_cleanup(bin, &self.host.ns, UPLINK, &self.pin_dir)
+            {
+                eprintln!("xlb-lab: xlb cleanup on {}: {e:#}", self.name);
+            }
+            if self.pin_dir.exists()
+                && let Err(e) = std::fs::remove_dir_all(&self.pin_dir)
+            {
+                eprintln!("xlb-lab: removing {}: {e}", self.pin_dir.display());
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for node in &mut self.nodes {
+            node.teardown(panicking);
+        }
+        // Pods (servers, then namespaces) and nodes go before the client.
+        self.nodes.clear();
+        if panicking {
+            eprintln!(
+                "xlb-lab: lab {} failed; manifests and logs kept in {}",
+                self.id,
+                self.scratch.display()
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&self.scratch) {
+            eprintln!("xlb-lab: removing {}: {e}", self.scratch.display());
+        }
+    }
+}
+
+/// Fails loudly unless the lab can run here: root, and ip/nsenter/ping/bpftool in PATH.
+pub fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the xlb lab needs root (network namespaces, veths, BPF)");
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = ["ip", "nsenter", "ping", "bpftool"]
+        .into_iter()
+        .filter(|tool| !std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the xlb lab needs {} in PATH (Debian: iproute2, util-linux, iputils-ping, bpftool); run `cargo xtask setup`",
+            missing.join(", ")
+        );
+    }
+    if !Path::new("/run/netns").exists() {
+        std::fs::create_dir_all("/run/netns")?;
+    }
+    Ok(())
+}
+
+/// Removes namespaces and pin directories left by lab processes that died without unwinding
+/// (names `xlb-{pid}-...` whose pid no longer exists). Only lab-made names are touched.
+fn sweep_stale() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(NAME_PREFIX) else {
+            return false;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            return false;
+        };
+        pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+    };
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in names("/run/netns").into_iter().filter(|n| dead(n)) {
+        eprintln!("xlb-lab: removing stale netns {name}");
+        let _ = crate::netns::run(std::process::Command::new("ip").args(["netns", "del", &name]));
+    }
+    for name in names(BPFFS).into_iter().filter(|n| dead(n)) {
+        let dir = Path::new(BPFFS).join(&name);
+        eprintln!("xlb-lab: removing stale pin dir {}", dir.display());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Polls `f` every `every` until it returns `Ok(Some(v))` or `timeout` passes; the error names
+/// `what` and the last error `f` returned.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if std::time::Instant::now() > deadline {
+            match last_err {
+                Some(e) => bail!("{what}: not within {timeout:?} (last error: {e:#})"),
+                None => bail!("{what}: not within {timeout:?}"),
+            }
+        }
+        std::thread::sleep(every);
+    }
+}

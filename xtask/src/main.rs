@@ -18,7 +18,6 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "bpftool",
     "iproute2",
-    "ethtool",
     "iputils-ping",
     "util-linux",
 ];

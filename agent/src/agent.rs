@@ -80,6 +80,7 @@ struct Reconciler {
     node_name: String,
     applied: MapState,
     ids: Ids,
+    bounds: state::TableBounds,
     previous: Option<Desired>,
     reported: BTreeSet<String>,
     metrics: Arc<Metrics>,
@@ -121,7 +122,7 @@ impl Reconciler {
             }
         }
 
-        let target = match state::target(&desired, &self.applied, self.ids) {
+        let target = match state::target(&desired, &self.applied, self.ids, self.bounds) {
             Ok(t) => t,
             Err(e) => {
                 error!(error = %e, "desired state does not fit the maps; keeping the current one");
@@ -236,6 +237,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         node_name: cfg.node_name.clone(),
         applied,
         ids,
+        bounds: state::TableBounds::default(),
         previous: None,
         reported: BTreeSet::new(),
         metrics,

@@ -7,9 +7,9 @@
 //! the pinned maps (aya's `map_pin_path`) and swaps its programs into the pinned links
 //! with `BPF_LINK_UPDATE`, which the kernel does atomically: every packet runs either
 //! the old or the new program, never neither.
+pub mod maglev;
 pub mod pin;
 pub mod state;
-pub mod testrun;
 
 use std::{
     io,
@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, HashOfMaps, MapData, MapError, PerCpuHashMap, PerCpuValues},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -27,7 +27,7 @@ use aya::{
     },
 };
 use tracing::{debug, info};
-use xlb_common::{Backend, Counter, Service, ServiceKey, SlotKey, config, names};
+use xlb_common::{Backend, Counter, Service, ServiceKey, SlotPair, config, names};
 
 use self::state::{Ids, MapState, Write};
 
@@ -106,7 +106,7 @@ pub struct Dataplane {
     // this never detaches anything.
     _ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, Service>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    maglev: HashOfMaps<MapData, u32, Array<MapData, SlotPair>>,
     backends: HashMap<MapData, u32, Backend>,
     service_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
@@ -153,7 +153,7 @@ impl Dataplane {
             |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
         let services =
             HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-        let slots = HashMap::try_from(take(names::SLOTS)?).map_err(map_err(names::SLOTS))?;
+        let maglev = HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
         let backends =
             HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
         let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
@@ -164,7 +164,7 @@ impl Dataplane {
         Ok(Dataplane {
             _ebpf: ebpf,
             services,
-            slots,
+            maglev,
             backends,
             service_stats,
             backend_stats,
@@ -181,9 +181,17 @@ impl Dataplane {
             let (k, v) = kv.map_err(map_err(names::SERVICES))?;
             s.services.insert(k, v);
         }
-        for kv in self.slots.iter() {
-            let (k, v) = kv.map_err(map_err(names::SLOTS))?;
-            s.slots.insert(k, v);
+        for k in self.maglev.keys() {
+            let k = k.map_err(map_err(names::MAGLEV))?;
+            let inner = self.maglev.get(&k, 0).map_err(map_err(names::MAGLEV))?;
+            let mut slots = Vec::with_capacity(inner.len() as usize * 2);
+            for pair in inner.iter() {
+                let pair = pair.map_err(map_err(names::MAGLEV))?;
+                slots.extend_from_slice(&pair);
+            }
+            // Table sizes are odd primes: the last pair's second lane is padding.
+            slots.pop();
+            s.tables.insert(k, slots);
         }
         for kv in self.backends.iter() {
             let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
@@ -249,7 +257,10 @@ impl Dataplane {
     pub fn apply(&mut self, writes: &[Write]) -> Result<(), DataplaneError> {
         let zero = || PerCpuValues::try_from(vec![Counter::default(); self.ncpus]);
         for w in writes {
-            debug!(?w, "map write");
+            match w {
+                Write::PutTable(id, slots) => debug!(table = id, slots = slots.len(), "map write"),
+                w => debug!(?w, "map write"),
+            }
             match *w {
                 Write::PutBackend(id, b) => self
                     .backends
@@ -261,8 +272,11 @@ impl Dataplane {
                         .insert(id, z, 0)
                         .map_err(map_err(names::BACKEND_STATS))?
                 }
-                Write::PutSlot(k, v) => {
-                    self.slots.insert(k, v, 0).map_err(map_err(names::SLOTS))?
+                Write::PutTable(id, ref slots) => {
+                    let table = new_table(slots).map_err(map_err(names::MAGLEV))?;
+                    self.maglev
+                        .insert(id, &table, 0)
+                        .map_err(map_err(names::MAGLEV))?
                 }
                 Write::PutServiceStats(id) => {
                     let z = zero().map_err(DataplaneError::Cpus)?;
@@ -279,8 +293,8 @@ impl Dataplane {
                 }
                 Write::DelServiceStats(id) => ignore_missing(self.service_stats.remove(&id))
                     .map_err(map_err(names::SERVICE_STATS))?,
-                Write::DelSlot(k) => {
-                    ignore_missing(self.slots.remove(&k)).map_err(map_err(names::SLOTS))?
+                Write::DelTable(id) => {
+                    ignore_missing(self.maglev.remove(&id)).map_err(map_err(names::MAGLEV))?
                 }
                 Write::DelBackend(id) => {
                     ignore_missing(self.backends.remove(&id)).map_err(map_err(names::BACKENDS))?
@@ -291,6 +305,19 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// A new inner Maglev array holding `slots` in pairs. `BPF_F_INNER_MAP` lets arrays of
+/// any size stand in for the program's template (kernel `bpf_map_meta_equal`).
+fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, MapError> {
+    const BPF_F_INNER_MAP: u32 = 1 << 12;
+    let len = slots.len().div_ceil(2) as u32;
+    let mut table = Array::<MapData, SlotPair>::create(len, BPF_F_INNER_MAP)?;
+    for (i, pair) in slots.chunks(2).enumerate() {
+        let v = [pair[0], pair.get(1).copied().unwrap_or(0)];
+        table.set(i as u32, v, 0)?;
+    }
+    Ok(table)
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

@@ -3,30 +3,49 @@
 //! ([`diff`]). Pure: no syscalls here, so the whole reconciliation is unit tested.
 //!
 //! Ordering makes every service change atomic for packets: backends and the new
-//! selection table (the idle generation) are written first, then one service-value
-//! update flips to them, and only then is anything old deleted.
+//! Maglev table (a fresh inner map under the idle generation's id) are written first,
+//! then one service-value update flips to them, and only then is anything old deleted.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
 use xlb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey, SlotKey,
-    limits,
+    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey, limits,
 };
 
+use super::maglev::{self, MaglevBackend};
 use crate::{
     desired::{Desired, VipKey},
     model::{Protocol, ServiceRef},
 };
+
+/// Bounds of the Maglev table size (slots per service), both primes from
+/// [`maglev::PRIMES`]; the size in between follows the backend count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBounds {
+    /// Smallest table.
+    pub min: u32,
+    /// Largest table.
+    pub max: u32,
+}
+
+impl Default for TableBounds {
+    fn default() -> Self {
+        TableBounds {
+            min: 251,
+            max: 65_521,
+        }
+    }
+}
 
 /// Exactly what the configuration maps hold, plus which stats entries exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     /// `xlb_services`.
     pub services: BTreeMap<ServiceKey, Service>,
-    /// `xlb_slots`.
-    pub slots: BTreeMap<SlotKey, u32>,
+    /// `xlb_maglev`: table id -> backend id per slot.
+    pub tables: BTreeMap<u32, Vec<u32>>,
     /// `xlb_backends`.
     pub backends: BTreeMap<u32, Backend>,
     /// Keys of `xlb_svc_stats`.
@@ -151,7 +170,12 @@ fn proto_number(p: Protocol) -> u8 {
 
 /// Computes the map contents for `desired`, keeping every id, table and generation
 /// of `current` that still fits, so an unchanged desired state yields `current`.
-pub fn target(desired: &Desired, current: &MapState, ids: Ids) -> Result<Target, StateError> {
+pub fn target(
+    desired: &Desired,
+    current: &MapState,
+    ids: Ids,
+    bounds: TableBounds,
+) -> Result<Target, StateError> {
     let mut ids = ids;
     let mut state = MapState::default();
     let mut labels = BTreeMap::new();
@@ -171,7 +195,7 @@ pub fn target(desired: &Desired, current: &MapState, ids: Ids) -> Result<Target,
                 id
             }
         };
-        let mut table_ids = Vec::with_capacity(ds.backends.len());
+        let mut backend_ids = Vec::with_capacity(ds.backends.len());
         for sa in &ds.backends {
             let b = backend_value(sa);
             let bid = match chosen_backends
@@ -188,37 +212,26 @@ pub fn target(desired: &Desired, current: &MapState, ids: Ids) -> Result<Target,
             chosen_backends.insert(b, bid);
             state.backends.insert(bid, b);
             backend_addrs.insert(bid, *sa);
-            table_ids.push(bid);
+            backend_ids.push(bid);
         }
-        if table_ids.len() > limits::MAX_SLOTS_PER_SERVICE as usize {
-            return Err(StateError::TooLarge {
-                what: "slots in one service",
-                needed: table_ids.len(),
-                max: limits::MAX_SLOTS_PER_SERVICE,
-            });
-        }
+        let slots = maglev_slots(&ds.backends, &backend_ids, bounds);
         let flags = if ds.local { SVC_F_LOCAL } else { 0 };
         let table = match old {
-            Some(o) if same_table(current, o, &table_ids) => o.table,
+            Some(o) if current.tables.get(&o.table) == Some(&slots) => o.table,
             // The idle generation of this service's two tables.
             Some(o) => id * 2 + (1 - o.table % 2),
             None => id * 2,
         };
-        for (i, bid) in table_ids.iter().enumerate() {
-            state.slots.insert(
-                SlotKey {
-                    table,
-                    slot: i as u32,
-                },
-                *bid,
-            );
+        let count = slots.len() as u32;
+        if !slots.is_empty() {
+            state.tables.insert(table, slots);
         }
         state.services.insert(
             key,
             Service {
                 id,
                 table,
-                count: table_ids.len() as u32,
+                count,
                 flags,
             },
         );
@@ -236,8 +249,6 @@ pub fn target(desired: &Desired, current: &MapState, ids: Ids) -> Result<Target,
     state.backend_stats = state.backends.keys().copied().collect();
     check_capacity("services", state.services.len(), limits::MAX_SERVICES)?;
     check_capacity("backends", state.backends.len(), limits::MAX_BACKENDS)?;
-    // Both generations of a table may exist at once during a flip.
-    check_capacity("slots", state.slots.len() * 2, limits::MAX_SLOTS)?;
     Ok(Target {
         state,
         ids,
@@ -253,26 +264,37 @@ fn check_capacity(what: &'static str, needed: usize, max: u32) -> Result<(), Sta
     Ok(())
 }
 
-/// Whether `svc`'s active table in `state` holds exactly `ids`.
-fn same_table(state: &MapState, svc: &Service, ids: &[u32]) -> bool {
-    svc.count as usize == ids.len()
-        && ids.iter().enumerate().all(|(i, id)| {
-            state.slots.get(&SlotKey {
-                table: svc.table,
-                slot: i as u32,
-            }) == Some(id)
+/// The Maglev table of a service: backend id per slot, sized from the backend count.
+/// Built from the backends' addresses (the same on every node), not from node-local
+/// ids, so every node computes the same table.
+fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], bounds: TableBounds) -> Vec<u32> {
+    if addrs.is_empty() {
+        return Vec::new();
+    }
+    let keys: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let backends: Vec<MaglevBackend<'_>> = keys
+        .iter()
+        .map(|k| MaglevBackend {
+            key: k.as_bytes(),
+            weight: 1,
         })
+        .collect();
+    let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
+    maglev::build(&backends, size)
+        .into_iter()
+        .map(|i| ids[i as usize])
+        .collect()
 }
 
 /// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Insert or replace a backend.
     PutBackend(u32, Backend),
     /// Create a zeroed backend counter.
     PutBackendStats(u32),
-    /// Insert or replace a slot.
-    PutSlot(SlotKey, u32),
+    /// Insert a Maglev table (a new inner map; tables are never edited in place).
+    PutTable(u32, Vec<u32>),
     /// Create a zeroed service counter.
     PutServiceStats(u32),
     /// Insert or replace a service: the flip that makes a change visible.
@@ -281,8 +303,8 @@ pub enum Write {
     DelService(ServiceKey),
     /// Delete a service counter.
     DelServiceStats(u32),
-    /// Delete a slot.
-    DelSlot(SlotKey),
+    /// Delete a Maglev table.
+    DelTable(u32),
     /// Delete a backend.
     DelBackend(u32),
     /// Delete a backend counter.
@@ -301,9 +323,9 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     for id in target.backend_stats.difference(&current.backend_stats) {
         w.push(Write::PutBackendStats(*id));
     }
-    for (k, v) in &target.slots {
-        if current.slots.get(k) != Some(v) {
-            w.push(Write::PutSlot(*k, *v));
+    for (k, v) in &target.tables {
+        if current.tables.get(k) != Some(v) {
+            w.push(Write::PutTable(*k, v.clone()));
         }
     }
     for id in target.service_stats.difference(&current.service_stats) {
@@ -322,9 +344,9 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     for id in current.service_stats.difference(&target.service_stats) {
         w.push(Write::DelServiceStats(*id));
     }
-    for k in current.slots.keys() {
-        if !target.slots.contains_key(k) {
-            w.push(Write::DelSlot(*k));
+    for k in current.tables.keys() {
+        if !target.tables.contains_key(k) {
+            w.push(Write::DelTable(*k));
         }
     }
     for id in current.backends.keys() {
@@ -381,15 +403,15 @@ mod tests {
     fn apply(state: &MapState, writes: &[Write]) -> MapState {
         let mut s = state.clone();
         for w in writes {
-            match *w {
+            match w.clone() {
                 Write::PutBackend(id, b) => {
                     s.backends.insert(id, b);
                 }
                 Write::PutBackendStats(id) => {
                     s.backend_stats.insert(id);
                 }
-                Write::PutSlot(k, v) => {
-                    s.slots.insert(k, v);
+                Write::PutTable(k, v) => {
+                    s.tables.insert(k, v);
                 }
                 Write::PutServiceStats(id) => {
                     s.service_stats.insert(id);
@@ -403,8 +425,8 @@ mod tests {
                 Write::DelServiceStats(id) => {
                     s.service_stats.remove(&id);
                 }
-                Write::DelSlot(k) => {
-                    s.slots.remove(&k);
+                Write::DelTable(k) => {
+                    s.tables.remove(&k);
                 }
                 Write::DelBackend(id) => {
                     s.backends.remove(&id);
@@ -423,16 +445,18 @@ mod tests {
         for n in 0..=writes.len() {
             let s = apply(state, &writes[..n]);
             for (k, svc) in &s.services {
-                for i in 0..svc.count {
-                    let slot = SlotKey {
-                        table: svc.table,
-                        slot: i,
-                    };
-                    let id = s.slots.get(&slot);
-                    assert!(id.is_some(), "after {n} writes {k:?} slot {i} missing");
+                if svc.count == 0 {
+                    continue;
+                }
+                let table = s.tables.get(&svc.table);
+                assert!(table.is_some(), "after {n} writes {k:?} has no table");
+                let table = table.unwrap();
+                assert_eq!(table.len(), svc.count as usize, "after {n} writes");
+                for id in table {
                     assert!(
-                        s.backends.contains_key(id.unwrap()),
-                        "after {n} writes slot {slot:?} names a missing backend"
+                        s.backends.contains_key(id),
+                        "after {n} writes table {} names a missing backend",
+                        svc.table
                     );
                 }
             }
@@ -442,8 +466,14 @@ mod tests {
     #[test]
     fn unchanged_desired_state_writes_nothing() {
         let d = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080"])]);
-        let t = target(&d, &MapState::default(), START).unwrap();
-        let again = target(&d, &t.state, Ids::after(&t.state, t.ids)).unwrap();
+        let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
+        let again = target(
+            &d,
+            &t.state,
+            Ids::after(&t.state, t.ids),
+            TableBounds::default(),
+        )
+        .unwrap();
         assert_eq!(again.state, t.state);
         assert!(diff(&t.state, &again.state).is_empty());
     }
@@ -451,9 +481,9 @@ mod tests {
     #[test]
     fn backend_change_writes_idle_generation_then_flips() {
         let d1 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080"])]);
-        let t1 = target(&d1, &MapState::default(), START).unwrap();
+        let t1 = target(&d1, &MapState::default(), START, TableBounds::default()).unwrap();
         let d2 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.13:8080"])]);
-        let t2 = target(&d2, &t1.state, t1.ids).unwrap();
+        let t2 = target(&d2, &t1.state, t1.ids, TableBounds::default()).unwrap();
         let old = t1.state.services.values().next().unwrap();
         let new = t2.state.services.values().next().unwrap();
         assert_eq!(old.id, new.id);
@@ -468,11 +498,11 @@ mod tests {
             .unwrap();
         assert!(writes[..flip].iter().all(|w| matches!(
             w,
-            Write::PutSlot(..) | Write::PutBackend(..) | Write::PutBackendStats(..)
+            Write::PutTable(..) | Write::PutBackend(..) | Write::PutBackendStats(..)
         )));
         assert!(writes[flip + 1..].iter().all(|w| matches!(
             w,
-            Write::DelSlot(..) | Write::DelBackend(..) | Write::DelBackendStats(..)
+            Write::DelTable(..) | Write::DelBackend(..) | Write::DelBackendStats(..)
         )));
         assert_every_prefix_consistent(&t1.state, &writes);
         assert_eq!(apply(&t1.state, &writes), t2.state);
@@ -481,11 +511,11 @@ mod tests {
     #[test]
     fn removed_backend_id_is_never_reused() {
         let d1 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080"])]);
-        let t1 = target(&d1, &MapState::default(), START).unwrap();
+        let t1 = target(&d1, &MapState::default(), START, TableBounds::default()).unwrap();
         let d2 = desired(&[(80, &["10.0.1.11:8080"])]);
-        let t2 = target(&d2, &t1.state, t1.ids).unwrap();
+        let t2 = target(&d2, &t1.state, t1.ids, TableBounds::default()).unwrap();
         let d3 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.14:8080"])]);
-        let t3 = target(&d3, &t2.state, t2.ids).unwrap();
+        let t3 = target(&d3, &t2.state, t2.ids, TableBounds::default()).unwrap();
         let old_ids: BTreeSet<u32> = t1.state.backends.keys().copied().collect();
         let new_id = t3
             .state
@@ -500,9 +530,9 @@ mod tests {
     #[test]
     fn removing_a_service_deletes_it_before_its_table() {
         let d1 = desired(&[(80, &["10.0.1.11:8080"]), (81, &["10.0.1.12:8080"])]);
-        let t1 = target(&d1, &MapState::default(), START).unwrap();
+        let t1 = target(&d1, &MapState::default(), START, TableBounds::default()).unwrap();
         let d2 = desired(&[(81, &["10.0.1.12:8080"])]);
-        let t2 = target(&d2, &t1.state, t1.ids).unwrap();
+        let t2 = target(&d2, &t1.state, t1.ids, TableBounds::default()).unwrap();
         let writes = diff(&t1.state, &t2.state);
         assert_every_prefix_consistent(&t1.state, &writes);
         assert_eq!(apply(&t1.state, &writes), t2.state);
@@ -513,15 +543,34 @@ mod tests {
     #[test]
     fn service_without_backends_has_count_zero() {
         let d = desired(&[(80, &[])]);
-        let t = target(&d, &MapState::default(), START).unwrap();
+        let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
         assert_eq!(t.state.services.values().next().unwrap().count, 0);
-        assert!(t.state.slots.is_empty());
+        assert!(t.state.tables.is_empty());
+    }
+
+    #[test]
+    fn maglev_table_is_sized_from_backends_and_node_independent() {
+        let d = desired(&[(80, &["10.0.1.11:8080", "10.0.1.12:8080", "10.0.1.13:8080"])]);
+        let a = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
+        // Another node allocated different ids (it saw other backends first).
+        let other = Ids {
+            next_service: 7,
+            next_backend: 40,
+        };
+        let b = target(&d, &MapState::default(), other, TableBounds::default()).unwrap();
+        let ta = a.state.tables.values().next().unwrap();
+        let tb = b.state.tables.values().next().unwrap();
+        assert_eq!(ta.len(), 509, "smallest listed prime >= 100 x 3 backends");
+        let addr = |t: &Target, id: &u32| t.backends[id];
+        let sa: Vec<SocketAddr> = ta.iter().map(|id| addr(&a, id)).collect();
+        let sb: Vec<SocketAddr> = tb.iter().map(|id| addr(&b, id)).collect();
+        assert_eq!(sa, sb, "same backends, same table on every node");
     }
 
     #[test]
     fn shared_backend_gets_one_id() {
         let d = desired(&[(80, &["10.0.1.11:8080"]), (81, &["10.0.1.11:8080"])]);
-        let t = target(&d, &MapState::default(), START).unwrap();
+        let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
         assert_eq!(t.state.backends.len(), 1);
     }
 

@@ -13,8 +13,8 @@
 pub mod names {
     /// VIP:port:proto -> [`super::Service`].
     pub const SERVICES: &str = "xlb_services";
-    /// (service table, slot) -> backend id: the selection tables.
-    pub const SLOTS: &str = "xlb_slots";
+    /// Maglev tables: table id -> inner array of backend-id pairs (map of maps).
+    pub const MAGLEV: &str = "xlb_maglev";
     /// backend id -> [`super::Backend`].
     pub const BACKENDS: &str = "xlb_backends";
     /// Connection tracking: client flow -> [`super::CtEntry`].
@@ -32,7 +32,7 @@ pub mod names {
     /// Every map, in the order `xlb cleanup` removes them.
     pub const ALL_MAPS: [&str; 9] = [
         SERVICES,
-        SLOTS,
+        MAGLEV,
         BACKENDS,
         CONNTRACK,
         REVNAT,
@@ -53,10 +53,10 @@ pub mod limits {
     pub const MAX_SERVICES: u32 = 65_536;
     /// Distinct backends (ip, port) across all services.
     pub const MAX_BACKENDS: u32 = 262_144;
-    /// Selection-table slots across all services and both generations.
-    pub const MAX_SLOTS: u32 = 1_048_576;
-    /// Largest selection table of one service.
-    pub const MAX_SLOTS_PER_SERVICE: u32 = 65_521;
+    /// Maglev tables: two generations per service.
+    pub const MAX_TABLES: u32 = 2 * MAX_SERVICES;
+    /// Largest Maglev table (slots) of one service.
+    pub const MAX_TABLE_SIZE: u32 = 131_071;
     /// Connection-tracking entries (LRU).
     pub const CONNTRACK_ENTRIES: u32 = 262_144;
 }
@@ -94,32 +94,27 @@ pub const SVC_F_LOCAL: u32 = 1 << 0;
 
 /// Value of `xlb_services`.
 ///
-/// The selection table is double-buffered: the agent writes the slots of the idle
-/// generation, then replaces this value (one atomic map update) to flip `table` and
-/// `count`, so packets see either the old table or the new one, never a mix.
+/// The Maglev table is double-buffered: the agent builds a new inner map for the idle
+/// generation (`id * 2 + 1 - gen`), inserts it into `xlb_maglev`, then replaces this
+/// value (one atomic map update) to flip `table` and `count` together, so packets see
+/// either the old table or the new one, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
     /// Stable id, key of `xlb_svc_stats`.
     pub id: u32,
-    /// Active table id: `id * 2 + generation`, the first half of a [`SlotKey`].
+    /// Active table id: `id * 2 + generation`, the key of `xlb_maglev`.
     pub table: u32,
-    /// Slots in the active table; 0 means no usable backend (packets are dropped and
-    /// counted as [`Reason::DropNoBackend`]).
+    /// Slots (M) in the active table, a prime; 0 means no usable backend (packets are
+    /// dropped and counted as [`Reason::DropNoBackend`]).
     pub count: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
 }
 
-/// Key of `xlb_slots`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct SlotKey {
-    /// [`Service::table`].
-    pub table: u32,
-    /// 0..count.
-    pub slot: u32,
-}
+/// One element of a Maglev inner array: backend ids of slots `2i` and `2i + 1`. Array
+/// map elements are rounded up to 8 bytes, so pairing halves the table's memory.
+pub type SlotPair = [u32; 2];
 
 /// Value of `xlb_backends`: where a backend lives.
 #[repr(C)]
@@ -156,13 +151,41 @@ pub struct FlowKey {
 }
 
 /// Value of `xlb_conntrack`, keyed by the client's flow (client -> VIP:port).
+///
+/// It carries the backend's address itself, so an established TCP flow keeps going
+/// to its backend even after the backend left the service (as kube-proxy's conntrack
+/// does); new flows (SYN, UDP) only reuse it while the backend id still exists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// Backend the flow is pinned to.
+    /// The backend's address and port.
+    pub backend: Backend,
+    /// Backend id (key of `xlb_backends` and `xlb_be_stats`).
     pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    pub expires: u64,
     /// Service the flow belongs to.
     pub service_id: u32,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+}
+
+/// Conntrack flag: a FIN or RST was seen; the entry lives [`timeouts::TCP_CLOSING`].
+pub const CT_F_CLOSING: u32 = 1 << 0;
+
+/// Conntrack lifetimes in nanoseconds (refreshed by traffic at most once a second).
+pub mod timeouts {
+    const S: u64 = 1_000_000_000;
+    /// After a SYN, until the flow is established.
+    pub const TCP_SYN: u64 = 60 * S;
+    /// An established TCP flow without traffic (Cilium's default lifetime).
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * S;
+    /// After FIN or RST.
+    pub const TCP_CLOSING: u64 = 10 * S;
+    /// A UDP flow without traffic.
+    pub const UDP: u64 = 60 * S;
+    /// Refresh granularity: `expires` is rewritten at most this often per flow.
+    pub const REFRESH: u64 = S;
 }
 
 /// Value of `xlb_revnat`, keyed by the reply flow (backend -> client): what the reply's
@@ -307,7 +330,6 @@ mod pod {
     // uninitialised.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::Service {}
-    unsafe impl aya::Pod for super::SlotKey {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtEntry {}
@@ -340,7 +362,7 @@ mod layout {
 
     #[test]
     fn slot_and_backend_layout() {
-        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<SlotPair>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(offset_of!(Backend, port), 16);
         assert_eq!(offset_of!(Backend, family), 18);
@@ -360,7 +382,11 @@ mod layout {
 
     #[test]
     fn ct_revnat_counter_layout() {
-        assert_eq!(size_of::<CtEntry>(), 8);
+        assert_eq!(size_of::<CtEntry>(), 40);
+        assert_eq!(offset_of!(CtEntry, backend_id), 20);
+        assert_eq!(offset_of!(CtEntry, expires), 24);
+        assert_eq!(offset_of!(CtEntry, service_id), 32);
+        assert_eq!(offset_of!(CtEntry, flags), 36);
         assert_eq!(size_of::<RevNat>(), 20);
         assert_eq!(offset_of!(RevNat, port), 16);
         assert_eq!(size_of::<Counter>(), 16);

@@ -1,13 +1,30 @@
 //! Service lookup, backend selection and connection tracking: given a client flow to
 //! a VIP, which backend serves it.
+//!
+//! Selection is Maglev (the agent builds the tables; the same 5-tuple maps to the same
+//! backend on every node). Conntrack keeps a flow on its backend when the table
+//! changes: an established TCP flow follows its entry even to a backend that has left
+//! the service (draining, as with kube-proxy's conntrack), while a new flow (SYN, or
+//! any UDP packet) only reuses an entry whose backend still exists.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use xlb_common::{
-    Backend, CtEntry, FAMILY_V4, FlowKey, Reason, RevNat, Service, SlotKey, flow_hash_v4,
+    Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason, RevNat, Service,
+    flow_hash_v4, timeouts,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, REVNAT, SLOTS, count},
+    maps::{BACKENDS, CONNTRACK, MAGLEV, REVNAT, count},
     packet::{Flow4, addr16},
 };
+
+/// TCP flags the conntrack cares about (RFC 9293 section 3.1).
+pub const TCP_FIN: u8 = 0x01;
+/// SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// RST.
+pub const TCP_RST: u8 = 0x04;
+/// ACK.
+pub const TCP_ACK: u8 = 0x10;
 
 /// The client-side conntrack key of an IPv4 flow.
 #[inline(always)]
@@ -23,17 +40,59 @@ pub fn flow_key(f: &Flow4) -> FlowKey {
     }
 }
 
-/// Picks the backend for `flow`: its connection-tracked one while that backend still
-/// exists, else a slot of the service's active table by flow hash (recorded in
-/// conntrack and reverse NAT). `Err` carries the drop reason.
+/// How long an entry lives after a packet with these TCP flags (0 for UDP).
 #[inline(always)]
-pub fn select(svc: &Service, flow: &Flow4, key: &FlowKey) -> Result<(u32, Backend), Reason> {
-    // SAFETY (all `get`s below): values are plain data copied out immediately; a
-    // concurrent agent update can at worst make us read the old or new value.
-    if let Some(ct) = unsafe { CONNTRACK.get(key) } {
-        if let Some(b) = unsafe { BACKENDS.get(ct.backend_id) } {
+fn lifetime(proto: u8, tcp_flags: u8, flags: u32) -> u64 {
+    if proto != PROTO_TCP {
+        timeouts::UDP
+    } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 || flags & CT_F_CLOSING != 0 {
+        timeouts::TCP_CLOSING
+    } else if tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0 {
+        timeouts::TCP_SYN
+    } else {
+        timeouts::TCP_ESTABLISHED
+    }
+}
+
+/// Picks the backend for `flow`: its connection-tracked one (see the module docs),
+/// else the Maglev slot of the flow's hash (recorded in conntrack and reverse NAT).
+/// `Err` carries the drop reason.
+#[inline(always)]
+pub fn select(
+    svc: &Service,
+    flow: &Flow4,
+    key: &FlowKey,
+    tcp_flags: u8,
+) -> Result<(u32, Backend), Reason> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let new_flow = flow.proto != PROTO_TCP || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0);
+    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a valid map value pointer; a racing update of the same flow on another
+        // CPU can at worst make us read a mix of two valid entries for this flow.
+        let ct = unsafe { &mut *ct };
+        // An established flow needs no backend lookup; a new one only takes an entry
+        // whose backend still exists.
+        // SAFETY: plain data lookup.
+        let usable = now < ct.expires
+            && (!new_flow || unsafe { BACKENDS.get(ct.backend_id) }.is_some());
+        if usable {
+            let closing = if flow.proto == PROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                CT_F_CLOSING
+            } else {
+                0
+            };
+            let expires = now + lifetime(flow.proto, tcp_flags, ct.flags | closing);
+            // Refresh at most once a second: a per-packet store would bounce the
+            // entry's cache line between CPUs.
+            if closing & !ct.flags != 0 || expires > ct.expires + timeouts::REFRESH
+                || expires < ct.expires
+            {
+                ct.flags |= closing;
+                ct.expires = expires;
+            }
             count(Reason::FwdConntrack);
-            return Ok((ct.backend_id, *b));
+            return Ok((ct.backend_id, ct.backend));
         }
         count(Reason::CtStaleBackend);
     }
@@ -47,17 +106,19 @@ pub fn select(svc: &Service, flow: &Flow4, key: &FlowKey) -> Result<(u32, Backen
         u16::from_be_bytes(flow.dport),
         flow.proto,
     );
-    let slot = SlotKey {
-        table: svc.table,
-        slot: hash % svc.count,
-    };
-    let id = unsafe { SLOTS.get(slot) }.ok_or(Reason::DropTableMiss)?;
-    let id = *id;
+    let slot = hash % svc.count;
+    // SAFETY: plain data lookup.
+    let pair = unsafe { MAGLEV.get_value(&svc.table, &(slot / 2)) }.ok_or(Reason::DropTableMiss)?;
+    let id = if slot & 1 == 0 { pair[0] } else { pair[1] };
+    // SAFETY: plain data lookup.
     let backend = *unsafe { BACKENDS.get(id) }.ok_or(Reason::DropTableMiss)?;
 
     let ct = CtEntry {
+        backend,
         backend_id: id,
+        expires: now + lifetime(flow.proto, tcp_flags, 0),
         service_id: svc.id,
+        flags: 0,
     };
     let reply = FlowKey {
         src: backend.addr,

@@ -77,12 +77,16 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     add(&SERVICE_STATS, svc.id, bytes);
 
     // Validate the whole L4 header before rewriting it.
+    let mut tcp_flags = 0u8;
     let l4_csum_off = if flow.proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(start, end, L4_OFF).ok_or(Reason::DropMalformedL4)?;
         // SAFETY: bounds checked by ptr_at.
         if unsafe { (*tcp).doff() } < 5 {
             return Err(Reason::DropMalformedL4);
         }
+        let flags: *const u8 = ptr_at(start, end, L4_OFF + 13).ok_or(Reason::DropMalformedL4)?;
+        // SAFETY: bounds checked by ptr_at.
+        tcp_flags = unsafe { *flags };
         L4_OFF + TCP_CSUM_OFF
     } else {
         let udp: *const UdpHdr = ptr_at(start, end, L4_OFF).ok_or(Reason::DropMalformedL4)?;
@@ -101,7 +105,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     };
 
     let key = lb::flow_key(&flow);
-    let (backend_id, backend) = lb::select(&svc, &flow, &key)?;
+    let (backend_id, backend) = lb::select(&svc, &flow, &key, tcp_flags)?;
     add(&BACKEND_STATS, backend_id, bytes);
 
     let new_dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];

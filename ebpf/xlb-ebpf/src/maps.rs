@@ -2,11 +2,12 @@
 //! values field by field; the agent pins each by name under `--pin-path` so the
 //! datapath (and its connection tracking) outlives the agent. Layouts: `xlb_common`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use xlb_common::{
-    Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey, SlotKey, config,
+    Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey, SlotPair, config,
     limits,
 };
 
@@ -15,9 +16,16 @@ use xlb_common::{
 pub static SERVICES: HashMap<ServiceKey, Service, { limits::MAX_SERVICES as usize }> =
     HashMap::new();
 
-/// (service table, slot) -> backend id.
-#[btf_map(name = "xlb_slots")]
-pub static SLOTS: HashMap<SlotKey, u32, { limits::MAX_SLOTS as usize }> = HashMap::new();
+/// Inner Maglev table: slot pairs. `BPF_F_INNER_MAP` lets the agent insert arrays of
+/// any size (each sized for its service's backend count); this template's size is
+/// irrelevant.
+pub type MaglevTable = Array<SlotPair, 1, { BPF_F_INNER_MAP as usize }>;
+
+/// Table id (`Service::table`) -> Maglev table. Replacing an entry swaps a whole
+/// table atomically.
+#[btf_map(name = "xlb_maglev")]
+pub static MAGLEV: HashOfMaps<u32, MaglevTable, { limits::MAX_TABLES as usize }> =
+    HashOfMaps::new();
 
 /// backend id -> backend address. Ids are never reused, so a conntrack entry that
 /// names a removed backend misses here instead of reaching a stranger.

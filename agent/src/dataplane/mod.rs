@@ -34,6 +34,11 @@ use self::state::{Ids, MapState, Write};
 /// The eBPF object built by `agent/build.rs`, aligned for the ELF parser.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJ"));
 
+/// The embedded eBPF object (empty when built with `XLB_SKIP_EBPF=1`).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// Dataplane failures; each names the map, program or path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -23,6 +23,7 @@ use crate::{
         state::{self, Ids, MapState, Write},
     },
     desired::{self, Desired},
+    health::HealthServers,
     metrics::{self, BpfCollector, Metrics},
     model::ConfigError,
     source::manifests::{self, ManifestSource},
@@ -250,11 +251,18 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let mut retry_soon = false;
     let mut first = true;
+    let mut health = HealthServers::default();
     loop {
         if first || retry_soon {
             first = false;
             match rec.sync(&mut source) {
-                Ok(()) => retry_soon = false,
+                Ok(()) => {
+                    retry_soon = false;
+                    if let Some(d) = &rec.previous {
+                        health.apply(&d.health_checks).await;
+                        rec.metrics.unwilling.set(d.unwilling.len() as i64);
+                    }
+                }
                 Err(e) => {
                     error!(error = %e, "applying to the maps failed; retrying");
                     retry_soon = true;

@@ -1,80 +1,221 @@
-//! The desired state for this node: for every VIP:port/protocol, the service that owns
-//! it and the backends this node should forward to.
+//! The desired state for this node: for every frontend address:port/protocol (a
+//! load-balancer VIP, an external IP, or one of this node's addresses with a node
+//! port), the Service that owns it and the backends this node should forward to; plus
+//! the health check node ports to answer and the VIPs this node must not attract.
 //!
 //! [`compute`] is a pure function of the snapshot, the node name and the state applied
 //! last; the dataplane turns its result into map contents and writes only the difference.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
+use ipnet::IpNet;
+
 use crate::model::{
-    ConfigError, Endpoint, ErrorKind, Protocol, ServiceRef, Snapshot, TrafficPolicy,
+    ConfigError, Endpoint, ErrorKind, Node, Protocol, ServiceRef, ServiceType, Snapshot,
+    TrafficPolicy,
 };
 
-/// What a packet is matched on: destination VIP, port and protocol.
+/// What a packet is matched on: destination address, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipKey {
-    /// Load-balancer address.
+    /// Frontend address: a VIP, an external IP or one of this node's addresses.
     pub addr: IpAddr,
-    /// Service port.
+    /// Service port, or node port for [`Frontend::NodePort`].
     pub port: u16,
     /// Transport protocol.
     pub protocol: Protocol,
 }
 
-/// One VIP:port/protocol as this node should serve it.
+/// How a Service is reached at a [`VipKey`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Frontend {
+    /// A load-balancer address (`status.loadBalancer.ingress[].ip`,
+    /// `spec.loadBalancerIP` or MetalLB's annotation) at `spec.ports[].port`: the one
+    /// frontend that `loadBalancerSourceRanges` filters and L2/BGP announce.
+    LoadBalancer,
+    /// A `spec.externalIPs[]` address at `spec.ports[].port`: routed here by someone
+    /// else, served with the same traffic policy and affinity, never filtered.
+    ExternalIp,
+    /// One of this node's InternalIP addresses at `spec.ports[].nodePort`.
+    NodePort,
+}
+
+impl Frontend {
+    /// Human name for messages ("VIP", "external IP", "node port").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Frontend::LoadBalancer => "VIP",
+            Frontend::ExternalIp => "external IP",
+            Frontend::NodePort => "node port",
+        }
+    }
+}
+
+/// A usable endpoint on another node (or with no `nodeName`), for Cluster policy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RemoteBackend {
+    /// Pod address and target port.
+    pub addr: SocketAddr,
+    /// The endpoint's `nodeName`; `""` when the EndpointSlice does not say.
+    pub node: String,
+    /// First IPv4 InternalIP of that node's `v1 Node` object: where to tunnel to.
+    /// `None` when the node is unknown, has no Node object or no IPv4 InternalIP.
+    pub node_ip: Option<IpAddr>,
+}
+
+/// One frontend address:port/protocol as this node should serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
     /// The Service that owns the key.
     pub owner: ServiceRef,
     /// Name of the Service port (`""` if unnamed).
     pub port_name: String,
-    /// `externalTrafficPolicy: Local`: only local endpoints, and a node without one
-    /// must not attract the traffic.
+    /// How the Service is reached at this key.
+    pub frontend: Frontend,
+    /// `externalTrafficPolicy: Local` (for every frontend, as in kube-proxy): only
+    /// local endpoints, and a node without one must not attract the traffic.
     pub local: bool,
     /// This node's usable endpoints, sorted and deduplicated.
     pub backends: Vec<SocketAddr>,
-    /// Usable endpoints on other nodes or with no `nodeName` (Cluster policy only),
-    /// sorted and deduplicated. Not programmed yet: the multi-node dataplane comes later.
-    pub remote_backends: Vec<SocketAddr>,
+    /// Usable endpoints on other nodes or with no `nodeName` (Cluster policy only;
+    /// always empty for Local), sorted by address and deduplicated.
+    pub remote_backends: Vec<RemoteBackend>,
+    /// Client CIDRs allowed in (`spec.loadBalancerSourceRanges`); empty allows every
+    /// client. Only [`Frontend::LoadBalancer`] keys carry them, like kube-proxy.
+    pub source_ranges: Vec<IpNet>,
+    /// `sessionAffinity: ClientIP`: how long (seconds) a client stays on its backend.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// A `spec.healthCheckNodePort` this node answers (kube-proxy's service health
+/// server): HTTP 200 when `local_endpoints > 0`, else 503, so an external load
+/// balancer sends a Local Service's traffic only to nodes that can serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// TCP port on this node's addresses.
+    pub port: u16,
+    /// The LoadBalancer Service with `externalTrafficPolicy: Local` it reports on.
+    pub service: ServiceRef,
+    /// Distinct endpoint addresses on this node with `ready` true, over all the
+    /// Service's ports. Terminating endpoints do not count, so that load balancers
+    /// drain a node whose pods are going away (KEP-1669).
+    pub local_endpoints: usize,
 }
 
 /// The whole desired state, plus the errors found while computing it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
-    /// Every VIP:port/protocol this node should serve.
+    /// Every address:port/protocol this node should serve.
     pub services: BTreeMap<VipKey, DesiredService>,
-    /// Errors found by [`compute`] (VIP conflicts); the source's errors are separate.
+    /// Health check node ports to answer, by port.
+    pub health_checks: Vec<HealthCheck>,
+    /// VIPs and external IPs this node must not attract traffic for: every key served
+    /// on the address is `externalTrafficPolicy: Local` with no usable endpoint on this
+    /// node (this node drops such traffic anyway). A model fact for L2 (no ARP answer)
+    /// and BGP (no route); this node's own addresses are never in it.
+    pub unwilling: BTreeSet<IpAddr>,
+    /// Errors found by [`compute`] (address and health check port conflicts); the
+    /// source's errors are separate.
     pub errors: Vec<ConfigError>,
+}
+
+/// One Service's claim on a key, with the field to blame if it loses.
+struct Claim {
+    service: DesiredService,
+    field: String,
 }
 
 /// Computes the desired state of `node_name` from `snapshot`.
 ///
+/// Frontends per Service port: each VIP and each external IP at `port`, and each IPv4
+/// InternalIP of this node's `v1 Node` at `nodePort` (LoadBalancer Services have node
+/// ports too, as in Kubernetes). Without a Node object for `node_name` there are no
+/// node-port keys (noted at debug level: not an error, the node may not be described).
+///
 /// `previous` is the last desired state that was applied: when two Services claim one
-/// VIP:port/protocol, the one that owned it there keeps it, so a newly added conflicting
-/// Service never takes traffic away from a working one; with no incumbent, the smallest
-/// [`ServiceRef`] wins. The loser gets a `vip_conflict` error and that key is skipped
-/// for it.
+/// address:port/protocol (or one health check node port), the one that owned it there
+/// keeps it, so a newly added conflicting Service never takes traffic away from a
+/// working one; with no incumbent, the smallest [`ServiceRef`] wins. The loser gets a
+/// `vip_conflict` error and that key is skipped for it.
 pub fn compute(snapshot: &Snapshot, node_name: &str, previous: Option<&Desired>) -> Desired {
+    let node_ips: Vec<IpAddr> = snapshot
+        .nodes
+        .get(node_name)
+        .map(|n| {
+            n.internal_ips
+                .iter()
+                .copied()
+                .filter(IpAddr::is_ipv4)
+                .collect()
+        })
+        .unwrap_or_default();
+    let has_node_ports = snapshot
+        .services
+        .values()
+        .any(|s| s.ports.iter().any(|p| p.node_port.is_some()));
+    if node_ips.is_empty() && has_node_ports {
+        tracing::debug!(
+            node = node_name,
+            "no v1 Node object with an IPv4 InternalIP for this node: node ports not served"
+        );
+    }
+
     // Claims per key, in ServiceRef order (the snapshot's order).
-    let mut claims: BTreeMap<VipKey, Vec<DesiredService>> = BTreeMap::new();
+    let mut claims: BTreeMap<VipKey, Vec<Claim>> = BTreeMap::new();
     for (sref, svc) in &snapshot.services {
         let local = svc.traffic_policy == TrafficPolicy::Local;
-        for &addr in &svc.vips {
-            for port in &svc.ports {
+        for port in &svc.ports {
+            let (backends, remote_backends) =
+                split(&port.endpoints, node_name, local, &snapshot.nodes);
+            let mut frontends: Vec<(IpAddr, u16, Frontend, String)> = Vec::new();
+            let port_field = format!("spec.ports[{}].port", port.index);
+            for &addr in &svc.vips {
+                frontends.push((addr, port.port, Frontend::LoadBalancer, port_field.clone()));
+            }
+            for &addr in &svc.external_ips {
+                let field = "spec.externalIPs".to_string();
+                frontends.push((addr, port.port, Frontend::ExternalIp, field));
+            }
+            if let Some(node_port) = port.node_port {
+                let field = format!("spec.ports[{}].nodePort", port.index);
+                for &addr in &node_ips {
+                    frontends.push((addr, node_port, Frontend::NodePort, field.clone()));
+                }
+            }
+            for (addr, number, frontend, field) in frontends {
                 let key = VipKey {
                     addr,
-                    port: port.port,
+                    port: number,
                     protocol: port.protocol,
                 };
-                let (backends, remote_backends) = split(&port.endpoints, node_name, local);
-                claims.entry(key).or_default().push(DesiredService {
-                    owner: sref.clone(),
-                    port_name: port.name.clone(),
-                    local,
-                    backends,
-                    remote_backends,
+                let list = claims.entry(key).or_default();
+                // The same port reached twice (a VIP also listed in externalIPs): the
+                // first frontend, the load balancer with its source ranges, keeps it.
+                if list
+                    .iter()
+                    .any(|c| c.service.owner == *sref && c.service.port_name == port.name)
+                {
+                    continue;
+                }
+                let source_ranges = if frontend == Frontend::LoadBalancer {
+                    svc.source_ranges.clone()
+                } else {
+                    Vec::new()
+                };
+                list.push(Claim {
+                    service: DesiredService {
+                        owner: sref.clone(),
+                        port_name: port.name.clone(),
+                        frontend,
+                        local,
+                        backends: backends.clone(),
+                        remote_backends: remote_backends.clone(),
+                        source_ranges,
+                        affinity_timeout: svc.affinity_timeout,
+                    },
+                    field,
                 });
             }
         }
@@ -82,34 +223,113 @@ pub fn compute(snapshot: &Snapshot, node_name: &str, previous: Option<&Desired>)
 
     let mut out = Desired::default();
     for (key, mut claimants) in claims {
-        let incumbent = previous
-            .and_then(|p| p.services.get(&key))
-            .and_then(|p| claimants.iter().position(|c| c.owner == p.owner));
-        let winner = claimants.remove(incumbent.unwrap_or(0));
+        let incumbent = previous.and_then(|p| p.services.get(&key)).and_then(|p| {
+            claimants
+                .iter()
+                .position(|c| c.service.owner == p.owner && c.service.port_name == p.port_name)
+        });
+        let winner = claimants.remove(incumbent.unwrap_or(0)).service;
         for loser in claimants {
-            let origin = snapshot
-                .services
-                .get(&loser.owner)
-                .map(|s| s.origin.clone())
-                .unwrap_or_default();
+            let loser_svc = &loser.service;
             out.errors.push(ConfigError {
-                origin,
-                object: format!("Service {}", loser.owner),
-                field: "spec.ports".into(),
+                origin: origin(snapshot, &loser_svc.owner),
+                object: format!("Service {}", loser_svc.owner),
+                field: loser.field,
                 message: format!(
-                    "VIP {}:{}/{} (port {:?}) is already claimed by Service {}; skipped",
+                    "{} {}:{}/{} (port {:?}) is already claimed by Service {} (port {:?}); skipped",
+                    loser_svc.frontend.as_str(),
                     fmt_ip(key.addr),
                     key.port,
                     key.protocol,
-                    loser.port_name,
-                    winner.owner
+                    loser_svc.port_name,
+                    winner.owner,
+                    winner.port_name,
                 ),
                 kind: ErrorKind::VipConflict,
             });
         }
         out.services.insert(key, winner);
     }
+
+    out.health_checks = health_checks(snapshot, node_name, previous, &mut out.errors);
+
+    // An address is willing as soon as one key on it can be served here.
+    let mut willing: BTreeMap<IpAddr, bool> = BTreeMap::new();
+    for (key, ds) in &out.services {
+        if ds.frontend == Frontend::NodePort || node_ips.contains(&key.addr) {
+            continue;
+        }
+        *willing.entry(key.addr).or_default() |= !ds.local || !ds.backends.is_empty();
+    }
+    out.unwilling = willing
+        .into_iter()
+        .filter(|(_, w)| !w)
+        .map(|(addr, _)| addr)
+        .collect();
     out
+}
+
+/// The health check node ports of LoadBalancer Services with Local policy, by port;
+/// a port claimed twice goes to the incumbent, else to the smallest [`ServiceRef`].
+fn health_checks(
+    snapshot: &Snapshot,
+    node_name: &str,
+    previous: Option<&Desired>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<HealthCheck> {
+    let mut by_port: BTreeMap<u16, Vec<HealthCheck>> = BTreeMap::new();
+    for (sref, svc) in &snapshot.services {
+        let Some(port) = svc.health_check_node_port else {
+            continue;
+        };
+        // The source only sets the port for these; re-checked so the rule lives here.
+        if svc.service_type != ServiceType::LoadBalancer
+            || svc.traffic_policy != TrafficPolicy::Local
+        {
+            continue;
+        }
+        let local: BTreeSet<IpAddr> = svc
+            .ports
+            .iter()
+            .flat_map(|p| &p.endpoints)
+            .filter(|e| e.ready && e.node_name.as_deref() == Some(node_name))
+            .map(|e| e.addr)
+            .collect();
+        by_port.entry(port).or_default().push(HealthCheck {
+            port,
+            service: sref.clone(),
+            local_endpoints: local.len(),
+        });
+    }
+    let mut out = Vec::new();
+    for (port, mut claimants) in by_port {
+        let incumbent = previous
+            .and_then(|p| p.health_checks.iter().find(|h| h.port == port))
+            .and_then(|p| claimants.iter().position(|c| c.service == p.service));
+        let winner = claimants.remove(incumbent.unwrap_or(0));
+        for loser in claimants {
+            errors.push(ConfigError {
+                origin: origin(snapshot, &loser.service),
+                object: format!("Service {}", loser.service),
+                field: "spec.healthCheckNodePort".into(),
+                message: format!(
+                    "health check node port {port} is already used by Service {}; skipped",
+                    winner.service
+                ),
+                kind: ErrorKind::VipConflict,
+            });
+        }
+        out.push(winner);
+    }
+    out
+}
+
+fn origin(snapshot: &Snapshot, sref: &ServiceRef) -> String {
+    snapshot
+        .services
+        .get(sref)
+        .map(|s| s.origin.clone())
+        .unwrap_or_default()
 }
 
 /// `[v6]` so that `addr:port` stays unambiguous.
@@ -124,12 +344,14 @@ fn fmt_ip(addr: IpAddr) -> String {
 /// (pkg/proxy/topology.go, `CategorizeEndpoints`): ready endpoints; if there are none,
 /// serving and terminating ones (so connections drain during a rollout); never one
 /// that is not serving. For Local policy the fallback is decided among this node's
-/// endpoints alone, since only those can be used.
+/// endpoints alone, since only those can be used. Remote backends carry their node
+/// and its address from `nodes`.
 fn split(
     endpoints: &[Endpoint],
     node_name: &str,
     local: bool,
-) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    nodes: &BTreeMap<String, Node>,
+) -> (Vec<SocketAddr>, Vec<RemoteBackend>) {
     let is_local = |e: &Endpoint| e.node_name.as_deref() == Some(node_name);
     let candidates: Vec<&Endpoint> = endpoints.iter().filter(|e| !local || is_local(e)).collect();
     let ready: Vec<&Endpoint> = candidates
@@ -145,15 +367,25 @@ fn split(
     } else {
         ready
     };
-    let (mut here, mut there): (Vec<SocketAddr>, Vec<SocketAddr>) = (Vec::new(), Vec::new());
+    let (mut here, mut there) = (Vec::new(), Vec::new());
     for e in usable {
-        let sa = SocketAddr::new(e.addr, e.port);
-        if is_local(e) { &mut here } else { &mut there }.push(sa);
+        let addr = SocketAddr::new(e.addr, e.port);
+        if is_local(e) {
+            here.push(addr);
+        } else {
+            let node = e.node_name.clone().unwrap_or_default();
+            let node_ip = nodes.get(&node).and_then(Node::ipv4);
+            there.push(RemoteBackend {
+                addr,
+                node,
+                node_ip,
+            });
+        }
     }
-    for v in [&mut here, &mut there] {
-        v.sort();
-        v.dedup();
-    }
+    here.sort();
+    here.dedup();
+    there.sort();
+    there.dedup_by(|a, b| a.addr == b.addr);
     (here, there)
 }
 
@@ -177,11 +409,18 @@ mod tests {
 
     fn svc(vip: &str, policy: TrafficPolicy, endpoints: Vec<Endpoint>) -> Service {
         Service {
+            service_type: ServiceType::LoadBalancer,
             vips: vec![vip.parse().unwrap()],
+            external_ips: vec![],
             traffic_policy: policy,
+            source_ranges: vec![],
+            affinity_timeout: None,
+            health_check_node_port: None,
             ports: vec![ServicePort {
+                index: 0,
                 name: "http".into(),
                 port: 80,
+                node_port: None,
                 protocol: Protocol::Tcp,
                 endpoints,
             }],
@@ -195,6 +434,7 @@ mod tests {
                 .into_iter()
                 .map(|(name, s)| (ServiceRef::new("default", name), s))
                 .collect(),
+            nodes: BTreeMap::new(),
         }
     }
 
@@ -243,10 +483,11 @@ mod tests {
         let s = &compute(&snap, "node-a", None).services[&key("10.0.100.1")];
         assert!(!s.local);
         assert_eq!(s.backends, addrs(&["10.0.1.11:8080"]));
-        assert_eq!(
-            s.remote_backends,
-            addrs(&["10.0.2.11:8080", "10.0.3.11:8080"])
-        );
+        let remote: Vec<_> = s.remote_backends.iter().map(|r| r.addr).collect();
+        assert_eq!(remote, addrs(&["10.0.2.11:8080", "10.0.3.11:8080"]));
+        assert_eq!(s.remote_backends[0].node, "node-b");
+        assert_eq!(s.remote_backends[1].node, "", "no nodeName");
+        assert!(s.remote_backends.iter().all(|r| r.node_ip.is_none()));
     }
 
     #[test]
@@ -322,8 +563,10 @@ mod tests {
         let a = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
         let mut b = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
         b.ports.push(ServicePort {
+            index: 1,
             name: "dns".into(),
             port: 53,
+            node_port: None,
             protocol: Protocol::Udp,
             endpoints: vec![],
         });
@@ -336,5 +579,286 @@ mod tests {
         };
         assert_eq!(d.services[&dns].owner.name, "b");
         assert_eq!(d.errors.len(), 1);
+    }
+
+    /// The three-node lab (node-a/b/c at 10.0.0.11/12/13) through the manifest source.
+    fn lab() -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("source/testdata/three-nodes.yaml");
+        std::fs::write(dir.path().join("lab.yaml"), text).unwrap();
+        let loaded = crate::source::manifests::ManifestSource::new(dir.path()).load();
+        assert_eq!(loaded.errors, vec![]);
+        loaded.snapshot
+    }
+
+    fn k(addr: &str, port: u16, protocol: Protocol) -> VipKey {
+        VipKey {
+            addr: addr.parse().unwrap(),
+            port,
+            protocol,
+        }
+    }
+
+    fn rb(addr: &str, node: &str, node_ip: Option<&str>) -> RemoteBackend {
+        RemoteBackend {
+            addr: addr.parse().unwrap(),
+            node: node.into(),
+            node_ip: node_ip.map(|ip| ip.parse().unwrap()),
+        }
+    }
+
+    /// (key, owner name, frontend) of every entry.
+    fn keys(d: &Desired) -> Vec<(String, &str, Frontend)> {
+        d.services
+            .iter()
+            .map(|(k, s)| {
+                let key = format!("{}:{}/{}", fmt_ip(k.addr), k.port, k.protocol);
+                (key, s.owner.name.as_str(), s.frontend)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn three_node_lab_frontends_of_node_a() {
+        use Frontend::*;
+        let d = compute(&lab(), "node-a", None);
+        assert_eq!(d.errors, vec![]);
+        let got = keys(&d);
+        let want = [
+            ("10.0.0.11:30053/UDP", "web", NodePort),
+            ("10.0.0.11:30080/TCP", "web", NodePort),
+            ("10.0.0.11:30081/TCP", "api", NodePort),
+            ("10.0.0.11:30443/TCP", "admin", NodePort),
+            ("10.0.100.1:53/UDP", "web", LoadBalancer),
+            ("10.0.100.1:80/TCP", "web", LoadBalancer),
+            ("10.0.100.2:80/TCP", "api", LoadBalancer),
+            ("198.51.100.7:53/UDP", "web", ExternalIp),
+            ("198.51.100.7:80/TCP", "web", ExternalIp),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(k, n, f)| (k.to_string(), *n, *f))
+            .collect();
+        assert_eq!(got, want);
+
+        // Cluster policy: the local endpoint here, the others with their node's address
+        // (the not-ready one on node-b left out).
+        let vip = &d.services[&k("10.0.100.1", 80, Protocol::Tcp)];
+        assert!(!vip.local);
+        assert_eq!(vip.port_name, "http");
+        assert_eq!(vip.backends, addrs(&["10.1.1.5:8080"]));
+        let remote = vec![
+            rb("10.1.2.5:8080", "node-b", Some("10.0.0.12")),
+            rb("10.1.3.5:8080", "node-c", Some("10.0.0.13")),
+        ];
+        assert_eq!(vip.remote_backends, remote);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            vip.source_ranges,
+            vec![net("192.0.2.0/24"), net("203.0.113.9/32")]
+        );
+        assert_eq!(vip.affinity_timeout, Some(600));
+
+        // External IPs and node ports: same backends and affinity, no source ranges.
+        for key in [
+            k("198.51.100.7", 80, Protocol::Tcp),
+            k("10.0.0.11", 30080, Protocol::Tcp),
+        ] {
+            let s = &d.services[&key];
+            assert_eq!(s.backends, vip.backends);
+            assert_eq!(s.remote_backends, remote);
+            assert_eq!(s.affinity_timeout, Some(600));
+            assert!(s.source_ranges.is_empty(), "{key:?}");
+        }
+        let dns = &d.services[&k("10.0.0.11", 30053, Protocol::Udp)];
+        assert_eq!(dns.port_name, "dns");
+        assert_eq!(dns.backends, addrs(&["10.1.1.5:5353"]));
+
+        // NodePort Service with its only endpoint on node-b.
+        let admin = &d.services[&k("10.0.0.11", 30443, Protocol::Tcp)];
+        assert!(admin.backends.is_empty());
+        assert_eq!(
+            admin.remote_backends,
+            vec![rb("10.1.2.9:8443", "node-b", Some("10.0.0.12"))]
+        );
+
+        // Local policy: two ready local endpoints; the draining one is not used while
+        // ready ones exist, and does not count for the health check.
+        let api = &d.services[&k("10.0.100.2", 80, Protocol::Tcp)];
+        assert!(api.local);
+        assert_eq!(api.backends, addrs(&["10.1.1.7:8080", "10.1.1.8:8080"]));
+        assert!(api.remote_backends.is_empty());
+        assert_eq!(
+            d.health_checks,
+            vec![HealthCheck {
+                port: 32000,
+                service: ServiceRef::new("shop", "api"),
+                local_endpoints: 2,
+            }]
+        );
+        assert!(d.unwilling.is_empty());
+    }
+
+    #[test]
+    fn three_node_lab_local_service_on_nodes_without_ready_endpoints() {
+        let snap = lab();
+        let api_vip = k("10.0.100.2", 80, Protocol::Tcp);
+
+        // node-b has only a draining endpoint: it still serves it (kube-proxy's
+        // fallback), so it stays willing, but its health check says 0 so that load
+        // balancers drain it.
+        let b = compute(&snap, "node-b", None);
+        assert_eq!(b.services[&api_vip].backends, addrs(&["10.1.2.7:8080"]));
+        assert_eq!(b.health_checks[0].local_endpoints, 0);
+        assert!(b.unwilling.is_empty());
+        assert!(
+            b.services
+                .contains_key(&k("10.0.0.12", 30081, Protocol::Tcp))
+        );
+
+        // node-c has none: the VIP stays programmed (to drop, counted) and the node is
+        // unwilling to attract it; the Cluster VIP next to it is unaffected.
+        let c = compute(&snap, "node-c", None);
+        assert!(c.services[&api_vip].backends.is_empty());
+        assert_eq!(c.health_checks[0].local_endpoints, 0);
+        assert_eq!(c.unwilling, BTreeSet::from(["10.0.100.2".parse().unwrap()]));
+        // Node ports on node-c's IPv4 InternalIP only.
+        let np = c.services[&k("10.0.0.13", 30081, Protocol::Tcp)].clone();
+        assert_eq!(np.frontend, Frontend::NodePort);
+        assert!(np.backends.is_empty());
+        assert!(c.services.keys().all(|k| !k.addr.is_ipv6()));
+        let web = &c.services[&k("10.0.100.1", 80, Protocol::Tcp)];
+        assert_eq!(web.backends, addrs(&["10.1.3.5:8080"]));
+        let remote: Vec<_> = web
+            .remote_backends
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect();
+        assert_eq!(remote, ["node-a", "node-b"]);
+    }
+
+    #[test]
+    fn node_without_a_node_object_gets_no_node_ports_and_no_error() {
+        let mut snap = lab();
+        snap.nodes.remove("node-b");
+        let d = compute(&snap, "node-b", None);
+        assert_eq!(d.errors, vec![]);
+        assert!(
+            d.services
+                .values()
+                .all(|s| s.frontend != Frontend::NodePort)
+        );
+        assert!(d.services.contains_key(&k("10.0.100.1", 80, Protocol::Tcp)));
+        // The others' remote backends on node-b have no tunnel address any more.
+        let a = compute(&snap, "node-a", None);
+        let web = &a.services[&k("10.0.100.1", 80, Protocol::Tcp)];
+        assert_eq!(web.remote_backends[0], rb("10.1.2.5:8080", "node-b", None));
+    }
+
+    #[test]
+    fn unwilling_only_when_every_service_on_the_vip_is_local_without_endpoints() {
+        // Two Services sharing a VIP on different ports (MetalLB allow-shared-ip).
+        let local = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        let mut cluster = svc("10.0.100.1", TrafficPolicy::Cluster, vec![]);
+        cluster.ports[0].port = 443;
+        let d = compute(
+            &snapshot(vec![("a", local.clone()), ("b", cluster)]),
+            "node-a",
+            None,
+        );
+        assert!(d.unwilling.is_empty());
+
+        let mut other = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        other.ports[0].port = 443;
+        let d = compute(&snapshot(vec![("a", local), ("b", other)]), "node-a", None);
+        assert_eq!(d.unwilling, BTreeSet::from(["10.0.100.1".parse().unwrap()]));
+    }
+
+    #[test]
+    fn vip_also_listed_in_external_ips_is_one_load_balancer_key() {
+        let mut s = svc("10.0.100.1", TrafficPolicy::Cluster, vec![]);
+        s.external_ips = vec!["10.0.100.1".parse().unwrap()];
+        s.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        let d = compute(&snapshot(vec![("web", s)]), "node-a", None);
+        assert_eq!(d.errors, vec![]);
+        assert_eq!(d.services.len(), 1);
+        let e = &d.services[&key("10.0.100.1")];
+        assert_eq!(e.frontend, Frontend::LoadBalancer);
+        assert_eq!(e.source_ranges.len(), 1, "the filtered frontend wins");
+    }
+
+    #[test]
+    fn node_port_and_external_ip_conflicts_name_their_fields() {
+        let mut snap = lab();
+        let web = ServiceRef::new("shop", "web");
+        // A second Service reusing web's nodePort and web's external IP.
+        let mut copy = snap.services[&web].clone();
+        copy.vips.clear();
+        copy.ports.truncate(1);
+        copy.ports[0].index = 3;
+        snap.services.insert(ServiceRef::new("shop", "copy"), copy);
+
+        let d = compute(&snap, "node-a", None);
+        let got: Vec<_> = d
+            .errors
+            .iter()
+            .map(|e| (e.kind(), e.object.as_str(), e.field.as_str()))
+            .collect();
+        // "shop/copy" < "shop/web": with no incumbent, copy wins.
+        assert_eq!(
+            got,
+            [
+                ("vip_conflict", "Service shop/web", "spec.ports[0].nodePort"),
+                ("vip_conflict", "Service shop/web", "spec.externalIPs"),
+            ]
+        );
+        assert!(
+            d.errors[0]
+                .message
+                .starts_with("node port 10.0.0.11:30080/TCP (port \"http\") is already claimed by Service shop/copy"),
+            "{}",
+            d.errors[0]
+        );
+        assert!(
+            d.errors[1]
+                .message
+                .starts_with("external IP 198.51.100.7:80/TCP")
+        );
+
+        // web served them first: it keeps them, copy is reported.
+        let mut before = snap.clone();
+        before.services.remove(&ServiceRef::new("shop", "copy"));
+        let prev = compute(&before, "node-a", None);
+        let d = compute(&snap, "node-a", Some(&prev));
+        assert_eq!(d.errors.len(), 2);
+        assert!(d.errors.iter().all(|e| e.object == "Service shop/copy"));
+        assert_eq!(d.errors[0].field, "spec.ports[3].nodePort");
+        assert_eq!(d.services[&k("10.0.0.11", 30080, Protocol::Tcp)].owner, web);
+    }
+
+    #[test]
+    fn health_check_port_conflict_keeps_the_incumbent() {
+        let mut a = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        a.health_check_node_port = Some(32000);
+        let mut b = svc("10.0.100.2", TrafficPolicy::Local, vec![]);
+        b.health_check_node_port = Some(32000);
+        let snap = snapshot(vec![("b", b.clone()), ("a", a)]);
+
+        let d = compute(&snap, "node-a", None);
+        assert_eq!(d.health_checks.len(), 1);
+        assert_eq!(d.health_checks[0].service.name, "a");
+        let [e] = &d.errors[..] else {
+            panic!("{:?}", d.errors)
+        };
+        assert_eq!(
+            (e.kind(), e.field.as_str()),
+            ("vip_conflict", "spec.healthCheckNodePort")
+        );
+        assert_eq!(e.object, "Service default/b");
+
+        let prev = compute(&snapshot(vec![("b", b)]), "node-a", None);
+        let d = compute(&snap, "node-a", Some(&prev));
+        assert_eq!(d.health_checks[0].service.name, "b");
+        assert_eq!(d.errors[0].object, "Service default/a");
     }
 }

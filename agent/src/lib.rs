@@ -4,11 +4,13 @@
 //! - [`desired`] computes, for this node, the whole BPF state the snapshot asks for;
 //! - [`dataplane`] loads and attaches the kernel programs, reads back what the maps hold,
 //!   and applies the difference;
-//! - [`metrics`] serves `/metrics` and `/healthz`;
+//! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
+//!   `healthCheckNodePort` servers;
 //! - [`agent`] wires them into the running process.
 pub mod agent;
 pub mod dataplane;
 pub mod desired;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod source;

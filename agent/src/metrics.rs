@@ -48,6 +48,9 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     /// Services currently programmed (`xlb_services`).
     pub services: Gauge,
+    /// VIPs this node must not attract traffic for (Local, no local endpoint):
+    /// `xlb_unwilling_vips`, the fact L2/BGP announcement will act on.
+    pub unwilling: Gauge,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
     registry: Mutex<Registry>,
@@ -62,6 +65,7 @@ impl Metrics {
         let syncs = Family::<Labels, Counter>::default();
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
         let services = Gauge::default();
+        let unwilling = Gauge::default();
         let build_info = Family::<Labels, Gauge>::default();
         build_info
             .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
@@ -88,6 +92,11 @@ impl Metrics {
             "VIP:port entries programmed",
             services.clone(),
         );
+        registry.register(
+            "xlb_unwilling_vips",
+            "VIPs whose services are all Local without a local endpoint on this node",
+            unwilling.clone(),
+        );
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -95,6 +104,7 @@ impl Metrics {
             syncs,
             sync_duration,
             services,
+            unwilling,
             ready: AtomicBool::new(false),
             registry: Mutex::new(registry),
         })

@@ -1,16 +1,41 @@
 //! The one model every source produces and everything after the sources consumes.
 //!
-//! A [`Snapshot`] is the whole input at one instant: the LoadBalancer Services with
-//! their VIPs, ports and endpoints, already joined and validated. It knows nothing about
-//! where it came from (manifest files today, the Kubernetes API later) beyond an
-//! `origin` string for error messages.
+//! A [`Snapshot`] is the whole input at one instant: the LoadBalancer and NodePort
+//! Services with their frontends, ports and endpoints, already joined and validated,
+//! and the Nodes with their addresses. It knows nothing about where it came from
+//! (manifest files today, the Kubernetes API later) beyond an `origin` string for
+//! error messages.
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-/// Every LoadBalancer Service the source knows about, keyed by namespace/name.
+use ipnet::IpNet;
+
+/// Every Service and Node the source knows about.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Services by reference; iteration order is the [`ServiceRef`] order.
     pub services: BTreeMap<ServiceRef, Service>,
+    /// `v1 Node` objects by `metadata.name`.
+    pub nodes: BTreeMap<String, Node>,
+}
+
+/// A `v1 Node`: what xlb needs to know about a cluster node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// `metadata.name`, what EndpointSlice `nodeName` and `--node-name` refer to.
+    pub name: String,
+    /// Every `status.addresses[]` entry of `type: InternalIP`, in manifest order,
+    /// deduplicated; both families (a dual-stack node has one of each).
+    pub internal_ips: Vec<IpAddr>,
+    /// Where the object came from (a file path), for error messages.
+    pub origin: String,
+}
+
+impl Node {
+    /// The first IPv4 InternalIP: the address other nodes reach this one at (IPIP
+    /// tunnel endpoint, SNAT source). `None` for a node with no IPv4 InternalIP.
+    pub fn ipv4(&self) -> Option<IpAddr> {
+        self.internal_ips.iter().copied().find(IpAddr::is_ipv4)
+    }
 }
 
 /// A Service's identity: `namespace/name`.
@@ -38,20 +63,60 @@ impl fmt::Display for ServiceRef {
     }
 }
 
-/// A `type: LoadBalancer` Service with its endpoints joined in.
+/// A `type: LoadBalancer` or `type: NodePort` Service with its endpoints joined in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
-    /// Load-balancer addresses: every `status.loadBalancer.ingress[].ip`, else
-    /// `spec.loadBalancerIP`. Empty while the address is pending allocation.
-    /// IPv4 only for now: IPv6 VIPs are reported and left out.
+    /// `spec.type`.
+    pub service_type: ServiceType,
+    /// Load-balancer addresses (LoadBalancer only): every
+    /// `status.loadBalancer.ingress[].ip`, else `spec.loadBalancerIP`, else MetalLB's
+    /// `metallb.io/loadBalancerIPs` (or legacy `metallb.universe.tf/loadBalancerIPs`)
+    /// annotation. Empty while the address is pending allocation, and always for
+    /// NodePort Services. IPv4 only for now: IPv6 VIPs are reported and left out.
     pub vips: Vec<IpAddr>,
-    /// `spec.externalTrafficPolicy`.
+    /// `spec.externalIPs`: addresses the cluster does not allocate (the network
+    /// routes them to the nodes), served like a VIP (same ports, traffic policy and
+    /// affinity) but not filtered by source ranges. IPv4 only for now.
+    pub external_ips: Vec<IpAddr>,
+    /// `spec.externalTrafficPolicy`; applies to every frontend (VIP, external IP,
+    /// node port), as in kube-proxy.
     pub traffic_policy: TrafficPolicy,
+    /// `spec.loadBalancerSourceRanges` (or, when that is empty, the
+    /// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation), with
+    /// host bits cleared: the client CIDRs allowed to reach the load-balancer
+    /// addresses. Empty means everyone. Like kube-proxy, not applied to external IPs
+    /// or node ports.
+    pub source_ranges: Vec<IpNet>,
+    /// `spec.sessionAffinity`: `None` for `None` (the default); for `ClientIP`, the
+    /// seconds a client stays on its backend, `sessionAffinityConfig.clientIP
+    /// .timeoutSeconds` ([`DEFAULT_AFFINITY_TIMEOUT`] if unset, valid
+    /// 1..=[`MAX_AFFINITY_TIMEOUT`]).
+    pub affinity_timeout: Option<u32>,
+    /// `spec.healthCheckNodePort`: the node port on which every node answers how many
+    /// local endpoints it has. Only set for LoadBalancer Services with
+    /// `externalTrafficPolicy: Local`, the only ones Kubernetes allows it on.
+    pub health_check_node_port: Option<u16>,
     /// `spec.ports` that xlb can serve (TCP and UDP), in manifest order.
     pub ports: Vec<ServicePort>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
 }
+
+/// `spec.type`, for the types xlb serves (ClusterIP and ExternalName Services are
+/// in-cluster business and not part of the model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceType {
+    /// Load-balancer addresses plus node ports.
+    #[default]
+    LoadBalancer,
+    /// Node ports only (plus external IPs, which any type may carry).
+    NodePort,
+}
+
+/// Default of `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// Largest `sessionAffinityConfig.clientIP.timeoutSeconds` Kubernetes accepts (1 day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 /// `spec.externalTrafficPolicy`: which endpoints traffic arriving at a node may reach.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,10 +132,17 @@ pub enum TrafficPolicy {
 /// One `spec.ports[]` entry with the endpoints that serve it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServicePort {
+    /// Position in the manifest's `spec.ports`, for error messages.
+    pub index: usize,
     /// Port name; `""` for the single unnamed port Kubernetes allows.
     pub name: String,
-    /// The port clients connect to on the VIP.
+    /// The port clients connect to on the VIP and external IPs.
     pub port: u16,
+    /// `nodePort`: the port this Service port is also served on at every node's
+    /// addresses. Set (allocated) for NodePort Services and for LoadBalancer
+    /// Services unless `allocateLoadBalancerNodePorts: false`; a manifest without an
+    /// API server carries it only if written in.
+    pub node_port: Option<u16>,
     /// Transport protocol.
     pub protocol: Protocol,
     /// Endpoints from every EndpointSlice of the Service whose port matches this one by
@@ -143,7 +215,8 @@ pub enum ErrorKind {
     UnknownPortName,
     /// The same kind/namespace/name defined twice.
     DuplicateObject,
-    /// Two Services claim one VIP:port/protocol.
+    /// Two Services claim one address:port/protocol (VIP, external IP or node port),
+    /// or one health check node port.
     VipConflict,
 }
 

@@ -6,7 +6,8 @@ use std::mem::size_of;
 
 use aya::maps::{Map, MapData};
 use xlb_common::{
-    Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey, config, limits, names,
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey,
+    SourceRange, config, limits, names,
 };
 
 fn data(m: &Map) -> &MapData {
@@ -16,7 +17,8 @@ fn data(m: &Map) -> &MapData {
         | Map::PerCpuHashMap(d)
         | Map::PerCpuArray(d)
         | Map::Array(d)
-        | Map::HashOfMaps(d) => d,
+        | Map::HashOfMaps(d)
+        | Map::LpmTrie(d) => d,
         other => panic!("unexpected map type {other:?}"),
     }
 }
@@ -68,6 +70,19 @@ fn kernel_and_agent_agree_on_map_layouts() {
         ),
         (names::REASONS, u32s, size_of::<u64>(), Reason::COUNT),
         (names::CONFIG, u32s, size_of::<u64>(), config::LEN),
+        // LPM keys are the 32-bit prefix length followed by the data.
+        (
+            names::SOURCE_RANGES,
+            u32s + size_of::<SourceRange>(),
+            1,
+            limits::MAX_SOURCE_RANGES,
+        ),
+        (
+            names::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<Affinity>(),
+            limits::AFFINITY_ENTRIES,
+        ),
     ];
     assert_eq!(
         expected.len(),

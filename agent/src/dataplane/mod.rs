@@ -18,7 +18,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, HashOfMaps, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -27,7 +30,7 @@ use aya::{
     },
 };
 use tracing::{debug, info};
-use xlb_common::{Backend, Counter, Service, ServiceKey, SlotPair, config, names};
+use xlb_common::{Backend, Counter, Service, ServiceKey, SlotPair, SourceRange, config, names};
 
 use self::state::{Ids, MapState, Write};
 
@@ -116,6 +119,7 @@ pub struct Dataplane {
     service_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     config: Array<MapData, u64>,
+    ranges: LpmTrie<MapData, SourceRange, u8>,
     ncpus: usize,
 }
 
@@ -166,6 +170,8 @@ impl Dataplane {
         let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
             .map_err(map_err(names::BACKEND_STATS))?;
         let config = Array::try_from(take(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        let ranges = LpmTrie::try_from(take(names::SOURCE_RANGES)?)
+            .map_err(map_err(names::SOURCE_RANGES))?;
         Ok(Dataplane {
             _ebpf: ebpf,
             services,
@@ -174,6 +180,7 @@ impl Dataplane {
             service_stats,
             backend_stats,
             config,
+            ranges,
             ncpus,
         })
     }
@@ -209,6 +216,10 @@ impl Dataplane {
         for k in self.backend_stats.keys() {
             s.backend_stats
                 .insert(k.map_err(map_err(names::BACKEND_STATS))?);
+        }
+        for k in self.ranges.keys() {
+            let k = k.map_err(map_err(names::SOURCE_RANGES))?;
+            s.ranges.insert((k.prefix_len(), k.data()));
         }
         Ok(s)
     }
@@ -298,6 +309,12 @@ impl Dataplane {
                 }
                 Write::DelServiceStats(id) => ignore_missing(self.service_stats.remove(&id))
                     .map_err(map_err(names::SERVICE_STATS))?,
+                Write::PutRange(len, r) => self
+                    .ranges
+                    .insert(&LpmKey::new(len, r), 1, 0)
+                    .map_err(map_err(names::SOURCE_RANGES))?,
+                Write::DelRange(len, r) => ignore_missing(self.ranges.remove(&LpmKey::new(len, r)))
+                    .map_err(map_err(names::SOURCE_RANGES))?,
                 Write::DelTable(id) => {
                     ignore_missing(self.maglev.remove(&id)).map_err(map_err(names::MAGLEV))?
                 }

@@ -11,7 +11,8 @@ use std::{
 };
 
 use xlb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey, limits,
+    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
+    SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange, limits,
 };
 
 use super::maglev::{self, MaglevBackend};
@@ -52,6 +53,8 @@ pub struct MapState {
     pub service_stats: BTreeSet<u32>,
     /// Keys of `xlb_be_stats`.
     pub backend_stats: BTreeSet<u32>,
+    /// `xlb_src_ranges`: (LPM prefix length, data).
+    pub ranges: BTreeSet<(u32, SourceRange)>,
 }
 
 /// Id counters. Ids are never reused within an agent's life (and the next ids are
@@ -215,7 +218,24 @@ pub fn target(
             backend_ids.push(bid);
         }
         let slots = maglev_slots(&ds.backends, &backend_ids, bounds);
-        let flags = if ds.local { SVC_F_LOCAL } else { 0 };
+        let mut flags = if ds.local { SVC_F_LOCAL } else { 0 };
+        if !ds.source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+            for net in &ds.source_ranges {
+                // A client of the other family never matches, as in Kubernetes.
+                let (addr, _) = addr_bytes(net.network());
+                state.ranges.insert((
+                    32 + u32::from(net.prefix_len()),
+                    SourceRange {
+                        service_id: id.to_be_bytes(),
+                        addr,
+                    },
+                ));
+            }
+        }
+        if ds.affinity_timeout.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
         let table = match old {
             Some(o) if current.tables.get(&o.table) == Some(&slots) => o.table,
             // The idle generation of this service's two tables.
@@ -233,6 +253,8 @@ pub fn target(
                 table,
                 count,
                 flags,
+                affinity_secs: ds.affinity_timeout.unwrap_or(0),
+                pad: 0,
             },
         );
         labels.insert(
@@ -249,6 +271,11 @@ pub fn target(
     state.backend_stats = state.backends.keys().copied().collect();
     check_capacity("services", state.services.len(), limits::MAX_SERVICES)?;
     check_capacity("backends", state.backends.len(), limits::MAX_BACKENDS)?;
+    check_capacity(
+        "source ranges",
+        state.ranges.len(),
+        limits::MAX_SOURCE_RANGES,
+    )?;
     Ok(Target {
         state,
         ids,
@@ -297,6 +324,10 @@ pub enum Write {
     PutTable(u32, Vec<u32>),
     /// Create a zeroed service counter.
     PutServiceStats(u32),
+    /// Admit a client prefix for a service.
+    PutRange(u32, SourceRange),
+    /// Remove a client prefix.
+    DelRange(u32, SourceRange),
     /// Insert or replace a service: the flip that makes a change visible.
     PutService(ServiceKey, Service),
     /// Delete a service.
@@ -331,6 +362,11 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     for id in target.service_stats.difference(&current.service_stats) {
         w.push(Write::PutServiceStats(*id));
     }
+    // New ranges before the flag that enforces them; old ones after the flip, so a
+    // change never admits nobody and never admits everybody.
+    for (len, r) in target.ranges.difference(&current.ranges) {
+        w.push(Write::PutRange(*len, *r));
+    }
     for (k, v) in &target.services {
         if current.services.get(k) != Some(v) {
             w.push(Write::PutService(*k, *v));
@@ -343,6 +379,9 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     }
     for id in current.service_stats.difference(&target.service_stats) {
         w.push(Write::DelServiceStats(*id));
+    }
+    for (len, r) in current.ranges.difference(&target.ranges) {
+        w.push(Write::DelRange(*len, *r));
     }
     for k in current.tables.keys() {
         if !target.tables.contains_key(k) {
@@ -365,7 +404,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::desired::DesiredService;
+    use crate::desired::{DesiredService, Frontend};
 
     fn vip(port: u16) -> VipKey {
         VipKey {
@@ -386,9 +425,12 @@ mod tests {
                         name: "web".into(),
                     },
                     port_name: String::new(),
+                    frontend: Frontend::LoadBalancer,
                     local: true,
                     backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
                     remote_backends: vec![],
+                    source_ranges: vec![],
+                    affinity_timeout: None,
                 },
             );
         }
@@ -412,6 +454,12 @@ mod tests {
                 }
                 Write::PutTable(k, v) => {
                     s.tables.insert(k, v);
+                }
+                Write::PutRange(l, r) => {
+                    s.ranges.insert((l, r));
+                }
+                Write::DelRange(l, r) => {
+                    s.ranges.remove(&(l, r));
                 }
                 Write::PutServiceStats(id) => {
                     s.service_stats.insert(id);
@@ -565,6 +613,45 @@ mod tests {
         let sa: Vec<SocketAddr> = ta.iter().map(|id| addr(&a, id)).collect();
         let sb: Vec<SocketAddr> = tb.iter().map(|id| addr(&b, id)).collect();
         assert_eq!(sa, sb, "same backends, same table on every node");
+    }
+
+    #[test]
+    fn source_ranges_and_affinity_are_programmed() {
+        let mut d = desired(&[(80, &["10.0.1.11:8080"])]);
+        let ds = d.services.values_mut().next().unwrap();
+        ds.source_ranges = vec![
+            "10.0.0.0/24".parse().unwrap(),
+            "192.168.0.0/16".parse().unwrap(),
+        ];
+        ds.affinity_timeout = Some(600);
+        let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
+        let svc = t.state.services.values().next().unwrap();
+        assert_ne!(svc.flags & SVC_F_SOURCE_RANGES, 0);
+        assert_ne!(svc.flags & SVC_F_AFFINITY, 0);
+        assert_eq!(svc.affinity_secs, 600);
+        let mut lens: Vec<u32> = t.state.ranges.iter().map(|(l, _)| *l).collect();
+        lens.sort();
+        assert_eq!(lens, vec![32 + 16, 32 + 24]);
+        let r = t.state.ranges.iter().find(|(l, _)| *l == 56).unwrap().1;
+        assert_eq!(r.service_id, svc.id.to_be_bytes());
+        assert_eq!(&r.addr[..4], &[10, 0, 0, 0]);
+
+        // Narrowing the ranges adds before the flip and removes after it.
+        let mut d2 = d.clone();
+        d2.services.values_mut().next().unwrap().source_ranges =
+            vec!["10.0.0.0/25".parse().unwrap()];
+        let t2 = target(&d2, &t.state, t.ids, TableBounds::default()).unwrap();
+        let writes = diff(&t.state, &t2.state);
+        let put = writes
+            .iter()
+            .position(|w| matches!(w, Write::PutRange(..)))
+            .unwrap();
+        let del = writes
+            .iter()
+            .position(|w| matches!(w, Write::DelRange(..)))
+            .unwrap();
+        assert!(put < del);
+        assert_eq!(apply(&t.state, &writes), t2.state);
     }
 
     #[test]

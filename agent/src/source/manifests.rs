@@ -2,15 +2,18 @@
 //! directory, each holding any number of standard Kubernetes objects, parsed with the
 //! k8s-openapi types and turned into the [`model`].
 //!
-//! Understood: `v1 Service` (`type: LoadBalancer` only) and `discovery.k8s.io/v1
-//! EndpointSlice`; a `v1 List` is read as its items. Other kinds are ignored.
+//! Understood: `v1 Service` (`type: LoadBalancer` and `NodePort`; ClusterIP and
+//! ExternalName are ignored), `discovery.k8s.io/v1 EndpointSlice` and `v1 Node`; a
+//! `v1 List` is read as its items. Other kinds are ignored.
 //!
 //! Bad input never takes down what works:
 //! - a file that does not parse at all keeps the objects of its last good parse;
 //! - an object that is invalid in an essential way (does not deserialise, invalid VIP,
-//!   missing service-name label, ...) keeps its last good version from the same file,
-//!   keyed by kind/namespace/name, or is skipped if it never had one;
-//! - a non-essential part (one SCTP port, one bad endpoint address) is skipped alone;
+//!   external IP, source range, affinity or node address, missing service-name
+//!   label, ...) keeps its last good version from the same file, keyed by
+//!   kind/namespace/name, or is skipped if it never had one;
+//! - a non-essential part (one SCTP port, one bad endpoint address, one bad
+//!   `nodePort`) is skipped alone;
 //! - something valid that xlb does not support yet (IPv6 VIP, IPv6/FQDN slice) is
 //!   reported and skipped, not replaced by an older version.
 //!
@@ -34,12 +37,22 @@ use tokio::sync::mpsc;
 pub use super::Loaded;
 use super::SourceError;
 use crate::model::{
-    self, ConfigError, Endpoint, ErrorKind, Protocol, ServiceRef, Snapshot, TrafficPolicy,
+    self, ConfigError, DEFAULT_AFFINITY_TIMEOUT, Endpoint, ErrorKind, MAX_AFFINITY_TIMEOUT,
+    Protocol, ServiceRef, ServiceType, Snapshot, TrafficPolicy,
 };
 
 /// The EndpointSlice label naming the Service it belongs to (set by the EndpointSlice
 /// controller; see the Kubernetes "EndpointSlices" concept page, "Ownership").
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// MetalLB's request for specific load-balancer addresses (comma-separated, one per
+/// family), current spelling (MetalLB "Usage": "Requesting specific IPs").
+const METALLB_IPS: &str = "metallb.io/loadBalancerIPs";
+/// The same, as MetalLB spelled it before v0.14.
+const METALLB_IPS_LEGACY: &str = "metallb.universe.tf/loadBalancerIPs";
+/// The annotation Kubernetes reads when `spec.loadBalancerSourceRanges` is empty
+/// (`v1.AnnotationLoadBalancerSourceRangesKey`, comma-separated CIDRs).
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// Reads a manifest directory and remembers the last good objects of every file.
 #[derive(Debug)]
@@ -144,17 +157,22 @@ struct ObjectKey {
 }
 
 impl ObjectKey {
+    /// `Service shop/web`; `Node node-a` for cluster-scoped kinds.
     fn label(&self) -> String {
-        format!("{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        if self.kind.namespaced() {
+            format!("{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        } else {
+            format!("{} {}", self.kind.as_str(), self.name)
+        }
     }
 }
 
 /// The kinds this source understands.
-// `v1 Node` goes here when the multi-node dataplane needs node addresses and labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Service,
     EndpointSlice,
+    Node,
 }
 
 impl Kind {
@@ -162,16 +180,23 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
+    }
+
+    /// Nodes are cluster-scoped: their key has an empty namespace.
+    fn namespaced(self) -> bool {
+        self != Kind::Node
     }
 }
 
 #[derive(Clone, Debug)]
 enum Body {
-    /// `None` for a Service that is not `type: LoadBalancer`: ignored, but it still
-    /// occupies its name.
+    /// `None` for a Service of a type xlb does not serve (ClusterIP, ExternalName):
+    /// ignored, but it still occupies its name.
     Service(Option<model::Service>),
     Slice(Slice),
+    Node(model::Node),
 }
 
 /// A validated IPv4 EndpointSlice, not yet joined to its Service.
@@ -304,8 +329,9 @@ fn parse_object(
     let kind = match (api_version, kind) {
         ("v1", "Service") => Kind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
-        // `v1 Node` will be read here (node addresses and labels); other kinds
-        // (ConfigMaps, xlb.dev resources, ...) are not this source's business yet.
+        ("v1", "Node") => Kind::Node,
+        // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
+        // business yet.
         _ => return None,
     };
     let meta = |field: &str| {
@@ -319,10 +345,16 @@ fn parse_object(
         cx.error("metadata.name", ErrorKind::MissingField, "name is required");
         return None;
     };
+    let namespace = if kind.namespaced() {
+        // Namespaced objects without one land in `default`, as with `kubectl apply`.
+        meta("namespace").unwrap_or("default")
+    } else {
+        // The API server ignores a namespace on cluster-scoped objects.
+        ""
+    };
     let key = ObjectKey {
         kind,
-        // Namespaced objects without one land in `default`, as with `kubectl apply`.
-        namespace: meta("namespace").unwrap_or("default").to_string(),
+        namespace: namespace.to_string(),
         name: name.to_string(),
     };
     cx.object = key.label();
@@ -335,6 +367,10 @@ fn parse_object(
             .deserialize(doc)
             .and_then(|s| slice(&mut cx, s))
             .map(|s| s.map(Body::Slice)),
+        Kind::Node => cx
+            .deserialize(doc)
+            .and_then(|n| node(&mut cx, &key.name, n))
+            .map(|n| Some(Body::Node(n))),
     };
     match decoded {
         Ok(body) => body.map(|body| Object { key, body }),
@@ -422,12 +458,17 @@ impl Cx<'_> {
     }
 }
 
-/// Validates a Service. `Ok(None)` for one that is not `type: LoadBalancer`.
+/// Validates a Service. `Ok(None)` for a type xlb does not serve (ClusterIP, the
+/// default, and ExternalName).
 fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>, Invalid> {
     let spec = svc.spec.unwrap_or_default();
-    if spec.type_.as_deref() != Some("LoadBalancer") {
-        return Ok(None);
-    }
+    let annotations = svc.metadata.annotations.unwrap_or_default();
+    let service_type = match spec.type_.as_deref() {
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("NodePort") => ServiceType::NodePort,
+        _ => return Ok(None),
+    };
+    let lb = service_type == ServiceType::LoadBalancer;
     let traffic_policy = match spec.external_traffic_policy.as_deref() {
         None | Some("Cluster") => TrafficPolicy::Cluster,
         Some("Local") => TrafficPolicy::Local,
@@ -441,42 +482,135 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             return Err(Invalid);
         }
     };
-
-    // Every ingress IP; `spec.loadBalancerIP` (deprecated, but what a manifest without
-    // status carries) only when status has none. No address is fine: pending allocation.
-    let ingress = svc
-        .status
-        .and_then(|s| s.load_balancer)
-        .and_then(|lb| lb.ingress)
-        .unwrap_or_default();
-    let mut candidates: Vec<(String, String)> = ingress
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, ing)| Some((format!("status.loadBalancer.ingress[{i}].ip"), ing.ip?)))
-        .collect();
-    if candidates.is_empty() {
-        candidates.extend(
-            spec.load_balancer_ip
-                .filter(|ip| !ip.is_empty())
-                .map(|ip| ("spec.loadBalancerIP".to_string(), ip)),
-        );
-    }
-    let mut vips = Vec::new();
+    // Every check runs before giving up, so that one load reports every mistake.
     let mut invalid = false;
-    for (field, text) in candidates {
-        match cx.ip(&field, &text) {
-            Ok(IpAddr::V6(_)) => {
-                cx.error(
-                    field,
-                    ErrorKind::UnsupportedIpFamily,
-                    "IPv6 not supported yet; VIP skipped",
+
+    // Load-balancer addresses, first source that has any: every ingress IP;
+    // `spec.loadBalancerIP` (deprecated, but what a manifest without status carries);
+    // MetalLB's annotations (what a MetalLB user wrote to request an address). No
+    // address is fine: pending allocation.
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    if lb {
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .unwrap_or_default();
+        candidates.extend(ingress.into_iter().enumerate().filter_map(|(i, ing)| {
+            Some((format!("status.loadBalancer.ingress[{i}].ip"), ing.ip?))
+        }));
+        if candidates.is_empty() {
+            candidates.extend(
+                spec.load_balancer_ip
+                    .filter(|ip| !ip.is_empty())
+                    .map(|ip| ("spec.loadBalancerIP".to_string(), ip)),
+            );
+        }
+        for annotation in [METALLB_IPS, METALLB_IPS_LEGACY] {
+            if candidates.is_empty() {
+                candidates.extend(
+                    comma_list(annotations.get(annotation))
+                        .map(|ip| (format!("metadata.annotations[{annotation}]"), ip)),
                 );
             }
-            Ok(ip) if !vips.contains(&ip) => vips.push(ip),
-            Ok(_) => {}
-            Err(()) => invalid = true,
         }
     }
+    let vips = addresses(cx, candidates, "VIP", &mut invalid);
+
+    let external = spec
+        .external_ips
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate();
+    let candidates = external
+        .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip))
+        .collect();
+    let external_ips = addresses(cx, candidates, "external IP", &mut invalid);
+
+    // Only load-balancer addresses are filtered (Kubernetes forbids the field on other
+    // types). An invalid range invalidates the whole Service, like Kubernetes'
+    // validation does: dropping just that range could leave the list empty, which
+    // would open the Service to everyone.
+    let mut source_ranges = Vec::new();
+    if lb {
+        let spec_ranges = spec.load_balancer_source_ranges.unwrap_or_default();
+        let ranges: Vec<(String, String)> = if spec_ranges.is_empty() {
+            let field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
+            comma_list(annotations.get(SOURCE_RANGES_ANNOTATION))
+                .map(|r| (field.clone(), r))
+                .collect()
+        } else {
+            let ranges = spec_ranges.into_iter().enumerate();
+            ranges
+                .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r))
+                .collect()
+        };
+        for (field, text) in ranges {
+            match text.trim().parse::<ipnet::IpNet>() {
+                // `10.1.2.3/8` means 10.0.0.0/8, as Go's net.ParseCIDR reads it.
+                Ok(net) if !source_ranges.contains(&net.trunc()) => {
+                    source_ranges.push(net.trunc());
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let message = format!(
+                        "{text:?} is not a CIDR (e.g. 192.0.2.0/24); the Service keeps its \
+                         last good version, or is not served, rather than be opened wider"
+                    );
+                    cx.error(field, ErrorKind::InvalidValue, message);
+                    invalid = true;
+                }
+            }
+        }
+    }
+
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds);
+            match timeout.map(u32::try_from) {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT),
+                Some(Ok(t)) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+                Some(_) => {
+                    let message = format!(
+                        "{} is not in 1-{MAX_AFFINITY_TIMEOUT} seconds",
+                        timeout.unwrap_or_default()
+                    );
+                    let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+                    cx.error(field, ErrorKind::InvalidValue, message);
+                    invalid = true;
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            let message = format!("{other:?} is not None or ClientIP");
+            cx.error("spec.sessionAffinity", ErrorKind::InvalidValue, message);
+            invalid = true;
+            None
+        }
+    };
+
+    // 0 means "allocate one" in the API, which nothing does without an API server.
+    let health_check_node_port = match spec.health_check_node_port.filter(|p| *p != 0) {
+        None => None,
+        Some(p) if lb && traffic_policy == TrafficPolicy::Local => {
+            cx.port("spec.healthCheckNodePort", p)
+        }
+        Some(_) => {
+            cx.error(
+                "spec.healthCheckNodePort",
+                ErrorKind::InvalidValue,
+                "only type LoadBalancer with externalTrafficPolicy Local has a health \
+                 check node port; ignored",
+            );
+            None
+        }
+    };
+
     if invalid {
         return Err(Invalid);
     }
@@ -505,20 +639,102 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             cx.error(field("name"), ErrorKind::InvalidValue, message);
             continue;
         }
+        // A bad node port loses only itself: the port still serves the VIP.
+        let mut node_port = match p.node_port.filter(|p| *p != 0) {
+            Some(np) => cx.port(&field("nodePort"), np),
+            None => None,
+        };
+        if let Some(np) = node_port
+            && ports
+                .iter()
+                .any(|q| q.node_port == Some(np) && q.protocol == protocol)
+        {
+            let message = format!("duplicate nodePort {np}/{protocol}; node port skipped");
+            cx.error(field("nodePort"), ErrorKind::InvalidValue, message);
+            node_port = None;
+        }
         ports.push(model::ServicePort {
+            index: i,
             name,
             port,
+            node_port,
             protocol,
             endpoints: Vec::new(),
         });
     }
 
     Ok(Some(model::Service {
+        service_type,
         vips,
+        external_ips,
         traffic_policy,
+        source_ranges,
+        affinity_timeout,
+        health_check_node_port,
         ports,
         origin: cx.origin.to_string(),
     }))
+}
+
+/// The trimmed, non-empty items of a comma-separated annotation value.
+fn comma_list(value: Option<&String>) -> impl Iterator<Item = String> + '_ {
+    value
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Parses (field, text) address candidates into distinct IPv4 addresses. IPv6 ones
+/// are reported and skipped; an invalid one is reported and sets `invalid`.
+fn addresses(
+    cx: &mut Cx<'_>,
+    candidates: Vec<(String, String)>,
+    what: &str,
+    invalid: &mut bool,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (field, text) in candidates {
+        match cx.ip(&field, text.trim()) {
+            Ok(IpAddr::V6(_)) => {
+                let message = format!("IPv6 not supported yet; {what} {text} skipped");
+                cx.error(field, ErrorKind::UnsupportedIpFamily, message);
+            }
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(()) => *invalid = true,
+        }
+    }
+    out
+}
+
+/// Validates a Node: its InternalIP addresses. Any invalid address invalidates the
+/// Node (its last good version is kept), since a node with a wrong address would
+/// get NodePort entries and tunnelled traffic at the wrong place.
+fn node(cx: &mut Cx<'_>, name: &str, n: core::Node) -> Result<model::Node, Invalid> {
+    let addresses = n.status.and_then(|s| s.addresses).unwrap_or_default();
+    let mut internal_ips = Vec::new();
+    let mut invalid = false;
+    for (i, a) in addresses.into_iter().enumerate() {
+        // Hostname, ExternalIP, InternalDNS and ExternalDNS are not for xlb.
+        if a.type_ != "InternalIP" {
+            continue;
+        }
+        match cx.ip(&format!("status.addresses[{i}].address"), a.address.trim()) {
+            Ok(ip) if !internal_ips.contains(&ip) => internal_ips.push(ip),
+            Ok(_) => {}
+            Err(()) => invalid = true,
+        }
+    }
+    if invalid {
+        return Err(Invalid);
+    }
+    Ok(model::Node {
+        name: name.to_string(),
+        internal_ips,
+        origin: cx.origin.to_string(),
+    })
 }
 
 /// Validates an EndpointSlice. `Ok(None)` for an address type xlb does not handle yet.
@@ -620,6 +836,7 @@ fn assemble(files: &BTreeMap<PathBuf, Vec<Object>>, errors: &mut Vec<ConfigError
     let mut first_seen: BTreeMap<&ObjectKey, String> = BTreeMap::new();
     let mut services = BTreeMap::new();
     let mut slices = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
     for (path, objects) in files {
         let origin = path.display().to_string();
         for obj in objects {
@@ -643,6 +860,9 @@ fn assemble(files: &BTreeMap<PathBuf, Vec<Object>>, errors: &mut Vec<ConfigError
                 Body::Slice(s) => {
                     slices.insert(&obj.key, (origin.clone(), s));
                 }
+                Body::Node(n) => {
+                    nodes.insert(n.name.clone(), n.clone());
+                }
             }
         }
     }
@@ -650,7 +870,7 @@ fn assemble(files: &BTreeMap<PathBuf, Vec<Object>>, errors: &mut Vec<ConfigError
     // Slices merge in name order, so endpoint order does not depend on file layout.
     for (key, (origin, slice)) in slices {
         let sref = ServiceRef::new(&key.namespace, &slice.service);
-        // A slice of a Service that is absent or not a LoadBalancer is simply unused.
+        // A slice of a Service that is absent or of an ignored type is simply unused.
         let Some(svc) = services.get_mut(&sref) else {
             continue;
         };
@@ -688,7 +908,7 @@ fn assemble(files: &BTreeMap<PathBuf, Vec<Object>>, errors: &mut Vec<ConfigError
             }
         }
     }
-    Snapshot { services }
+    Snapshot { services, nodes }
 }
 
 fn file_error(origin: &str, kind: ErrorKind, message: String) -> ConfigError {
@@ -799,9 +1019,11 @@ endpoints:
             terminating: false,
             node_name: Some(node.into()),
         };
-        let port = |name: &str, port, protocol, target| model::ServicePort {
+        let port = |index, name: &str, port, protocol, target| model::ServicePort {
+            index,
             name: name.into(),
             port,
+            node_port: None,
             protocol,
             endpoints: vec![
                 ep("10.1.0.5", target, true, "node-a"),
@@ -812,8 +1034,8 @@ endpoints:
         assert_eq!(
             svc.ports,
             vec![
-                port("http", 80, Protocol::Tcp, 8080),
-                port("dns", 53, Protocol::Udp, 5353)
+                port(0, "http", 80, Protocol::Tcp, 8080),
+                port(1, "dns", 53, Protocol::Udp, 5353)
             ]
         );
     }
@@ -842,18 +1064,27 @@ endpoints:
             services: BTreeMap::from([(
                 web("demo", "web"),
                 model::Service {
+                    service_type: ServiceType::LoadBalancer,
                     vips: vec!["10.0.100.1".parse().unwrap()],
+                    external_ips: vec![],
                     traffic_policy: TrafficPolicy::Local,
+                    source_ranges: vec![],
+                    affinity_timeout: None,
+                    health_check_node_port: None,
                     ports: vec![
                         model::ServicePort {
+                            index: 0,
                             name: "http".into(),
                             port: 80,
+                            node_port: None,
                             protocol: Protocol::Tcp,
                             endpoints: endpoints(8080),
                         },
                         model::ServicePort {
+                            index: 1,
                             name: "dns".into(),
                             port: 53,
+                            node_port: None,
                             protocol: Protocol::Udp,
                             endpoints: endpoints(5353),
                         },
@@ -861,8 +1092,10 @@ endpoints:
                     origin: path.display().to_string(),
                 },
             )]),
+            nodes: BTreeMap::new(),
         };
-        assert_eq!(loaded.snapshot, expected);
+        // Services only: the lab file may describe its nodes too.
+        assert_eq!(loaded.snapshot.services, expected.services);
     }
 
     #[test]
@@ -1232,6 +1465,510 @@ metadata: { name: node-a }
         let loaded = source.load();
         assert_eq!(only_kinds(&loaded.errors), ["io"]);
         assert_eq!(loaded.snapshot, good);
+    }
+
+    const THREE_NODES: &str = include_str!("testdata/three-nodes.yaml");
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn nets(v: &[&str]) -> Vec<ipnet::IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn load_one(text: &str) -> Loaded {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "svc.yaml", text);
+        ManifestSource::new(dir.path()).load()
+    }
+
+    /// (kind, object, field) of every error.
+    fn where_(loaded: &Loaded) -> Vec<(&'static str, &str, &str)> {
+        loaded
+            .errors
+            .iter()
+            .map(|e| (e.kind(), e.object.as_str(), e.field.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn three_node_lab_reads_nodes_and_every_frontend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "lab.yaml", THREE_NODES);
+        let loaded = ManifestSource::new(dir.path()).load();
+        assert_eq!(loaded.errors, vec![]);
+        let snap = &loaded.snapshot;
+
+        let node = |name: &str, addrs: &[&str]| model::Node {
+            name: name.into(),
+            internal_ips: ips(addrs),
+            origin: path.display().to_string(),
+        };
+        assert_eq!(
+            snap.nodes,
+            BTreeMap::from([
+                ("node-a".to_string(), node("node-a", &["10.0.0.11"])),
+                ("node-b".to_string(), node("node-b", &["10.0.0.12"])),
+                // InternalIPs only, both families, manifest order.
+                (
+                    "node-c".to_string(),
+                    node("node-c", &["fd00::13", "10.0.0.13"])
+                ),
+            ])
+        );
+        assert_eq!(snap.nodes["node-c"].ipv4(), Some(ips(&["10.0.0.13"])[0]));
+
+        let svc = &snap.services[&web("shop", "web")];
+        assert_eq!(svc.service_type, ServiceType::LoadBalancer);
+        assert_eq!(svc.vips, ips(&["10.0.100.1"]));
+        assert_eq!(svc.external_ips, ips(&["198.51.100.7"]));
+        assert_eq!(svc.traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(svc.source_ranges, nets(&["192.0.2.0/24", "203.0.113.9/32"]));
+        assert_eq!(svc.affinity_timeout, Some(600));
+        assert_eq!(svc.health_check_node_port, None);
+        let ports: Vec<_> = svc
+            .ports
+            .iter()
+            .map(|p| (p.index, p.port, p.node_port, p.protocol, p.endpoints.len()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (0, 80, Some(30080), Protocol::Tcp, 4),
+                (1, 53, Some(30053), Protocol::Udp, 4)
+            ]
+        );
+        let nodes: Vec<_> = svc.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.node_name.as_deref().unwrap())
+            .collect();
+        assert_eq!(nodes, ["node-a", "node-b", "node-b", "node-c"]);
+
+        let admin = &snap.services[&web("shop", "admin")];
+        assert_eq!(admin.service_type, ServiceType::NodePort);
+        assert!(admin.vips.is_empty() && admin.source_ranges.is_empty());
+        assert_eq!(admin.ports[0].node_port, Some(30443));
+        assert_eq!(admin.affinity_timeout, None);
+
+        let api = &snap.services[&web("shop", "api")];
+        assert_eq!(api.vips, ips(&["10.0.100.2"]), "from metallb.io annotation");
+        assert_eq!(api.traffic_policy, TrafficPolicy::Local);
+        assert_eq!(api.health_check_node_port, Some(32000));
+
+        assert!(!snap.services.contains_key(&web("shop", "internal")));
+    }
+
+    #[test]
+    fn vip_sources_in_order_status_spec_then_metallb_annotations() {
+        let svc = |name: &str, annotations: &str, spec_ip: &str, status: &str| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{ name: {name}, annotations: {{ {annotations} }} }}
+spec: {{ type: LoadBalancer, {spec_ip} ports: [{{ port: 80 }}] }}
+status: {{ loadBalancer: {{ ingress: [{status}] }} }}
+---
+"
+            )
+        };
+        let both = "metallb.io/loadBalancerIPs: '192.0.2.3, 192.0.2.4', \
+                    metallb.universe.tf/loadBalancerIPs: 192.0.2.5";
+        let text = [
+            svc(
+                "status",
+                both,
+                "loadBalancerIP: 192.0.2.2,",
+                "{ ip: 192.0.2.1 }",
+            ),
+            svc("spec", both, "loadBalancerIP: 192.0.2.2,", ""),
+            svc("current", both, "", ""),
+            svc(
+                "legacy",
+                "metallb.universe.tf/loadBalancerIPs: 192.0.2.5",
+                "",
+                "",
+            ),
+            svc(
+                "dual",
+                "metallb.io/loadBalancerIPs: '192.0.2.6,2001:db8::6'",
+                "",
+                "",
+            ),
+            svc("bad", "metallb.io/loadBalancerIPs: 192.0.2.300", "", ""),
+        ]
+        .concat();
+        let loaded = load_one(&text);
+        let field = "metadata.annotations[metallb.io/loadBalancerIPs]";
+        assert_eq!(
+            where_(&loaded),
+            [
+                ("unsupported_ip_family", "Service default/dual", field),
+                ("invalid_ip", "Service default/bad", field),
+            ]
+        );
+        let vips = |name: &str| loaded.snapshot.services[&web("default", name)].vips.clone();
+        assert_eq!(vips("status"), ips(&["192.0.2.1"]));
+        assert_eq!(vips("spec"), ips(&["192.0.2.2"]));
+        assert_eq!(vips("current"), ips(&["192.0.2.3", "192.0.2.4"]));
+        assert_eq!(vips("legacy"), ips(&["192.0.2.5"]));
+        assert_eq!(vips("dual"), ips(&["192.0.2.6"]));
+        assert!(
+            !loaded
+                .snapshot
+                .services
+                .contains_key(&web("default", "bad"))
+        );
+    }
+
+    #[test]
+    fn invalid_external_ip_names_its_index_and_keeps_the_last_good_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = ManifestSource::new(dir.path());
+        let svc = |external: &str| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{ name: web }}
+spec:
+  type: NodePort
+  externalIPs: [{external}]
+  ports: [{{ port: 80, nodePort: 30080 }}]
+"
+            )
+        };
+        write(dir.path(), "a.yaml", &svc("198.51.100.7, 198.51.100.8"));
+        let good = source.load();
+        assert_eq!(good.errors, vec![]);
+        assert_eq!(
+            good.snapshot.services[&web("default", "web")].external_ips,
+            ips(&["198.51.100.7", "198.51.100.8"])
+        );
+
+        write(
+            dir.path(),
+            "a.yaml",
+            &svc("198.51.100.7, 198.51.100.800, \"2001:db8::7\""),
+        );
+        let loaded = source.load();
+        assert_eq!(
+            where_(&loaded),
+            [
+                ("invalid_ip", "Service default/web", "spec.externalIPs[1]"),
+                (
+                    "unsupported_ip_family",
+                    "Service default/web",
+                    "spec.externalIPs[2]"
+                ),
+            ]
+        );
+        assert_eq!(loaded.snapshot, good.snapshot);
+    }
+
+    #[test]
+    fn invalid_source_range_never_opens_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = ManifestSource::new(dir.path());
+        let svc = |name: &str, ranges: &str| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{ name: {name} }}
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 192.0.2.1
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{ port: 80 }}]
+---
+"
+            )
+        };
+        // Host bits are cleared and duplicates merged, as Go's net.ParseCIDR reads them.
+        write(
+            dir.path(),
+            "a.yaml",
+            &svc("web", "10.1.2.3/8, 10.0.0.0/8, \" 192.0.2.0/24 \""),
+        );
+        let good = source.load();
+        assert_eq!(good.errors, vec![]);
+        assert_eq!(
+            good.snapshot.services[&web("default", "web")].source_ranges,
+            nets(&["10.0.0.0/8", "192.0.2.0/24"])
+        );
+
+        // Every range invalid: dropping them would leave "allow all". The last good
+        // version (with its ranges) stays; a Service never good is not served at all.
+        write(
+            dir.path(),
+            "a.yaml",
+            &[svc("web", "10.0.0.0/33"), svc("new", "192.0.2.7")].concat(),
+        );
+        let loaded = source.load();
+        assert_eq!(
+            where_(&loaded),
+            [
+                (
+                    "invalid_value",
+                    "Service default/web",
+                    "spec.loadBalancerSourceRanges[0]"
+                ),
+                (
+                    "invalid_value",
+                    "Service default/new",
+                    "spec.loadBalancerSourceRanges[0]"
+                ),
+            ]
+        );
+        assert!(loaded.errors[0].message.contains("\"10.0.0.0/33\""));
+        assert_eq!(loaded.snapshot, good.snapshot);
+    }
+
+    #[test]
+    fn source_ranges_annotation_is_used_when_the_field_is_empty() {
+        let loaded = load_one(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  annotations:
+    service.beta.kubernetes.io/load-balancer-source-ranges: 192.0.2.0/24,198.51.100.0/25
+spec: { type: LoadBalancer, loadBalancerIP: 192.0.2.1, ports: [{ port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: bad
+  annotations: { service.beta.kubernetes.io/load-balancer-source-ranges: 'nope' }
+spec: { type: LoadBalancer, loadBalancerIP: 192.0.2.2, ports: [{ port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: field-wins
+  annotations: { service.beta.kubernetes.io/load-balancer-source-ranges: 'nope' }
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 192.0.2.3
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{ port: 80 }]
+",
+        );
+        assert_eq!(
+            where_(&loaded),
+            [(
+                "invalid_value",
+                "Service default/bad",
+                "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]"
+            )]
+        );
+        let ranges = |name: &str| {
+            loaded.snapshot.services[&web("default", name)]
+                .source_ranges
+                .clone()
+        };
+        assert_eq!(ranges("web"), nets(&["192.0.2.0/24", "198.51.100.0/25"]));
+        assert_eq!(ranges("field-wins"), nets(&["203.0.113.0/24"]));
+        assert!(
+            !loaded
+                .snapshot
+                .services
+                .contains_key(&web("default", "bad"))
+        );
+    }
+
+    #[test]
+    fn session_affinity_defaults_and_bounds() {
+        let svc = |name: &str, affinity: &str| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{ name: {name} }}
+spec: {{ type: NodePort, ports: [{{ port: 80 }}], {affinity} }}
+---
+"
+            )
+        };
+        let loaded = load_one(
+            &[
+                svc("none", "sessionAffinity: None"),
+                svc("default", "sessionAffinity: ClientIP"),
+                svc(
+                    "max",
+                    "sessionAffinity: ClientIP, sessionAffinityConfig: { clientIP: { timeoutSeconds: 86400 } }",
+                ),
+                svc(
+                    "zero",
+                    "sessionAffinity: ClientIP, sessionAffinityConfig: { clientIP: { timeoutSeconds: 0 } }",
+                ),
+                svc(
+                    "long",
+                    "sessionAffinity: ClientIP, sessionAffinityConfig: { clientIP: { timeoutSeconds: 86401 } }",
+                ),
+                svc("odd", "sessionAffinity: Cookie"),
+            ]
+            .concat(),
+        );
+        let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+        assert_eq!(
+            where_(&loaded),
+            [
+                ("invalid_value", "Service default/zero", field),
+                ("invalid_value", "Service default/long", field),
+                (
+                    "invalid_value",
+                    "Service default/odd",
+                    "spec.sessionAffinity"
+                ),
+            ]
+        );
+        let timeout = |name: &str| loaded.snapshot.services[&web("default", name)].affinity_timeout;
+        assert_eq!(timeout("none"), None);
+        assert_eq!(timeout("default"), Some(10_800));
+        assert_eq!(timeout("max"), Some(86_400));
+        assert_eq!(loaded.snapshot.services.len(), 3);
+    }
+
+    #[test]
+    fn bad_node_ports_lose_only_themselves() {
+        let loaded = load_one(
+            "apiVersion: v1
+kind: Service
+metadata: { name: web }
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 192.0.2.1
+  ports:
+    - { name: a, port: 80, nodePort: 70000 }
+    - { name: b, port: 81, nodePort: 30081 }
+    - { name: c, port: 82, nodePort: 30081 }
+    - { name: d, port: 81, protocol: UDP, nodePort: 30081 }
+    - { name: e, port: 84, nodePort: 0 }
+",
+        );
+        assert_eq!(
+            where_(&loaded),
+            [
+                (
+                    "invalid_value",
+                    "Service default/web",
+                    "spec.ports[0].nodePort"
+                ),
+                (
+                    "invalid_value",
+                    "Service default/web",
+                    "spec.ports[2].nodePort"
+                ),
+            ]
+        );
+        let got: Vec<_> = loaded.snapshot.services[&web("default", "web")]
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.node_port))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", None),
+                ("b", Some(30081)),
+                ("c", None),
+                // Same number, other protocol: allowed, as in Kubernetes.
+                ("d", Some(30081)),
+                // 0 asks the API server to allocate one; nothing does here.
+                ("e", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn health_check_node_port_only_for_local_load_balancers() {
+        let svc = |name: &str, ty: &str, policy: &str, hc: i64| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{ name: {name} }}
+spec:
+  type: {ty}
+  externalTrafficPolicy: {policy}
+  healthCheckNodePort: {hc}
+  ports: [{{ port: 80 }}]
+---
+"
+            )
+        };
+        let loaded = load_one(
+            &[
+                svc("local", "LoadBalancer", "Local", 32000),
+                svc("cluster", "LoadBalancer", "Cluster", 32001),
+                svc("nodeport", "NodePort", "Local", 32002),
+                svc("huge", "LoadBalancer", "Local", 65536),
+            ]
+            .concat(),
+        );
+        let field = "spec.healthCheckNodePort";
+        assert_eq!(
+            where_(&loaded),
+            [
+                ("invalid_value", "Service default/cluster", field),
+                ("invalid_value", "Service default/nodeport", field),
+                ("invalid_value", "Service default/huge", field),
+            ]
+        );
+        let hc =
+            |name: &str| loaded.snapshot.services[&web("default", name)].health_check_node_port;
+        assert_eq!(hc("local"), Some(32000));
+        assert_eq!(hc("cluster"), None);
+        assert_eq!(hc("nodeport"), None);
+        assert_eq!(hc("huge"), None, "the Service is kept, without the field");
+    }
+
+    #[test]
+    fn node_with_invalid_address_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = ManifestSource::new(dir.path());
+        let node = |addr: &str| {
+            format!(
+                "apiVersion: v1
+kind: Node
+metadata: {{ name: node-a, namespace: ignored }}
+status:
+  addresses:
+    - {{ type: Hostname, address: not-an-ip }}
+    - {{ type: InternalIP, address: {addr} }}
+"
+            )
+        };
+        write(dir.path(), "nodes.yaml", &node("10.0.0.11"));
+        let good = source.load();
+        assert_eq!(good.errors, vec![]);
+        assert_eq!(
+            good.snapshot.nodes["node-a"].internal_ips,
+            ips(&["10.0.0.11"])
+        );
+
+        write(dir.path(), "nodes.yaml", &node("10.0.0.311"));
+        let loaded = source.load();
+        assert_eq!(
+            where_(&loaded),
+            [("invalid_ip", "Node node-a", "status.addresses[1].address")]
+        );
+        assert_eq!(loaded.snapshot, good.snapshot);
+
+        // Cluster-scoped: the same name in a second file is a duplicate, whatever
+        // namespace it claims.
+        write(dir.path(), "nodes.yaml", &node("10.0.0.11"));
+        write(dir.path(), "other.yaml", &node("10.0.0.99"));
+        let loaded = source.load();
+        assert_eq!(where_(&loaded), [("duplicate_object", "Node node-a", "")]);
+        assert_eq!(
+            loaded.snapshot.nodes["node-a"].internal_ips,
+            ips(&["10.0.0.11"])
+        );
+
+        // Deleted with its file.
+        fs::remove_file(dir.path().join("nodes.yaml")).unwrap();
+        fs::remove_file(dir.path().join("other.yaml")).unwrap();
+        assert!(source.load().snapshot.nodes.is_empty());
     }
 
     #[tokio::test]

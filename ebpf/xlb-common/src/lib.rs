@@ -27,10 +27,14 @@ pub mod names {
     pub const BACKEND_STATS: &str = "xlb_be_stats";
     /// Per-CPU counters per [`super::Reason`].
     pub const REASONS: &str = "xlb_reasons";
-    /// Agent-written switches for the programs, see [`super::Config`].
+    /// Agent-written switches for the programs, see [`super::config`].
     pub const CONFIG: &str = "xlb_config";
+    /// loadBalancerSourceRanges: LPM trie of (service id, client prefix).
+    pub const SOURCE_RANGES: &str = "xlb_src_ranges";
+    /// sessionAffinity ClientIP: (client address, service id) -> backend (LRU).
+    pub const AFFINITY: &str = "xlb_affinity";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 9] = [
+    pub const ALL_MAPS: [&str; 11] = [
         SERVICES,
         MAGLEV,
         BACKENDS,
@@ -40,6 +44,8 @@ pub mod names {
         BACKEND_STATS,
         REASONS,
         CONFIG,
+        SOURCE_RANGES,
+        AFFINITY,
     ];
     /// Program names in the object file.
     pub const XDP_PROG: &str = "xlb_xdp";
@@ -59,6 +65,10 @@ pub mod limits {
     pub const MAX_TABLE_SIZE: u32 = 131_071;
     /// Connection-tracking entries (LRU).
     pub const CONNTRACK_ENTRIES: u32 = 262_144;
+    /// Source-range prefixes across all services.
+    pub const MAX_SOURCE_RANGES: u32 = 65_536;
+    /// Session-affinity entries (LRU).
+    pub const AFFINITY_ENTRIES: u32 = 65_536;
 }
 
 /// Address family, as stored in keys (`AF_INET`/`AF_INET6` values are not used so
@@ -91,6 +101,11 @@ pub struct ServiceKey {
 
 /// Service flag: externalTrafficPolicy Local (only this node's endpoints).
 pub const SVC_F_LOCAL: u32 = 1 << 0;
+/// Service flag: only clients in its `xlb_src_ranges` prefixes are admitted
+/// (loadBalancerSourceRanges); others are dropped as [`Reason::DropSourceRange`].
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 1;
+/// Service flag: sessionAffinity ClientIP, for [`Service::affinity_secs`].
+pub const SVC_F_AFFINITY: u32 = 1 << 2;
 
 /// Value of `xlb_services`.
 ///
@@ -110,6 +125,43 @@ pub struct Service {
     pub count: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
+    /// sessionAffinityConfig.clientIP.timeoutSeconds when [`SVC_F_AFFINITY`] is set.
+    pub affinity_secs: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// Data part of an `xlb_src_ranges` LPM key; the prefix length counts the 32 bits of
+/// `service_id` plus the client prefix, so one trie serves every service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceRange {
+    /// Service id, big-endian so that prefix bits run in byte order.
+    pub service_id: [u8; 4],
+    /// Client address prefix, network order.
+    pub addr: Addr,
+}
+
+/// Key of `xlb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// Client address.
+    pub client: Addr,
+    /// Service id.
+    pub service_id: u32,
+}
+
+/// Value of `xlb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Affinity {
+    /// Backend the client is bound to.
+    pub backend_id: u32,
+    /// Zero.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns()` after which the binding is void.
+    pub expires: u64,
 }
 
 /// One element of a Maglev inner array: backend ids of slots `2i` and `2i + 1`. Array
@@ -249,15 +301,20 @@ pub enum Reason {
     /// Dropped: the selection table or backend vanished between lookups (a race with
     /// the agent; retried by the sender).
     DropTableMiss = 7,
-    /// Connection-tracked backend no longer exists: a new one was chosen.
+    /// A conntrack entry could not serve this packet (expired, or a new flow whose
+    /// backend is gone): a backend was chosen afresh.
     CtStaleBackend = 8,
     /// A conntrack or reverse-NAT insert failed (map full beyond LRU eviction).
     CtInsertFailed = 9,
+    /// Dropped: the client is outside the service's loadBalancerSourceRanges.
+    DropSourceRange = 10,
+    /// A new flow followed the client's session affinity.
+    FwdAffinity = 11,
 }
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -270,6 +327,8 @@ impl Reason {
         Reason::DropTableMiss,
         Reason::CtStaleBackend,
         Reason::CtInsertFailed,
+        Reason::DropSourceRange,
+        Reason::FwdAffinity,
     ];
 
     /// The label value exported in metrics.
@@ -285,6 +344,8 @@ impl Reason {
             Reason::DropTableMiss => "drop_table_miss",
             Reason::CtStaleBackend => "ct_stale_backend",
             Reason::CtInsertFailed => "ct_insert_failed",
+            Reason::DropSourceRange => "drop_source_range",
+            Reason::FwdAffinity => "fwd_affinity",
         }
     }
 }
@@ -335,6 +396,9 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
 }
 
 #[cfg(test)]
@@ -354,7 +418,8 @@ mod layout {
 
     #[test]
     fn service_value_layout() {
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Service>(), 24);
+        assert_eq!(offset_of!(Service, affinity_secs), 16);
         assert_eq!(offset_of!(Service, table), 4);
         assert_eq!(offset_of!(Service, count), 8);
         assert_eq!(offset_of!(Service, flags), 12);
@@ -391,6 +456,15 @@ mod layout {
         assert_eq!(offset_of!(RevNat, port), 16);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(offset_of!(Counter, bytes), 8);
+    }
+
+    #[test]
+    fn policy_map_layouts() {
+        assert_eq!(size_of::<SourceRange>(), 20);
+        assert_eq!(offset_of!(SourceRange, addr), 4);
+        assert_eq!(size_of::<AffinityKey>(), 20);
+        assert_eq!(size_of::<Affinity>(), 16);
+        assert_eq!(offset_of!(Affinity, expires), 8);
     }
 
     #[test]

@@ -8,14 +8,31 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use xlb_common::{
-    Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason, RevNat, Service,
-    flow_hash_v4, timeouts,
+    Affinity, AffinityKey, Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
+    RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, flow_hash_v4, timeouts,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV, REVNAT, count},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, REVNAT, RangeKey, SOURCE_RANGES, count},
     packet::{Flow4, addr16},
 };
+
+/// loadBalancerSourceRanges: whether the client may reach the service (always, when
+/// the service lists no ranges).
+#[inline(always)]
+pub fn admitted(svc: &Service, key: &FlowKey) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let k = RangeKey::new(
+        32 + 128,
+        SourceRange {
+            service_id: svc.id.to_be_bytes(),
+            addr: key.src,
+        },
+    );
+    SOURCE_RANGES.get(&k).is_some()
+}
 
 /// TCP flags the conntrack cares about (RFC 9293 section 3.1).
 pub const TCP_FIN: u8 = 0x01;
@@ -99,6 +116,28 @@ pub fn select(
     if svc.count == 0 {
         return Err(Reason::DropNoBackend);
     }
+    // sessionAffinity ClientIP: a client's new flows follow its live binding.
+    let affinity = AffinityKey {
+        client: key.src,
+        service_id: svc.id,
+    };
+    let affinity_ttl = svc.affinity_secs as u64 * 1_000_000_000;
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        if let Some(a) = AFFINITY.get_ptr_mut(&affinity) {
+            // SAFETY: a valid map value pointer; see the conntrack note above.
+            let a = unsafe { &mut *a };
+            // SAFETY: plain data lookup.
+            if let Some(b) = unsafe { BACKENDS.get(a.backend_id) }.copied() {
+                if now < a.expires {
+                    a.expires = now + affinity_ttl;
+                    let id = a.backend_id;
+                    record(svc, key, tcp_flags, now, id, b);
+                    count(Reason::FwdAffinity);
+                    return Ok((id, b));
+                }
+            }
+        }
+    }
     let hash = flow_hash_v4(
         u32::from_be_bytes(flow.src),
         u32::from_be_bytes(flow.dst),
@@ -112,11 +151,27 @@ pub fn select(
     let id = if slot & 1 == 0 { pair[0] } else { pair[1] };
     // SAFETY: plain data lookup.
     let backend = *unsafe { BACKENDS.get(id) }.ok_or(Reason::DropTableMiss)?;
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        let a = Affinity {
+            backend_id: id,
+            pad: 0,
+            expires: now + affinity_ttl,
+        };
+        // Best effort: without the binding the next flow falls back to Maglev.
+        let _ = AFFINITY.insert(&affinity, &a, 0);
+    }
+    record(svc, key, tcp_flags, now, id, backend);
+    count(Reason::FwdNewFlow);
+    Ok((id, backend))
+}
 
+/// Records a new flow's choice in conntrack and reverse NAT.
+#[inline(always)]
+fn record(svc: &Service, key: &FlowKey, tcp_flags: u8, now: u64, id: u32, backend: Backend) {
     let ct = CtEntry {
         backend,
         backend_id: id,
-        expires: now + lifetime(flow.proto, tcp_flags, 0),
+        expires: now + lifetime(key.proto, tcp_flags, 0),
         service_id: svc.id,
         flags: 0,
     };
@@ -140,6 +195,4 @@ pub fn select(
     if REVNAT.insert(&reply, &rev, 0).is_err() || CONNTRACK.insert(key, &ct, 0).is_err() {
         count(Reason::CtInsertFailed);
     }
-    count(Reason::FwdNewFlow);
-    Ok((id, backend))
 }

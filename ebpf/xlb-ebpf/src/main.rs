@@ -105,6 +105,9 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     };
 
     let key = lb::flow_key(&flow);
+    if !lb::admitted(&svc, &key) {
+        return Err(Reason::DropSourceRange);
+    }
     let (backend_id, backend) = lb::select(&svc, &flow, &key, tcp_flags)?;
     add(&BACKEND_STATS, backend_id, bytes);
 

@@ -2,13 +2,14 @@
 //! values field by field; the agent pins each by name under `--pin-path` so the
 //! datapath (and its connection tracking) outlives the agent. Layouts: `xlb_common`.
 use aya_ebpf::{
-    bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray, PerCpuHashMap},
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::lpm_trie::Key,
     macros::btf_map,
 };
 use xlb_common::{
-    Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey, SlotPair, config,
-    limits,
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service,
+    ServiceKey, SlotPair, SourceRange, config, limits,
 };
 
 /// VIP:port:proto -> service. The only lookup non-VIP traffic pays.
@@ -60,6 +61,24 @@ pub static REASONS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::
 /// Agent-written switches, see `xlb_common::config`.
 #[btf_map(name = "xlb_config")]
 pub static CONFIG: Array<u64, { config::LEN as usize }> = Array::new();
+
+/// (service id, client prefix) -> 1: loadBalancerSourceRanges of services that set
+/// `SVC_F_SOURCE_RANGES`.
+#[btf_map(name = "xlb_src_ranges")]
+pub static SOURCE_RANGES: LpmTrie<
+    SourceRange,
+    u8,
+    { limits::MAX_SOURCE_RANGES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// (client, service) -> backend, for sessionAffinity ClientIP.
+#[btf_map(name = "xlb_affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { limits::AFFINITY_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// The LPM key type of [`SOURCE_RANGES`].
+pub type RangeKey = Key<SourceRange>;
 
 /// Counts one packet for `reason`.
 #[inline(always)]

@@ -1,0 +1,164 @@
+//! Privileged integration tests of the frontends and policies beyond a LoadBalancer VIP:
+//! NodePort on the node's address, externalIPs, loadBalancerSourceRanges, ClientIP
+//! session affinity and healthCheckNodePort, each observed with real packets.
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use xlb_lab::agent::http_get;
+use xlb_lab::lab::{CLIENT_ADDR, Lab};
+use xlb_lab::manifests::{EndpointSpec, WEB_VIP, multi_doc, web_slice_yaml, write_atomic};
+use xlb_lab::poll;
+
+const T: Duration = Duration::from_secs(1);
+const SOON: Duration = Duration::from_secs(30);
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 200, 1);
+
+/// Extra `spec` lines for the web Service (indented two spaces).
+fn web_service(extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  \
+         type: LoadBalancer\n  externalTrafficPolicy: Local\n  loadBalancerIP: \"{WEB_VIP}\"\n\
+         {extra_spec}  ports:\n  - name: dns\n    protocol: UDP\n    port: 53\n    targetPort: 5353\n    nodePort: 30053\n  \
+         - name: http\n    protocol: TCP\n    port: 80\n    targetPort: 8080\n    nodePort: 30080\n"
+    )
+}
+
+fn node_object() -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses:\n  \
+         - type: InternalIP\n    address: {NODE_ADDR}\n"
+    )
+}
+
+/// A lab with `pods` ready pods and the web Service with `extra_spec`, agent healthy.
+fn lab_with(pods: usize, extra_spec: &str) -> Result<Lab> {
+    let mut lab = Lab::one_node(pods)?;
+    write(&lab, extra_spec, true)?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    Ok(lab)
+}
+
+fn write(lab: &Lab, extra_spec: &str, ready: bool) -> Result<()> {
+    let eps: Vec<EndpointSpec> = lab
+        .node()
+        .pods
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, ready, &lab.node().name))
+        .collect();
+    let doc = multi_doc(&[node_object(), web_service(extra_spec), web_slice_yaml(&eps)]);
+    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &doc)
+}
+
+#[test]
+fn nodeport_and_external_ip_reach_backends() -> Result<()> {
+    let lab = lab_with(2, &format!("  externalIPs: [\"{EXTERNAL_IP}\"]\n"))?;
+    for dst in [
+        SocketAddr::from((NODE_ADDR, 30053)),
+        SocketAddr::from((EXTERNAL_IP, 53)),
+        SocketAddr::from((WEB_VIP, 53)),
+    ] {
+        let replies = poll(&format!("UDP answers from {dst}"), SOON, T, || {
+            let r = lab.client.udp_flows(dst, 10, T)?;
+            Ok((r.len() == 10).then_some(r))
+        })?;
+        for r in &replies {
+            ensure!(r.from == dst, "reply to {dst} came from {}", r.from);
+            ensure!(r.seen_peer.ip() == CLIENT_ADDR, "pod saw {}", r.seen_peer);
+        }
+    }
+    let tcp = lab
+        .client
+        .tcp_flows(SocketAddr::from((NODE_ADDR, 30080)), 5, T)?;
+    ensure!(tcp.len() == 5, "TCP NodePort answered {} of 5", tcp.len());
+    for r in &tcp {
+        ensure!(r.seen_peer.ip() == CLIENT_ADDR, "pod saw {}", r.seen_peer);
+    }
+    // The node's own address still answers what is not a NodePort.
+    lab.client.ping(NODE_ADDR, 1)?;
+    Ok(())
+}
+
+#[test]
+fn source_ranges_admit_only_listed_clients() -> Result<()> {
+    let mut lab = lab_with(2, "  loadBalancerSourceRanges: [\"10.0.0.0/30\"]\n")?;
+    let vip = SocketAddr::from((WEB_VIP, 53));
+    let ok = lab.client.udp_flows(vip, 5, T)?;
+    ensure!(ok.len() == 5, "client in range: {} of 5 answered", ok.len());
+
+    write(
+        &lab,
+        "  loadBalancerSourceRanges: [\"10.9.0.0/16\"]\n",
+        true,
+    )?;
+    poll(
+        "the VIP to refuse a client outside the ranges",
+        SOON,
+        T,
+        || Ok(lab.client.udp_probe(vip, T)?.is_none().then_some(())),
+    )?;
+    for i in 0..5 {
+        let r = lab.client.udp_probe(vip, Duration::from_millis(300))?;
+        ensure!(r.is_none(), "flow {i} answered outside the ranges: {r:?}");
+    }
+    let dropped = lab.agent()?.metric(
+        "xlb_datapath_packets_total",
+        &[("reason", "drop_source_range")],
+    )?;
+    ensure!(dropped >= 5.0, "drop_source_range = {dropped}");
+    Ok(())
+}
+
+#[test]
+fn client_ip_affinity_pins_new_flows() -> Result<()> {
+    let lab = lab_with(3, "")?;
+    let vip = SocketAddr::from((WEB_VIP, 53));
+    let servers = |n| -> Result<BTreeSet<String>> {
+        Ok(lab
+            .client
+            .udp_flows(vip, n, T)?
+            .into_iter()
+            .map(|r| r.server)
+            .collect())
+    };
+    // Control: without affinity 40 flows spread over the pods.
+    ensure!(
+        servers(40)?.len() > 1,
+        "flows did not spread without affinity"
+    );
+
+    write(
+        &lab,
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 600\n",
+        true,
+    )?;
+    // Once applied, every new flow from this client goes to one pod.
+    poll("affinity to pin 20 new flows to one pod", SOON, T, || {
+        Ok((servers(20)?.len() == 1).then_some(()))
+    })?;
+    let pinned = servers(40)?;
+    ensure!(pinned.len() == 1, "affinity broke: {pinned:?}");
+    Ok(())
+}
+
+#[test]
+fn health_check_node_port_reports_local_endpoints() -> Result<()> {
+    let lab = lab_with(2, "  healthCheckNodePort: 32000\n")?;
+    let hc = SocketAddr::from((NODE_ADDR, 32000));
+    let client = lab.client.ns.name().to_string();
+    let (code, body) = poll("the health check port to answer", SOON, T, || {
+        Ok(http_get(&client, hc, "/healthz").ok())
+    })?;
+    ensure!(code == 200, "with local endpoints: {code} {body}");
+    ensure!(body.contains("\"localEndpoints\":2"), "body {body}");
+
+    write(&lab, "  healthCheckNodePort: 32000\n", false)?;
+    let (code, body) = poll("the health check to report no endpoints", SOON, T, || {
+        let (c, b) = http_get(&client, hc, "/healthz")?;
+        Ok((c == 503).then_some((c, b)))
+    })?;
+    ensure!(body.contains("\"localEndpoints\":0"), "{code} body {body}");
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Backend churn under live connections: 100 long-lived TCP connections through the VIP
+//! while backends are added, removed and marked terminating. None may break (established
+//! flows stay on their backend, even one that left the service), and new connections
+//! never go to a removed or terminating backend.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use xlb_lab::lab::Lab;
+use xlb_lab::manifests::{WEB_TCP_PORT, WEB_VIP, multi_doc, web_service_yaml, write_atomic};
+use xlb_lab::poll;
+use xlb_lab::traffic::LineConn;
+
+const T: Duration = Duration::from_secs(2);
+const SOON: Duration = Duration::from_secs(30);
+const CONNECTIONS: usize = 100;
+
+/// (pod index 1-based, ready, serving, terminating)
+type Ep = (usize, bool, bool, bool);
+
+fn slice(lab: &Lab, eps: &[Ep]) -> String {
+    let mut y = String::from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  \
+         namespace: demo\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n\
+         - name: dns\n  protocol: UDP\n  port: 5353\n- name: http\n  protocol: TCP\n  port: 8080\nendpoints:\n",
+    );
+    for &(i, ready, serving, terminating) in eps {
+        let _ = write!(
+            y,
+            "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  nodeName: node-a\n",
+            lab.node().pods[i - 1].ip
+        );
+    }
+    y
+}
+
+fn apply(lab: &Lab, eps: &[Ep]) -> Result<()> {
+    let doc = multi_doc(&[web_service_yaml(), slice(lab, eps)]);
+    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &doc)
+}
+
+/// Pings every connection once; all must answer, each from the pod it started on.
+fn ping_all(conns: &mut [(LineConn, String)], step: &str) -> Result<()> {
+    for (c, pod) in conns.iter_mut() {
+        let r = c.ping();
+        ensure!(r.is_ok(), "{step}: connection {} broke: {r:?}", c.local());
+        let server = r?.server;
+        ensure!(
+            &server == pod,
+            "{step}: connection {} moved from {pod} to {server}",
+            c.local()
+        );
+    }
+    Ok(())
+}
+
+/// Opens `n` new connections and returns the pods they landed on.
+fn new_flows(lab: &Lab, n: usize) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for r in lab
+        .client
+        .tcp_flows(SocketAddr::from((WEB_VIP, WEB_TCP_PORT)), n, T)?
+    {
+        *seen.entry(r.server).or_insert(0) += 1;
+    }
+    Ok(seen)
+}
+
+/// Waits until `n` consecutive new connections avoid every pod in `avoid` and
+/// include `require` (if any): proof the edit is applied, seen with packets.
+fn wait_applied(lab: &Lab, avoid: &[&str], require: Option<&str>, what: &str) -> Result<()> {
+    poll(what, SOON, Duration::from_millis(100), || {
+        let seen = new_flows(lab, 30)?;
+        let ok = avoid.iter().all(|a| !seen.contains_key(*a))
+            && require.is_none_or(|r| seen.contains_key(r));
+        Ok(ok.then_some(()))
+    })
+}
+
+#[test]
+fn churn_breaks_no_established_connection() -> Result<()> {
+    let mut lab = Lab::one_node(4)?;
+    apply(
+        &lab,
+        &[
+            (1, true, true, false),
+            (2, true, true, false),
+            (3, true, true, false),
+        ],
+    )?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+
+    let vip = SocketAddr::from((WEB_VIP, WEB_TCP_PORT));
+    let mut conns = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let mut c = lab.client.tcp_connect(vip, T)?;
+        let pod = c.ping()?.server;
+        conns.push((c, pod));
+    }
+    let pods: BTreeSet<&str> = conns.iter().map(|(_, p)| p.as_str()).collect();
+    ensure!(pods.len() == 3, "100 connections used pods {pods:?}");
+
+    // Add pod4: it gets new flows, nobody moves.
+    apply(
+        &lab,
+        &[
+            (1, true, true, false),
+            (2, true, true, false),
+            (3, true, true, false),
+            (4, true, true, false),
+        ],
+    )?;
+    wait_applied(&lab, &[], Some("pod4"), "pod4 to receive new connections")?;
+    ping_all(&mut conns, "after adding pod4")?;
+
+    // Remove pod2 from the slice: its established connections keep going to it, new
+    // ones never reach it.
+    apply(
+        &lab,
+        &[
+            (1, true, true, false),
+            (3, true, true, false),
+            (4, true, true, false),
+        ],
+    )?;
+    wait_applied(
+        &lab,
+        &["pod2"],
+        None,
+        "new connections to avoid removed pod2",
+    )?;
+    ping_all(&mut conns, "after removing pod2")?;
+    let seen = new_flows(&lab, 60)?;
+    ensure!(
+        !seen.contains_key("pod2"),
+        "a new connection reached removed pod2: {seen:?}"
+    );
+
+    // Mark pod3 terminating (serving, not ready): existing connections stay, new ones
+    // go to the ready pods only.
+    apply(
+        &lab,
+        &[
+            (1, true, true, false),
+            (3, false, true, true),
+            (4, true, true, false),
+        ],
+    )?;
+    wait_applied(
+        &lab,
+        &["pod2", "pod3"],
+        None,
+        "new connections to avoid terminating pod3",
+    )?;
+    ping_all(&mut conns, "after pod3 started terminating")?;
+    let seen = new_flows(&lab, 60)?;
+    ensure!(
+        !seen.contains_key("pod2") && !seen.contains_key("pod3"),
+        "new connections reached a removed or terminating pod: {seen:?}"
+    );
+    println!(
+        "churn: {CONNECTIONS} connections survived add, remove and terminate; new flows {seen:?}"
+    );
+    Ok(())
+}

@@ -10,6 +10,7 @@
 pub mod maglev;
 pub mod pin;
 pub mod state;
+pub mod testrun;
 
 use std::{
     io,
@@ -331,7 +332,7 @@ impl Dataplane {
 
 /// A new inner Maglev array holding `slots` in pairs. `BPF_F_INNER_MAP` lets arrays of
 /// any size stand in for the program's template (kernel `bpf_map_meta_equal`).
-fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, MapError> {
+pub(crate) fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, MapError> {
     const BPF_F_INNER_MAP: u32 = 1 << 12;
     let len = slots.len().div_ceil(2) as u32;
     let mut table = Array::<MapData, SlotPair>::create(len, BPF_F_INNER_MAP)?;

@@ -76,12 +76,21 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     let bytes = (end - start) as u64;
     add(&SERVICE_STATS, svc.id, bytes);
 
-    // Validate the whole L4 header before rewriting it.
+    // Validate the lengths and the whole L4 header before rewriting anything: what the
+    // kernel's ip_rcv/tcp_v4_rcv/udp_rcv would drop is dropped here, counted, rather
+    // than DNATed and given conntrack state.
+    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropMalformedL4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    if tot_len < Ipv4Hdr::LEN || IP_OFF + tot_len > end - start {
+        return Err(Reason::DropMalformedL4);
+    }
     let mut tcp_flags = 0u8;
     let l4_csum_off = if flow.proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(start, end, L4_OFF).ok_or(Reason::DropMalformedL4)?;
         // SAFETY: bounds checked by ptr_at.
-        if unsafe { (*tcp).doff() } < 5 {
+        let doff = unsafe { (*tcp).doff() } as usize;
+        if doff < 5 || Ipv4Hdr::LEN + doff * 4 > tot_len {
             return Err(Reason::DropMalformedL4);
         }
         let flags: *const u8 = ptr_at(start, end, L4_OFF + 13).ok_or(Reason::DropMalformedL4)?;
@@ -90,15 +99,9 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         L4_OFF + TCP_CSUM_OFF
     } else {
         let udp: *const UdpHdr = ptr_at(start, end, L4_OFF).ok_or(Reason::DropMalformedL4)?;
-        let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropMalformedL4)?;
         // SAFETY: bounds checked by ptr_at.
-        let (ulen, iplen) = unsafe {
-            (
-                u16::from_be_bytes((*udp).len) as usize,
-                u16::from_be_bytes((*ip).tot_len) as usize,
-            )
-        };
-        if ulen < 8 || ulen + Ipv4Hdr::LEN > iplen {
+        let ulen = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+        if ulen < 8 || ulen + Ipv4Hdr::LEN > tot_len {
             return Err(Reason::DropMalformedL4);
         }
         L4_OFF + UDP_CSUM_OFF

@@ -1,0 +1,221 @@
+//! Running the embedded kernel programs on hand-made packets with `BPF_PROG_TEST_RUN`,
+//! for tests and cost measurements: no interface, no attach, no pins.
+//!
+//! [`TestBed::load`] loads the embedded object with fresh, unpinned maps (so tests never
+//! touch a live datapath under `/sys/fs/bpf/xlb`, and two test beds never share state),
+//! loads every program, and hands out typed map handles so a test can program a
+//! service exactly as the agent would ([`super::state`] encodes the values).
+//!
+//! Two kernel facts to keep in mind when reading results:
+//! - the kernel refuses inputs shorter than an Ethernet header (14 bytes) with
+//!   `EINVAL`: the program never sees them;
+//! - with `repeat > 1` the program runs again and again on the *same* buffer, so a
+//!   program that rewrites the packet sees its own output from the second run on
+//!   (a DNATed packet no longer goes to the VIP). Measure a rewriting path with a
+//!   packet whose rewrite is the identity, or with `repeat = 1`.
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{Program, ProgramError, TestRun, TestRunOptions},
+};
+use xlb_common::{
+    Backend, Counter, CtEntry, FlowKey, Reason, Service, ServiceKey, SlotPair, names,
+};
+
+use super::{DataplaneError, OBJECT, map_err, new_table};
+
+/// The XDP program that returns `XDP_PASS` and nothing else: what any XDP program
+/// costs at least, measured the same way as `xlb_xdp`. Never attached.
+pub const BASELINE_PROG: &str = "xlb_baseline_pass";
+
+/// Largest frame the kernel's test run accepts is one page minus head- and tailroom;
+/// output buffers of this size always suffice.
+const OUT_BUF: usize = 4096;
+
+/// The loaded object with its own maps, ready to run programs on packets.
+pub struct TestBed {
+    ebpf: Ebpf,
+    /// `xlb_services`: VIP:port:proto -> service.
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    /// `xlb_maglev`: table id -> inner array (see [`TestBed::set_table`]).
+    pub maglev: HashOfMaps<MapData, u32, Array<MapData, SlotPair>>,
+    /// `xlb_backends`: backend id -> address.
+    pub backends: HashMap<MapData, u32, Backend>,
+    /// `xlb_conntrack` (LRU): client flow -> chosen backend.
+    pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    service_stats: PerCpuHashMap<MapData, u32, Counter>,
+    backend_stats: PerCpuHashMap<MapData, u32, Counter>,
+    reasons: PerCpuArray<MapData, u64>,
+    ncpus: usize,
+}
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    /// The program's return value (for XDP an `xdp_action`, e.g. 2 = `XDP_PASS`).
+    pub retval: u32,
+    /// The packet as the program left it (after the last repetition).
+    pub data: Vec<u8>,
+    /// Average time per repetition as the kernel measured it, in nanoseconds.
+    pub duration_ns: u64,
+}
+
+impl TestBed {
+    /// Loads the embedded object with fresh, unpinned maps and loads (verifies) every
+    /// program in it. Needs CAP_BPF (root).
+    pub fn load() -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        for (name, prog) in ebpf.programs_mut() {
+            let loaded = match prog {
+                Program::Xdp(p) => p.load(),
+                Program::SchedClassifier(p) => p.load(),
+                _ => continue,
+            };
+            loaded.map_err(|source| DataplaneError::Program {
+                name: static_name(name),
+                source,
+            })?;
+        }
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
+        let services =
+            HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
+        let maglev = HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
+        let backends =
+            HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        let conntrack =
+            HashMap::try_from(take(names::CONNTRACK)?).map_err(map_err(names::CONNTRACK))?;
+        let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
+            .map_err(map_err(names::SERVICE_STATS))?;
+        let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
+            .map_err(map_err(names::BACKEND_STATS))?;
+        let reasons =
+            PerCpuArray::try_from(take(names::REASONS)?).map_err(map_err(names::REASONS))?;
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        Ok(TestBed {
+            ebpf,
+            services,
+            maglev,
+            backends,
+            conntrack,
+            service_stats,
+            backend_stats,
+            reasons,
+            ncpus,
+        })
+    }
+
+    /// Runs the XDP or TC program `prog` on `packet`, `repeat` times (0 counts as 1),
+    /// with `BPF_PROG_TEST_RUN`. Returns the last run's verdict and packet and the
+    /// kernel's average duration per run.
+    pub fn run(
+        &self,
+        prog: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<RunResult, DataplaneError> {
+        let mut out = vec![0u8; OUT_BUF.max(packet.len())];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let program = self
+            .ebpf
+            .program(prog)
+            .ok_or(DataplaneError::Missing(prog))?;
+        let res = match program {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => Err(ProgramError::UnexpectedProgramType),
+        }
+        .map_err(|source| DataplaneError::Program { name: prog, source })?;
+        out.truncate((res.data_size_out as usize).min(out.len()));
+        Ok(RunResult {
+            retval: res.return_value,
+            data: out,
+            duration_ns: u64::try_from(res.duration.as_nanos()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Inserts (or replaces) table `table` holding backend id `slots[i]` in slot `i`,
+    /// as the agent does (a fresh inner map).
+    pub fn set_table(&mut self, table: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        let inner = new_table(slots).map_err(map_err(names::MAGLEV))?;
+        self.maglev
+            .insert(table, &inner, 0)
+            .map_err(map_err(names::MAGLEV))
+    }
+
+    /// Creates zeroed traffic counters for a service id and backend ids, as the agent
+    /// does for everything it programs (the programs only count into existing ones).
+    pub fn create_counters(
+        &mut self,
+        service: u32,
+        backends: &[u32],
+    ) -> Result<(), DataplaneError> {
+        let zero = || {
+            PerCpuValues::try_from(vec![Counter::default(); self.ncpus])
+                .map_err(DataplaneError::Cpus)
+        };
+        self.service_stats
+            .insert(service, zero()?, 0)
+            .map_err(map_err(names::SERVICE_STATS))?;
+        for id in backends {
+            self.backend_stats
+                .insert(id, zero()?, 0)
+                .map_err(map_err(names::BACKEND_STATS))?;
+        }
+        Ok(())
+    }
+
+    /// A service's traffic counter summed over CPUs (`None` if it was never created).
+    pub fn service_counter(&self, service: u32) -> Result<Option<Counter>, DataplaneError> {
+        sum_counter(self.service_stats.get(&service, 0), names::SERVICE_STATS)
+    }
+
+    /// A backend's traffic counter summed over CPUs (`None` if it was never created).
+    pub fn backend_counter(&self, backend: u32) -> Result<Option<Counter>, DataplaneError> {
+        sum_counter(self.backend_stats.get(&backend, 0), names::BACKEND_STATS)
+    }
+
+    /// How many packets the programs counted for `reason`, summed over CPUs.
+    pub fn reason_count(&self, reason: Reason) -> Result<u64, DataplaneError> {
+        let per_cpu = self
+            .reasons
+            .get(&(reason as u32), 0)
+            .map_err(map_err(names::REASONS))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Every reason's count, indexed by discriminant.
+    pub fn reason_counts(&self) -> Result<Vec<u64>, DataplaneError> {
+        Reason::ALL.iter().map(|r| self.reason_count(*r)).collect()
+    }
+}
+
+fn sum_counter(
+    got: Result<PerCpuValues<Counter>, aya::maps::MapError>,
+    map: &'static str,
+) -> Result<Option<Counter>, DataplaneError> {
+    match got {
+        Ok(v) => Ok(Some(v.iter().fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+/// The program names the object may contain, as `'static` for error messages.
+fn static_name(name: &str) -> &'static str {
+    [names::XDP_PROG, names::TC_EGRESS_PROG, BASELINE_PROG]
+        .into_iter()
+        .find(|n| *n == name)
+        .unwrap_or("(unnamed program)")
+}

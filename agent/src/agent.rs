@@ -46,6 +46,8 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     /// How XDP forwards DNATed packets.
     pub forward: ForwardMode,
+    /// This node's address for IPIP between nodes; `None`: the interface's first IPv4.
+    pub node_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Why the agent stopped.
@@ -191,7 +193,7 @@ fn log_changes(writes: &[Write], target: &state::Target) {
                     addr: k.addr,
                     port: k.port,
                     family: k.family,
-                    flags: 0,
+                    ..Default::default()
                 });
                 info!(vip = %vip, proto = k.proto, "service removed");
             }
@@ -207,6 +209,18 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let mut dp = Dataplane::open(&cfg.interface, &cfg.pin_path, cfg.xdp_mode)?;
     let forward_written = dp.set_forward_mode(cfg.forward)?;
     info!(mode = ?cfg.forward, "XDP forwarding");
+    let node_ip = cfg
+        .node_ip
+        .or_else(|| crate::dataplane::interface_ipv4(&cfg.interface));
+    let node_ip_written = dp.set_node_ip(node_ip)?;
+    let mac_written = dp.set_iface_mac(crate::dataplane::interface_mac(&cfg.interface))?;
+    match node_ip {
+        Some(ip) => info!(%ip, "node address for tunnels between nodes"),
+        None => warn!(
+            iface = %cfg.interface,
+            "no IPv4 address on the interface and no --node-ip: Cluster services use this node's endpoints only"
+        ),
+    }
     let applied = dp.read_state()?;
     let ids = Ids::after(&applied, dp.read_ids()?);
     info!(
@@ -216,7 +230,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     );
     let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?);
     let metrics = Metrics::new(collector.clone());
-    metrics.map_updates.inc_by(u64::from(forward_written));
+    metrics
+        .map_updates
+        .inc_by(u64::from(forward_written) + u64::from(node_ip_written) + u64::from(mac_written));
 
     let addr = cfg.metrics_addr;
     let listener_metrics = metrics.clone();

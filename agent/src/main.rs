@@ -50,6 +50,10 @@ enum Command {
         /// XDP frames, e.g. veth with GRO or XDP on the pod side).
         #[arg(long, value_enum, default_value_t = Forward::Pass)]
         forward: Forward,
+        /// This node's IPv4 address for IPIP between nodes (externalTrafficPolicy
+        /// Cluster); default: the interface's first IPv4 address.
+        #[arg(long)]
+        node_ip: Option<std::net::Ipv4Addr>,
     },
     /// Detach xlb's programs from the interface and remove its pinned maps and links.
     /// Use it when uninstalling xlb from a node; a normal restart or upgrade must not
@@ -95,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             pin_path,
             xdp_mode,
             forward,
+            node_ip,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -110,6 +115,7 @@ fn main() -> anyhow::Result<()> {
                     Forward::Pass => xlb::dataplane::ForwardMode::Pass,
                     Forward::Redirect => xlb::dataplane::ForwardMode::Redirect,
                 },
+                node_ip,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -1,5 +1,9 @@
 //! The lab topology: a client, node(s) and Calico-style pods, each in its own namespace, with
 //! everything removed on drop (even when a test panics).
+//!
+//! Two shapes: [`Lab::one_node`] (client and `node-a` joined by one veth) and
+//! [`Lab::multi_node`] (client and nodes on one L2 segment, a bridge in its own namespace,
+//! each node with its own pod CIDR and routes to the others').
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,15 @@ pub const METRICS_PORT: u16 = 9464;
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Where the lab puts pin directories (one per node, unique per lab).
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// The VIP range the client routes via one node (see [`Lab::client_route_vips_via`]).
+pub const VIP_RANGE: &str = "10.0.100.0/24";
+/// The bridge in a multi-node lab's LAN namespace (`{lab id}-lan`).
+pub const BRIDGE: &str = "br0";
+/// Last octet of `node-a`'s address in a multi-node lab; node `i` (0-based) is
+/// `10.0.0.{MULTI_NODE_FIRST_HOST + i}`. (The one-node lab's `node-a` is `10.0.0.2`.)
+pub const MULTI_NODE_FIRST_HOST: u8 = 11;
+/// Most nodes a multi-node lab builds (`node-a` .. `node-i`).
+pub const MAX_NODES: usize = 9;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
@@ -38,17 +51,51 @@ pub struct LabSpec {
     pub pods: usize,
 }
 
-/// A running lab: client ↔ node (direct veth) and pods behind the node. Dropping it stops the
-/// agents, runs `xlb cleanup`, removes pin directories, stops servers and deletes namespaces.
-/// The scratch directory (manifests, agent logs) is kept, and its path printed, if the thread
-/// is panicking.
+/// One node of a [`Lab::multi_node`] lab.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSpec {
+    /// Pods behind the node; pod `i` (1-based) of node index `n` is `10.0.{n+1}.{10+i}`.
+    pub pods: usize,
+}
+
+impl NodeSpec {
+    /// A node with `pods` pods.
+    pub fn with_pods(pods: usize) -> NodeSpec {
+        NodeSpec { pods }
+    }
+}
+
+/// Which `--manifests` directory the agents started by [`Lab::start_agents`] read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManifestsLayout {
+    /// All agents read [`Lab::manifests_dir`] (like agents sharing one API server).
+    Shared,
+    /// Each agent reads its own [`Node::manifests_dir`].
+    PerNode,
+}
+
+/// How a new node's uplink is connected.
+#[derive(Clone, Copy)]
+enum Uplink {
+    /// A veth straight to the client's `eth0` (one-node lab).
+    Client,
+    /// A veth to a port of the LAN bridge.
+    Lan,
+}
+
+/// A running lab: client ↔ node(s) and pods behind each node. Dropping it stops the agents,
+/// runs `xlb cleanup`, removes pin directories, stops servers and deletes namespaces. The
+/// scratch directory (manifests, agent logs) is kept, and its path printed, if the thread is
+/// panicking.
 pub struct Lab {
     id: String,
     scratch: PathBuf,
-    /// The nodes (this issue: exactly one, `node-a`).
+    /// The nodes, `node-a` first.
     pub nodes: Vec<Node>,
     /// The client (`10.0.0.1`, default route via the first node).
     pub client: Host,
+    /// The LAN namespace holding the bridge (multi-node labs only).
+    pub lan: Option<Netns>,
 }
 
 /// A lab node: its namespace, its pods, and (once started) its agent.
@@ -60,7 +107,8 @@ pub struct Node {
     pub name: String,
     /// 0-based node index (node-a = 0); pod subnet is `10.0.{index+1}.0/24`.
     pub index: u8,
-    /// The node's namespace and uplink address (`10.0.0.{2+index}`).
+    /// The node's namespace and uplink address (`10.0.0.2` in the one-node lab, else
+    /// `10.0.0.{11+index}`).
     pub host: Host,
     /// `--pin-path` for this node's agent: `/sys/fs/bpf/{lab id}-{node}`.
     pub pin_dir: PathBuf,
@@ -68,6 +116,7 @@ pub struct Node {
     pub manifests_dir: PathBuf,
     log_dir: PathBuf,
     ns_prefix: String,
+    pod_prefix: String,
     used_bin: Option<PathBuf>,
 }
 
@@ -76,7 +125,8 @@ pub struct Node {
 pub struct Pod {
     /// The pod's servers (stopped before the namespace is deleted).
     pub servers: Servers,
-    /// Pod name (`pod1`, ...), also the label in every server reply.
+    /// Pod name (`pod1`, ...; `node-b-pod1`, ... in a multi-node lab), also the label in
+    /// every server reply.
     pub name: String,
     /// The pod's IP.
     pub ip: Ipv4Addr,
@@ -87,8 +137,85 @@ pub struct Pod {
 }
 
 impl Lab {
-    /// Builds a lab with one node (`node-a`) and `spec.pods` pods.
+    /// Builds a lab with one node (`node-a`, `10.0.0.2`, joined to the client by one veth) and
+    /// `spec.pods` pods.
     pub fn new(spec: LabSpec) -> Result<Lab> {
+        let mut lab = Lab::empty()?;
+        lab.add_node(Ipv4Addr::new(10, 0, 0, 2), Uplink::Client)?;
+        // The client stands in for the rack router: everything, VIPs included, goes to the node.
+        let gw = lab.nodes[0].host.addr.to_string();
+        lab.client.ns.ip(&["route", "add", "default", "via", &gw])?;
+        for _ in 0..spec.pods {
+            lab.nodes[0].add_pod()?;
+        }
+        Ok(lab)
+    }
+
+    /// Builds a lab with one node per spec (`node-a`, `node-b`, ...) on one L2 segment:
+    ///
+    /// ```text
+    ///                 {id}-lan: br0 (STP off, forward delay 0)
+    ///        ┌──────────────┬───────────┴──┬──────────────┐
+    /// client 10.0.0.1   node-a 10.0.0.11   node-b 10.0.0.12   node-c 10.0.0.13 ...
+    ///                   pods 10.0.1.11..   pods 10.0.2.11..   pods 10.0.3.11..
+    /// ```
+    ///
+    /// Each node forwards, routes every other node's pod CIDR via that node's address (as a
+    /// CNI with host routes would) and sends no ICMP redirects. The client's default route
+    /// goes via `node-a`, and the VIP range [`VIP_RANGE`] via one node at a time (`node-a`
+    /// to begin with; see [`Lab::client_route_vips_via`]), standing in for a router.
+    pub fn multi_node(nodes: &[NodeSpec]) -> Result<Lab> {
+        if nodes.is_empty() || nodes.len() > MAX_NODES {
+            bail!(
+                "a multi-node lab has 1..={MAX_NODES} nodes, not {}",
+                nodes.len()
+            );
+        }
+        let mut lab = Lab::empty()?;
+        let lan = Netns::create(&format!("{}-lan", lab.id))?;
+        lan.ip(&[
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
+        lan.ip(&["link", "set", BRIDGE, "up"])?;
+        lab.lan = Some(lan);
+        lab.attach_to_lan(&lab.client.ns, "client")?;
+        lab.configure_client_uplink()?;
+        for (i, spec) in nodes.iter().enumerate() {
+            let addr = Ipv4Addr::new(10, 0, 0, MULTI_NODE_FIRST_HOST + u8::try_from(i)?);
+            lab.add_node(addr, Uplink::Lan)?;
+            for _ in 0..spec.pods {
+                lab.nodes[i].add_pod()?;
+            }
+        }
+        for node in &lab.nodes {
+            for peer in lab.nodes.iter().filter(|p| p.index != node.index) {
+                node.host.ns.ip(&[
+                    "route",
+                    "add",
+                    &peer.pod_cidr(),
+                    "via",
+                    &peer.host.addr.to_string(),
+                    "dev",
+                    UPLINK,
+                ])?;
+            }
+        }
+        let gw = lab.nodes[0].host.addr.to_string();
+        lab.client.ns.ip(&["route", "add", "default", "via", &gw])?;
+        lab.client_route_vips_via(&lab.nodes[0].name)?;
+        Ok(lab)
+    }
+
+    /// The client namespace, the scratch directory and a fresh id; no nodes yet.
+    fn empty() -> Result<Lab> {
         preflight()?;
         SWEEP.call_once(sweep_stale);
         let id = format!(
@@ -98,22 +225,149 @@ impl Lab {
         );
         let client = Host::new(Netns::create(&format!("{id}-client"))?, CLIENT_ADDR);
         let scratch = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&scratch)
+        std::fs::create_dir_all(scratch.join("manifests"))
             .with_context(|| format!("creating {}", scratch.display()))?;
-        let mut lab = Lab {
+        Ok(Lab {
             id,
             scratch,
             nodes: Vec::new(),
             client,
-        };
-        lab.add_node()?;
-        // The client stands in for the rack router: everything, VIPs included, goes to the node.
-        let gw = lab.nodes[0].host.addr.to_string();
-        lab.client.ns.ip(&["route", "add", "default", "via", &gw])?;
-        for _ in 0..spec.pods {
-            lab.nodes[0].add_pod()?;
+            lan: None,
+        })
+    }
+
+    /// Creates `eth0` in `ns` with its peer `port` placed straight into the LAN namespace,
+    /// enslaved to the bridge (neither end ever exists in the host namespace).
+    fn attach_to_lan(&self, ns: &Netns, port: &str) -> Result<()> {
+        let lan = self.lan.as_ref().context("not a multi-node lab")?;
+        ns.ip(&[
+            "link",
+            "add",
+            UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            lan.name(),
+        ])?;
+        lan.ip(&["link", "set", port, "master", BRIDGE])?;
+        lan.ip(&["link", "set", port, "up"])?;
+        lan.disable_tx_checksum(port)?;
+        // A veth delivers frames its peer sends with XDP_TX/redirect (xlb's tunnel to
+        // another node) only when it runs an XDP program itself; a physical switch
+        // port has no such condition. Give each bridge port a pass-through one.
+        let obj = Self::bpf_object()?;
+        lan.ip(&[
+            "link",
+            "set",
+            "dev",
+            port,
+            "xdpdrv",
+            "obj",
+            &obj.to_string_lossy(),
+            "sec",
+            "xdp",
+            "program",
+            "xlb_baseline_pass",
+        ])?;
+        Ok(())
+    }
+
+    /// xlb's eBPF object as `cargo xtask build` leaves it (for its `xlb_baseline_pass`
+    /// program, which the lab attaches to bridge ports).
+    fn bpf_object() -> Result<PathBuf> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/ebpf/bpfel-unknown-none/release/xlb");
+        if !p.is_file() {
+            anyhow::bail!("{} is missing: run `cargo xtask build` first", p.display());
         }
-        Ok(lab)
+        Ok(p)
+    }
+
+    /// Address, link up and checksum offload off on the client's `eth0`.
+    fn configure_client_uplink(&self) -> Result<()> {
+        let c = &self.client.ns;
+        c.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        c.ip(&["link", "set", "eth0", "up"])?;
+        c.disable_tx_checksum("eth0")
+    }
+
+    /// Points the client's route for [`VIP_RANGE`] at node `name` (`ip route replace`), as a
+    /// router choosing one next hop would.
+    pub fn client_route_vips_via(&self, name: &str) -> Result<()> {
+        let node = self.node_named(name)?;
+        self.client.ns.ip(&[
+            "route",
+            "replace",
+            VIP_RANGE,
+            "via",
+            &node.host.addr.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(())
+    }
+
+    /// The node named `name` (`node-a`, ...).
+    pub fn node_named(&self, name: &str) -> Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in lab {}", self.id))
+    }
+
+    /// The node named `name`, mutably.
+    pub fn node_named_mut(&mut self, name: &str) -> Result<&mut Node> {
+        let id = &self.id;
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in lab {id}"))
+    }
+
+    /// The manifests directory shared by all nodes (used with [`ManifestsLayout::Shared`]).
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.scratch.join("manifests")
+    }
+
+    /// A standard `v1 Node` object (name, InternalIP) for every lab node, as one
+    /// multi-document YAML file.
+    pub fn nodes_yaml(&self) -> String {
+        crate::manifests::multi_doc(
+            &self
+                .nodes
+                .iter()
+                .map(|n| crate::manifests::node_yaml(&n.name, &n.host.addr.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Writes [`Lab::nodes_yaml`] to `{dir}/nodes.yaml` (atomically).
+    pub fn write_nodes_yaml(&self, dir: &Path) -> Result<()> {
+        crate::manifests::write_atomic(&dir.join("nodes.yaml"), &self.nodes_yaml())
+    }
+
+    /// Starts an agent (binary from [`xlb_bin`]) on every node with the given manifests
+    /// layout, then waits until each answers `/healthz` (bounded by `timeout`).
+    pub fn start_agents(&mut self, layout: ManifestsLayout, timeout: Duration) -> Result<()> {
+        let bin = xlb_bin()?;
+        let shared = self.manifests_dir();
+        for node in &mut self.nodes {
+            let dir = match layout {
+                ManifestsLayout::Shared => shared.clone(),
+                ManifestsLayout::PerNode => node.manifests_dir.clone(),
+            };
+            node.start_agent(&bin, &dir)?;
+        }
+        for node in &mut self.nodes {
+            let name = node.name.clone();
+            node.agent()?
+                .wait_healthy(timeout)
+                .with_context(|| format!("agent on {name}"))?;
+        }
+        Ok(())
     }
 
     /// Shorthand for `Lab::new(LabSpec { pods })`.
@@ -141,38 +395,40 @@ impl Lab {
         &mut self.nodes[0]
     }
 
-    fn add_node(&mut self) -> Result<()> {
+    fn add_node(&mut self, addr: Ipv4Addr, uplink: Uplink) -> Result<()> {
         let index = u8::try_from(self.nodes.len())?;
-        if index > 0 {
-            bail!(
-                "this lab supports one node so far (multi-node needs the bridge/router topology)"
-            );
-        }
         let name = format!("node-{}", (b'a' + index) as char);
-        let addr = Ipv4Addr::new(10, 0, 0, 2 + index);
         let ns = Netns::create(&format!("{}-{name}", self.id))?;
-        // Created from inside the node namespace, with the peer placed straight into the
-        // client's: neither end ever exists in the host namespace.
-        ns.ip(&[
-            "link",
-            "add",
-            UPLINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.client.ns.name(),
-        ])?;
-        let c = &self.client.ns;
-        c.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
-        c.ip(&["link", "set", "eth0", "up"])?;
-        c.disable_tx_checksum("eth0")?;
+        match uplink {
+            Uplink::Client => {
+                // Created from inside the node namespace, with the peer placed straight into
+                // the client's: neither end ever exists in the host namespace.
+                ns.ip(&[
+                    "link",
+                    "add",
+                    UPLINK,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    self.client.ns.name(),
+                ])?;
+                self.configure_client_uplink()?;
+            }
+            Uplink::Lan => self.attach_to_lan(&ns, &name)?,
+        }
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
         ns.ip(&["link", "set", UPLINK, "up"])?;
         ns.disable_tx_checksum(UPLINK)?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
+        if matches!(uplink, Uplink::Lan) {
+            // Traffic the client sends via node-a to another node's pods leaves node-a on the
+            // interface it came in on; no redirect, so that path stays what the lab set up.
+            ns.sysctl("net/ipv4/conf/all/send_redirects", "0")?;
+            ns.sysctl(&format!("net/ipv4/conf/{UPLINK}/send_redirects"), "0")?;
+        }
         // Proxy ARP only answers for addresses the node routes out of another interface. A
         // real node has a default route via its uplink; this one has no default route (so
         // unknown destinations, e.g. a VIP nobody serves, fail fast instead of looping back to
@@ -188,6 +444,11 @@ impl Lab {
             pods: Vec::new(),
             pin_dir: Path::new(BPFFS).join(format!("{}-{name}", self.id)),
             ns_prefix: format!("{}-{name}", self.id),
+            // Pod names (server labels) are unique lab-wide, so replies tell nodes apart.
+            pod_prefix: match uplink {
+                Uplink::Client => String::new(),
+                Uplink::Lan => format!("{name}-"),
+            },
             name,
             index,
             host: Host::new(ns, addr),
@@ -213,13 +474,19 @@ impl Lab {
 }
 
 impl Node {
-    /// Adds pod `pod{n}` (`10.0.{index+1}.{10+n}`) with its servers running.
+    /// This node's pod CIDR, `10.0.{index+1}.0/24`.
+    pub fn pod_cidr(&self) -> String {
+        format!("10.0.{}.0/24", self.index + 1)
+    }
+
+    /// Adds pod `pod{n}` (`node-x-pod{n}` in a multi-node lab), `10.0.{index+1}.{10+n}`, with
+    /// its servers running.
     pub fn add_pod(&mut self) -> Result<&Pod> {
         let n = self.pods.len() + 1;
-        let name = format!("pod{n}");
+        let name = format!("{}pod{n}", self.pod_prefix);
         let ip = Ipv4Addr::new(10, 0, self.index + 1, u8::try_from(10 + n)?);
         let veth = format!("vp{n}");
-        let ns = Netns::create(&format!("{}-{name}", self.ns_prefix))?;
+        let ns = Netns::create(&format!("{}-pod{n}", self.ns_prefix))?;
         let node = &self.host.ns;
         node.ip(&[
             "link",

@@ -1,12 +1,16 @@
-//! The xlb netns lab: uniquely named network namespaces standing in for a client, a node and
-//! its pods, real traffic between them, and the `xlb agent` running on the node. Used by the
+//! The xlb netns lab: uniquely named network namespaces standing in for a client, nodes and
+//! their pods, real traffic between them, and `xlb agent` running on the nodes. Used by the
 //! privileged integration tests in `tests/` and by `cargo xtask demo` ([`demo::run`]).
 //!
-//! Topology (one node for now):
+//! One node ([`Lab::one_node`]):
 //! ```text
 //! client 10.0.0.1/24 --eth0==eth0-- node-a 10.0.0.2/24 --vp{i}==eth0-- pod{i} 10.0.1.{10+i}/32
 //!  default via 10.0.0.2             ip_forward, proxy_arp on vp{i}      default via 169.254.1.1
 //! ```
+//! Several nodes on one L2 segment ([`Lab::multi_node`]): client `10.0.0.1` and `node-a`,
+//! `node-b`, ... (`10.0.0.11`, `.12`, ...) each with `eth0` on bridge `br0` in the lab's
+//! `-lan` namespace; node `n` has pods in `10.0.{n+1}.0/24` as above and routes to the other
+//! nodes' pod CIDRs; the client routes VIPs via one chosen node.
 //! Lab traffic stays between addresses inside lab namespaces; nothing is created in the host
 //! namespace. Everything a lab makes (namespaces, agent processes, pin directories) is
 //! removed when the [`Lab`] is dropped, including on panic.
@@ -22,6 +26,6 @@ pub mod servers;
 pub mod traffic;
 
 pub use agent::{Agent, xlb_bin};
-pub use lab::{Lab, LabSpec, Node, Pod, poll};
+pub use lab::{Lab, LabSpec, ManifestsLayout, Node, NodeSpec, Pod, poll};
 pub use netns::Netns;
 pub use traffic::{Host, Reply, Ticker, TickerReport};

@@ -115,6 +115,14 @@ pub fn endpointslice_yaml(
     y
 }
 
+/// A `v1 Node` named `name` whose `status.addresses` is one `InternalIP` (written verbatim).
+pub fn node_yaml(name: &str, internal_ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n  \
+         - type: InternalIP\n    address: \"{internal_ip}\"\n"
+    )
+}
+
 /// Joins YAML documents into one multi-document file.
 pub fn multi_doc(docs: &[String]) -> String {
     docs.iter()
@@ -216,5 +224,14 @@ mod tests {
         );
         let empty = web_slice_yaml(&[]);
         assert!(empty.ends_with("endpoints: []\n"), "{empty}");
+        let node = node_yaml("node-b", "10.0.0.12");
+        assert!(
+            node.contains("kind: Node\nmetadata:\n  name: node-b\n"),
+            "{node}"
+        );
+        assert!(
+            node.contains("  - type: InternalIP\n    address: \"10.0.0.12\"\n"),
+            "{node}"
+        );
     }
 }

@@ -251,6 +251,42 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// Sets this node's tunnel address (`xlb_config[NODE_IP]`, 0 = none); writes only on
+    /// a change and returns whether it wrote.
+    pub fn set_node_ip(&mut self, ip: Option<std::net::Ipv4Addr>) -> Result<bool, DataplaneError> {
+        let want = ip.map_or(0, |ip| u64::from(u32::from_ne_bytes(ip.octets())));
+        let now = self
+            .config
+            .get(&config::NODE_IP, 0)
+            .map_err(map_err(names::CONFIG))?;
+        if now == want {
+            return Ok(false);
+        }
+        self.config
+            .set(config::NODE_IP, want, 0)
+            .map_err(map_err(names::CONFIG))?;
+        Ok(true)
+    }
+
+    /// Sets the uplink's MAC (`xlb_config[IFACE_MAC]`, 0 = no check); writes only on a
+    /// change and returns whether it wrote.
+    pub fn set_iface_mac(&mut self, mac: Option<[u8; 6]>) -> Result<bool, DataplaneError> {
+        let want = mac.map_or(0, |m| {
+            u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
+        });
+        let now = self
+            .config
+            .get(&config::IFACE_MAC, 0)
+            .map_err(map_err(names::CONFIG))?;
+        if now == want {
+            return Ok(false);
+        }
+        self.config
+            .set(config::IFACE_MAC, want, 0)
+            .map_err(map_err(names::CONFIG))?;
+        Ok(true)
+    }
+
     /// Persists the id counters (only when they changed; returns writes made).
     pub fn write_ids(&mut self, old: Ids, new: Ids) -> Result<u64, DataplaneError> {
         let mut n = 0;
@@ -454,6 +490,64 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_path: &Path) -> Result<(), Datapl
     fd.pin(&pin).map_err(|e| link_err(&pin, e))?;
     info!(iface, link = %pin.display(), "attached TC egress program (tcx)");
     Ok(())
+}
+
+/// The first IPv4 address of `iface` (getifaddrs(3)), if any.
+pub fn interface_ipv4(iface: &str) -> Option<std::net::Ipv4Addr> {
+    interface_addr(iface, libc::AF_INET, |sa| {
+        // SAFETY: an AF_INET entry's address is a sockaddr_in.
+        let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
+        Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+    })
+}
+
+/// The MAC address of `iface` (its AF_PACKET getifaddrs entry), if it has one. Read
+/// this way, not from /sys/class/net, because the agent may run in a network
+/// namespace whose /sys is the host's.
+pub fn interface_mac(iface: &str) -> Option<[u8; 6]> {
+    interface_addr(iface, libc::AF_PACKET, |sa| {
+        // SAFETY: an AF_PACKET entry's address is a sockaddr_ll.
+        let ll = unsafe { &*(sa as *const libc::sockaddr_ll) };
+        (ll.sll_halen == 6).then(|| {
+            let a = ll.sll_addr;
+            [a[0], a[1], a[2], a[3], a[4], a[5]]
+        })
+    })
+}
+
+/// The first address of `family` on `iface`, decoded by `decode`.
+fn interface_addr<T>(
+    iface: &str,
+    family: i32,
+    decode: impl Fn(*const libc::sockaddr) -> Option<T>,
+) -> Option<T> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below; we only read it.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr, when set, points to a
+        // sockaddr whose family says its real type.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if !ifa.ifa_addr.is_null()
+            && name.to_bytes() == iface.as_bytes()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == family
+        {
+            found = decode(ifa.ifa_addr);
+            if found.is_some() {
+                break;
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(head) };
+    found
 }
 
 /// `xlb cleanup`: detaches the programs from `iface` (by unpinning their links, the

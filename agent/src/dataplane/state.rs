@@ -11,8 +11,8 @@ use std::{
 };
 
 use xlb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL,
-    SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange, limits,
+    BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY,
+    SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange, limits,
 };
 
 use super::maglev::{self, MaglevBackend};
@@ -140,6 +140,17 @@ pub fn backend_value(sa: &SocketAddr) -> Backend {
         port: sa.port().to_be(),
         family,
         flags: 0,
+        node: [0; 16],
+    }
+}
+
+/// The map value of a backend on another node, reached through an IPIP tunnel to
+/// `node`.
+pub fn remote_backend_value(sa: &SocketAddr, node: IpAddr) -> Backend {
+    Backend {
+        flags: BACKEND_F_REMOTE,
+        node: addr_bytes(node).0,
+        ..backend_value(sa)
     }
 }
 
@@ -198,9 +209,26 @@ pub fn target(
                 id
             }
         };
-        let mut backend_ids = Vec::with_capacity(ds.backends.len());
-        for sa in &ds.backends {
-            let b = backend_value(sa);
+        // Local policy: this node's endpoints only. Cluster: every node's, the remote
+        // ones through a tunnel to their node (skipped while that node's address is
+        // unknown). Sorted by address, so the table is the same on every node.
+        let mut members: Vec<(SocketAddr, Backend)> = ds
+            .backends
+            .iter()
+            .map(|sa| (*sa, backend_value(sa)))
+            .collect();
+        if !ds.local {
+            members.extend(ds.remote_backends.iter().filter_map(|r| {
+                r.node_ip
+                    .map(|ip| (r.addr, remote_backend_value(&r.addr, ip)))
+            }));
+        }
+        members.sort_by_key(|(sa, _)| *sa);
+        members.dedup_by_key(|(sa, _)| *sa);
+        let addrs: Vec<SocketAddr> = members.iter().map(|(sa, _)| *sa).collect();
+        let mut backend_ids = Vec::with_capacity(members.len());
+        for (sa, b) in &members {
+            let b = *b;
             let bid = match chosen_backends
                 .get(&b)
                 .or_else(|| existing_backends.get(&b))
@@ -217,7 +245,7 @@ pub fn target(
             backend_addrs.insert(bid, *sa);
             backend_ids.push(bid);
         }
-        let slots = maglev_slots(&ds.backends, &backend_ids, bounds);
+        let slots = maglev_slots(&addrs, &backend_ids, bounds);
         let mut flags = if ds.local { SVC_F_LOCAL } else { 0 };
         if !ds.source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;

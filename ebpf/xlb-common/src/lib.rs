@@ -178,9 +178,17 @@ pub struct Backend {
     pub port: u16,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    /// Reserved, zero.
+    /// `BACKEND_F_*` bits.
     pub flags: u8,
+    /// For a [`BACKEND_F_REMOTE`] backend, the address of the node it runs on (the
+    /// IPIP tunnel's destination); zero otherwise.
+    pub node: Addr,
 }
+
+/// Backend flag: the pod runs on another node; packets for it are encapsulated
+/// (IPIP) to [`Backend::node`], whose XDP decapsulates and delivers them, and the pod
+/// replies straight to the client (direct server return).
+pub const BACKEND_F_REMOTE: u8 = 1 << 0;
 
 /// Key of the connection-tracking and reverse-NAT maps: one direction of a flow.
 #[repr(C)]
@@ -273,6 +281,14 @@ pub mod config {
     pub const NEXT_SERVICE_ID: u32 = 1;
     /// The agent's next backend id, likewise.
     pub const NEXT_BACKEND_ID: u32 = 2;
+    /// This node's IPv4 address on the uplink (the 4 address bytes as a native u32 in
+    /// the low half): source of the IPIP packets it sends, and the destination it
+    /// decapsulates. 0 disables both.
+    pub const NODE_IP: u32 = 3;
+    /// The uplink's MAC address (6 bytes, native order in the low bytes of the u64).
+    /// VIP packets in frames addressed to another unicast MAC (a flooding switch) are
+    /// left alone: they are another node's to serve. 0 disables the check.
+    pub const IFACE_MAC: u32 = 4;
     /// Number of entries.
     pub const LEN: u32 = 8;
 }
@@ -310,11 +326,23 @@ pub enum Reason {
     DropSourceRange = 10,
     /// A new flow followed the client's session affinity.
     FwdAffinity = 11,
+    /// Forwarded to a backend on another node, IPIP-encapsulated (Cluster policy).
+    FwdEncap = 12,
+    /// An IPIP packet from another node, decapsulated here.
+    Decap = 13,
+    /// Dropped: a decapsulated packet whose service would send it to yet another
+    /// node (tables out of step between nodes); never re-encapsulated.
+    DropDecapNotLocal = 14,
+    /// Dropped: no route or neighbour towards the backend's node.
+    DropEncapNoRoute = 15,
+    /// Answered with ICMP fragmentation-needed (RFC 1191): DF packet too big for the
+    /// tunnel's extra 20 bytes. Oversized non-DF packets are dropped under this reason.
+    IcmpFragNeeded = 16,
 }
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 17;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -329,6 +357,11 @@ impl Reason {
         Reason::CtInsertFailed,
         Reason::DropSourceRange,
         Reason::FwdAffinity,
+        Reason::FwdEncap,
+        Reason::Decap,
+        Reason::DropDecapNotLocal,
+        Reason::DropEncapNoRoute,
+        Reason::IcmpFragNeeded,
     ];
 
     /// The label value exported in metrics.
@@ -346,6 +379,11 @@ impl Reason {
             Reason::CtInsertFailed => "ct_insert_failed",
             Reason::DropSourceRange => "drop_source_range",
             Reason::FwdAffinity => "fwd_affinity",
+            Reason::FwdEncap => "fwd_encap",
+            Reason::Decap => "decap",
+            Reason::DropDecapNotLocal => "drop_decap_not_local",
+            Reason::DropEncapNoRoute => "drop_encap_no_route",
+            Reason::IcmpFragNeeded => "icmp_frag_needed",
         }
     }
 }
@@ -428,8 +466,9 @@ mod layout {
     #[test]
     fn slot_and_backend_layout() {
         assert_eq!(size_of::<SlotPair>(), 8);
-        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(offset_of!(Backend, port), 16);
+        assert_eq!(offset_of!(Backend, node), 20);
         assert_eq!(offset_of!(Backend, family), 18);
     }
 
@@ -447,11 +486,11 @@ mod layout {
 
     #[test]
     fn ct_revnat_counter_layout() {
-        assert_eq!(size_of::<CtEntry>(), 40);
-        assert_eq!(offset_of!(CtEntry, backend_id), 20);
-        assert_eq!(offset_of!(CtEntry, expires), 24);
-        assert_eq!(offset_of!(CtEntry, service_id), 32);
-        assert_eq!(offset_of!(CtEntry, flags), 36);
+        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(offset_of!(CtEntry, backend_id), 36);
+        assert_eq!(offset_of!(CtEntry, expires), 40);
+        assert_eq!(offset_of!(CtEntry, service_id), 48);
+        assert_eq!(offset_of!(CtEntry, flags), 52);
         assert_eq!(size_of::<RevNat>(), 20);
         assert_eq!(offset_of!(RevNat, port), 16);
         assert_eq!(size_of::<Counter>(), 16);

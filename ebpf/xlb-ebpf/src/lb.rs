@@ -8,7 +8,7 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use xlb_common::{
-    Affinity, AffinityKey, Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
+    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
     RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, flow_hash_v4, timeouts,
 };
 
@@ -191,8 +191,10 @@ fn record(svc: &Service, key: &FlowKey, tcp_flags: u8, now: u64, id: u32, backen
         pad: 0,
     };
     // Reverse NAT first: once conntrack names the backend, replies must already map
-    // back to the VIP.
-    if REVNAT.insert(&reply, &rev, 0).is_err() || CONNTRACK.insert(key, &ct, 0).is_err() {
+    // back to the VIP. A remote backend's replies leave from its own node, which
+    // records its own reverse NAT.
+    let rev_ok = backend.flags & BACKEND_F_REMOTE != 0 || REVNAT.insert(&reply, &rev, 0).is_ok();
+    if !rev_ok || CONNTRACK.insert(key, &ct, 0).is_err() {
         count(Reason::CtInsertFailed);
     }
 }

@@ -16,6 +16,7 @@ mod fwd;
 mod lb;
 mod maps;
 mod packet;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
@@ -23,7 +24,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use xlb_common::{PROTO_TCP, Reason, ServiceKey, FAMILY_V4};
+use xlb_common::{BACKEND_F_REMOTE, FAMILY_V4, PROTO_TCP, Reason, ServiceKey};
 
 use crate::{
     maps::{BACKEND_STATS, REVNAT, SERVICE_STATS, SERVICES, add, count},
@@ -49,6 +50,8 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 /// `Err(reason)` drops the packet and counts the reason.
 #[inline(always)]
 fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
+    // A client packet another node's xlb tunnelled here (Cluster policy).
+    let from_tunnel = tunnel::decap(ctx).is_some();
     let (start, end) = (ctx.data(), ctx.data_end());
     let flow = match parse4(start, end) {
         Ok(f) => f,
@@ -73,6 +76,9 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         return Ok(xdp_action::XDP_PASS);
     };
     let svc = *svc;
+    if !for_this_host(start, end) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let bytes = (end - start) as u64;
     add(&SERVICE_STATS, svc.id, bytes);
 
@@ -113,12 +119,37 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     let (backend_id, backend) = lb::select(&svc, &flow, &key, tcp_flags)?;
     add(&BACKEND_STATS, backend_id, bytes);
+    if backend.flags & BACKEND_F_REMOTE != 0 {
+        // A tunnelled packet is never sent on again: that could loop between nodes.
+        if from_tunnel {
+            return Err(Reason::DropDecapNotLocal);
+        }
+        return tunnel::encap(ctx, &backend);
+    }
 
     let new_dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
     let new_port = u16::to_ne_bytes(backend.port);
     dnat4(start, end, l4_csum_off, flow.proto, &flow.dst, &new_dst, &flow.dport, &new_port)
         .ok_or(Reason::DropMalformedL4)?;
     Ok(fwd::forward(ctx))
+}
+
+/// Whether the frame is addressed to this interface (or broadcast/multicast): a switch
+/// that floods unknown unicast delivers other nodes' VIP traffic here too, which this
+/// node must neither count nor track nor forward.
+#[inline(always)]
+fn for_this_host(start: usize, end: usize) -> bool {
+    let Some(eth) = ptr_at::<network_types::eth::EthHdr>(start, end, 0) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let dst = unsafe { (*eth).dst_addr };
+    let mine = maps::CONFIG
+        .get(xlb_common::config::IFACE_MAC)
+        .copied()
+        .unwrap_or(0)
+        .to_ne_bytes();
+    dst[0] & 1 != 0 || mine == [0; 8] || dst == [mine[0], mine[1], mine[2], mine[3], mine[4], mine[5]]
 }
 
 /// Rewrites destination address and port, updating the IPv4 header checksum and the

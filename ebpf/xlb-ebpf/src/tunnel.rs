@@ -1,0 +1,255 @@
+//! IPIP between nodes for externalTrafficPolicy Cluster with the client's address
+//! preserved (RFC 2003 encapsulation, built by the program: this kernel has no ipip
+//! driver, and none is needed). The entry node encapsulates the client's packet
+//! unchanged towards the backend's node; that node's XDP decapsulates it, balances it
+//! like any VIP packet (only to its own pods) and its TC egress turns the pod's reply
+//! back into VIP:port, sent straight to the client (direct server return).
+//!
+//! MTU: encapsulation adds 20 bytes. A DF packet that no longer fits the path to the
+//! other node is answered with ICMP fragmentation-needed carrying MTU - 20 (RFC 1191),
+//! so the client's path MTU discovery shrinks its packets; never a silent drop.
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::XdpContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use xlb_common::{Backend, Reason, config};
+
+use crate::{
+    maps::{CONFIG, count},
+    packet::{IP_OFF, ptr_at},
+};
+
+/// IP protocol number of IPv4-in-IPv4.
+pub const PROTO_IPIP: u8 = 4;
+/// Bytes the outer header adds.
+const OUTER: usize = Ipv4Hdr::LEN;
+const AF_INET: u8 = 2;
+const PROTO_ICMP: u8 = 1;
+
+/// This node's tunnel address (0 when the agent has not set one).
+#[inline(always)]
+pub fn node_ip() -> [u8; 4] {
+    let v = CONFIG.get(config::NODE_IP).copied().unwrap_or(0);
+    (v as u32).to_ne_bytes()
+}
+
+/// Strips the outer header of an IPIP packet addressed to this node, leaving the
+/// client's packet behind the original Ethernet header. `None`: not ours.
+#[inline(always)]
+pub fn decap(ctx: &XdpContext) -> Option<()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth: *const EthHdr = ptr_at(start, end, 0)?;
+    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (eth, ip) = unsafe { (*eth, &*ip) };
+    if ip.proto != PROTO_IPIP
+        || eth.ether_type != network_types::eth::EtherType::Ipv4 as u16
+        || ip.vihl != 0x45
+        || u16::from_be_bytes(ip.frags) & 0x3fff != 0
+    {
+        return None;
+    }
+    // Only now (IPIP is rare) pay for the config lookup.
+    let me = node_ip();
+    if me == [0; 4] || ip.dst_addr != me {
+        return None;
+    }
+    // The inner header must be there before we commit to stripping.
+    let _: *const Ipv4Hdr = ptr_at(start, end, IP_OFF + OUTER)?;
+    let moved: *mut EthHdr = ptr_at(start, end, OUTER)?;
+    // SAFETY: bounds checked by ptr_at; EthHdr is plain data.
+    unsafe { *moved = eth };
+    // SAFETY: shrinking the head by the outer header, which the frame holds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
+        return None;
+    }
+    count(Reason::Decap);
+    Some(())
+}
+
+/// Encapsulates the (unmodified) client packet towards `backend.node` and sends it
+/// out: XDP_TX when the node is reached through the interface it came in on, else a
+/// redirect. `Err` carries the drop reason.
+#[inline(always)]
+pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropMalformedL4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { *ip };
+    let inner_len = u16::from_be_bytes(inner.tot_len);
+    let me = node_ip();
+    let dst = [backend.node[0], backend.node[1], backend.node[2], backend.node[3]];
+    if me == [0; 4] {
+        return Err(Reason::DropEncapNoRoute);
+    }
+
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = PROTO_IPIP;
+    // Asks the kernel to check the encapsulated size against the route's MTU.
+    p.__bindgen_anon_1.tot_len = inner_len.saturating_add(OUTER as u16);
+    // SAFETY: reading the xdp_md field of our own context.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(me);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: the helper reads and writes only `p`, sized by the third argument.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the union member the kernel wrote for FRAG_NEEDED.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+        if u16::from_be_bytes(inner.frags) & 0x4000 == 0 {
+            // Fragmenting in XDP is not possible; the sender did not forbid it, so
+            // it will not do PMTU discovery either. Counted, as RFC 1191 hosts set DF.
+            return Err(Reason::IcmpFragNeeded);
+        }
+        return frag_needed(ctx, me, mtu.saturating_sub(OUTER as u16));
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(Reason::DropEncapNoRoute);
+    }
+
+    // SAFETY: growing the head by 20 bytes of XDP headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER as i32)) } != 0 {
+        return Err(Reason::DropEncapNoRoute);
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth: *mut EthHdr = ptr_at(start, end, 0).ok_or(Reason::DropEncapNoRoute)?;
+    let outer: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropEncapNoRoute)?;
+    let mut hdr = Ipv4Hdr {
+        vihl: 0x45,
+        tos: inner.tos,
+        tot_len: (inner_len + OUTER as u16).to_be_bytes(),
+        id: [0; 2],
+        // Copy DF (RFC 2003 section 3.1).
+        frags: (u16::from_be_bytes(inner.frags) & 0x4000).to_be_bytes(),
+        ttl: 64,
+        proto: PROTO_IPIP,
+        check: [0; 2],
+        src_addr: me,
+        dst_addr: dst,
+    };
+    hdr.check = ip_checksum(&hdr).to_be_bytes();
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = p.dmac;
+        (*eth).src_addr = p.smac;
+        (*eth).ether_type = network_types::eth::EtherType::Ipv4 as u16;
+        *outer = hdr;
+    }
+    count(Reason::FwdEncap);
+    // SAFETY: reading our own context.
+    if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        Ok(xdp_action::XDP_TX)
+    } else {
+        // SAFETY: plain helper call.
+        Ok(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
+    }
+}
+
+/// The IPv4 header checksum of `h` (whose `check` is zero), RFC 791.
+#[inline(always)]
+fn ip_checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain data.
+    let b: &[u8; 20] = unsafe { &*(h as *const Ipv4Hdr as *const [u8; 20]) };
+    let mut s: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        s += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// Turns the packet into an ICMP destination-unreachable / fragmentation-needed
+/// (type 3 code 4, RFC 792 and RFC 1191 section 4) to its sender, quoting its IP
+/// header and first 8 payload bytes, and sends it back out (XDP_TX).
+#[inline(always)]
+fn frag_needed(ctx: &XdpContext, me: [u8; 4], mtu: u16) -> Result<u32, Reason> {
+    const QUOTE: usize = Ipv4Hdr::LEN + 8;
+    const ICMP: usize = 8;
+    const GROW: usize = Ipv4Hdr::LEN + ICMP;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth: *const EthHdr = ptr_at(start, end, 0).ok_or(Reason::IcmpFragNeeded)?;
+    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::IcmpFragNeeded)?;
+    // The quoted bytes must exist.
+    let _: *const [u8; QUOTE] = ptr_at(start, end, IP_OFF).ok_or(Reason::IcmpFragNeeded)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (eth, client) = unsafe { (*eth, (*ip).src_addr) };
+    let old_len = (end - start) as i32;
+
+    // Grow the front by the new IP + ICMP headers: the original IP header then sits
+    // exactly where the ICMP quote belongs. Then cut everything after the quote.
+    // SAFETY: XDP headroom is at least 256 bytes.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return Err(Reason::IcmpFragNeeded);
+    }
+    let keep = (EthHdr::LEN + GROW + QUOTE) as i32;
+    // SAFETY: shrinking the tail to a length the frame has.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - (old_len + GROW as i32)) } != 0 {
+        return Err(Reason::IcmpFragNeeded);
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let out_eth: *mut EthHdr = ptr_at(start, end, 0).ok_or(Reason::IcmpFragNeeded)?;
+    let out_ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::IcmpFragNeeded)?;
+    let icmp: *mut [u8; ICMP + QUOTE] =
+        ptr_at(start, end, IP_OFF + Ipv4Hdr::LEN).ok_or(Reason::IcmpFragNeeded)?;
+    let mut hdr = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len: ((Ipv4Hdr::LEN + ICMP + QUOTE) as u16).to_be_bytes(),
+        id: [0; 2],
+        frags: [0; 2],
+        ttl: 64,
+        proto: PROTO_ICMP,
+        check: [0; 2],
+        src_addr: me,
+        dst_addr: client,
+    };
+    hdr.check = ip_checksum(&hdr).to_be_bytes();
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*out_eth).dst_addr = eth.src_addr;
+        (*out_eth).src_addr = eth.dst_addr;
+        (*out_eth).ether_type = network_types::eth::EtherType::Ipv4 as u16;
+        *out_ip = hdr;
+        let m = &mut *icmp;
+        m[0] = 3; // destination unreachable
+        m[1] = 4; // fragmentation needed and DF set
+        m[2] = 0;
+        m[3] = 0;
+        m[4] = 0;
+        m[5] = 0;
+        let mtu = mtu.to_be_bytes();
+        m[6] = mtu[0];
+        m[7] = mtu[1];
+        let mut s: u32 = 0;
+        let mut i = 0;
+        while i < ICMP + QUOTE {
+            s += u16::from_be_bytes([m[i], m[i + 1]]) as u32;
+            i += 2;
+        }
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        let c = (!(s as u16)).to_be_bytes();
+        m[2] = c[0];
+        m[3] = c[1];
+    }
+    count(Reason::IcmpFragNeeded);
+    Ok(xdp_action::XDP_TX)
+}

@@ -1,0 +1,206 @@
+//! externalTrafficPolicy Cluster across nodes, with real packets in the multi-node lab:
+//! the entry node tunnels (IPIP) to the backend's node, which delivers to the pod and
+//! answers the client directly from the VIP (DSR); every node picks the same backend
+//! for the same flow (Maglev); oversized packets get ICMP fragmentation-needed instead
+//! of vanishing. Needs root and the built binary (`XLB_BIN`, else target/release/xlb).
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec};
+use xlb_lab::manifests::{
+    EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP,
+    multi_doc, service_yaml, web_ports, web_slice_yaml, write_atomic,
+};
+use xlb_lab::poll;
+
+const T: Duration = Duration::from_secs(1);
+const SOON: Duration = Duration::from_secs(30);
+
+fn udp_vip() -> SocketAddr {
+    SocketAddr::from((WEB_VIP, WEB_UDP_PORT))
+}
+
+fn tcp_vip() -> SocketAddr {
+    SocketAddr::from((WEB_VIP, WEB_TCP_PORT))
+}
+
+/// A lab of three nodes with `pods` each, the web Service with Cluster policy and the
+/// pods of `endpoint_nodes` as endpoints, Node objects, and an agent on every node.
+fn cluster_lab(pods: [usize; 3], endpoint_nodes: &[&str]) -> Result<Lab> {
+    let mut lab = Lab::multi_node(&pods.map(NodeSpec::with_pods))?;
+    let mut eps = Vec::new();
+    for n in &lab.nodes {
+        if endpoint_nodes.contains(&n.name.as_str()) {
+            eps.extend(
+                n.pods
+                    .iter()
+                    .map(|p| EndpointSpec::new(p.ip, true, &n.name)),
+            );
+        }
+    }
+    let ports: Vec<PortSpec> = web_ports();
+    let service = service_yaml(
+        WEB_NAMESPACE,
+        WEB_SERVICE,
+        &WEB_VIP.to_string(),
+        &ports,
+        false,
+    );
+    let dir = lab.manifests_dir();
+    lab.write_nodes_yaml(&dir)?;
+    write_atomic(
+        &dir.join("web.yaml"),
+        &multi_doc(&[service, web_slice_yaml(&eps)]),
+    )?;
+    lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    // Nodes reach each other's tunnel address through ARP on the LAN; warm it up as a
+    // node's kubelet traffic would.
+    for n in &lab.nodes {
+        for m in &lab.nodes {
+            if n.name != m.name {
+                n.host.ping(m.host.addr, 1)?;
+            }
+        }
+    }
+    Ok(lab)
+}
+
+fn reason(lab: &mut Lab, node: &str, reason: &str) -> Result<f64> {
+    lab.node_named_mut(node)?
+        .agent()?
+        .metric("xlb_datapath_packets_total", &[("reason", reason)])
+}
+
+#[test]
+fn cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip() -> Result<()> {
+    // node-a (where the client's VIP route points) has no endpoint: everything it gets
+    // must be tunnelled to node-b or node-c.
+    let mut lab = cluster_lab([1, 2, 1], &["node-b", "node-c"])?;
+    let replies = poll("the VIP to answer via node-a", SOON, T, || {
+        let r = lab.client.udp_flows(udp_vip(), 40, T);
+        Ok(r.ok().filter(|r| r.len() == 40))
+    })?;
+    let mut servers = BTreeSet::new();
+    for r in &replies {
+        ensure!(r.from == udp_vip(), "reply from {} not the VIP", r.from);
+        ensure!(
+            r.seen_peer == r.local,
+            "{} saw {} not the client {}",
+            r.server,
+            r.seen_peer,
+            r.local
+        );
+        servers.insert(r.server.clone());
+    }
+    ensure!(
+        servers.iter().all(|s| !s.starts_with("node-a")),
+        "node-a's pod is not an endpoint: {servers:?}"
+    );
+    ensure!(
+        servers.len() == 3,
+        "40 flows should reach all 3 endpoints: {servers:?}"
+    );
+    let tcp = lab.client.tcp_flows(tcp_vip(), 10, T)?;
+    ensure!(tcp.len() == 10, "TCP via the tunnel: {} of 10", tcp.len());
+    for r in &tcp {
+        ensure!(
+            r.seen_peer.ip() == CLIENT_ADDR,
+            "{} saw {}",
+            r.server,
+            r.seen_peer
+        );
+    }
+    ensure!(
+        reason(&mut lab, "node-a", "fwd_encap")? >= 50.0,
+        "node-a did not encapsulate"
+    );
+    let decap = reason(&mut lab, "node-b", "decap")? + reason(&mut lab, "node-c", "decap")?;
+    ensure!(decap >= 50.0, "nodes b and c decapsulated {decap} packets");
+    // Replies went straight to the client: node-a never reverse-NATs anything.
+    ensure!(
+        reason(&mut lab, "node-a", "rev_nat")? == 0.0,
+        "a reply went back through node-a"
+    );
+
+    // A full-size upload: 1500-byte segments no longer fit once the tunnel adds 20
+    // bytes; node-a answers ICMP fragmentation-needed, the client's path MTU drops and
+    // the transfer completes.
+    let line = "x".repeat(200_000);
+    let mut s = lab
+        .client
+        .ns
+        .enter(|| TcpStream::connect_timeout(&tcp_vip(), T).context("connect for upload"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer)?;
+    ensure!(
+        answer
+            .split(' ')
+            .nth(1)
+            .is_some_and(|p| p.starts_with("10.0.0.1:")),
+        "upload answered {answer:?}"
+    );
+    ensure!(
+        reason(&mut lab, "node-a", "icmp_frag_needed")? >= 1.0,
+        "node-a sent no ICMP fragmentation-needed"
+    );
+    Ok(())
+}
+
+/// Sends one datagram from `CLIENT_ADDR:sport` to the VIP and returns the answering pod.
+fn server_for(lab: &Lab, sport: u16) -> Result<String> {
+    let sock = lab.client.ns.enter(|| {
+        UdpSocket::bind(SocketAddrV4::new(CLIENT_ADDR, sport)).context("bind fixed port")
+    })?;
+    sock.set_read_timeout(Some(T))?;
+    let mut buf = [0u8; 512];
+    for _ in 0..3 {
+        sock.send_to(b"x", udp_vip())?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            ensure!(from == udp_vip(), "reply from {from}");
+            let text = String::from_utf8_lossy(&buf[..n]);
+            return Ok(text.split(' ').next().unwrap_or_default().to_string());
+        }
+    }
+    anyhow::bail!("no reply for source port {sport}")
+}
+
+#[test]
+fn every_node_picks_the_same_backend_for_a_flow() -> Result<()> {
+    let lab = cluster_lab([2, 2, 2], &["node-a", "node-b", "node-c"])?;
+    poll("the VIP to answer via node-a", SOON, T, || {
+        lab.client.udp_probe(udp_vip(), T)
+    })?;
+    let ports: Vec<u16> = (40_000..40_200).collect();
+    let via_a: BTreeMap<u16, String> = ports
+        .iter()
+        .map(|p| Ok((*p, server_for(&lab, *p)?)))
+        .collect::<Result<_>>()?;
+    let spread: BTreeSet<&String> = via_a.values().collect();
+    ensure!(
+        spread.len() == 6,
+        "200 flows reached {} of 6 pods",
+        spread.len()
+    );
+
+    lab.client_route_vips_via("node-b")?;
+    let mut differ = Vec::new();
+    for p in &ports {
+        let s = server_for(&lab, *p)?;
+        if s != via_a[p] {
+            differ.push((*p, via_a[p].clone(), s));
+        }
+    }
+    ensure!(
+        differ.is_empty(),
+        "{} of 200 flows landed elsewhere via node-b: {:?}",
+        differ.len(),
+        &differ[..differ.len().min(5)]
+    );
+    Ok(())
+}

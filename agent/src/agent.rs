@@ -44,6 +44,8 @@ pub struct Config {
     pub pin_path: PathBuf,
     /// XDP attach mode.
     pub xdp_mode: XdpMode,
+    /// Capacity of the connection-tracking (and reverse-NAT) map.
+    pub conntrack_size: u32,
     /// How XDP forwards DNATed packets.
     pub forward: ForwardMode,
     /// This node's address for IPIP between nodes; `None`: the interface's first IPv4.
@@ -206,7 +208,12 @@ fn log_changes(writes: &[Write], target: &state::Target) {
 /// Runs the agent until SIGTERM/SIGINT. The datapath is left attached and pinned on
 /// exit so that traffic keeps flowing until the next agent takes over.
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
-    let mut dp = Dataplane::open(&cfg.interface, &cfg.pin_path, cfg.xdp_mode)?;
+    let mut dp = Dataplane::open(
+        &cfg.interface,
+        &cfg.pin_path,
+        cfg.xdp_mode,
+        cfg.conntrack_size,
+    )?;
     let forward_written = dp.set_forward_mode(cfg.forward)?;
     info!(mode = ?cfg.forward, "XDP forwarding");
     let node_ip = cfg

@@ -45,6 +45,10 @@ enum Command {
         /// XDP attach mode: `native` (driver) or `generic` (skb, for NICs without XDP).
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         xdp_mode: Mode,
+        /// Connection-tracking capacity (flows). Applies when the maps are created; run
+        /// `xlb cleanup` to change it on a node that already has a datapath.
+        #[arg(long, default_value_t = xlb_common::limits::CONNTRACK_ENTRIES)]
+        conntrack_size: u32,
         /// How XDP hands a DNATed packet on: `pass` to the kernel's routing (works with
         /// any CNI), or `redirect` after a FIB lookup (needs pod devices that accept
         /// XDP frames, e.g. veth with GRO or XDP on the pod side).
@@ -98,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             pin_path,
             xdp_mode,
+            conntrack_size,
             forward,
             node_ip,
         } => {
@@ -111,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                     Mode::Native => XdpMode::Driver,
                     Mode::Generic => XdpMode::Skb,
                 },
+                conntrack_size,
                 forward: match forward {
                     Forward::Pass => xlb::dataplane::ForwardMode::Pass,
                     Forward::Redirect => xlb::dataplane::ForwardMode::Redirect,

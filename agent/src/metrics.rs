@@ -241,7 +241,14 @@ impl Collector for BpfCollector {
             "xlb_datapath_packets",
             "Packets the programs forwarded, passed or dropped, by reason",
             &rows,
-        )
+        )?;
+        let m = encoder.encode_descriptor(
+            "xlb_conntrack_entries",
+            "Flows in the connection-tracking map (LRU: the oldest are evicted when full)",
+            None,
+            MetricType::Gauge,
+        )?;
+        prometheus_client::metrics::gauge::ConstGauge::new(snap.conntrack_entries as i64).encode(m)
     }
 }
 

@@ -101,6 +101,11 @@ fn churn_breaks_no_established_connection() -> Result<()> {
     }
     let pods: BTreeSet<&str> = conns.iter().map(|(_, p)| p.as_str()).collect();
     ensure!(pods.len() == 3, "100 connections used pods {pods:?}");
+    let tracked = lab.agent()?.metric("xlb_conntrack_entries", &[])?;
+    ensure!(
+        tracked >= CONNECTIONS as f64,
+        "xlb_conntrack_entries = {tracked} with {CONNECTIONS} open connections"
+    );
 
     // Add pod4: it gets new flows, nobody moves.
     apply(

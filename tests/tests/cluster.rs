@@ -204,3 +204,47 @@ fn every_node_picks_the_same_backend_for_a_flow() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn local_health_check_node_port_says_which_nodes_serve() -> Result<()> {
+    // Local policy with endpoints on node-a only: node-a's healthCheckNodePort answers
+    // 200 with its endpoint count, the others 503, so an external load balancer (or
+    // L2/BGP later) sends traffic only where it can be served.
+    let mut lab = Lab::multi_node(&[2, 1, 1].map(NodeSpec::with_pods))?;
+    let a = lab.node_named("node-a")?;
+    let eps: Vec<EndpointSpec> = a
+        .pods
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, true, &a.name))
+        .collect();
+    let service = service_yaml(
+        WEB_NAMESPACE,
+        WEB_SERVICE,
+        &WEB_VIP.to_string(),
+        &web_ports(),
+        true,
+    )
+    .replace("  ports:\n", "  healthCheckNodePort: 32100\n  ports:\n");
+    let dir = lab.manifests_dir();
+    lab.write_nodes_yaml(&dir)?;
+    write_atomic(
+        &dir.join("web.yaml"),
+        &multi_doc(&[service, web_slice_yaml(&eps)]),
+    )?;
+    lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    let client = lab.client.ns.name().to_string();
+    for n in &lab.nodes {
+        let hc = SocketAddr::from((n.host.addr, 32100));
+        let (code, body) = poll(&format!("{} health check", n.name), SOON, T, || {
+            Ok(xlb_lab::agent::http_get(&client, hc, "/healthz").ok())
+        })?;
+        if n.name == "node-a" {
+            ensure!(code == 200, "node-a: {code} {body}");
+            ensure!(body.contains("\"localEndpoints\":2"), "node-a: {body}");
+        } else {
+            ensure!(code == 503, "{}: {code} {body}", n.name);
+            ensure!(body.contains("\"localEndpoints\":0"), "{}: {body}", n.name);
+        }
+    }
+    Ok(())
+}

@@ -137,7 +137,14 @@ pub fn tc_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
 impl Dataplane {
     /// Loads the programs, reusing pinned maps, and attaches them to `iface`, taking
     /// over a previous agent's links if they are pinned.
-    pub fn open(iface: &str, pin_path: &Path, xdp_mode: XdpMode) -> Result<Self, DataplaneError> {
+    /// `conntrack_size` sizes `xlb_conntrack` and `xlb_revnat` when they are created; a
+    /// pinned map keeps its size (`xlb cleanup` first to change it).
+    pub fn open(
+        iface: &str,
+        pin_path: &Path,
+        xdp_mode: XdpMode,
+        conntrack_size: u32,
+    ) -> Result<Self, DataplaneError> {
         if OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
@@ -152,6 +159,10 @@ impl Dataplane {
             .collect();
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        // Reply maps are as large as conntrack: every tracked flow may need one.
+        for name in [names::CONNTRACK, names::REVNAT] {
+            loader.map_max_entries(name, conntrack_size);
         }
         let mut ebpf = loader.load(OBJECT)?;
 
@@ -588,6 +599,7 @@ pub struct Stats {
     services: PerCpuHashMap<MapData, u32, Counter>,
     backends: PerCpuHashMap<MapData, u32, Counter>,
     reasons: aya::maps::PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, xlb_common::FlowKey, xlb_common::CtEntry>,
 }
 
 /// Counters summed over CPUs.
@@ -599,6 +611,8 @@ pub struct StatsSnapshot {
     pub backends: std::collections::BTreeMap<u32, Counter>,
     /// Per [`xlb_common::Reason`], indexed by discriminant.
     pub reasons: Vec<u64>,
+    /// Entries in `xlb_conntrack` (live or not yet evicted).
+    pub conntrack_entries: u64,
 }
 
 impl Stats {
@@ -619,6 +633,8 @@ impl Stats {
                 names::REASONS,
             )?))
             .map_err(map_err(names::REASONS))?,
+            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(open(names::CONNTRACK)?))
+                .map_err(map_err(names::CONNTRACK))?,
         })
     }
 
@@ -643,6 +659,8 @@ impl Stats {
             let v = v.map_err(map_err(names::REASONS))?;
             s.reasons.push(v.iter().sum());
         }
+        // One syscall per key: fine at scrape intervals for the default capacity.
+        s.conntrack_entries = self.conntrack.keys().filter(Result::is_ok).count() as u64;
         Ok(s)
     }
 }

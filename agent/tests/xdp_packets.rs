@@ -7,7 +7,8 @@
 //! port and the two checksums differ, and both checksums verify from scratch.
 //!
 //! `xdp_fast_path_cost` (ignored) prints ns/packet for the paths that matter:
-//! `cargo test --release -p xlb --test xdp_packets -- --ignored --nocapture xdp_fast_path_cost`.
+//! `cargo test --release -p xlb --test xdp_packets -- --ignored --nocapture xdp_fast_path_cost`;
+//! `tunnel_path_cost` (ignored) does the same for the Cluster tunnel's two ends.
 // Test helpers outside `#[test]` functions panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -1015,4 +1016,181 @@ fn xdp_fast_path_cost() {
         nf as i64 - base_1 as i64
     );
     println!("(medians: 5 runs at repeat=N, {SINGLE} runs at repeat=1, interleaved)");
+}
+
+/// A network namespace for [`tunnel_path_cost`], deleted on drop: the encapsulating
+/// node's FIB lookup needs a route and a neighbour for the other node, and they must
+/// not be the machine's own.
+struct CostNs(String);
+
+impl CostNs {
+    fn new() -> CostNs {
+        let name = format!("xlb-cost-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = CostNs(name.clone());
+        ip(&[
+            "-n", &name, "link", "add", "va", "type", "veth", "peer", "name", "vb",
+        ]);
+        ip(&["-n", &name, "addr", "add", "10.0.0.11/24", "dev", "va"]);
+        ip(&["-n", &name, "link", "set", "va", "up"]);
+        ip(&["-n", &name, "link", "set", "vb", "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        // bpf_fib_lookup answers FWD_DISABLED unless the ingress device forwards (as
+        // every Kubernetes node's does).
+        let st = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        ip(&[
+            "-n",
+            &name,
+            "neigh",
+            "add",
+            "10.0.0.12",
+            "lladdr",
+            "02:00:00:00:00:12",
+            "dev",
+            "va",
+            "nud",
+            "permanent",
+        ]);
+        ns
+    }
+
+    /// Runs `f` on a thread inside the namespace (BPF_PROG_TEST_RUN looks routes up in
+    /// the calling thread's namespace).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = std::fs::File::open(&path).unwrap();
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid namespace fd for this thread only.
+                assert_eq!(
+                    unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+                    0
+                );
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for CostNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// ns/packet of both ends of the Cluster tunnel (repeat=1 medians next to the
+/// XDP_PASS baseline measured the same way: with repeat > 1 the kernel would rerun the
+/// program on the already rewritten buffer).
+#[test]
+#[ignore = "measurement; prints a table, asserts nothing about time"]
+fn tunnel_path_cost() {
+    let ns = CostNs::new();
+    ns.run(|| {
+        let mut bed = TestBed::load().unwrap();
+        let node_ip = u64::from(u32::from_ne_bytes([10, 0, 0, 11]));
+        bed.config
+            .set(xlb_common::config::NODE_IP, node_ip, 0)
+            .unwrap();
+        // VIP:80 has one backend on the other node (10.0.0.12): encapsulated.
+        let remote = xlb::dataplane::state::remote_backend_value(
+            &sa(BE1, 8080),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12)),
+        );
+        bed.backends.insert(101, remote, 0).unwrap();
+        bed.set_table(2, &[101]).unwrap();
+        let key = service_key(&VipKey {
+            addr: IpAddr::V4(Ipv4Addr::from(VIP)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        });
+        let svc = Service {
+            id: 1,
+            table: 2,
+            count: 1,
+            flags: 0,
+            affinity_secs: 0,
+            pad: 0,
+        };
+        bed.services.insert(key, svc, 0).unwrap();
+        bed.create_counters(1, &[101]).unwrap();
+        // VIP:81 has a local backend: what arrives decapsulated is DNATed to it.
+        program(&mut bed, 2, (VIP, 81, Protocol::Tcp), &[(BE2, 8080)]);
+
+        let tcp = |dport| {
+            Ip4::new(CLIENT, VIP, PROTO_TCP).frame(&tcp_seg(
+                CLIENT,
+                VIP,
+                (1000, dport),
+                ACK,
+                5,
+                &[],
+                b"0123456789abcdef",
+            ))
+        };
+        let to_encap = tcp(80);
+        let inner = tcp(81);
+        // The same client packet as another node's xlb sends it: outer IPv4, proto 4.
+        let outer = Ip4::new([10, 0, 0, 12], [10, 0, 0, 11], 4).frame(&inner[ETH_LEN..]);
+        let first = bed.run(names::XDP_PROG, &to_encap, 1).unwrap();
+        assert_eq!(
+            first.retval,
+            4,
+            "XDP_REDIRECT towards the other node; reasons: {:?}",
+            Reason::ALL
+                .iter()
+                .map(|r| (r.label(), bed.reason_count(*r).unwrap()))
+                .filter(|(_, n)| *n > 0)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(first.data.len(), to_encap.len() + 20, "outer header added");
+        let d = bed.run(names::XDP_PROG, &outer, 1).unwrap();
+        assert_eq!(d.retval, XDP_PASS, "decapsulated and DNATed");
+        assert_eq!(d.data.len(), inner.len(), "outer header removed");
+
+        let cases: [(&str, &'static str, &[u8]); 3] = [
+            ("XDP_PASS baseline", BASELINE_PROG, &to_encap),
+            ("encap (CT hit, FIB, IPIP)", names::XDP_PROG, &to_encap),
+            ("decap (+ CT hit, DNAT)", names::XDP_PROG, &outer),
+        ];
+        let mut runs = vec![vec![]; cases.len()];
+        for _ in 0..2_000 {
+            for (i, &(_, prog, pkt)) in cases.iter().enumerate() {
+                runs[i].push(bed.run(prog, pkt, 1).unwrap().duration_ns);
+            }
+        }
+        let base = median(runs[0].clone());
+        println!();
+        println!("BPF_PROG_TEST_RUN repeat=1, medians of 2000 interleaved runs");
+        for (i, (name, _, pkt)) in cases.iter().enumerate() {
+            let m = median(runs[i].clone());
+            println!(
+                "{name:28} {:>4} B  {m:>6} ns  {:>+6} ns over baseline",
+                pkt.len(),
+                m as i64 - base as i64
+            );
+        }
+    });
 }

@@ -43,6 +43,8 @@ pub struct TestBed {
     pub backends: HashMap<MapData, u32, Backend>,
     /// `xlb_conntrack` (LRU): client flow -> chosen backend.
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// `xlb_config`: node settings (`xlb_common::config`).
+    pub config: Array<MapData, u64>,
     service_stats: PerCpuHashMap<MapData, u32, Counter>,
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     reasons: PerCpuArray<MapData, u64>,
@@ -88,6 +90,7 @@ impl TestBed {
             HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
         let conntrack =
             HashMap::try_from(take(names::CONNTRACK)?).map_err(map_err(names::CONNTRACK))?;
+        let config = Array::try_from(take(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
             .map_err(map_err(names::SERVICE_STATS))?;
         let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
@@ -101,6 +104,7 @@ impl TestBed {
             maglev,
             backends,
             conntrack,
+            config,
             service_stats,
             backend_stats,
             reasons,

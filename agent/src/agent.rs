@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        Dataplane, DataplaneError, ForwardMode, Stats,
+        ClusterMode, Dataplane, DataplaneError, ForwardMode, NodeConfig, Stats,
         state::{self, Ids, MapState, Write},
     },
     desired::{self, Desired},
@@ -48,6 +48,8 @@ pub struct Config {
     pub conntrack_size: u32,
     /// How XDP forwards DNATed packets.
     pub forward: ForwardMode,
+    /// How remote backends of Cluster services are reached.
+    pub cluster: ClusterMode,
     /// This node's address for IPIP between nodes; `None`: the interface's first IPv4.
     pub node_ip: Option<std::net::Ipv4Addr>,
 }
@@ -214,18 +216,22 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         cfg.xdp_mode,
         cfg.conntrack_size,
     )?;
-    let forward_written = dp.set_forward_mode(cfg.forward)?;
-    info!(mode = ?cfg.forward, "XDP forwarding");
-    let node_ip = cfg
-        .node_ip
-        .or_else(|| crate::dataplane::interface_ipv4(&cfg.interface));
-    let node_ip_written = dp.set_node_ip(node_ip)?;
-    let mac_written = dp.set_iface_mac(crate::dataplane::interface_mac(&cfg.interface))?;
-    match node_ip {
-        Some(ip) => info!(%ip, "node address for tunnels between nodes"),
+    let node = NodeConfig {
+        forward: cfg.forward,
+        cluster: cfg.cluster,
+        ip: cfg
+            .node_ip
+            .or_else(|| crate::dataplane::interface_ipv4(&cfg.interface)),
+        mac: crate::dataplane::interface_mac(&cfg.interface),
+    };
+    let node_writes = dp.set_node(&node)?;
+    match node.ip {
+        Some(ip) => {
+            info!(%ip, forward = ?node.forward, cluster = ?node.cluster, "node datapath settings")
+        }
         None => warn!(
             iface = %cfg.interface,
-            "no IPv4 address on the interface and no --node-ip: Cluster services use this node's endpoints only"
+            "no IPv4 address on the interface and no --node-ip: Cluster services reach other nodes' endpoints only once one is set"
         ),
     }
     let applied = dp.read_state()?;
@@ -237,9 +243,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     );
     let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?);
     let metrics = Metrics::new(collector.clone());
-    metrics
-        .map_updates
-        .inc_by(u64::from(forward_written) + u64::from(node_ip_written) + u64::from(mac_written));
+    metrics.map_updates.inc_by(node_writes);
 
     let addr = cfg.metrics_addr;
     let listener_metrics = metrics.clone();

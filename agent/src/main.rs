@@ -58,6 +58,11 @@ enum Command {
         /// Cluster); default: the interface's first IPv4 address.
         #[arg(long)]
         node_ip: Option<std::net::Ipv4Addr>,
+        /// How externalTrafficPolicy Cluster reaches pods on other nodes: `dsr` (IPIP
+        /// to their node, which answers the client directly; pods see the client's
+        /// address) or `snat` (source NAT to this node; pods see this node's address).
+        #[arg(long, value_enum, default_value_t = Cluster::Dsr)]
+        cluster_mode: Cluster,
     },
     /// Detach xlb's programs from the interface and remove its pinned maps and links.
     /// Use it when uninstalling xlb from a node; a normal restart or upgrade must not
@@ -70,6 +75,12 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/xlb")]
         pin_path: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Cluster {
+    Dsr,
+    Snat,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -105,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             conntrack_size,
             forward,
             node_ip,
+            cluster_mode,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -122,6 +134,10 @@ fn main() -> anyhow::Result<()> {
                     Forward::Redirect => xlb::dataplane::ForwardMode::Redirect,
                 },
                 node_ip,
+                cluster: match cluster_mode {
+                    Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
+                    Cluster::Snat => xlb::dataplane::ClusterMode::Snat,
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -6,8 +6,8 @@ use std::mem::size_of;
 
 use aya::maps::{Map, MapData};
 use xlb_common::{
-    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service, ServiceKey,
-    SourceRange, config, limits, names,
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Handoff, Reason, RevNat, Service,
+    ServiceKey, SnatRev, SourceRange, config, limits, names,
 };
 
 fn data(m: &Map) -> &MapData {
@@ -18,7 +18,8 @@ fn data(m: &Map) -> &MapData {
         | Map::PerCpuArray(d)
         | Map::Array(d)
         | Map::HashOfMaps(d)
-        | Map::LpmTrie(d) => d,
+        | Map::LpmTrie(d)
+        | Map::ProgramArray(d) => d,
         other => panic!("unexpected map type {other:?}"),
     }
 }
@@ -83,6 +84,14 @@ fn kernel_and_agent_agree_on_map_layouts() {
             size_of::<Affinity>(),
             limits::AFFINITY_ENTRIES,
         ),
+        (
+            names::SNAT,
+            size_of::<FlowKey>(),
+            size_of::<SnatRev>(),
+            limits::CONNTRACK_ENTRIES,
+        ),
+        (names::PROGS, u32s, u32s, names::TAIL_PROGS.len() as u32),
+        (names::HANDOFF, u32s, size_of::<Handoff>(), 1),
     ];
     assert_eq!(
         expected.len(),

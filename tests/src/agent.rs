@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub log_dir: PathBuf,
     /// `--log-level`.
     pub log_level: String,
+    /// Further flags, e.g. `--cluster-mode snat`.
+    pub extra_args: Vec<String>,
 }
 
 /// A running (or stopped) `xlb agent` process in a node namespace; SIGTERM/SIGKILLed on drop.
@@ -99,6 +101,7 @@ impl Agent {
             .arg("--pin-path")
             .arg(&self.cfg.pin_dir)
             .args(["--log-level", &self.cfg.log_level])
+            .args(&self.cfg.extra_args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -118,6 +118,8 @@ pub struct Node {
     ns_prefix: String,
     pod_prefix: String,
     used_bin: Option<PathBuf>,
+    /// Extra `xlb agent` flags for this node (set before starting the agent).
+    pub agent_args: Vec<String>,
 }
 
 /// A Calico-style pod: a namespace with `eth0` `/32`, default route via 169.254.1.1, and the
@@ -455,6 +457,7 @@ impl Lab {
             manifests_dir,
             log_dir,
             used_bin: None,
+            agent_args: Vec::new(),
         });
         Ok(())
     }
@@ -558,6 +561,7 @@ impl Node {
             pin_dir: self.pin_dir.clone(),
             log_dir: self.log_dir.clone(),
             log_level: "debug".to_string(),
+            extra_args: self.agent_args.clone(),
         })?;
         Ok(self.agent.insert(agent))
     }

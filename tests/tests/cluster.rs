@@ -30,7 +30,15 @@ fn tcp_vip() -> SocketAddr {
 /// A lab of three nodes with `pods` each, the web Service with Cluster policy and the
 /// pods of `endpoint_nodes` as endpoints, Node objects, and an agent on every node.
 fn cluster_lab(pods: [usize; 3], endpoint_nodes: &[&str]) -> Result<Lab> {
+    cluster_lab_with(pods, endpoint_nodes, &[])
+}
+
+/// [`cluster_lab`] with extra `xlb agent` flags on every node.
+fn cluster_lab_with(pods: [usize; 3], endpoint_nodes: &[&str], args: &[&str]) -> Result<Lab> {
     let mut lab = Lab::multi_node(&pods.map(NodeSpec::with_pods))?;
+    for n in &mut lab.nodes {
+        n.agent_args = args.iter().map(|a| a.to_string()).collect();
+    }
     let mut eps = Vec::new();
     for n in &lab.nodes {
         if endpoint_nodes.contains(&n.name.as_str()) {
@@ -148,6 +156,61 @@ fn cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip() -> Result<(
     ensure!(
         reason(&mut lab, "node-a", "icmp_frag_needed")? >= 1.0,
         "node-a sent no ICMP fragmentation-needed"
+    );
+    Ok(())
+}
+
+#[test]
+fn cluster_snat_mode_answers_through_the_entry_node() -> Result<()> {
+    // As above, but where DSR is not possible: node-a source-NATs to its own address,
+    // so the pods see node-a (10.0.0.11), and the replies come back through it.
+    let mut lab = cluster_lab_with(
+        [1, 2, 1],
+        &["node-b", "node-c"],
+        &["--cluster-mode", "snat"],
+    )?;
+    let node_a = lab.node_named("node-a")?.host.addr;
+    let replies = poll("the VIP to answer via node-a", SOON, T, || {
+        let r = lab.client.udp_flows(udp_vip(), 40, T);
+        Ok(r.ok().filter(|r| r.len() == 40))
+    })?;
+    let mut servers = BTreeSet::new();
+    for r in &replies {
+        ensure!(r.from == udp_vip(), "reply from {} not the VIP", r.from);
+        ensure!(
+            r.seen_peer.ip() == node_a,
+            "{} saw {} not node-a",
+            r.server,
+            r.seen_peer
+        );
+        servers.insert(r.server.clone());
+    }
+    ensure!(
+        servers.len() == 3,
+        "40 flows should reach all 3 endpoints: {servers:?}"
+    );
+    let tcp = lab.client.tcp_flows(tcp_vip(), 10, T)?;
+    ensure!(tcp.len() == 10, "TCP through SNAT: {} of 10", tcp.len());
+    for r in &tcp {
+        ensure!(r.from == tcp_vip(), "TCP reply from {}", r.from);
+        ensure!(
+            r.seen_peer.ip() == node_a,
+            "{} saw {}",
+            r.server,
+            r.seen_peer
+        );
+    }
+    ensure!(
+        reason(&mut lab, "node-a", "fwd_snat")? >= 50.0,
+        "node-a did not SNAT"
+    );
+    ensure!(
+        reason(&mut lab, "node-a", "rev_snat")? >= 50.0,
+        "replies did not come back via node-a"
+    );
+    ensure!(
+        reason(&mut lab, "node-a", "fwd_encap")? == 0.0,
+        "SNAT mode must not tunnel"
     );
     Ok(())
 }

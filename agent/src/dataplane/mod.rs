@@ -109,6 +109,30 @@ pub enum ForwardMode {
     Redirect = 1,
 }
 
+/// How remote backends of Cluster services are reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterMode {
+    /// IPIP to the backend's node, which replies to the client directly (the
+    /// default; the pod sees the client's address).
+    Dsr = 0,
+    /// Source NAT to this node's address; replies come back through it (the pod sees
+    /// this node's address). For networks that drop packets sourced from a VIP.
+    Snat = 1,
+}
+
+/// Node-level facts the programs need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// XDP forwarding after DNAT.
+    pub forward: ForwardMode,
+    /// Cluster-policy mode.
+    pub cluster: ClusterMode,
+    /// This node's tunnel/SNAT address.
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The uplink's MAC.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// The attached, pinned datapath of one interface.
 pub struct Dataplane {
     // Keeps the programs loaded while the agent runs; links are pinned, so dropping
@@ -121,6 +145,8 @@ pub struct Dataplane {
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     config: Array<MapData, u64>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
+    // Held so the program array's fd stays valid while programs referring to it load.
+    _tail_progs: aya::maps::ProgramArray<MapData>,
     ncpus: usize,
 }
 
@@ -166,6 +192,9 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(OBJECT)?;
 
+        // Tail-call targets first: a freshly attached (or swapped-in) xlb_xdp must find
+        // them in place.
+        let tail_progs = load_tail_programs(&mut ebpf)?;
         attach_xdp(&mut ebpf, iface, pin_path, xdp_mode)?;
         attach_tc(&mut ebpf, iface, pin_path)?;
 
@@ -193,6 +222,7 @@ impl Dataplane {
             backend_stats,
             config,
             ranges,
+            _tail_progs: tail_progs,
             ncpus,
         })
     }
@@ -245,57 +275,38 @@ impl Dataplane {
         })
     }
 
-    /// Sets how XDP forwards DNATed packets (`xlb_config[FORWARD_MODE]`); writes only
-    /// on a change and returns whether it wrote.
-    pub fn set_forward_mode(&mut self, mode: ForwardMode) -> Result<bool, DataplaneError> {
-        let want = mode as u64;
-        let now = self
-            .config
-            .get(&config::FORWARD_MODE, 0)
-            .map_err(map_err(names::CONFIG))?;
-        if now == want {
+    /// Writes `xlb_config[key]` only when it differs; returns whether it wrote (so an
+    /// unchanged restart writes nothing).
+    pub fn set_config(&mut self, key: u32, value: u64) -> Result<bool, DataplaneError> {
+        let now = self.config.get(&key, 0).map_err(map_err(names::CONFIG))?;
+        if now == value {
             return Ok(false);
         }
         self.config
-            .set(config::FORWARD_MODE, want, 0)
+            .set(key, value, 0)
             .map_err(map_err(names::CONFIG))?;
         Ok(true)
     }
 
-    /// Sets this node's tunnel address (`xlb_config[NODE_IP]`, 0 = none); writes only on
-    /// a change and returns whether it wrote.
-    pub fn set_node_ip(&mut self, ip: Option<std::net::Ipv4Addr>) -> Result<bool, DataplaneError> {
-        let want = ip.map_or(0, |ip| u64::from(u32::from_ne_bytes(ip.octets())));
-        let now = self
-            .config
-            .get(&config::NODE_IP, 0)
-            .map_err(map_err(names::CONFIG))?;
-        if now == want {
-            return Ok(false);
-        }
-        self.config
-            .set(config::NODE_IP, want, 0)
-            .map_err(map_err(names::CONFIG))?;
-        Ok(true)
-    }
-
-    /// Sets the uplink's MAC (`xlb_config[IFACE_MAC]`, 0 = no check); writes only on a
-    /// change and returns whether it wrote.
-    pub fn set_iface_mac(&mut self, mac: Option<[u8; 6]>) -> Result<bool, DataplaneError> {
-        let want = mac.map_or(0, |m| {
+    /// Programs the node-level switches: forwarding and Cluster modes, this node's
+    /// tunnel address and the uplink's MAC. Returns the number of writes.
+    pub fn set_node(&mut self, node: &NodeConfig) -> Result<u64, DataplaneError> {
+        let ip = node
+            .ip
+            .map_or(0, |ip| u64::from(u32::from_ne_bytes(ip.octets())));
+        let mac = node.mac.map_or(0, |m| {
             u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
         });
-        let now = self
-            .config
-            .get(&config::IFACE_MAC, 0)
-            .map_err(map_err(names::CONFIG))?;
-        if now == want {
-            return Ok(false);
+        let mut n = 0;
+        for (key, value) in [
+            (config::FORWARD_MODE, node.forward as u64),
+            (config::CLUSTER_MODE, node.cluster as u64),
+            (config::NODE_IP, ip),
+            (config::IFACE_MAC, mac),
+        ] {
+            n += u64::from(self.set_config(key, value)?);
         }
-        self.config
-            .set(config::IFACE_MAC, want, 0)
-            .map_err(map_err(names::CONFIG))?;
-        Ok(true)
+        Ok(n)
     }
 
     /// Persists the id counters (only when they changed; returns writes made).
@@ -416,6 +427,26 @@ fn open_pinned_link(path: &Path) -> Result<Option<FdLink>, DataplaneError> {
         Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(link_err(path, e)),
     }
+}
+
+/// Loads the programs `xlb_xdp` tail-calls and puts them in the (pinned) `xlb_progs`.
+/// The returned handle must outlive loading `xlb_xdp`, which refers to the map by fd.
+fn load_tail_programs(ebpf: &mut Ebpf) -> Result<aya::maps::ProgramArray<MapData>, DataplaneError> {
+    let map = ebpf
+        .take_map(names::PROGS)
+        .ok_or(DataplaneError::Missing(names::PROGS))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map).map_err(map_err(names::PROGS))?;
+    for (i, name) in names::TAIL_PROGS.iter().enumerate() {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing("tail-called program"))?
+            .try_into()
+            .map_err(program_err("tail-called program"))?;
+        prog.load().map_err(program_err("tail-called program"))?;
+        let fd = prog.fd().map_err(program_err("tail-called program"))?;
+        progs.set(i as u32, fd, 0).map_err(map_err(names::PROGS))?;
+    }
+    Ok(progs)
 }
 
 fn attach_xdp(

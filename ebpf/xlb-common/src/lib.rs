@@ -33,8 +33,16 @@ pub mod names {
     pub const SOURCE_RANGES: &str = "xlb_src_ranges";
     /// sessionAffinity ClientIP: (client address, service id) -> backend (LRU).
     pub const AFFINITY: &str = "xlb_affinity";
+    /// `--cluster-mode snat`: reply flow (pod -> this node:port) -> client and VIP.
+    pub const SNAT: &str = "xlb_snat";
+    /// Tail-call targets of `xlb_xdp` (the SNAT programs). Pinned because the kernel
+    /// empties a program array once no file refers to it.
+    pub const PROGS: &str = "xlb_progs";
+    /// Per-CPU [`super::Handoff`] from `xlb_xdp` to a tail-called program; pinned so an
+    /// old and a new program version share it during a takeover.
+    pub const HANDOFF: &str = "xlb_handoff";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 11] = [
+    pub const ALL_MAPS: [&str; 14] = [
         SERVICES,
         MAGLEV,
         BACKENDS,
@@ -46,7 +54,16 @@ pub mod names {
         CONFIG,
         SOURCE_RANGES,
         AFFINITY,
+        SNAT,
+        PROGS,
+        HANDOFF,
     ];
+    /// `xlb_progs` index of the SNAT forward program.
+    pub const PROG_SNAT_FWD: u32 = 0;
+    /// `xlb_progs` index of the SNAT reply program.
+    pub const PROG_SNAT_REV: u32 = 1;
+    /// Program names of those, in index order.
+    pub const TAIL_PROGS: [&str; 2] = ["xlb_snat_fwd", "xlb_snat_rev"];
     /// Program names in the object file.
     pub const XDP_PROG: &str = "xlb_xdp";
     /// TC egress (reverse NAT) program name.
@@ -228,7 +245,51 @@ pub struct CtEntry {
     pub service_id: u32,
     /// `CT_F_*` bits.
     pub flags: u32,
+    /// `--cluster-mode snat`: the source port this node uses towards the backend
+    /// (network order); 0 when the flow is not source-NATed.
+    pub snat_port: u16,
+    /// Zero.
+    pub pad: [u8; 6],
 }
+
+/// Value of `xlb_snat`, keyed by the reply flow (backend -> this node:snat port): how
+/// to turn the backend's reply back into one from the VIP to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatRev {
+    /// The client's address.
+    pub client: Addr,
+    /// The VIP.
+    pub vip: Addr,
+    /// The client's port, network order.
+    pub client_port: u16,
+    /// The service port, network order.
+    pub vip_port: u16,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// What `xlb_xdp` hands a tail-called program (same CPU, same packet: XDP does not
+/// nest).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Handoff {
+    /// The backend chosen.
+    pub backend: Backend,
+    /// Its id.
+    pub backend_id: u32,
+    /// The flow's SNAT port from conntrack (network order), 0 for a new flow.
+    pub snat_port: u16,
+    /// Zero.
+    pub pad: [u8; 6],
+}
+
+/// Source ports `--cluster-mode snat` allocates, above Linux's default ephemeral
+/// range (net.ipv4.ip_local_port_range 32768-60999) so the node's own sockets do not
+/// collide with them.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Number of SNAT ports (61000..=65535).
+pub const SNAT_PORTS: u16 = 4_536;
 
 /// Conntrack flag: a FIN or RST was seen; the entry lives [`timeouts::TCP_CLOSING`].
 pub const CT_F_CLOSING: u32 = 1 << 0;
@@ -289,6 +350,9 @@ pub mod config {
     /// VIP packets in frames addressed to another unicast MAC (a flooding switch) are
     /// left alone: they are another node's to serve. 0 disables the check.
     pub const IFACE_MAC: u32 = 4;
+    /// How remote backends of Cluster services are reached: 0 = IPIP + direct server
+    /// return, 1 = SNAT to this node's address (replies come back through it).
+    pub const CLUSTER_MODE: u32 = 5;
     /// Number of entries.
     pub const LEN: u32 = 8;
 }
@@ -338,11 +402,17 @@ pub enum Reason {
     /// Answered with ICMP fragmentation-needed (RFC 1191): DF packet too big for the
     /// tunnel's extra 20 bytes. Oversized non-DF packets are dropped under this reason.
     IcmpFragNeeded = 16,
+    /// Forwarded to a remote backend with source NAT (`--cluster-mode snat`).
+    FwdSnat = 17,
+    /// A backend's reply to a source-NATed flow, turned back into one from the VIP.
+    RevSnat = 18,
+    /// Dropped: no free SNAT port for this backend, or no route to it.
+    DropSnat = 19,
 }
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -362,6 +432,9 @@ impl Reason {
         Reason::DropDecapNotLocal,
         Reason::DropEncapNoRoute,
         Reason::IcmpFragNeeded,
+        Reason::FwdSnat,
+        Reason::RevSnat,
+        Reason::DropSnat,
     ];
 
     /// The label value exported in metrics.
@@ -384,6 +457,9 @@ impl Reason {
             Reason::DropDecapNotLocal => "drop_decap_not_local",
             Reason::DropEncapNoRoute => "drop_encap_no_route",
             Reason::IcmpFragNeeded => "icmp_frag_needed",
+            Reason::FwdSnat => "fwd_snat",
+            Reason::RevSnat => "rev_snat",
+            Reason::DropSnat => "drop_snat",
         }
     }
 }
@@ -437,6 +513,8 @@ mod pod {
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::SnatRev {}
+    unsafe impl aya::Pod for super::Handoff {}
 }
 
 #[cfg(test)]
@@ -486,7 +564,10 @@ mod layout {
 
     #[test]
     fn ct_revnat_counter_layout() {
-        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(size_of::<CtEntry>(), 64);
+        assert_eq!(offset_of!(CtEntry, snat_port), 56);
+        assert_eq!(size_of::<SnatRev>(), 40);
+        assert_eq!(offset_of!(SnatRev, client_port), 32);
         assert_eq!(offset_of!(CtEntry, backend_id), 36);
         assert_eq!(offset_of!(CtEntry, expires), 40);
         assert_eq!(offset_of!(CtEntry, service_id), 48);

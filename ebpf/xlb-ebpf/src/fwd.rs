@@ -27,8 +27,10 @@ pub fn forward(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// Forwards the packet itself: FIB lookup, TTL, MACs, then a redirect (or XDP_TX).
+/// `None` when the FIB cannot resolve the next hop completely.
 #[inline(always)]
-fn redirect(ctx: &XdpContext) -> Option<u32> {
+pub fn redirect(ctx: &XdpContext) -> Option<u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;

@@ -8,12 +8,14 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use xlb_common::{
-    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
-    RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, flow_hash_v4, timeouts,
+    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
+    SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, flow_hash_v4, timeouts,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, MAGLEV, REVNAT, RangeKey, SOURCE_RANGES, count},
+    maps::{
+        AFFINITY, BACKENDS, CONNTRACK, MAGLEV, REVNAT, RangeKey, SCRATCH, SOURCE_RANGES, count,
+    },
     packet::{Flow4, addr16},
 };
 
@@ -80,7 +82,7 @@ pub fn select(
     flow: &Flow4,
     key: &FlowKey,
     tcp_flags: u8,
-) -> Result<(u32, Backend), Reason> {
+) -> Result<(u32, Backend, u16), Reason> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let new_flow = flow.proto != PROTO_TCP || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0);
@@ -109,7 +111,7 @@ pub fn select(
                 ct.expires = expires;
             }
             count(Reason::FwdConntrack);
-            return Ok((ct.backend_id, ct.backend));
+            return Ok((ct.backend_id, ct.backend, ct.snat_port));
         }
         count(Reason::CtStaleBackend);
     }
@@ -133,7 +135,7 @@ pub fn select(
                     let id = a.backend_id;
                     record(svc, key, tcp_flags, now, id, b);
                     count(Reason::FwdAffinity);
-                    return Ok((id, b));
+                    return Ok((id, b, 0));
                 }
             }
         }
@@ -162,39 +164,44 @@ pub fn select(
     }
     record(svc, key, tcp_flags, now, id, backend);
     count(Reason::FwdNewFlow);
-    Ok((id, backend))
+    Ok((id, backend, 0))
 }
 
 /// Records a new flow's choice in conntrack and reverse NAT.
 #[inline(always)]
 fn record(svc: &Service, key: &FlowKey, tcp_flags: u8, now: u64, id: u32, backend: Backend) {
-    let ct = CtEntry {
-        backend,
-        backend_id: id,
-        expires: now + lifetime(key.proto, tcp_flags, 0),
-        service_id: svc.id,
-        flags: 0,
+    // Built in per-CPU scratch memory rather than on the stack: the BPF stack (512
+    // bytes for the whole program) cannot hold these next to the rest of the path.
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        count(Reason::CtInsertFailed);
+        return;
     };
-    let reply = FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        pad: [0; 2],
-    };
-    let rev = RevNat {
-        addr: key.dst,
-        port: key.dport,
-        family: key.family,
-        pad: 0,
-    };
+    // SAFETY: this CPU's scratch value; XDP does not nest on a CPU.
+    let s = unsafe { &mut *s };
+    s.ct.backend = backend;
+    s.ct.backend_id = id;
+    s.ct.expires = now + lifetime(key.proto, tcp_flags, 0);
+    s.ct.service_id = svc.id;
+    s.ct.flags = 0;
+    s.ct.snat_port = 0;
+    s.ct.pad = [0; 6];
+    s.reply.src = backend.addr;
+    s.reply.dst = key.src;
+    s.reply.sport = backend.port;
+    s.reply.dport = key.sport;
+    s.reply.proto = key.proto;
+    s.reply.family = key.family;
+    s.reply.pad = [0; 2];
+    s.rev.addr = key.dst;
+    s.rev.port = key.dport;
+    s.rev.family = key.family;
+    s.rev.pad = 0;
     // Reverse NAT first: once conntrack names the backend, replies must already map
     // back to the VIP. A remote backend's replies leave from its own node, which
     // records its own reverse NAT.
-    let rev_ok = backend.flags & BACKEND_F_REMOTE != 0 || REVNAT.insert(&reply, &rev, 0).is_ok();
-    if !rev_ok || CONNTRACK.insert(key, &ct, 0).is_err() {
+    let rev_ok =
+        backend.flags & BACKEND_F_REMOTE != 0 || REVNAT.insert(&s.reply, &s.rev, 0).is_ok();
+    if !rev_ok || CONNTRACK.insert(key, &s.ct, 0).is_err() {
         count(Reason::CtInsertFailed);
     }
 }

@@ -15,7 +15,9 @@ mod csum;
 mod fwd;
 mod lb;
 mod maps;
+mod nat;
 mod packet;
+mod snat;
 mod tunnel;
 
 use aya_ebpf::{
@@ -24,7 +26,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use xlb_common::{BACKEND_F_REMOTE, FAMILY_V4, PROTO_TCP, Reason, ServiceKey};
+use xlb_common::{BACKEND_F_REMOTE, FAMILY_V4, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey};
 
 use crate::{
     maps::{BACKEND_STATS, REVNAT, SERVICE_STATS, SERVICES, add, count},
@@ -73,6 +75,12 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     };
     // SAFETY: plain data copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&vip) }) else {
+        // Not a VIP. A reply to a flow this node source-NATed comes to a port of the
+        // SNAT range: only those pay for the (tail-called) lookup.
+        if u16::from_be_bytes(flow.dport) >= SNAT_PORT_MIN {
+            // SAFETY: tail call into our own program; returns only on failure.
+            unsafe { maps::PROGS.tail_call(ctx, xlb_common::names::PROG_SNAT_REV) };
+        }
         return Ok(xdp_action::XDP_PASS);
     };
     let svc = *svc;
@@ -117,20 +125,44 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     if !lb::admitted(&svc, &key) {
         return Err(Reason::DropSourceRange);
     }
-    let (backend_id, backend) = lb::select(&svc, &flow, &key, tcp_flags)?;
+    let (backend_id, backend, snat_port) = lb::select(&svc, &flow, &key, tcp_flags)?;
     add(&BACKEND_STATS, backend_id, bytes);
     if backend.flags & BACKEND_F_REMOTE != 0 {
         // A tunnelled packet is never sent on again: that could loop between nodes.
         if from_tunnel {
             return Err(Reason::DropDecapNotLocal);
         }
+        if maps::CONFIG.get(xlb_common::config::CLUSTER_MODE).copied() == Some(1) {
+            let h = maps::HANDOFF.get_ptr_mut(0).ok_or(Reason::DropSnat)?;
+            // SAFETY: this CPU's handoff slot; read by the tail-called program only.
+            unsafe {
+                (*h).backend = backend;
+                (*h).backend_id = backend_id;
+                (*h).snat_port = snat_port;
+                (*h).pad = [0; 6];
+                maps::PROGS.tail_call(ctx, xlb_common::names::PROG_SNAT_FWD);
+            }
+            // Only reached if the tail call failed (no program loaded).
+            return Err(Reason::DropSnat);
+        }
         return tunnel::encap(ctx, &backend);
     }
 
     let new_dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
     let new_port = u16::to_ne_bytes(backend.port);
-    dnat4(start, end, l4_csum_off, flow.proto, &flow.dst, &new_dst, &flow.dport, &new_port)
-        .ok_or(Reason::DropMalformedL4)?;
+    nat::rewrite4(
+        start,
+        end,
+        l4_csum_off,
+        flow.proto,
+        IP_DST_OFF,
+        2,
+        &flow.dst,
+        &new_dst,
+        &flow.dport,
+        &new_port,
+    )
+    .ok_or(Reason::DropMalformedL4)?;
     Ok(fwd::forward(ctx))
 }
 
@@ -152,42 +184,16 @@ fn for_this_host(start: usize, end: usize) -> bool {
     dst[0] & 1 != 0 || mine == [0; 8] || dst == [mine[0], mine[1], mine[2], mine[3], mine[4], mine[5]]
 }
 
-/// Rewrites destination address and port, updating the IPv4 header checksum and the
-/// L4 checksum (which covers the pseudo-header, RFC 793 section 3.1 / RFC 768).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn dnat4(
-    start: usize,
-    end: usize,
-    l4_csum_off: usize,
-    proto: u8,
-    old_dst: &[u8; 4],
-    new_dst: &[u8; 4],
-    old_port: &[u8; 2],
-    new_port: &[u8; 2],
-) -> Option<()> {
-    let ip_csum: *mut [u8; 2] = ptr_at(start, end, IP_OFF + IP_CSUM_OFF)?;
-    let ip_dst: *mut [u8; 4] = ptr_at(start, end, IP_OFF + IP_DST_OFF)?;
-    let l4_csum: *mut [u8; 2] = ptr_at(start, end, l4_csum_off)?;
-    let dport: *mut [u8; 2] = ptr_at(start, end, L4_OFF + 2)?;
-    // SAFETY: all four pointers were bounds checked above.
-    unsafe {
-        let c = u16::from_be_bytes(*ip_csum);
-        *ip_csum = csum::replace4(c, *old_dst, *new_dst).to_be_bytes();
-        *ip_dst = *new_dst;
-        let c = u16::from_be_bytes(*l4_csum);
-        // UDP checksum 0 means "none" over IPv4 (RFC 768): leave it so.
-        if proto == PROTO_TCP || c != 0 {
-            let mut c = csum::replace4(c, *old_dst, *new_dst);
-            c = csum::replace2(c, *old_port, *new_port);
-            if proto != PROTO_TCP && c == 0 {
-                c = 0xffff;
-            }
-            *l4_csum = c.to_be_bytes();
-        }
-        *dport = *new_port;
-    }
-    Some(())
+/// Tail-called by `xlb_xdp` for `--cluster-mode snat` flows (see `snat`).
+#[xdp]
+pub fn xlb_snat_fwd(ctx: XdpContext) -> u32 {
+    snat::forward(&ctx)
+}
+
+/// Tail-called by `xlb_xdp` for packets to a port of the SNAT range (see `snat`).
+#[xdp]
+pub fn xlb_snat_rev(ctx: XdpContext) -> u32 {
+    snat::reply(&ctx)
 }
 
 /// TC egress entry: reverse NAT of replies from backends.

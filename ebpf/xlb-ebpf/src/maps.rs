@@ -3,13 +3,15 @@
 //! datapath (and its connection tracking) outlives the agent. Layouts: `xlb_common`.
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{
+        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+    },
     maps::lpm_trie::Key,
     macros::btf_map,
 };
 use xlb_common::{
     Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service,
-    ServiceKey, SlotPair, SourceRange, config, limits,
+    Handoff, ServiceKey, SlotPair, SnatRev, SourceRange, config, limits,
 };
 
 /// VIP:port:proto -> service. The only lookup non-VIP traffic pays.
@@ -76,6 +78,34 @@ pub static SOURCE_RANGES: LpmTrie<
 #[btf_map(name = "xlb_affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { limits::AFFINITY_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// `--cluster-mode snat`: reply flow (backend -> this node:port) -> client and VIP.
+#[btf_map(name = "xlb_snat")]
+pub static SNAT: LruHashMap<FlowKey, SnatRev, { limits::CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Tail-call targets (`xlb_common::names::PROG_SNAT_*`).
+#[btf_map(name = "xlb_progs")]
+pub static PROGS: ProgramArray<2> = ProgramArray::new();
+
+/// Per-CPU room for the entries a new flow creates (see `lb::record`).
+#[repr(C)]
+pub struct Scratch {
+    /// The conntrack entry.
+    pub ct: CtEntry,
+    /// The reverse-NAT key.
+    pub reply: FlowKey,
+    /// The reverse-NAT value.
+    pub rev: RevNat,
+}
+
+/// One [`Scratch`] per CPU.
+#[btf_map(name = "xlb_scratch")]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// One [`Handoff`] per CPU.
+#[btf_map(name = "xlb_handoff")]
+pub static HANDOFF: PerCpuArray<Handoff, 1> = PerCpuArray::new();
 
 /// The LPM key type of [`SOURCE_RANGES`].
 pub type RangeKey = Key<SourceRange>;

@@ -9,7 +9,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use xlb_common::{
     Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
-    SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, flow_hash_v4, timeouts,
+    SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, timeouts,
 };
 
 use crate::{
@@ -140,13 +140,7 @@ pub fn select(
             }
         }
     }
-    let hash = flow_hash_v4(
-        u32::from_be_bytes(flow.src),
-        u32::from_be_bytes(flow.dst),
-        u16::from_be_bytes(flow.sport),
-        u16::from_be_bytes(flow.dport),
-        flow.proto,
-    );
+    let hash = flow.hash();
     let slot = hash % svc.count;
     // SAFETY: plain data lookup.
     let pair = unsafe { MAGLEV.get_value(&svc.table, &(slot / 2)) }.ok_or(Reason::DropTableMiss)?;

@@ -45,6 +45,21 @@ pub struct Flow4 {
     pub proto: u8,
 }
 
+impl Flow4 {
+    /// The flow hash Maglev and SNAT port allocation use (`xlb_common::flow_hash_v4`,
+    /// the same function the agent's tests predict choices with).
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        xlb_common::flow_hash_v4(
+            u32::from_be_bytes(self.src),
+            u32::from_be_bytes(self.dst),
+            u16::from_be_bytes(self.sport),
+            u16::from_be_bytes(self.dport),
+            self.proto,
+        )
+    }
+}
+
 /// Why [`parse4`] did not return a flow.
 pub enum NotFlow {
     /// Not IPv4 TCP/UDP, or too short to tell: not ours.

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use xlb_common::{
-    FlowKey, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev, flow_hash_v4,
+    FlowKey, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev,
 };
 
 use crate::{
@@ -73,13 +73,7 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
             vip_port: key.dport,
             pad: 0,
         };
-        let hash = flow_hash_v4(
-            u32::from_be_bytes(flow.src),
-            u32::from_be_bytes(flow.dst),
-            u16::from_be_bytes(flow.sport),
-            u16::from_be_bytes(flow.dport),
-            flow.proto,
-        );
+        let hash = flow.hash();
         for i in 0..PORT_TRIES {
             let cand =
                 (SNAT_PORT_MIN + (hash.wrapping_add(i) % SNAT_PORTS as u32) as u16).to_be();

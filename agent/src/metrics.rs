@@ -231,6 +231,7 @@ impl Collector for BpfCollector {
         )?;
         let rows: Vec<(Labels, u64)> = Reason::ALL
             .iter()
+            .filter(|r| **r != Reason::CtCreated)
             .map(|r| {
                 let v = snap.reasons.get(*r as usize).copied().unwrap_or(0);
                 (vec![("reason", r.label().to_string())], v)
@@ -248,7 +249,27 @@ impl Collector for BpfCollector {
             None,
             MetricType::Gauge,
         )?;
-        prometheus_client::metrics::gauge::ConstGauge::new(snap.conntrack_entries as i64).encode(m)
+        prometheus_client::metrics::gauge::ConstGauge::new(snap.conntrack_entries as i64)
+            .encode(m)?;
+        let created = snap
+            .reasons
+            .get(Reason::CtCreated as usize)
+            .copied()
+            .unwrap_or(0);
+        counter(
+            &mut encoder,
+            "xlb_conntrack_created",
+            "Connection-tracking entries created",
+            &[(vec![], created)],
+        )?;
+        // Entries only leave the LRU map by eviction (the agent never deletes them),
+        // so created - present is what it evicted.
+        counter(
+            &mut encoder,
+            "xlb_conntrack_evictions",
+            "Connection-tracking entries evicted to make room (created minus present)",
+            &[(vec![], created.saturating_sub(snap.conntrack_entries))],
+        )
     }
 }
 

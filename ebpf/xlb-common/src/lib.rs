@@ -408,11 +408,15 @@ pub enum Reason {
     RevSnat = 18,
     /// Dropped: no free SNAT port for this backend, or no route to it.
     DropSnat = 19,
+    /// Not a packet verdict: a conntrack entry was created for a new key (the first
+    /// packet of a flow is also counted under its forwarding reason). Exported as
+    /// `xlb_conntrack_created_total`; with the entries present it gives evictions.
+    CtCreated = 20,
 }
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -435,6 +439,7 @@ impl Reason {
         Reason::FwdSnat,
         Reason::RevSnat,
         Reason::DropSnat,
+        Reason::CtCreated,
     ];
 
     /// The label value exported in metrics.
@@ -460,6 +465,7 @@ impl Reason {
             Reason::FwdSnat => "fwd_snat",
             Reason::RevSnat => "rev_snat",
             Reason::DropSnat => "drop_snat",
+            Reason::CtCreated => "ct_created",
         }
     }
 }

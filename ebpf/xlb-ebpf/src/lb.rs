@@ -6,7 +6,7 @@
 //! changes: an established TCP flow follows its entry even to a backend that has left
 //! the service (draining, as with kube-proxy's conntrack), while a new flow (SYN, or
 //! any UDP packet) only reuses an entry whose backend still exists.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xlb_common::{
     Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
     SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, timeouts,
@@ -195,7 +195,14 @@ fn record(svc: &Service, key: &FlowKey, tcp_flags: u8, now: u64, id: u32, backen
     // records its own reverse NAT.
     let rev_ok =
         backend.flags & BACKEND_F_REMOTE != 0 || REVNAT.insert(&s.reply, &s.rev, 0).is_ok();
-    if !rev_ok || CONNTRACK.insert(key, &s.ct, 0).is_err() {
+    if !rev_ok {
+        count(Reason::CtInsertFailed);
+    }
+    // A new key is counted, so that evictions (the LRU's only way out: the agent never
+    // deletes entries) are created - present; a stale entry is replaced in place.
+    if CONNTRACK.insert(key, &s.ct, BPF_NOEXIST as u64).is_ok() {
+        count(Reason::CtCreated);
+    } else if CONNTRACK.insert(key, &s.ct, 0).is_err() {
         count(Reason::CtInsertFailed);
     }
 }

@@ -52,21 +52,20 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 /// `Err(reason)` drops the packet and counts the reason.
 #[inline(always)]
 fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
-    // A client packet another node's xlb tunnelled here (Cluster policy).
-    let from_tunnel = tunnel::decap(ctx).is_some();
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let flow = match parse4(start, end) {
-        Ok(f) => f,
-        Err(NotFlow::Other) => return Ok(xdp_action::XDP_PASS),
-        Err(NotFlow::IpOptions) => {
-            count(Reason::PassIpOptions);
-            return Ok(xdp_action::XDP_PASS);
+    // Ordinary TCP/UDP is parsed once. Only what is not (IPIP among it) is checked for
+    // a client packet another node's xlb tunnelled here (Cluster policy), then parsed
+    // again without the outer header.
+    let (flow, from_tunnel) = match parse4(ctx.data(), ctx.data_end()) {
+        Ok(f) => (f, false),
+        Err(NotFlow::Other) if tunnel::decap(ctx).is_some() => {
+            match parse4(ctx.data(), ctx.data_end()) {
+                Ok(f) => (f, true),
+                Err(e) => return Ok(not_balanced(e)),
+            }
         }
-        Err(NotFlow::Fragment) => {
-            count(Reason::PassFragment);
-            return Ok(xdp_action::XDP_PASS);
-        }
+        Err(e) => return Ok(not_balanced(e)),
     };
+    let (start, end) = (ctx.data(), ctx.data_end());
     let vip = ServiceKey {
         addr: addr16(flow.dst),
         port: u16::from_ne_bytes(flow.dport),
@@ -164,6 +163,17 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     )
     .ok_or(Reason::DropMalformedL4)?;
     Ok(fwd::forward(ctx))
+}
+
+/// Passes what the balancer does not handle, counting the kinds worth knowing about.
+#[inline(always)]
+fn not_balanced(why: NotFlow) -> u32 {
+    match why {
+        NotFlow::Other => {}
+        NotFlow::IpOptions => count(Reason::PassIpOptions),
+        NotFlow::Fragment => count(Reason::PassFragment),
+    }
+    xdp_action::XDP_PASS
 }
 
 /// Whether the frame is addressed to this interface (or broadcast/multicast): a switch

@@ -94,6 +94,15 @@ pub enum DataplaneError {
     },
 }
 
+/// Takes map `name` out of the loaded object as its typed handle.
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
@@ -199,20 +208,13 @@ impl Dataplane {
         attach_tc(&mut ebpf, iface, pin_path)?;
 
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
-        let mut take =
-            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
-        let services =
-            HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-        let maglev = HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
-        let backends =
-            HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-        let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
-            .map_err(map_err(names::SERVICE_STATS))?;
-        let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
-            .map_err(map_err(names::BACKEND_STATS))?;
-        let config = Array::try_from(take(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        let ranges = LpmTrie::try_from(take(names::SOURCE_RANGES)?)
-            .map_err(map_err(names::SOURCE_RANGES))?;
+        let services = take_map(&mut ebpf, names::SERVICES)?;
+        let maglev = take_map(&mut ebpf, names::MAGLEV)?;
+        let backends = take_map(&mut ebpf, names::BACKENDS)?;
+        let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
+        let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
+        let config = take_map(&mut ebpf, names::CONFIG)?;
+        let ranges = take_map(&mut ebpf, names::SOURCE_RANGES)?;
         Ok(Dataplane {
             _ebpf: ebpf,
             services,
@@ -432,10 +434,7 @@ fn open_pinned_link(path: &Path) -> Result<Option<FdLink>, DataplaneError> {
 /// Loads the programs `xlb_xdp` tail-calls and puts them in the (pinned) `xlb_progs`.
 /// The returned handle must outlive loading `xlb_xdp`, which refers to the map by fd.
 fn load_tail_programs(ebpf: &mut Ebpf) -> Result<aya::maps::ProgramArray<MapData>, DataplaneError> {
-    let map = ebpf
-        .take_map(names::PROGS)
-        .ok_or(DataplaneError::Missing(names::PROGS))?;
-    let mut progs = aya::maps::ProgramArray::try_from(map).map_err(map_err(names::PROGS))?;
+    let mut progs: aya::maps::ProgramArray<MapData> = take_map(ebpf, names::PROGS)?;
     for (i, name) in names::TAIL_PROGS.iter().enumerate() {
         let prog: &mut Xdp = ebpf
             .program_mut(name)

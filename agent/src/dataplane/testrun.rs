@@ -22,7 +22,7 @@ use xlb_common::{
     Backend, Counter, CtEntry, FlowKey, Reason, Service, ServiceKey, SlotPair, names,
 };
 
-use super::{DataplaneError, OBJECT, map_err, new_table};
+use super::{DataplaneError, OBJECT, map_err, new_table, take_map};
 
 /// The XDP program that returns `XDP_PASS` and nothing else: what any XDP program
 /// costs at least, measured the same way as `xlb_xdp`. Never attached.
@@ -81,22 +81,14 @@ impl TestBed {
                 source,
             })?;
         }
-        let mut take =
-            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
-        let services =
-            HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES))?;
-        let maglev = HashOfMaps::try_from(take(names::MAGLEV)?).map_err(map_err(names::MAGLEV))?;
-        let backends =
-            HashMap::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-        let conntrack =
-            HashMap::try_from(take(names::CONNTRACK)?).map_err(map_err(names::CONNTRACK))?;
-        let config = Array::try_from(take(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
-        let service_stats = PerCpuHashMap::try_from(take(names::SERVICE_STATS)?)
-            .map_err(map_err(names::SERVICE_STATS))?;
-        let backend_stats = PerCpuHashMap::try_from(take(names::BACKEND_STATS)?)
-            .map_err(map_err(names::BACKEND_STATS))?;
-        let reasons =
-            PerCpuArray::try_from(take(names::REASONS)?).map_err(map_err(names::REASONS))?;
+        let services = take_map(&mut ebpf, names::SERVICES)?;
+        let maglev = take_map(&mut ebpf, names::MAGLEV)?;
+        let backends = take_map(&mut ebpf, names::BACKENDS)?;
+        let conntrack = take_map(&mut ebpf, names::CONNTRACK)?;
+        let config = take_map(&mut ebpf, names::CONFIG)?;
+        let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
+        let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
+        let reasons = take_map(&mut ebpf, names::REASONS)?;
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
         Ok(TestBed {
             ebpf,

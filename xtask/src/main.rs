@@ -7,19 +7,58 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages: Debian's rustc + library source (the only toolchain here with
-/// rust-src, needed for `-Z build-std=core` on bpfel-unknown-none), LLVM 22 for
-/// bpf-linker, and the tools the netns lab and tests use.
-const PACKAGES: &[&str] = &[
-    "rustc-web",
-    "rust-web-src",
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "bpftool",
-    "iproute2",
-    "iputils-ping",
-    "util-linux",
+/// What the build, the lab and the tests actually run or read, each with the Debian
+/// package that provides it. Setup checks the files themselves, not a package list, so a
+/// package that is present but incomplete, or a file some other package provides, is
+/// judged by what is really on disk (see ../shared/ebpf-toolchain.md).
+const REQUIREMENTS: &[(&str, &str, &str)] = &[
+    // (path checked, Debian package, what it is for)
+    (
+        "/usr/bin/cargo",
+        "cargo-web",
+        "Debian's cargo, runs the eBPF build (agent/build.rs)",
+    ),
+    (
+        "/usr/bin/rustc",
+        "rustc-web",
+        "Debian's rustc 1.96, compiles the eBPF programs",
+    ),
+    (
+        "/usr/lib/rustlib/src/rust/library/core/Cargo.toml",
+        "rust-web-src",
+        "the library source for -Z build-std=core",
+    ),
+    (
+        "/usr/lib/llvm-22/bin/llvm-config",
+        "llvm-22-dev",
+        "LLVM 22, which bpf-linker links against",
+    ),
+    (
+        "/usr/lib/llvm-22/lib/libPolly.a",
+        "libpolly-22-dev",
+        "Polly, needed to link bpf-linker against LLVM 22",
+    ),
+    (
+        "/usr/include/zstd.h",
+        "libzstd-dev",
+        "zstd, needed to link bpf-linker",
+    ),
+    (
+        "/usr/sbin/bpftool",
+        "bpftool",
+        "map dumps in tests and docs",
+    ),
+    (
+        "/usr/bin/ip",
+        "iproute2",
+        "the netns lab (namespaces, veths, bridges)",
+    ),
+    ("/usr/bin/ping", "iputils-ping", "lab reachability checks"),
+    (
+        "/usr/bin/nsenter",
+        "util-linux",
+        "running processes inside lab namespaces",
+    ),
 ];
 
 /// bpf-linker links the eBPF object; built against Debian's LLVM 22.
@@ -79,15 +118,14 @@ fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+/// The requirements whose file is missing, as (package, what for).
+fn missing_requirements() -> Vec<(&'static str, &'static str)> {
+    REQUIREMENTS
         .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .filter(|(path, _, _)| !Path::new(path).exists())
+        .map(|&(path, pkg, why)| {
+            eprintln!("xtask setup: missing {path} ({why})");
+            (pkg, why)
         })
         .collect()
 }
@@ -101,7 +139,8 @@ fn bpf_linker_ok() -> bool {
 
 /// Installs what is missing. With `verbose`, also says when nothing is.
 fn setup(verbose: bool) -> Result<()> {
-    let pkgs = missing_packages();
+    let mut pkgs: Vec<&str> = missing_requirements().iter().map(|(p, _)| *p).collect();
+    pkgs.dedup();
     if !pkgs.is_empty() {
         if is_not_root() {
             bail!("installing {} needs root", pkgs.join(" "));
@@ -115,8 +154,16 @@ fn setup(verbose: bool) -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        let still: Vec<String> = REQUIREMENTS
+            .iter()
+            .filter(|(path, _, _)| !Path::new(path).exists())
+            .map(|(path, pkg, _)| format!("{path} (from {pkg})"))
+            .collect();
+        if !still.is_empty() {
+            bail!("still missing after apt-get install: {}", still.join(", "));
+        }
     } else if verbose {
-        eprintln!("xtask setup: Debian packages present");
+        eprintln!("xtask setup: every required file is present");
     }
     if !bpf_linker_ok() {
         eprintln!(

@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -43,7 +42,7 @@ pub struct Config {
     /// bpffs directory for maps and links.
     pub pin_path: PathBuf,
     /// XDP attach mode.
-    pub xdp_mode: XdpMode,
+    pub xdp_mode: crate::netdev::XdpChoice,
     /// Capacity of the connection-tracking (and reverse-NAT) map.
     pub conntrack_size: u32,
     /// How XDP forwards DNATed packets.
@@ -85,6 +84,9 @@ pub enum AgentError {
 struct Reconciler {
     dp: Dataplane,
     node_name: String,
+    interface: String,
+    /// Other nodes' tunnel addresses this agent keeps as managed neighbour entries.
+    neighbours: BTreeSet<std::net::Ipv4Addr>,
     applied: MapState,
     ids: Ids,
     bounds: state::TableBounds,
@@ -161,6 +163,7 @@ impl Reconciler {
             .set(target.state.services.len() as i64);
         self.applied = target.state;
         self.ids = target.ids;
+        self.keep_neighbours(&desired);
         self.previous = Some(desired);
         self.metrics
             .syncs
@@ -171,6 +174,40 @@ impl Reconciler {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.ready.store(true, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl Reconciler {
+    /// Keeps a managed neighbour entry for every other node that holds a backend of a
+    /// Cluster service, so XDP's FIB lookup finds them resolved (what XDP cannot
+    /// resolve it hands to `xlb_tc_ingress`; this keeps that the exception). Failures
+    /// are logged and retried on the next sync; they cost latency, not packets.
+    fn keep_neighbours(&mut self, desired: &Desired) {
+        let want: BTreeSet<std::net::Ipv4Addr> = desired
+            .services
+            .values()
+            .flat_map(|s| &s.remote_backends)
+            .filter_map(|r| match r.node_ip {
+                Some(std::net::IpAddr::V4(ip)) => Some(ip),
+                _ => None,
+            })
+            .collect();
+        for ip in want.difference(&self.neighbours.clone()) {
+            match crate::netdev::add_managed_neighbour(&self.interface, *ip) {
+                Ok(()) => {
+                    info!(node_ip = %ip, iface = %self.interface, "keeping the node's neighbour entry resolved (managed)");
+                    self.neighbours.insert(*ip);
+                }
+                Err(e) => warn!(error = %e, "managed neighbour entry"),
+            }
+        }
+        for ip in self.neighbours.clone().difference(&want) {
+            if let Err(e) = crate::netdev::remove_neighbour(&self.interface, *ip) {
+                warn!(error = %e, "removing a managed neighbour entry");
+            }
+            self.neighbours.remove(ip);
+        }
+        self.metrics.neighbours.set(self.neighbours.len() as i64);
     }
 }
 
@@ -210,19 +247,26 @@ fn log_changes(writes: &[Write], target: &state::Target) {
 /// Runs the agent until SIGTERM/SIGINT. The datapath is left attached and pinned on
 /// exit so that traffic keeps flowing until the next agent takes over.
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
-    let mut dp = Dataplane::open(
+    let (mut dp, xdp) = Dataplane::open(
         &cfg.interface,
         &cfg.pin_path,
         cfg.xdp_mode,
         cfg.conntrack_size,
     )?;
+    info!(
+        iface = %cfg.interface,
+        mode = if xdp.native { "native" } else { "generic" },
+        driver = %xdp.driver,
+        reason = %xdp.reason,
+        "XDP attach mode"
+    );
     let node = NodeConfig {
         forward: cfg.forward,
         cluster: cfg.cluster,
         ip: cfg
             .node_ip
-            .or_else(|| crate::dataplane::interface_ipv4(&cfg.interface)),
-        mac: crate::dataplane::interface_mac(&cfg.interface),
+            .or_else(|| crate::netdev::interface_ipv4(&cfg.interface)),
+        mac: crate::netdev::interface_mac(&cfg.interface),
     };
     let node_writes = dp.set_node(&node)?;
     match node.ip {
@@ -244,6 +288,17 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?);
     let metrics = Metrics::new(collector.clone());
     metrics.map_updates.inc_by(node_writes);
+    metrics
+        .xdp_mode
+        .get_or_create(&vec![
+            ("interface", cfg.interface.clone()),
+            (
+                "mode",
+                if xdp.native { "native" } else { "generic" }.to_string(),
+            ),
+            ("driver", xdp.driver.clone()),
+        ])
+        .set(1);
 
     let addr = cfg.metrics_addr;
     let listener_metrics = metrics.clone();
@@ -263,6 +318,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let mut rec = Reconciler {
         dp,
         node_name: cfg.node_name.clone(),
+        interface: cfg.interface.clone(),
+        neighbours: BTreeSet::new(),
         applied,
         ids,
         bounds: state::TableBounds::default(),

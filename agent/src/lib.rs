@@ -4,6 +4,8 @@
 //! - [`desired`] computes, for this node, the whole BPF state the snapshot asks for;
 //! - [`dataplane`] loads and attaches the kernel programs, reads back what the maps hold,
 //!   and applies the difference;
+//! - [`netdev`] reads and keeps what the datapath needs from the uplink (addresses,
+//!   driver and XDP mode, neighbour entries for other nodes);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
 //! - [`agent`] wires them into the running process.
@@ -13,4 +15,5 @@ pub mod desired;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod netdev;
 pub mod source;

@@ -3,7 +3,6 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
-use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
@@ -42,8 +41,10 @@ enum Command {
         /// /sys/fs/bpf if missing).
         #[arg(long, default_value = "/sys/fs/bpf/xlb")]
         pin_path: PathBuf,
-        /// XDP attach mode: `native` (driver) or `generic` (skb, for NICs without XDP).
-        #[arg(long, value_enum, default_value_t = Mode::Native)]
+        /// XDP attach mode: `auto` (native on hardware NICs, generic on virtual devices
+        /// such as veth; falls back to generic if native attach fails), `native`
+        /// (driver) or `generic` (skb).
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
         xdp_mode: Mode,
         /// Connection-tracking capacity (flows). Applies when the maps are created; run
         /// `xlb cleanup` to change it on a node that already has a datapath.
@@ -91,6 +92,7 @@ enum Forward {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
+    Auto,
     Native,
     Generic,
 }
@@ -125,8 +127,9 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 pin_path,
                 xdp_mode: match xdp_mode {
-                    Mode::Native => XdpMode::Driver,
-                    Mode::Generic => XdpMode::Skb,
+                    Mode::Auto => xlb::netdev::XdpChoice::Auto,
+                    Mode::Native => xlb::netdev::XdpChoice::Native,
+                    Mode::Generic => xlb::netdev::XdpChoice::Generic,
                 },
                 conntrack_size,
                 forward: match forward {

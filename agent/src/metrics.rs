@@ -51,6 +51,11 @@ pub struct Metrics {
     /// VIPs this node must not attract traffic for (Local, no local endpoint):
     /// `xlb_unwilling_vips`, the fact L2/BGP announcement will act on.
     pub unwilling: Gauge,
+    /// The XDP attach mode chosen for the uplink (`xlb_xdp_mode{interface,mode,driver}` = 1).
+    pub xdp_mode: Family<Labels, Gauge>,
+    /// Other nodes' tunnel addresses kept as managed neighbour entries on the uplink
+    /// (`xlb_managed_neighbours`).
+    pub neighbours: Gauge,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
     registry: Mutex<Registry>,
@@ -97,6 +102,18 @@ impl Metrics {
             "VIPs whose services are all Local without a local endpoint on this node",
             unwilling.clone(),
         );
+        let xdp_mode = Family::<Labels, Gauge>::default();
+        registry.register(
+            "xlb_xdp_mode",
+            "XDP attach mode of the uplink (native or generic) and its driver; always 1",
+            xdp_mode.clone(),
+        );
+        let neighbours = Gauge::default();
+        registry.register(
+            "xlb_managed_neighbours",
+            "Other nodes' tunnel addresses kept resolved as managed neighbour entries",
+            neighbours.clone(),
+        );
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -105,6 +122,8 @@ impl Metrics {
             sync_duration,
             services,
             unwilling,
+            xdp_mode,
+            neighbours,
             ready: AtomicBool::new(false),
             registry: Mutex::new(registry),
         })

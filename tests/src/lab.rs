@@ -74,6 +74,22 @@ pub enum ManifestsLayout {
     PerNode,
 }
 
+/// What the lab's links look like to xlb.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Links {
+    /// What a user's lab has: veths and a plain bridge with default settings (TX
+    /// checksum offload on, so receivers get CHECKSUM_PARTIAL packets; no XDP programs
+    /// on bridge ports; nothing pre-resolved). Agents run with the default `--xdp-mode`.
+    #[default]
+    Ordinary,
+    /// Emulates physical NICs with native XDP: every bridge port runs a pass-through XDP
+    /// program (a veth delivers XDP_TX frames only to a peer that runs XDP, as a NIC
+    /// always would), TX checksum offload is off everywhere (a NIC hands XDP complete
+    /// checksums, never partial ones; and receivers then really verify what xlb
+    /// rewrote), and agents run with `--xdp-mode native`.
+    EmulatedNic,
+}
+
 /// How a new node's uplink is connected.
 #[derive(Clone, Copy)]
 enum Uplink {
@@ -89,6 +105,7 @@ enum Uplink {
 /// panicking.
 pub struct Lab {
     id: String,
+    links: Links,
     scratch: PathBuf,
     /// The nodes, `node-a` first.
     pub nodes: Vec<Node>,
@@ -118,8 +135,10 @@ pub struct Node {
     ns_prefix: String,
     pod_prefix: String,
     used_bin: Option<PathBuf>,
-    /// Extra `xlb agent` flags for this node (set before starting the agent).
+    /// Extra `xlb agent` flags for this node (set before starting the agent; an
+    /// [`Links::EmulatedNic`] lab starts with `--xdp-mode native`).
     pub agent_args: Vec<String>,
+    links: Links,
 }
 
 /// A Calico-style pod: a namespace with `eth0` `/32`, default route via 169.254.1.1, and the
@@ -142,7 +161,12 @@ impl Lab {
     /// Builds a lab with one node (`node-a`, `10.0.0.2`, joined to the client by one veth) and
     /// `spec.pods` pods.
     pub fn new(spec: LabSpec) -> Result<Lab> {
-        let mut lab = Lab::empty()?;
+        Lab::new_with(spec, Links::Ordinary)
+    }
+
+    /// [`Lab::new`] with the given kind of links.
+    pub fn new_with(spec: LabSpec, links: Links) -> Result<Lab> {
+        let mut lab = Lab::empty(links)?;
         lab.add_node(Ipv4Addr::new(10, 0, 0, 2), Uplink::Client)?;
         // The client stands in for the rack router: everything, VIPs included, goes to the node.
         let gw = lab.nodes[0].host.addr.to_string();
@@ -167,13 +191,18 @@ impl Lab {
     /// goes via `node-a`, and the VIP range [`VIP_RANGE`] via one node at a time (`node-a`
     /// to begin with; see [`Lab::client_route_vips_via`]), standing in for a router.
     pub fn multi_node(nodes: &[NodeSpec]) -> Result<Lab> {
+        Lab::multi_node_with(nodes, Links::Ordinary)
+    }
+
+    /// [`Lab::multi_node`] with the given kind of links.
+    pub fn multi_node_with(nodes: &[NodeSpec], links: Links) -> Result<Lab> {
         if nodes.is_empty() || nodes.len() > MAX_NODES {
             bail!(
                 "a multi-node lab has 1..={MAX_NODES} nodes, not {}",
                 nodes.len()
             );
         }
-        let mut lab = Lab::empty()?;
+        let mut lab = Lab::empty(links)?;
         let lan = Netns::create(&format!("{}-lan", lab.id))?;
         lan.ip(&[
             "link",
@@ -217,7 +246,7 @@ impl Lab {
     }
 
     /// The client namespace, the scratch directory and a fresh id; no nodes yet.
-    fn empty() -> Result<Lab> {
+    fn empty(links: Links) -> Result<Lab> {
         preflight()?;
         SWEEP.call_once(sweep_stale);
         let id = format!(
@@ -231,6 +260,7 @@ impl Lab {
             .with_context(|| format!("creating {}", scratch.display()))?;
         Ok(Lab {
             id,
+            links,
             scratch,
             nodes: Vec::new(),
             client,
@@ -256,6 +286,9 @@ impl Lab {
         ])?;
         lan.ip(&["link", "set", port, "master", BRIDGE])?;
         lan.ip(&["link", "set", port, "up"])?;
+        if self.links == Links::Ordinary {
+            return Ok(());
+        }
         lan.disable_tx_checksum(port)?;
         // A veth delivers frames its peer sends with XDP_TX/redirect (xlb's tunnel to
         // another node) only when it runs an XDP program itself; a physical switch
@@ -288,12 +321,27 @@ impl Lab {
         Ok(p)
     }
 
-    /// Address, link up and checksum offload off on the client's `eth0`.
+    /// Address and link up on the client's `eth0` (and checksum offload off when
+    /// emulating NICs).
     fn configure_client_uplink(&self) -> Result<()> {
         let c = &self.client.ns;
         c.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
         c.ip(&["link", "set", "eth0", "up"])?;
-        c.disable_tx_checksum("eth0")
+        self.offloads(c, "eth0")
+    }
+
+    /// Leaves `ifname`'s offloads at their defaults, or turns TX checksum offload off
+    /// when emulating NICs (see [`Links::EmulatedNic`]).
+    fn offloads(&self, ns: &Netns, ifname: &str) -> Result<()> {
+        match self.links {
+            Links::Ordinary => Ok(()),
+            Links::EmulatedNic => ns.disable_tx_checksum(ifname),
+        }
+    }
+
+    /// The kind of links this lab was built with.
+    pub fn links(&self) -> Links {
+        self.links
     }
 
     /// Points the client's route for [`VIP_RANGE`] at node `name` (`ip route replace`), as a
@@ -423,7 +471,7 @@ impl Lab {
         }
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
         ns.ip(&["link", "set", UPLINK, "up"])?;
-        ns.disable_tx_checksum(UPLINK)?;
+        self.offloads(&ns, UPLINK)?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         if matches!(uplink, Uplink::Lan) {
             // Traffic the client sends via node-a to another node's pods leaves node-a on the
@@ -457,7 +505,11 @@ impl Lab {
             manifests_dir,
             log_dir,
             used_bin: None,
-            agent_args: Vec::new(),
+            agent_args: match self.links {
+                Links::Ordinary => Vec::new(),
+                Links::EmulatedNic => vec!["--xdp-mode".into(), "native".into()],
+            },
+            links: self.links,
         });
         Ok(())
     }
@@ -506,7 +558,9 @@ impl Node {
         node.sysctl(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")?;
         node.ip(&["link", "set", &veth, "up"])?;
         node.ip(&["route", "add", &format!("{ip}/32"), "dev", &veth])?;
-        node.disable_tx_checksum(&veth)?;
+        if self.links == Links::EmulatedNic {
+            node.disable_tx_checksum(&veth)?;
+        }
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&[
@@ -527,7 +581,9 @@ impl Node {
             "dev",
             "eth0",
         ])?;
-        ns.disable_tx_checksum("eth0")?;
+        if self.links == Links::EmulatedNic {
+            ns.disable_tx_checksum("eth0")?;
+        }
         let servers = Servers::start(
             &ns,
             &name,

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, Links, ManifestsLayout, NodeSpec};
 use xlb_lab::manifests::{
     EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP,
     multi_doc, service_yaml, web_ports, web_slice_yaml, write_atomic,
@@ -27,17 +27,24 @@ fn tcp_vip() -> SocketAddr {
     SocketAddr::from((WEB_VIP, WEB_TCP_PORT))
 }
 
-/// A lab of three nodes with `pods` each, the web Service with Cluster policy and the
-/// pods of `endpoint_nodes` as endpoints, Node objects, and an agent on every node.
+/// A lab of three nodes with `pods` each on an ordinary bridge (default offloads, no
+/// XDP on bridge ports, nodes that never exchanged a packet), the web Service with
+/// Cluster policy and the pods of `endpoint_nodes` as endpoints, Node objects, and an
+/// agent on every node in the default `--xdp-mode`.
 fn cluster_lab(pods: [usize; 3], endpoint_nodes: &[&str]) -> Result<Lab> {
-    cluster_lab_with(pods, endpoint_nodes, &[])
+    cluster_lab_with(pods, endpoint_nodes, &[], Links::Ordinary)
 }
 
-/// [`cluster_lab`] with extra `xlb agent` flags on every node.
-fn cluster_lab_with(pods: [usize; 3], endpoint_nodes: &[&str], args: &[&str]) -> Result<Lab> {
-    let mut lab = Lab::multi_node(&pods.map(NodeSpec::with_pods))?;
+/// [`cluster_lab`] with extra `xlb agent` flags on every node and the given links.
+fn cluster_lab_with(
+    pods: [usize; 3],
+    endpoint_nodes: &[&str],
+    args: &[&str],
+    links: Links,
+) -> Result<Lab> {
+    let mut lab = Lab::multi_node_with(&pods.map(NodeSpec::with_pods), links)?;
     for n in &mut lab.nodes {
-        n.agent_args = args.iter().map(|a| a.to_string()).collect();
+        n.agent_args.extend(args.iter().map(|a| a.to_string()));
     }
     let mut eps = Vec::new();
     for n in &lab.nodes {
@@ -64,15 +71,6 @@ fn cluster_lab_with(pods: [usize; 3], endpoint_nodes: &[&str], args: &[&str]) ->
         &multi_doc(&[service, web_slice_yaml(&eps)]),
     )?;
     lab.start_agents(ManifestsLayout::Shared, SOON)?;
-    // Nodes reach each other's tunnel address through ARP on the LAN; warm it up as a
-    // node's kubelet traffic would.
-    for n in &lab.nodes {
-        for m in &lab.nodes {
-            if n.name != m.name {
-                n.host.ping(m.host.addr, 1)?;
-            }
-        }
-    }
     Ok(lab)
 }
 
@@ -84,9 +82,32 @@ fn reason(lab: &mut Lab, node: &str, reason: &str) -> Result<f64> {
 
 #[test]
 fn cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip() -> Result<()> {
-    // node-a (where the client's VIP route points) has no endpoint: everything it gets
-    // must be tunnelled to node-b or node-c.
-    let mut lab = cluster_lab([1, 2, 1], &["node-b", "node-c"])?;
+    let mut lab = tunnelled_and_answered_directly(Links::Ordinary)?;
+    // Default --xdp-mode (auto) on a veth: generic, because a veth drops XDP_TX frames
+    // unless its peer runs XDP and hands XDP partial checksums.
+    let mode = lab
+        .node_named_mut("node-a")?
+        .agent()?
+        .metric("xlb_xdp_mode", &[("mode", "generic"), ("driver", "veth")])?;
+    ensure!(mode == 1.0, "auto mode on a veth is not generic: {mode}");
+    Ok(())
+}
+
+#[test]
+fn cluster_traffic_is_tunnelled_on_emulated_nics_in_native_mode() -> Result<()> {
+    let mut lab = tunnelled_and_answered_directly(Links::EmulatedNic)?;
+    let mode = lab
+        .node_named_mut("node-a")?
+        .agent()?
+        .metric("xlb_xdp_mode", &[("mode", "native")])?;
+    ensure!(mode == 1.0, "--xdp-mode native did not attach natively: {mode}");
+    Ok(())
+}
+
+/// node-a (where the client's VIP route points) has no endpoint: everything it gets
+/// must be tunnelled to node-b or node-c, whose pods answer the client directly.
+fn tunnelled_and_answered_directly(links: Links) -> Result<Lab> {
+    let mut lab = cluster_lab_with([1, 2, 1], &["node-b", "node-c"], &[], links)?;
     let replies = poll("the VIP to answer via node-a", SOON, T, || {
         let r = lab.client.udp_flows(udp_vip(), 40, T);
         Ok(r.ok().filter(|r| r.len() == 40))
@@ -157,6 +178,49 @@ fn cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip() -> Result<(
         reason(&mut lab, "node-a", "icmp_frag_needed")? >= 1.0,
         "node-a sent no ICMP fragmentation-needed"
     );
+    drop(s);
+    Ok(lab)
+}
+
+#[test]
+fn first_packet_to_a_node_without_a_neighbour_entry_is_not_lost() -> Result<()> {
+    // The issue a user meets after a reboot or an ARP timeout: node-a has no neighbour
+    // entry for the backends' nodes. XDP cannot resolve one; it hands the encapsulated
+    // packet to TC, which sends it with bpf_redirect_neigh. Every flow gets exactly one
+    // datagram, no retry: each must be answered.
+    let mut lab = cluster_lab([1, 2, 1], &["node-b", "node-c"])?;
+    poll("node-a to keep node-b and node-c resolved", SOON, T, || {
+        let n = lab
+            .node_named_mut("node-a")?
+            .agent()?
+            .metric("xlb_managed_neighbours", &[])?;
+        Ok((n == 2.0).then_some(()))
+    })?;
+    let a = lab.node_named("node-a")?;
+    for peer in ["node-b", "node-c"] {
+        let ip = lab.node_named(peer)?.host.addr.to_string();
+        a.host
+            .ns
+            .ip(&["neigh", "del", &ip, "dev", xlb_lab::lab::UPLINK])?;
+    }
+    let mut servers = BTreeSet::new();
+    for i in 0..20 {
+        let r = lab
+            .client
+            .udp_request(udp_vip(), "once", T, 1)
+            .with_context(|| format!("flow {i}: its only datagram was lost"))?;
+        ensure!(r.from == udp_vip(), "reply from {}", r.from);
+        servers.insert(r.server);
+    }
+    ensure!(servers.len() == 3, "20 flows reached {servers:?}");
+    ensure!(
+        reason(&mut lab, "node-a", "fwd_encap_resolve")? >= 1.0,
+        "no packet went through neighbour resolution"
+    );
+    ensure!(
+        reason(&mut lab, "node-a", "drop_encap_no_route")? == 0.0,
+        "a packet was dropped for want of a neighbour"
+    );
     Ok(())
 }
 
@@ -168,6 +232,7 @@ fn cluster_snat_mode_answers_through_the_entry_node() -> Result<()> {
         [1, 2, 1],
         &["node-b", "node-c"],
         &["--cluster-mode", "snat"],
+        Links::Ordinary,
     )?;
     let node_a = lab.node_named("node-a")?.host.addr;
     let replies = poll("the VIP to answer via node-a", SOON, T, || {

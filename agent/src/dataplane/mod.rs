@@ -34,6 +34,7 @@ use tracing::{debug, info};
 use xlb_common::{Backend, Counter, Service, ServiceKey, SlotPair, SourceRange, config, names};
 
 use self::state::{Ids, MapState, Write};
+pub use crate::netdev::{XdpChoice, XdpDecision};
 
 /// The eBPF object built by `agent/build.rs`, aligned for the ELF parser.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJ"));
@@ -169,6 +170,11 @@ pub fn tc_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
     pin_path.join(format!("link_tc_egress_{iface}"))
 }
 
+/// See [`xdp_link_pin`].
+pub fn tc_ingress_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join(format!("link_tc_ingress_{iface}"))
+}
+
 impl Dataplane {
     /// Loads the programs, reusing pinned maps, and attaches them to `iface`, taking
     /// over a previous agent's links if they are pinned.
@@ -177,9 +183,9 @@ impl Dataplane {
     pub fn open(
         iface: &str,
         pin_path: &Path,
-        xdp_mode: XdpMode,
+        xdp_mode: XdpChoice,
         conntrack_size: u32,
-    ) -> Result<Self, DataplaneError> {
+    ) -> Result<(Self, XdpDecision), DataplaneError> {
         if OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
@@ -204,8 +210,11 @@ impl Dataplane {
         // Tail-call targets first: a freshly attached (or swapped-in) xlb_xdp must find
         // them in place.
         let tail_progs = load_tail_programs(&mut ebpf)?;
-        attach_xdp(&mut ebpf, iface, pin_path, xdp_mode)?;
-        attach_tc(&mut ebpf, iface, pin_path)?;
+        let mut config: Array<MapData, u64> = take_map(&mut ebpf, names::CONFIG)?;
+        // TC ingress first: XDP may hand it packets as soon as it is attached.
+        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Ingress)?;
+        let decision = attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, &mut config)?;
+        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Egress)?;
 
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
         let services = take_map(&mut ebpf, names::SERVICES)?;
@@ -213,9 +222,8 @@ impl Dataplane {
         let backends = take_map(&mut ebpf, names::BACKENDS)?;
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
-        let config = take_map(&mut ebpf, names::CONFIG)?;
         let ranges = take_map(&mut ebpf, names::SOURCE_RANGES)?;
-        Ok(Dataplane {
+        let dp = Dataplane {
             _ebpf: ebpf,
             services,
             maglev,
@@ -226,7 +234,8 @@ impl Dataplane {
             ranges,
             _tail_progs: tail_progs,
             ncpus,
-        })
+        };
+        Ok((dp, decision))
     }
 
     /// Reads back what the configuration maps hold now (after a restart: what the
@@ -448,13 +457,63 @@ fn load_tail_programs(ebpf: &mut Ebpf) -> Result<aya::maps::ProgramArray<MapData
     Ok(progs)
 }
 
+/// `xlb_config[XDP_MODE]` values.
+const MODE_NATIVE: u64 = 1;
+const MODE_GENERIC: u64 = 2;
+
+/// Decides the attach mode for `iface` (see [`crate::netdev::auto_mode`]).
+fn decide_mode(iface: &str, choice: XdpChoice) -> XdpDecision {
+    let driver = crate::netdev::driver_info(iface);
+    let name = driver
+        .as_ref()
+        .map(|d| d.driver.clone())
+        .unwrap_or_default();
+    match choice {
+        XdpChoice::Native => XdpDecision {
+            native: true,
+            reason: "--xdp-mode native".into(),
+            driver: name,
+        },
+        XdpChoice::Generic => XdpDecision {
+            native: false,
+            reason: "--xdp-mode generic".into(),
+            driver: name,
+        },
+        XdpChoice::Auto => match driver {
+            Ok(info) => crate::netdev::auto_mode(&info),
+            Err(e) => XdpDecision {
+                native: false,
+                reason: format!("driver unknown ({e})"),
+                driver: String::new(),
+            },
+        },
+    }
+}
+
+/// Attaches `xlb_xdp` in the mode [`decide_mode`] picks, or swaps it into the pinned
+/// link when that link already runs in that mode. Records the mode in `xlb_config`.
 fn attach_xdp(
     ebpf: &mut Ebpf,
     iface: &str,
     pin_path: &Path,
-    mode: XdpMode,
-) -> Result<(), DataplaneError> {
+    choice: XdpChoice,
+    config: &mut Array<MapData, u64>,
+) -> Result<XdpDecision, DataplaneError> {
     let name = names::XDP_PROG;
+    let mut decision = decide_mode(iface, choice);
+    let had = config
+        .get(&config::XDP_MODE, 0)
+        .map_err(map_err(names::CONFIG))?;
+    if choice == XdpChoice::Auto && decision.native && had == MODE_GENERIC {
+        // A previous agent found native attach impossible here; don't detach to retry.
+        decision.native = false;
+        decision.reason = format!("{}; generic kept from the previous attach", decision.reason);
+    }
+    let want = if decision.native {
+        MODE_NATIVE
+    } else {
+        MODE_GENERIC
+    };
     let prog: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or(DataplaneError::Missing("XDP program"))?
@@ -462,47 +521,87 @@ fn attach_xdp(
         .map_err(program_err(name))?;
     prog.load().map_err(program_err(name))?;
     let pin = xdp_link_pin(pin_path, iface);
-    let id = match open_pinned_link(&pin)? {
-        Some(old) => {
+    if let Some(old) = open_pinned_link(&pin)? {
+        if had == want {
             let link = XdpLink::try_from(old).map_err(|e| link_err(&pin, e))?;
             match prog.attach_to_link(link) {
                 Ok(id) => {
-                    info!(iface, link = %pin.display(), "took over the XDP link (atomic program replace)");
+                    info!(iface, link = %pin.display(), native = decision.native, "took over the XDP link (atomic program replace)");
                     // The replaced link is still pinned; nothing to re-pin.
                     let link = prog.take_link(id).map_err(program_err(name))?;
                     drop(link);
-                    return Ok(());
+                    return Ok(decision);
                 }
                 Err(e) => {
                     // Defunct link (interface recreated): start afresh.
                     info!(iface, error = %e, "pinned XDP link unusable, attaching anew");
-                    std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
-                    prog.attach(iface, mode).map_err(program_err(name))?
                 }
             }
+        } else {
+            // Native and generic XDP cannot be attached at once: detach, then attach.
+            tracing::warn!(
+                iface,
+                from = had,
+                to = want,
+                "the pinned XDP link runs in another mode; re-attaching (a moment without XDP)"
+            );
+            drop(old);
         }
-        None => prog.attach(iface, mode).map_err(program_err(name))?,
+        std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+    }
+    let mode = if decision.native {
+        XdpMode::Driver
+    } else {
+        XdpMode::Skb
+    };
+    let id = match prog.attach(iface, mode) {
+        Ok(id) => id,
+        Err(e) if decision.native && choice == XdpChoice::Auto => {
+            decision.native = false;
+            decision.reason = format!("{}; native attach failed ({e})", decision.reason);
+            prog.attach(iface, XdpMode::Skb)
+                .map_err(program_err(name))?
+        }
+        Err(e) => return Err(program_err(name)(e)),
     };
     let link = prog.take_link(id).map_err(program_err(name))?;
     let fd = FdLink::try_from(link).map_err(|e| link_err(&pin, e))?;
     fd.pin(&pin).map_err(|e| link_err(&pin, e))?;
-    info!(iface, ?mode, link = %pin.display(), "attached XDP program");
-    Ok(())
+    let now = if decision.native {
+        MODE_NATIVE
+    } else {
+        MODE_GENERIC
+    };
+    config
+        .set(config::XDP_MODE, now, 0)
+        .map_err(map_err(names::CONFIG))?;
+    info!(iface, link = %pin.display(), "attached XDP program");
+    Ok(decision)
 }
 
-fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_path: &Path) -> Result<(), DataplaneError> {
-    let name = names::TC_EGRESS_PROG;
+/// Attaches (tcx) or takes over the TC program for `direction`: `xlb_tc_egress`
+/// (reverse NAT) or `xlb_tc_ingress` (sends encapsulated packets that need neighbour
+/// resolution).
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    pin_path: &Path,
+    direction: TcAttachType,
+) -> Result<(), DataplaneError> {
+    let (name, pin) = match direction {
+        TcAttachType::Ingress => (names::TC_INGRESS_PROG, tc_ingress_link_pin(pin_path, iface)),
+        _ => (names::TC_EGRESS_PROG, tc_link_pin(pin_path, iface)),
+    };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(DataplaneError::Missing("TC program"))?
         .try_into()
         .map_err(program_err(name))?;
     prog.load().map_err(program_err(name))?;
-    let pin = tc_link_pin(pin_path, iface);
     let attach_new = |prog: &mut SchedClassifier| {
         prog.attach_with_options(
             iface,
-            TcAttachType::Egress,
+            direction,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(program_err(name))
@@ -512,13 +611,13 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_path: &Path) -> Result<(), Datapl
             let link = SchedClassifierLink::try_from(old).map_err(|e| link_err(&pin, e))?;
             match prog.attach_to_link(link) {
                 Ok(id) => {
-                    info!(iface, link = %pin.display(), "took over the TC egress link (atomic program replace)");
+                    info!(iface, program = name, link = %pin.display(), "took over the TC link (atomic program replace)");
                     let link = prog.take_link(id).map_err(program_err(name))?;
                     drop(link);
                     return Ok(());
                 }
                 Err(e) => {
-                    info!(iface, error = %e, "pinned TC link unusable, attaching anew");
+                    info!(iface, program = name, error = %e, "pinned TC link unusable, attaching anew");
                     std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
                     attach_new(prog)?
                 }
@@ -529,66 +628,8 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str, pin_path: &Path) -> Result<(), Datapl
     let link = prog.take_link(id).map_err(program_err(name))?;
     let fd = FdLink::try_from(link).map_err(|e| link_err(&pin, e))?;
     fd.pin(&pin).map_err(|e| link_err(&pin, e))?;
-    info!(iface, link = %pin.display(), "attached TC egress program (tcx)");
+    info!(iface, program = name, link = %pin.display(), "attached TC program (tcx)");
     Ok(())
-}
-
-/// The first IPv4 address of `iface` (getifaddrs(3)), if any.
-pub fn interface_ipv4(iface: &str) -> Option<std::net::Ipv4Addr> {
-    interface_addr(iface, libc::AF_INET, |sa| {
-        // SAFETY: an AF_INET entry's address is a sockaddr_in.
-        let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
-        Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
-    })
-}
-
-/// The MAC address of `iface` (its AF_PACKET getifaddrs entry), if it has one. Read
-/// this way, not from /sys/class/net, because the agent may run in a network
-/// namespace whose /sys is the host's.
-pub fn interface_mac(iface: &str) -> Option<[u8; 6]> {
-    interface_addr(iface, libc::AF_PACKET, |sa| {
-        // SAFETY: an AF_PACKET entry's address is a sockaddr_ll.
-        let ll = unsafe { &*(sa as *const libc::sockaddr_ll) };
-        (ll.sll_halen == 6).then(|| {
-            let a = ll.sll_addr;
-            [a[0], a[1], a[2], a[3], a[4], a[5]]
-        })
-    })
-}
-
-/// The first address of `family` on `iface`, decoded by `decode`.
-fn interface_addr<T>(
-    iface: &str,
-    family: i32,
-    decode: impl Fn(*const libc::sockaddr) -> Option<T>,
-) -> Option<T> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we free below; we only read it.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
-    }
-    let mut found = None;
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr, when set, points to a
-        // sockaddr whose family says its real type.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if !ifa.ifa_addr.is_null()
-            && name.to_bytes() == iface.as_bytes()
-            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == family
-        {
-            found = decode(ifa.ifa_addr);
-            if found.is_some() {
-                break;
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: frees the list getifaddrs allocated, once.
-    unsafe { libc::freeifaddrs(head) };
-    found
 }
 
 /// `xlb cleanup`: detaches the programs from `iface` (by unpinning their links, the
@@ -596,7 +637,11 @@ fn interface_addr<T>(
 /// Returns what it removed.
 pub fn cleanup(iface: &str, pin_path: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
     let mut removed = Vec::new();
-    for pin in [xdp_link_pin(pin_path, iface), tc_link_pin(pin_path, iface)] {
+    for pin in [
+        xdp_link_pin(pin_path, iface),
+        tc_link_pin(pin_path, iface),
+        tc_ingress_link_pin(pin_path, iface),
+    ] {
         if let Some(link) = open_pinned_link(&pin)? {
             // Unpinning drops the bpffs reference; dropping `link` closes our fd, the
             // last one, and the kernel detaches the program.

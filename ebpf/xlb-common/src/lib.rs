@@ -68,6 +68,9 @@ pub mod names {
     pub const XDP_PROG: &str = "xlb_xdp";
     /// TC egress (reverse NAT) program name.
     pub const TC_EGRESS_PROG: &str = "xlb_tc_egress";
+    /// The TC ingress program that sends encapsulated packets whose next hop is not
+    /// resolved yet (see [`super::ResolveMeta`]).
+    pub const TC_INGRESS_PROG: &str = "xlb_tc_ingress";
 }
 
 /// Map capacities. The agent refuses a desired state larger than these.
@@ -353,6 +356,10 @@ pub mod config {
     /// How remote backends of Cluster services are reached: 0 = IPIP + direct server
     /// return, 1 = SNAT to this node's address (replies come back through it).
     pub const CLUSTER_MODE: u32 = 5;
+    /// How `xlb_xdp` is attached to the uplink, as the agent attached it: 1 native
+    /// (driver), 2 generic (skb); 0 unknown. Read back on takeover so that a changed
+    /// `--xdp-mode` re-attaches instead of silently keeping the old mode.
+    pub const XDP_MODE: u32 = 6;
     /// Number of entries.
     pub const LEN: u32 = 8;
 }
@@ -412,11 +419,30 @@ pub enum Reason {
     /// packet of a flow is also counted under its forwarding reason). Exported as
     /// `xlb_conntrack_created_total`; with the entries present it gives evictions.
     CtCreated = 20,
+    /// Forwarded to a backend on another node, IPIP-encapsulated, but the next hop's
+    /// neighbour entry was not resolved yet: handed (XDP_PASS with metadata) to
+    /// `xlb_tc_ingress`, which sends it with `bpf_redirect_neigh`, so the kernel
+    /// resolves the neighbour and the packet is not lost.
+    FwdEncapResolve = 21,
 }
+
+/// XDP metadata (`bpf_xdp_adjust_meta`) that `xlb_xdp` puts in front of an
+/// encapsulated packet whose next hop is not resolved yet, for `xlb_tc_ingress`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolveMeta {
+    /// [`RESOLVE_MAGIC`]: metadata only XDP can write, checked all the same.
+    pub magic: u32,
+    /// The egress interface the FIB lookup chose.
+    pub ifindex: u32,
+}
+
+/// [`ResolveMeta::magic`].
+pub const RESOLVE_MAGIC: u32 = 0x786c_6231;
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -440,6 +466,7 @@ impl Reason {
         Reason::RevSnat,
         Reason::DropSnat,
         Reason::CtCreated,
+        Reason::FwdEncapResolve,
     ];
 
     /// The label value exported in metrics.
@@ -466,6 +493,7 @@ impl Reason {
             Reason::RevSnat => "rev_snat",
             Reason::DropSnat => "drop_snat",
             Reason::CtCreated => "ct_created",
+            Reason::FwdEncapResolve => "fwd_encap_resolve",
         }
     }
 }

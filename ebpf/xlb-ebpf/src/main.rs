@@ -22,6 +22,7 @@ mod tunnel;
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action},
+    helpers::bpf_redirect_neigh,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -204,6 +205,28 @@ pub fn xlb_snat_fwd(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_snat_rev(ctx: XdpContext) -> u32 {
     snat::reply(&ctx)
+}
+
+/// TC ingress entry: sends what `xlb_xdp` encapsulated for another node but could not
+/// address (no neighbour entry for the next hop yet) with `bpf_redirect_neigh`, which
+/// resolves the neighbour (queueing the packet meanwhile). Everything else goes on
+/// after one comparison: only XDP can write the metadata this looks for.
+#[classifier]
+pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of our own __sk_buff context.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + core::mem::size_of::<xlb_common::ResolveMeta>() > data {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: [meta, data) holds a ResolveMeta, bounds checked just above.
+    let m = unsafe { *(meta as *const xlb_common::ResolveMeta) };
+    if m.magic != xlb_common::RESOLVE_MAGIC {
+        return TC_ACT_OK as i32;
+    }
+    // No next-hop parameters: the kernel looks the route up from the outer header.
+    // SAFETY: plain helper call; a null params pointer with length 0 is allowed.
+    unsafe { bpf_redirect_neigh(m.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// TC egress entry: reverse NAT of replies from backends.

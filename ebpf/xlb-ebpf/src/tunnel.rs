@@ -10,15 +10,17 @@
 //! so the client's path MTU discovery shrinks its packets; never a silent drop.
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+        bpf_xdp_adjust_tail,
     },
     programs::XdpContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use xlb_common::{Backend, Reason, config};
+use xlb_common::{Backend, RESOLVE_MAGIC, Reason, ResolveMeta, config};
 
 use crate::{
     maps::{CONFIG, count},
@@ -75,7 +77,11 @@ pub fn decap(ctx: &XdpContext) -> Option<()> {
 
 /// Encapsulates the (unmodified) client packet towards `backend.node` and sends it
 /// out: XDP_TX when the node is reached through the interface it came in on, else a
-/// redirect. `Err` carries the drop reason.
+/// redirect. When the next hop has no resolved neighbour entry (a node never talked
+/// to, after a reboot or an ARP timeout), XDP cannot resolve it: the encapsulated
+/// packet goes to the kernel (XDP_PASS) with [`ResolveMeta`], and `xlb_tc_ingress`
+/// sends it with `bpf_redirect_neigh`, which resolves the neighbour and queues the
+/// packet meanwhile. `Err` carries the drop reason.
 #[inline(always)]
 pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -118,9 +124,14 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
         }
         return frag_needed(ctx, me, mtu.saturating_sub(OUTER as u16));
     }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    let resolve = rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && !resolve {
         return Err(Reason::DropEncapNoRoute);
     }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let in_eth: *const EthHdr = ptr_at(start, end, 0).ok_or(Reason::DropMalformedL4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let in_eth = unsafe { *in_eth };
 
     // SAFETY: growing the head by 20 bytes of XDP headroom.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER as i32)) } != 0 {
@@ -143,6 +154,18 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
         dst_addr: dst,
     };
     hdr.check = ip_checksum(&hdr).to_be_bytes();
+    if resolve {
+        // Keep the frame's own Ethernet addresses (to this host): the kernel then
+        // takes the frame as it did before the program ran.
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            (*eth).dst_addr = in_eth.dst_addr;
+            (*eth).src_addr = in_eth.src_addr;
+            (*eth).ether_type = network_types::eth::EtherType::Ipv4 as u16;
+            *outer = hdr;
+        }
+        return hand_to_tc(ctx, p.ifindex);
+    }
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         (*eth).dst_addr = p.dmac;
@@ -158,6 +181,32 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
         // SAFETY: plain helper call.
         Ok(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
     }
+}
+
+/// Passes the (encapsulated) packet to the kernel with [`ResolveMeta`] for
+/// `xlb_tc_ingress`. A driver without XDP metadata support cannot do this: the packet
+/// is dropped, counted as having no route.
+#[inline(always)]
+fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
+    const LEN: i32 = core::mem::size_of::<ResolveMeta>() as i32;
+    // SAFETY: grows the metadata area in front of the frame (<= 32 bytes, 4-aligned).
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -LEN) } != 0 {
+        return Err(Reason::DropEncapNoRoute);
+    }
+    // SAFETY: reading our own context's fields.
+    let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
+    if meta + LEN as usize > data {
+        return Err(Reason::DropEncapNoRoute);
+    }
+    // SAFETY: the metadata area [meta, data) was bounds checked just above.
+    unsafe {
+        *(meta as *mut ResolveMeta) = ResolveMeta {
+            magic: RESOLVE_MAGIC,
+            ifindex,
+        }
+    };
+    count(Reason::FwdEncapResolve);
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// The IPv4 header checksum of `h` (whose `check` is zero), RFC 791.

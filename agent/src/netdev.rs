@@ -1,0 +1,408 @@
+//! Facts about, and small changes to, the node's network devices that the datapath
+//! depends on: addresses and MAC of the uplink, which XDP attach mode suits its
+//! driver, and neighbour entries for the other nodes' tunnel addresses.
+//!
+//! Everything here works in the agent's network namespace through sockets (ioctl,
+//! netlink, getifaddrs), never through /sys/class/net: under `nsenter --net` the
+//! process sees the host's /sys, not its own namespace's devices.
+use std::{io, net::Ipv4Addr};
+
+/// Network device failures; each names the device and operation.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    /// An ioctl on the device failed.
+    #[error("{iface}: {op}: {source}")]
+    Ioctl {
+        /// Device name.
+        iface: String,
+        /// The operation.
+        op: &'static str,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A netlink request failed.
+    #[error("netlink {op} {addr} on {iface}: {source}")]
+    Netlink {
+        /// Device name.
+        iface: String,
+        /// The operation.
+        op: &'static str,
+        /// The neighbour's address.
+        addr: Ipv4Addr,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+/// What `ETHTOOL_GDRVINFO` says about a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// Driver name (`veth`, `bridge`, `mlx5_core`, `virtio_net`, ...).
+    pub driver: String,
+    /// Bus address of the hardware (`0000:3b:00.0`); empty for virtual devices.
+    pub bus_info: String,
+}
+
+/// `SIOCETHTOOL`, linux/sockios.h.
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+/// `ETHTOOL_GDRVINFO`, linux/ethtool.h.
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+/// `struct ethtool_drvinfo` (linux/ethtool.h).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// `struct ifreq` with its union used as `ifr_data`.
+#[repr(C)]
+struct IfreqData {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    data: *mut libc::c_void,
+    _pad: [u8; 16],
+}
+
+/// The driver of `iface`, by the `ETHTOOL_GDRVINFO` ioctl.
+pub fn driver_info(iface: &str) -> Result<DriverInfo, NetdevError> {
+    let err = |op, source| NetdevError::Ioctl {
+        iface: iface.to_string(),
+        op,
+        source,
+    };
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(err(
+            "ETHTOOL_GDRVINFO",
+            io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"),
+        ));
+    }
+    // SAFETY: all-zero is a valid ethtool_drvinfo (integers and byte arrays).
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut ifr = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: (&mut info as *mut EthtoolDrvinfo).cast(),
+        _pad: [0; 16],
+    };
+    for (dst, src) in ifr.name.iter_mut().zip(iface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: creating a socket has no memory-safety preconditions.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err("socket", io::Error::last_os_error()));
+    }
+    // SAFETY: ifr and info outlive the call; the kernel writes at most the drvinfo.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut ifr as *mut IfreqData) };
+    let os = io::Error::last_os_error();
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err("ETHTOOL_GDRVINFO", os));
+    }
+    let text = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    Ok(DriverInfo {
+        driver: text(&info.driver),
+        bus_info: text(&info.bus_info),
+    })
+}
+
+/// The XDP attach mode asked for on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpChoice {
+    /// Native where the driver suits it, generic elsewhere (see [`auto_mode`]).
+    Auto,
+    /// Native (driver) mode, whatever the device.
+    Native,
+    /// Generic (skb) mode, whatever the device.
+    Generic,
+}
+
+/// An attach mode and why it was chosen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpDecision {
+    /// Native (driver) mode if true, else generic (skb).
+    pub native: bool,
+    /// Why, for the log and the metric.
+    pub reason: String,
+    /// The device's driver, when known.
+    pub driver: String,
+}
+
+/// Virtual devices whose native XDP does not behave like a NIC's for xlb's needs.
+/// A veth drops frames sent with XDP_TX unless its peer runs XDP too, and hands XDP
+/// packets with a partial (CHECKSUM_PARTIAL, not yet computed) L4 checksum that
+/// XDP_TX then sends on half-done; the others either lack native XDP or stack on
+/// devices that do their own. Generic XDP runs on the skb, so the kernel transmits
+/// XDP_TX frames and keeps the checksum state.
+const VIRTUAL_DRIVERS: &[&str] = &[
+    "veth",
+    "bridge",
+    "macvlan",
+    "macvtap",
+    "ipvlan",
+    "vxlan",
+    "geneve",
+    "tun",
+    "bonding",
+    "team",
+    "vrf",
+    "openvswitch",
+    "dummy",
+    "802.1Q VLAN Support",
+    "wireguard",
+    "nlmon",
+];
+
+/// Chooses the mode for `--xdp-mode auto` from the driver: generic for the virtual
+/// devices above and for any device without a bus address (no hardware behind it);
+/// native for hardware NICs, which deliver XDP_TX frames and give XDP complete
+/// checksums (virtio_net included: it turns guest checksum offload off while XDP is
+/// attached). If native attach then fails, the caller falls back to generic.
+pub fn auto_mode(info: &DriverInfo) -> XdpDecision {
+    let (native, reason) = if VIRTUAL_DRIVERS.contains(&info.driver.as_str()) {
+        (
+            false,
+            format!(
+                "virtual device ({}): XDP_TX and partial checksums need generic mode",
+                info.driver
+            ),
+        )
+    } else if info.bus_info.is_empty() {
+        (
+            false,
+            format!(
+                "no hardware behind the device (driver {:?}, no bus address)",
+                info.driver
+            ),
+        )
+    } else {
+        (
+            true,
+            format!(
+                "hardware NIC (driver {}, bus {})",
+                info.driver, info.bus_info
+            ),
+        )
+    };
+    XdpDecision {
+        native,
+        reason,
+        driver: info.driver.clone(),
+    }
+}
+
+/// The first IPv4 address of `iface` (getifaddrs(3)), if any.
+pub fn interface_ipv4(iface: &str) -> Option<Ipv4Addr> {
+    interface_addr(iface, libc::AF_INET, |sa| {
+        // SAFETY: an AF_INET entry's address is a sockaddr_in.
+        let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
+        Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+    })
+}
+
+/// The MAC address of `iface` (its AF_PACKET getifaddrs entry), if it has one.
+pub fn interface_mac(iface: &str) -> Option<[u8; 6]> {
+    interface_addr(iface, libc::AF_PACKET, |sa| {
+        // SAFETY: an AF_PACKET entry's address is a sockaddr_ll.
+        let ll = unsafe { &*(sa as *const libc::sockaddr_ll) };
+        (ll.sll_halen == 6).then(|| {
+            let a = ll.sll_addr;
+            [a[0], a[1], a[2], a[3], a[4], a[5]]
+        })
+    })
+}
+
+/// The first address of `family` on `iface`, decoded by `decode`.
+fn interface_addr<T>(
+    iface: &str,
+    family: i32,
+    decode: impl Fn(*const libc::sockaddr) -> Option<T>,
+) -> Option<T> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below; we only read it.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr, when set, points to a
+        // sockaddr whose family says its real type.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if !ifa.ifa_addr.is_null()
+            && name.to_bytes() == iface.as_bytes()
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == family
+        {
+            found = decode(ifa.ifa_addr);
+            if found.is_some() {
+                break;
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(head) };
+    found
+}
+
+/// The interface index of `iface`, if it exists.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+// rtnetlink constants (linux/rtnetlink.h, linux/neighbour.h, linux/netlink.h).
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const NDA_DST: u16 = 1;
+const NDA_FLAGS_EXT: u16 = 15;
+/// The kernel keeps a managed entry resolved by itself (probing it as if in use), the
+/// way Cilium keeps its XDP FIB-lookup neighbours (kernel 5.16+).
+const NTF_EXT_MANAGED: u32 = 1;
+
+/// Keeps managed neighbour entries on `iface` for `addr` (`ip neigh replace ADDR dev
+/// IFACE managed`), so `bpf_fib_lookup` in XDP finds the other nodes resolved. One
+/// rtnetlink request, written out here because it is one fixed message: NDA_FLAGS_EXT
+/// is newer than what the Rust netlink crates model.
+pub fn add_managed_neighbour(iface: &str, addr: Ipv4Addr) -> Result<(), NetdevError> {
+    neighbour_request(
+        iface,
+        addr,
+        RTM_NEWNEIGH,
+        NLM_F_CREATE | NLM_F_REPLACE,
+        "add",
+    )
+}
+
+/// Removes the neighbour entry for `addr` on `iface` (a node that left).
+pub fn remove_neighbour(iface: &str, addr: Ipv4Addr) -> Result<(), NetdevError> {
+    match neighbour_request(iface, addr, RTM_DELNEIGH, 0, "delete") {
+        Err(NetdevError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn neighbour_request(
+    iface: &str,
+    addr: Ipv4Addr,
+    kind: u16,
+    extra_flags: u16,
+    op: &'static str,
+) -> Result<(), NetdevError> {
+    let err = |source| NetdevError::Netlink {
+        iface: iface.to_string(),
+        op,
+        addr,
+        source,
+    };
+    let index = ifindex(iface)
+        .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no such interface")))?;
+    // nlmsghdr (16) + ndmsg (12) + NDA_DST (8) + NDA_FLAGS_EXT (8).
+    let mut msg = Vec::with_capacity(44);
+    let len: u32 = if kind == RTM_NEWNEIGH { 44 } else { 36 };
+    msg.extend_from_slice(&len.to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | extra_flags).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    // ndmsg: family, pad, pad, ifindex, state (NUD_NONE: let the kernel resolve), flags, type.
+    msg.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    msg.extend_from_slice(&(index as i32).to_ne_bytes());
+    msg.extend_from_slice(&0u16.to_ne_bytes());
+    msg.extend_from_slice(&[0, 0]);
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&NDA_DST.to_ne_bytes());
+    msg.extend_from_slice(&addr.octets());
+    if kind == RTM_NEWNEIGH {
+        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&NDA_FLAGS_EXT.to_ne_bytes());
+        msg.extend_from_slice(&NTF_EXT_MANAGED.to_ne_bytes());
+    }
+    debug_assert_eq!(msg.len(), len as usize);
+    // SAFETY: creating a socket has no memory-safety preconditions.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    let result = (|| {
+        // SAFETY: msg is valid for its length; the kernel address is the default sockaddr_nl.
+        let sent = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 512];
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // The ACK is an NLMSG_ERROR whose error code is 0 on success (netlink(7)).
+        if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected netlink answer",
+            ));
+        }
+        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        if code != 0 {
+            return Err(io::Error::from_raw_os_error(-code));
+        }
+        Ok(())
+    })();
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    result.map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(driver: &str, bus: &str) -> DriverInfo {
+        DriverInfo {
+            driver: driver.into(),
+            bus_info: bus.into(),
+        }
+    }
+
+    #[test]
+    fn auto_mode_is_generic_on_virtual_devices_and_native_on_nics() {
+        assert!(!auto_mode(&info("veth", "")).native);
+        assert!(!auto_mode(&info("bridge", "N/A")).native);
+        assert!(!auto_mode(&info("something_new", "")).native);
+        assert!(auto_mode(&info("mlx5_core", "0000:3b:00.0")).native);
+        assert!(auto_mode(&info("virtio_net", "0000:00:03.0")).native);
+    }
+}

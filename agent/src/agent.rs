@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        ClusterMode, Dataplane, DataplaneError, ForwardMode, NodeConfig, Stats,
+        ClusterMode, Dataplane, DataplaneError, ForwardMode, NodeConfig, Stats, conntrack,
         state::{self, Ids, MapState, Write},
     },
     desired::{self, Desired},
@@ -52,6 +52,10 @@ pub struct Config {
     /// This node's address for IPIP between nodes; `None`: the interface's first IPv4.
     pub node_ip: Option<std::net::Ipv4Addr>,
 }
+
+/// How often expired conntrack entries are removed and the rest counted. Short next
+/// to the shortest lifetime (10 s after FIN/RST), so the map holds little dead state.
+const CT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,8 @@ struct Reconciler {
     interface: String,
     /// Other nodes' tunnel addresses this agent keeps as managed neighbour entries.
     neighbours: BTreeSet<std::net::Ipv4Addr>,
+    /// The source asked to be loaded again after this long (a file that emptied).
+    recheck: Option<Duration>,
     applied: MapState,
     ids: Ids,
     bounds: state::TableBounds,
@@ -117,7 +123,19 @@ impl Reconciler {
     fn sync(&mut self, source: &mut ManifestSource) -> Result<(), DataplaneError> {
         let started = Instant::now();
         let loaded = source.load();
-        let desired = desired::compute(&loaded.snapshot, &self.node_name, self.previous.as_ref());
+        self.metrics.files_parsed.inc_by(loaded.parsed as u64);
+        self.recheck = loaded.recheck;
+        // Before the first apply, the maps' recorded owners stand in for `previous`.
+        let restored = match self.previous {
+            Some(_) => desired::Restored::new(),
+            None => state::incumbents(&self.applied),
+        };
+        let desired = desired::compute_with(
+            &loaded.snapshot,
+            &self.node_name,
+            self.previous.as_ref(),
+            &restored,
+        );
         let mut errors = loaded.errors;
         errors.extend(desired.errors.iter().cloned());
         self.report(&errors);
@@ -285,7 +303,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         backends = applied.backends.len(),
         "datapath ready; reconciling from the state the maps hold"
     );
-    let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?);
+    let ct_counts = Arc::new(conntrack::CtCounts::default());
+    conntrack::spawn(
+        conntrack::Sweeper::open(&cfg.pin_path)?,
+        CT_SWEEP_PERIOD,
+        ct_counts.clone(),
+    );
+    let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?, ct_counts);
     let metrics = Metrics::new(collector.clone());
     metrics.map_updates.inc_by(node_writes);
     metrics
@@ -320,6 +344,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         node_name: cfg.node_name.clone(),
         interface: cfg.interface.clone(),
         neighbours: BTreeSet::new(),
+        recheck: None,
         applied,
         ids,
         bounds: state::TableBounds::default(),
@@ -354,6 +379,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             }
         }
         let backoff = tokio::time::sleep(Duration::from_secs(1));
+        let recheck = rec.recheck.take();
+        let recheck_sleep = tokio::time::sleep(recheck.unwrap_or(Duration::ZERO));
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: exiting, datapath stays attached"); break; }
             _ = int.recv() => { info!("SIGINT: exiting, datapath stays attached"); break; }
@@ -374,6 +401,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             }
             _ = resync.tick() => { retry_soon = true; }
             _ = backoff, if retry_soon => {}
+            _ = recheck_sleep, if recheck.is_some() => { retry_soon = true; }
         }
     }
     Ok(())

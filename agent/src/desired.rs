@@ -134,12 +134,29 @@ struct Claim {
 /// ports too, as in Kubernetes). Without a Node object for `node_name` there are no
 /// node-port keys (noted at debug level: not an error, the node may not be described).
 ///
-/// `previous` is the last desired state that was applied: when two Services claim one
-/// address:port/protocol (or one health check node port), the one that owned it there
-/// keeps it, so a newly added conflicting Service never takes traffic away from a
-/// working one; with no incumbent, the smallest [`ServiceRef`] wins. The loser gets a
-/// `vip_conflict` error and that key is skipped for it.
+/// `previous` is the last desired state that was applied. When two Services claim one
+/// address:port/protocol, the winner is, in order: the one with the older
+/// `metadata.creationTimestamp` (when both have one: every node sees the same), then
+/// the incumbent (the owner in `previous`, else in `restored`, what the pinned maps
+/// served before a restart), then the smallest [`ServiceRef`]. So a newly added
+/// conflicting Service never takes traffic away from a working one, and a restart
+/// never changes the owner. A contested health check node port goes to the incumbent
+/// of `previous`, else the smallest ref. The loser gets a `vip_conflict` error and
+/// that key is skipped for it.
 pub fn compute(snapshot: &Snapshot, node_name: &str, previous: Option<&Desired>) -> Desired {
+    compute_with(snapshot, node_name, previous, &BTreeMap::new())
+}
+
+/// Owners of keys as the pinned maps record them (see [`compute`]).
+pub type Restored = BTreeMap<VipKey, (ServiceRef, String)>;
+
+/// [`compute`] with the owners a previous agent left in the maps.
+pub fn compute_with(
+    snapshot: &Snapshot,
+    node_name: &str,
+    previous: Option<&Desired>,
+    restored: &Restored,
+) -> Desired {
     let node_ips: Vec<IpAddr> = snapshot
         .nodes
         .get(node_name)
@@ -223,12 +240,29 @@ pub fn compute(snapshot: &Snapshot, node_name: &str, previous: Option<&Desired>)
 
     let mut out = Desired::default();
     for (key, mut claimants) in claims {
-        let incumbent = previous.and_then(|p| p.services.get(&key)).and_then(|p| {
-            claimants
-                .iter()
-                .position(|c| c.service.owner == p.owner && c.service.port_name == p.port_name)
-        });
-        let winner = claimants.remove(incumbent.unwrap_or(0)).service;
+        let incumbent: Option<(&ServiceRef, &str)> = match previous {
+            Some(p) => p
+                .services
+                .get(&key)
+                .map(|d| (&d.owner, d.port_name.as_str())),
+            None => restored.get(&key).map(|(o, p)| (o, p.as_str())),
+        };
+        let rank = |i: usize, c: &Claim| {
+            let created = snapshot
+                .services
+                .get(&c.service.owner)
+                .and_then(|s| s.created)
+                .unwrap_or(i64::MAX);
+            let is_incumbent = incumbent == Some((&c.service.owner, c.service.port_name.as_str()));
+            // Claims are in ServiceRef order, so the index breaks the last tie by name.
+            (created, !is_incumbent, i)
+        };
+        let best = claimants
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, c)| rank(*i, c))
+            .map_or(0, |(i, _)| i);
+        let winner = claimants.remove(best).service;
         for loser in claimants {
             let loser_svc = &loser.service;
             out.errors.push(ConfigError {
@@ -416,6 +450,7 @@ mod tests {
             source_ranges: vec![],
             affinity_timeout: None,
             health_check_node_port: None,
+            created: None,
             ports: vec![ServicePort {
                 index: 0,
                 name: "http".into(),
@@ -556,6 +591,50 @@ mod tests {
         assert_eq!(d.errors.len(), 1);
         assert_eq!(d.errors[0].object, "Service default/alpha");
         assert!(d.errors[0].message.contains("default/beta"));
+    }
+
+    #[test]
+    fn a_restart_keeps_the_owner_the_maps_recorded() {
+        // rel/good served the VIP; aaa/dup, smaller by name, claims it too. A restarted
+        // agent has no `previous`, only what the pinned maps recorded.
+        let good = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        let dup = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        let snap = snapshot(vec![("good", good), ("aaa-dup", dup)]);
+        let restored = Restored::from([(
+            key("10.0.100.1"),
+            (ServiceRef::new("default", "good"), "http".to_string()),
+        )]);
+        let d = compute_with(&snap, "node-a", None, &restored);
+        assert_eq!(d.services[&key("10.0.100.1")].owner.name, "good");
+        assert_eq!(d.errors[0].object, "Service default/aaa-dup");
+        // Without the record, the name decides (and would hand the VIP over).
+        let d = compute(&snap, "node-a", None);
+        assert_eq!(d.services[&key("10.0.100.1")].owner.name, "aaa-dup");
+    }
+
+    #[test]
+    fn the_older_creation_timestamp_wins_over_incumbent_and_name() {
+        let mut old = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        old.created = Some(1_700_000_000);
+        let mut new = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        new.created = Some(1_700_000_100);
+        let snap = snapshot(vec![("zz-old", old), ("aa-new", new.clone())]);
+        // Even where the newer one is the recorded owner: every node sees the same
+        // timestamps, not every node has the same record.
+        let restored = Restored::from([(
+            key("10.0.100.1"),
+            (ServiceRef::new("default", "aa-new"), "http".to_string()),
+        )]);
+        let d = compute_with(&snap, "node-a", None, &restored);
+        assert_eq!(d.services[&key("10.0.100.1")].owner.name, "zz-old");
+        // A timestamp beats none.
+        let mut untimed = new;
+        untimed.created = None;
+        let mut timed = svc("10.0.100.1", TrafficPolicy::Local, vec![]);
+        timed.created = Some(1_800_000_000);
+        let snap = snapshot(vec![("zz-timed", timed), ("aa-untimed", untimed)]);
+        let d = compute(&snap, "node-a", None);
+        assert_eq!(d.services[&key("10.0.100.1")].owner.name, "zz-timed");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use xlb_common::Reason;
 
 use crate::dataplane::{
     Stats,
+    conntrack::CtCounts,
     state::{ServiceLabels, Target},
 };
 
@@ -56,8 +57,13 @@ pub struct Metrics {
     /// Other nodes' tunnel addresses kept as managed neighbour entries on the uplink
     /// (`xlb_managed_neighbours`).
     pub neighbours: Gauge,
+    /// Manifest files parsed (`xlb_manifest_files_parsed_total`): unchanged files are
+    /// not parsed again.
+    pub files_parsed: Counter,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
+    /// One scrape renders at a time (see `render`).
+    scrape: tokio::sync::Semaphore,
     registry: Mutex<Registry>,
 }
 
@@ -114,6 +120,12 @@ impl Metrics {
             "Other nodes' tunnel addresses kept resolved as managed neighbour entries",
             neighbours.clone(),
         );
+        let files_parsed = Counter::default();
+        registry.register(
+            "xlb_manifest_files_parsed",
+            "Manifest files read and parsed (unchanged files are not parsed again)",
+            files_parsed.clone(),
+        );
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -124,7 +136,9 @@ impl Metrics {
             unwilling,
             xdp_mode,
             neighbours,
+            files_parsed,
             ready: AtomicBool::new(false),
+            scrape: tokio::sync::Semaphore::new(1),
             registry: Mutex::new(registry),
         })
     }
@@ -146,10 +160,12 @@ pub struct CounterLabels {
     backends: BTreeMap<u32, SocketAddr>,
 }
 
-/// Reads the datapath's per-CPU counters on each scrape.
+/// Reads the datapath's per-CPU counters on each scrape; conntrack figures come from
+/// the sweeper ([`CtCounts`]), never from walking the map on the scrape path.
 pub struct BpfCollector {
     stats: Mutex<Stats>,
     labels: RwLock<CounterLabels>,
+    conntrack: Arc<CtCounts>,
 }
 
 impl std::fmt::Debug for BpfCollector {
@@ -159,11 +175,12 @@ impl std::fmt::Debug for BpfCollector {
 }
 
 impl BpfCollector {
-    /// A collector over opened stats maps.
-    pub fn new(stats: Stats) -> Arc<Self> {
+    /// A collector over opened stats maps and the sweeper's conntrack counts.
+    pub fn new(stats: Stats, conntrack: Arc<CtCounts>) -> Arc<Self> {
         Arc::new(BpfCollector {
             stats: Mutex::new(stats),
             labels: RwLock::new(CounterLabels::default()),
+            conntrack,
         })
     }
 
@@ -262,14 +279,15 @@ impl Collector for BpfCollector {
             "Packets the programs forwarded, passed or dropped, by reason",
             &rows,
         )?;
+        let present = self.conntrack.present.load(Ordering::Relaxed);
+        let expired = self.conntrack.expired.load(Ordering::Relaxed);
         let m = encoder.encode_descriptor(
             "xlb_conntrack_entries",
-            "Flows in the connection-tracking map (LRU: the oldest are evicted when full)",
+            "Flows in the connection-tracking map at the last sweep (LRU: the oldest are evicted when full)",
             None,
             MetricType::Gauge,
         )?;
-        prometheus_client::metrics::gauge::ConstGauge::new(snap.conntrack_entries as i64)
-            .encode(m)?;
+        prometheus_client::metrics::gauge::ConstGauge::new(present as i64).encode(m)?;
         let created = snap
             .reasons
             .get(Reason::CtCreated as usize)
@@ -281,13 +299,22 @@ impl Collector for BpfCollector {
             "Connection-tracking entries created",
             &[(vec![], created)],
         )?;
-        // Entries only leave the LRU map by eviction (the agent never deletes them),
-        // so created - present is what it evicted.
+        counter(
+            &mut encoder,
+            "xlb_conntrack_expired",
+            "Expired connection-tracking entries removed by the agent's sweeper",
+            &[(vec![], expired)],
+        )?;
+        // Entries leave the map by the sweep or by LRU eviction, so created - present
+        // - expired is what the LRU evicted (as of the last sweep).
         counter(
             &mut encoder,
             "xlb_conntrack_evictions",
-            "Connection-tracking entries evicted to make room (created minus present)",
-            &[(vec![], created.saturating_sub(snap.conntrack_entries))],
+            "Connection-tracking entries evicted to make room (created minus present minus expired)",
+            &[(
+                vec![],
+                created.saturating_sub(present).saturating_sub(expired),
+            )],
         )
     }
 }
@@ -304,7 +331,19 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 }
 
 async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    match m.render() {
+    // Reading the BPF counters is blocking syscalls, one per service and backend: it
+    // runs on the blocking pool, one scrape at a time, so however many scrapers come
+    // the runtime's workers stay free for /healthz and the health-check ports.
+    let rendered = match m.scrape.acquire().await {
+        Ok(_permit) => {
+            let m = m.clone();
+            tokio::task::spawn_blocking(move || m.render())
+                .await
+                .unwrap_or(Err(std::fmt::Error))
+        }
+        Err(_) => Err(std::fmt::Error),
+    };
+    match rendered {
         Ok(body) => (
             StatusCode::OK,
             [("content-type", "text/plain; version=0.0.4; charset=utf-8")],

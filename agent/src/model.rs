@@ -98,6 +98,9 @@ pub struct Service {
     pub health_check_node_port: Option<u16>,
     /// `spec.ports` that xlb can serve (TCP and UDP), in manifest order.
     pub ports: Vec<ServicePort>,
+    /// `metadata.creationTimestamp` in Unix seconds, when the object has one: the same
+    /// on every node, so the oldest claimant of a contested address wins everywhere.
+    pub created: Option<i64>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
 }
@@ -218,6 +221,8 @@ pub enum ErrorKind {
     /// Two Services claim one address:port/protocol (VIP, external IP or node port),
     /// or one health check node port.
     VipConflict,
+    /// A file over the size or document limit (see the manifest source).
+    TooLarge,
 }
 
 impl ErrorKind {
@@ -235,6 +240,7 @@ impl ErrorKind {
             ErrorKind::UnknownPortName => "unknown_port_name",
             ErrorKind::DuplicateObject => "duplicate_object",
             ErrorKind::VipConflict => "vip_conflict",
+            ErrorKind::TooLarge => "too_large",
         }
     }
 }

@@ -92,6 +92,12 @@ fn kernel_and_agent_agree_on_map_layouts() {
         ),
         (names::PROGS, u32s, u32s, names::TAIL_PROGS.len() as u32),
         (names::HANDOFF, u32s, size_of::<Handoff>(), 1),
+        (
+            names::OWNERS,
+            u32s,
+            size_of::<xlb_common::Owner>(),
+            limits::MAX_SERVICES,
+        ),
     ];
     assert_eq!(
         expected.len(),

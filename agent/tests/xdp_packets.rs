@@ -1,6 +1,6 @@
 //! The XDP program on hand-built packets, through `BPF_PROG_TEST_RUN` (needs root).
 //!
-//! Every packet is built here byte by byte, checksums computed from scratch; every
+//! Every packet is built byte by byte (`xlb_lab::packets`), checksums computed from scratch; every
 //! verdict is checked against what `ebpf/xlb-ebpf` documents, together with the
 //! `xlb_reasons` counter it must (or must not) bump. A passed packet is either
 //! byte-for-byte the input or a DNAT of it: only destination address, destination
@@ -26,6 +26,7 @@ use xlb_common::{
     Counter, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason, SVC_F_LOCAL, Service, flow_hash_v4,
     names,
 };
+use xlb_lab::{Netns, packets::*};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -37,204 +38,6 @@ const BE1: [u8; 4] = [10, 0, 1, 11];
 const BE2: [u8; 4] = [10, 0, 1, 12];
 const TCP_BACKENDS: [([u8; 4], u16); 2] = [(BE1, 8080), (BE2, 8080)];
 const UDP_BACKENDS: [([u8; 4], u16); 2] = [(BE1, 5353), (BE2, 5353)];
-
-const ETH_LEN: usize = 14;
-const IP_CSUM: usize = ETH_LEN + 10;
-const IP_DST: usize = ETH_LEN + 16;
-const L4: usize = ETH_LEN + 20;
-const DPORT: usize = L4 + 2;
-const TCP_CSUM: usize = L4 + 16;
-const UDP_CSUM: usize = L4 + 6;
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-
-// ---------------------------------------------------------------------------------
-// Packet building, from scratch.
-
-/// One's-complement sum of 16-bit big-endian words (an odd last byte is padded).
-fn ones_sum(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-/// The Internet checksum (RFC 1071) of `data`.
-fn checksum(data: &[u8]) -> u16 {
-    !fold(ones_sum(data))
-}
-
-fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> Vec<u8> {
-    let mut p = Vec::with_capacity(12);
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(&[0, proto]);
-    p.extend_from_slice(&(len as u16).to_be_bytes());
-    p
-}
-
-fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An IPv4 header, with knobs for the malformed corpus.
-#[derive(Clone)]
-struct Ip4 {
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    vihl: u8,
-    frags: u16,
-    tot_len: Option<u16>,
-    options: Vec<u8>,
-}
-
-impl Ip4 {
-    fn new(src: [u8; 4], dst: [u8; 4], proto: u8) -> Self {
-        Ip4 {
-            src,
-            dst,
-            proto,
-            vihl: 0x45,
-            frags: 0x4000, // DF, as Linux sends TCP
-            tot_len: None,
-            options: vec![],
-        }
-    }
-
-    /// Ethernet + this header (checksum computed) + `l4`.
-    fn frame(&self, l4: &[u8]) -> Vec<u8> {
-        let hlen = 20 + self.options.len();
-        let tot = self.tot_len.unwrap_or((hlen + l4.len()) as u16);
-        let mut h = vec![self.vihl, 0];
-        h.extend_from_slice(&tot.to_be_bytes());
-        h.extend_from_slice(&[0x1c, 0x46]);
-        h.extend_from_slice(&self.frags.to_be_bytes());
-        h.extend_from_slice(&[64, self.proto, 0, 0]);
-        h.extend_from_slice(&self.src);
-        h.extend_from_slice(&self.dst);
-        h.extend_from_slice(&self.options);
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(l4);
-        eth(0x0800, &h)
-    }
-}
-
-/// A TCP segment with a correct checksum; `doff` is the raw data-offset nibble.
-fn tcp_seg(
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: (u16, u16),
-    flags: u8,
-    doff: u8,
-    options: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&ports.0.to_be_bytes());
-    s.extend_from_slice(&ports.1.to_be_bytes());
-    s.extend_from_slice(&0x1122_3344u32.to_be_bytes());
-    s.extend_from_slice(&(if flags & ACK != 0 { 0x5566_7788u32 } else { 0 }).to_be_bytes());
-    s.extend_from_slice(&[doff << 4, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
-    s.extend_from_slice(options);
-    s.extend_from_slice(payload);
-    let mut all = pseudo(src, dst, PROTO_TCP, s.len());
-    all.extend_from_slice(&s);
-    let c = checksum(&all);
-    s[16..18].copy_from_slice(&c.to_be_bytes());
-    s
-}
-
-/// A UDP datagram; `len` overrides the length field; the checksum (0 when
-/// `with_csum` is false) covers min(len field, bytes present).
-fn udp_dgram(
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: (u16, u16),
-    payload: &[u8],
-    len: Option<u16>,
-    with_csum: bool,
-) -> Vec<u8> {
-    let len = len.unwrap_or((8 + payload.len()) as u16);
-    let mut s = Vec::new();
-    s.extend_from_slice(&ports.0.to_be_bytes());
-    s.extend_from_slice(&ports.1.to_be_bytes());
-    s.extend_from_slice(&len.to_be_bytes());
-    s.extend_from_slice(&[0, 0]);
-    s.extend_from_slice(payload);
-    if with_csum {
-        let cover = (len as usize).min(s.len());
-        let mut all = pseudo(src, dst, PROTO_UDP, cover);
-        all.extend_from_slice(&s[..cover]);
-        let c = match checksum(&all) {
-            0 => 0xffff,
-            c => c,
-        };
-        s[6..8].copy_from_slice(&c.to_be_bytes());
-    }
-    s
-}
-
-/// A TCP SYN with the usual options (MSS, SACK-permitted, timestamps, wscale).
-fn tcp_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
-    let opts = [
-        2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
-    ];
-    Ip4::new(src, dst, PROTO_TCP).frame(&tcp_seg(src, dst, (sport, dport), SYN, 10, &opts, &[]))
-}
-
-fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut ip = Ip4::new(src, dst, PROTO_UDP);
-    ip.frags = 0;
-    ip.frame(&udp_dgram(src, dst, (sport, dport), payload, None, true))
-}
-
-// ---------------------------------------------------------------------------------
-// Checking, from scratch.
-
-/// The IPv4 header checksum of `frame` verifies.
-fn ip_csum_ok(f: &[u8]) -> bool {
-    let hlen = usize::from(f[ETH_LEN] & 0xf) * 4;
-    fold(ones_sum(&f[ETH_LEN..ETH_LEN + hlen])) == 0xffff
-}
-
-/// The L4 checksum verifies over the bytes the receiver would cover: the IP payload
-/// (trimmed to `tot_len`, i.e. without Ethernet padding), and for UDP the datagram
-/// length. UDP checksum 0 means none and passes.
-fn l4_csum_ok(f: &[u8]) -> bool {
-    let hlen = usize::from(f[ETH_LEN] & 0xf) * 4;
-    let tot = usize::from(u16::from_be_bytes([f[ETH_LEN + 2], f[ETH_LEN + 3]]));
-    let l4 = ETH_LEN + hlen;
-    let proto = f[ETH_LEN + 9];
-    // A tot_len below the header length says nothing: use what the frame holds.
-    let mut cover = if tot >= hlen {
-        (f.len() - l4).min(tot - hlen)
-    } else {
-        f.len() - l4
-    };
-    if proto == PROTO_UDP {
-        if f[l4 + 6..l4 + 8] == [0, 0] {
-            return true;
-        }
-        cover = cover.min(usize::from(u16::from_be_bytes([f[l4 + 4], f[l4 + 5]])));
-    }
-    let src: [u8; 4] = f[ETH_LEN + 12..ETH_LEN + 16].try_into().unwrap();
-    let dst: [u8; 4] = f[ETH_LEN + 16..ETH_LEN + 20].try_into().unwrap();
-    let mut all = pseudo(src, dst, proto, cover);
-    all.extend_from_slice(&f[l4..l4 + cover]);
-    fold(ones_sum(&all)) == 0xffff
-}
 
 /// Asserts `out` is `input` DNATed to one of `backends` (only dst, dport and the two
 /// checksums changed, both checksums valid) and returns the backend chosen.
@@ -284,10 +87,6 @@ fn assert_dnat(input: &[u8], out: &RunResult, backends: &[([u8; 4], u16)]) -> ([
 fn assert_untouched(name: &str, input: &[u8], out: &RunResult) {
     assert_eq!(out.retval, XDP_PASS, "{name}: verdict for {}", hex(input));
     assert_eq!(out.data, input, "{name}: passed modified");
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 // ---------------------------------------------------------------------------------
@@ -1027,97 +826,39 @@ fn xdp_fast_path_cost() {
     println!("(medians: 5 runs at repeat=N, {SINGLE} runs at repeat=1, interleaved)");
 }
 
-/// A network namespace for [`tunnel_path_cost`], deleted on drop: the encapsulating
-/// node's FIB lookup needs a route and a neighbour for the other node, and they must
-/// not be the machine's own.
-struct CostNs(String);
-
-impl CostNs {
-    fn new() -> CostNs {
-        let name = format!("xlb-cost-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let st = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
-        ip(&["netns", "add", &name]);
-        let ns = CostNs(name.clone());
-        ip(&[
-            "-n", &name, "link", "add", "va", "type", "veth", "peer", "name", "vb",
-        ]);
-        ip(&["-n", &name, "addr", "add", "10.0.0.11/24", "dev", "va"]);
-        ip(&["-n", &name, "link", "set", "va", "up"]);
-        ip(&["-n", &name, "link", "set", "vb", "up"]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        // bpf_fib_lookup answers FWD_DISABLED unless the ingress device forwards (as
-        // every Kubernetes node's does).
-        let st = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        ip(&[
-            "-n",
-            &name,
-            "neigh",
-            "add",
-            "10.0.0.12",
-            "lladdr",
-            "02:00:00:00:00:12",
-            "dev",
-            "va",
-            "nud",
-            "permanent",
-        ]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside the namespace (BPF_PROG_TEST_RUN looks routes up in
-    /// the calling thread's namespace).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let fd = std::fs::File::open(&path).unwrap();
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on a valid namespace fd for this thread only.
-                assert_eq!(
-                    unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0
-                );
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-}
-
-impl Drop for CostNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 /// ns/packet of both ends of the Cluster tunnel (repeat=1 medians next to the
 /// XDP_PASS baseline measured the same way: with repeat > 1 the kernel would rerun the
 /// program on the already rewritten buffer).
 #[test]
 #[ignore = "measurement; prints a table, asserts nothing about time"]
 fn tunnel_path_cost() {
-    let ns = CostNs::new();
-    ns.run(|| {
+    // The encapsulating node's FIB lookup needs a route and a neighbour for the other
+    // node, and they must not be the machine's own: a namespace of its own, deleted on
+    // drop (named `xlb-{pid}-...` so the lab's stale sweep recognizes it).
+    let ns = Netns::create(&format!("xlb-{}-cost", std::process::id())).unwrap();
+    ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"])
+        .unwrap();
+    ns.ip(&["addr", "add", "10.0.0.11/24", "dev", "va"])
+        .unwrap();
+    ns.ip(&["link", "set", "va", "up"]).unwrap();
+    ns.ip(&["link", "set", "vb", "up"]).unwrap();
+    // bpf_fib_lookup answers FWD_DISABLED unless the ingress device forwards (as every
+    // Kubernetes node's does).
+    ns.sysctl("net/ipv4/ip_forward", "1").unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.0.0.12",
+        "lladdr",
+        "02:00:00:00:00:12",
+        "dev",
+        "va",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    // BPF_PROG_TEST_RUN looks routes up in the calling thread's namespace.
+    ns.enter(|| {
         let mut bed = TestBed::load().unwrap();
         let node_ip = u64::from(u32::from_ne_bytes([10, 0, 0, 11]));
         bed.config
@@ -1201,5 +942,7 @@ fn tunnel_path_cost() {
                 m as i64 - base as i64
             );
         }
-    });
+        Ok(())
+    })
+    .unwrap();
 }

@@ -317,12 +317,29 @@ pub fn run_cleanup(xlb_bin: &Path, ns: &Netns, interface: &str, pin_dir: &Path) 
 
 /// A plain HTTP/1.0 GET to `addr` from inside netns `ns`; returns (status, body).
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_get_within(
+        ns,
+        addr,
+        path,
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    )
+}
+
+/// [`http_get`] with its own connect and read/write timeouts.
+pub fn http_get_within(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+    connect: Duration,
+    io: Duration,
+) -> Result<(u16, String)> {
     let mut stream = in_netns(&netns_path(ns), || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        TcpStream::connect_timeout(&addr, connect)
             .with_context(|| format!("connect {addr} in {ns}"))
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(io))?;
+    stream.set_write_timeout(Some(io))?;
     write!(
         stream,
         "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"

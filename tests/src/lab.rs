@@ -40,6 +40,10 @@ pub const BRIDGE: &str = "br0";
 pub const MULTI_NODE_FIRST_HOST: u8 = 11;
 /// Most nodes a multi-node lab builds (`node-a` .. `node-i`).
 pub const MAX_NODES: usize = 9;
+/// Per-request timeout for test traffic that is expected to be answered.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Upper bound for anything the agent should do "soon" (start, apply an edit or manifests).
+pub const SOON: Duration = Duration::from_secs(30);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();

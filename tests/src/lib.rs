@@ -14,14 +14,19 @@
 //! Lab traffic stays between addresses inside lab namespaces; nothing is created in the host
 //! namespace. Everything a lab makes (namespaces, agent processes, pin directories) is
 //! removed when the [`Lab`] is dropped, including on panic.
+//!
+//! [`bpf`]: writing straight into an agent's pinned maps (states too slow to build with traffic).
+//! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
 
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod bpf;
 pub mod demo;
 pub mod lab;
 pub mod manifests;
 pub mod netns;
+pub mod packets;
 pub mod servers;
 pub mod traffic;
 

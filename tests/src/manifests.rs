@@ -144,6 +144,16 @@ pub const WEB_TCP_PORT: u16 = 80;
 /// The standard service's UDP port (`dns`, → 5353).
 pub const WEB_UDP_PORT: u16 = 53;
 
+/// The standard service's UDP frontend, `WEB_VIP:WEB_UDP_PORT`.
+pub fn web_udp_vip() -> std::net::SocketAddr {
+    std::net::SocketAddr::from((WEB_VIP, WEB_UDP_PORT))
+}
+
+/// The standard service's TCP frontend, `WEB_VIP:WEB_TCP_PORT`.
+pub fn web_tcp_vip() -> std::net::SocketAddr {
+    std::net::SocketAddr::from((WEB_VIP, WEB_TCP_PORT))
+}
+
 /// The standard service's ports: `http` TCP 80→8080 and `dns` UDP 53→5353.
 pub fn web_ports() -> Vec<PortSpec> {
     vec![

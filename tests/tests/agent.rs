@@ -9,26 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use xlb_lab::lab::{CLIENT_ADDR, Lab, UPLINK};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, REPLY_TIMEOUT, SOON, UPLINK};
 use xlb_lab::manifests::{
-    EndpointSpec, PortSpec, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP, service_yaml, web_slice_yaml,
-    web_yaml, write_atomic,
+    EndpointSpec, PortSpec, service_yaml, web_slice_yaml, web_tcp_vip, web_udp_vip, web_yaml,
+    write_atomic,
 };
 use xlb_lab::servers::Servers;
 use xlb_lab::{Reply, Ticker, poll};
-
-/// Per-request timeout for traffic that is expected to be answered.
-const T: Duration = Duration::from_secs(1);
-/// Upper bound for anything the agent should do "soon" (start, apply an edit).
-const SOON: Duration = Duration::from_secs(30);
-
-fn udp_vip() -> SocketAddr {
-    SocketAddr::from((WEB_VIP, WEB_UDP_PORT))
-}
-
-fn tcp_vip() -> SocketAddr {
-    SocketAddr::from((WEB_VIP, WEB_TCP_PORT))
-}
 
 /// Endpoints for pods `(index 1-based, ready)` of the lab's node.
 fn endpoints(lab: &Lab, spec: &[(usize, bool)]) -> Vec<EndpointSpec> {
@@ -98,10 +85,10 @@ fn pod_names(lab: &Lab, idx: &[usize]) -> BTreeSet<String> {
 
 /// New UDP + TCP flows to the VIP are answered from the VIP by pods in `allowed` only.
 fn vip_serves(lab: &Lab, udp: usize, tcp: usize, allowed: &BTreeSet<String>) -> Result<()> {
-    let u = lab.client.udp_flows(udp_vip(), udp, T)?;
-    check_replies(&u, udp_vip())?;
-    let t = lab.client.tcp_flows(tcp_vip(), tcp, T)?;
-    check_replies(&t, tcp_vip())?;
+    let u = lab.client.udp_flows(web_udp_vip(), udp, REPLY_TIMEOUT)?;
+    check_replies(&u, web_udp_vip())?;
+    let t = lab.client.tcp_flows(web_tcp_vip(), tcp, REPLY_TIMEOUT)?;
+    check_replies(&t, web_tcp_vip())?;
     let seen: BTreeSet<String> = u.iter().chain(&t).map(|r| r.server.clone()).collect();
     ensure!(
         seen.is_subset(allowed),
@@ -142,10 +129,10 @@ fn bpf_object_exists(kind: &str, id: u64) -> Result<bool> {
 #[test]
 fn tcp_and_udp_reach_every_ready_backend() -> Result<()> {
     let lab = web_lab(3, 3)?;
-    let udp = lab.client.udp_flows(udp_vip(), 60, T)?;
-    check_replies(&udp, udp_vip())?;
-    let tcp = lab.client.tcp_flows(tcp_vip(), 30, T)?;
-    check_replies(&tcp, tcp_vip())?;
+    let udp = lab.client.udp_flows(web_udp_vip(), 60, REPLY_TIMEOUT)?;
+    check_replies(&udp, web_udp_vip())?;
+    let tcp = lab.client.tcp_flows(web_tcp_vip(), 30, REPLY_TIMEOUT)?;
+    check_replies(&tcp, web_tcp_vip())?;
     let (u, t) = (count_by_server(&udp), count_by_server(&tcp));
     println!("UDP flows per backend: {u:?}\nTCP connections per backend: {t:?}");
     let all = pod_names(&lab, &[1, 2, 3]);
@@ -190,7 +177,11 @@ fn node_and_non_vip_traffic_untouched() -> Result<()> {
     let lab = web_lab(2, 2)?;
     // The datapath is really in place (else this test would prove nothing).
     ensure!(xdp_attached(&lab)?, "no XDP program on the node's {UPLINK}");
-    check_reply(&lab.client.udp_request(udp_vip(), "", T, 3)?, udp_vip())?;
+    check_reply(
+        &lab.client
+            .udp_request(web_udp_vip(), "", REPLY_TIMEOUT, 3)?,
+        web_udp_vip(),
+    )?;
 
     let node = lab.node();
     lab.client
@@ -200,15 +191,18 @@ fn node_and_non_vip_traffic_untouched() -> Result<()> {
     let node_srv = Servers::start(&node.host.ns, &node.name, node.host.addr, 7053, 7080)?;
     let r = lab
         .client
-        .tcp_connect(SocketAddr::from((node.host.addr, 7080)), T)?
+        .tcp_connect(SocketAddr::from((node.host.addr, 7080)), REPLY_TIMEOUT)?
         .ping()?;
     ensure!(
         r.server == node.name && r.seen_peer == r.local,
         "node TCP reply {r:?}"
     );
-    let r = lab
-        .client
-        .udp_request(SocketAddr::from((node.host.addr, 7053)), "", T, 1)?;
+    let r = lab.client.udp_request(
+        SocketAddr::from((node.host.addr, 7053)),
+        "",
+        REPLY_TIMEOUT,
+        1,
+    )?;
     check_reply(&r, SocketAddr::from((node.host.addr, 7053)))?;
     ensure!(node_srv.stats().peer_ips() == BTreeSet::from([IpAddr::V4(CLIENT_ADDR)]));
 
@@ -217,29 +211,29 @@ fn node_and_non_vip_traffic_untouched() -> Result<()> {
     pod.servers.reset_stats();
     let mut conn = lab
         .client
-        .tcp_connect(SocketAddr::from((pod.ip, 8080)), T)?;
+        .tcp_connect(SocketAddr::from((pod.ip, 8080)), REPLY_TIMEOUT)?;
     let r = conn.ping()?;
     check_reply(&r, SocketAddr::from((pod.ip, 8080)))?;
     ensure!(r.server == pod.name, "{r:?}");
     let r = lab
         .client
-        .udp_request(SocketAddr::from((pod.ip, 5353)), "", T, 1)?;
+        .udp_request(SocketAddr::from((pod.ip, 5353)), "", REPLY_TIMEOUT, 1)?;
     check_reply(&r, SocketAddr::from((pod.ip, 5353)))?;
     ensure!(pod.servers.stats().peer_ips() == BTreeSet::from([IpAddr::V4(CLIENT_ADDR)]));
 
     // Node -> pod, and pod -> client (not a reply to a VIP flow: must not be reverse-NATed).
     let r = node
         .host
-        .udp_request(SocketAddr::from((pod.ip, 5353)), "", T, 1)?;
+        .udp_request(SocketAddr::from((pod.ip, 5353)), "", REPLY_TIMEOUT, 1)?;
     check_reply(&r, SocketAddr::from((pod.ip, 5353)))?;
     let client_srv = Servers::start(&lab.client.ns, "client", CLIENT_ADDR, 7053, 7080)?;
     let r = pod
         .host
-        .udp_request(SocketAddr::from((CLIENT_ADDR, 7053)), "", T, 1)?;
+        .udp_request(SocketAddr::from((CLIENT_ADDR, 7053)), "", REPLY_TIMEOUT, 1)?;
     check_reply(&r, SocketAddr::from((CLIENT_ADDR, 7053)))?;
     let r = pod
         .host
-        .tcp_connect(SocketAddr::from((CLIENT_ADDR, 7080)), T)?
+        .tcp_connect(SocketAddr::from((CLIENT_ADDR, 7080)), REPLY_TIMEOUT)?
         .ping()?;
     check_reply(&r, SocketAddr::from((CLIENT_ADDR, 7080)))?;
     ensure!(client_srv.stats().peer_ips() == BTreeSet::from([IpAddr::V4(pod.ip)]));
@@ -277,8 +271,10 @@ fn live_edits_are_applied() -> Result<()> {
         Duration::from_millis(20),
         || {
             flows += 1;
-            let r = lab.client.udp_request(udp_vip(), "", T, 3)?;
-            check_reply(&r, udp_vip())?;
+            let r = lab
+                .client
+                .udp_request(web_udp_vip(), "", REPLY_TIMEOUT, 3)?;
+            check_reply(&r, web_udp_vip())?;
             Ok((r.server == pod4).then_some(()))
         },
     )?;
@@ -301,7 +297,7 @@ fn live_edits_are_applied() -> Result<()> {
         Duration::from_millis(20),
         || {
             batches += 1;
-            let r = lab.client.udp_flows(udp_vip(), 40, T)?;
+            let r = lab.client.udp_flows(web_udp_vip(), 40, REPLY_TIMEOUT)?;
             Ok(r.iter().all(|r| r.server != pod2).then_some(()))
         },
     )?;
@@ -329,7 +325,7 @@ fn live_edits_are_applied() -> Result<()> {
         || {
             Ok(lab
                 .client
-                .udp_probe(udp_vip(), Duration::from_millis(300))?
+                .udp_probe(web_udp_vip(), Duration::from_millis(300))?
                 .is_none()
                 .then_some(()))
         },
@@ -337,13 +333,15 @@ fn live_edits_are_applied() -> Result<()> {
     for _ in 0..5 {
         if let Some(r) = lab
             .client
-            .udp_probe(udp_vip(), Duration::from_millis(300))?
+            .udp_probe(web_udp_vip(), Duration::from_millis(300))?
         {
             bail!("deleted service still answered: {r:?}");
         }
     }
     ensure!(
-        lab.client.tcp_connect(tcp_vip(), T).is_err(),
+        lab.client
+            .tcp_connect(web_tcp_vip(), REPLY_TIMEOUT)
+            .is_err(),
         "TCP to the deleted service's VIP still connects"
     );
     Ok(())
@@ -423,10 +421,10 @@ fn malformed_file_next_to_good_one() -> Result<()> {
 #[test]
 fn restart_keeps_flows() -> Result<()> {
     let mut lab = web_lab(3, 3)?;
-    let mut conn = lab.client.tcp_connect(tcp_vip(), T)?;
+    let mut conn = lab.client.tcp_connect(web_tcp_vip(), REPLY_TIMEOUT)?;
     let first = conn.ping()?;
-    check_reply(&first, tcp_vip())?;
-    let ticker = Ticker::start(&lab.client, udp_vip(), Duration::from_millis(1), 30_000)?;
+    check_reply(&first, web_tcp_vip())?;
+    let ticker = Ticker::start(&lab.client, web_udp_vip(), Duration::from_millis(1), 30_000)?;
     ticker.wait_received(500, Duration::from_secs(10))?;
 
     let agent = lab.agent()?;
@@ -483,7 +481,7 @@ fn restart_keeps_flows() -> Result<()> {
     );
     ensure!(r.seen_peer == conn.local());
     ensure!(
-        report.reply_sources == BTreeSet::from([udp_vip()]),
+        report.reply_sources == BTreeSet::from([web_udp_vip()]),
         "ticker replies came from {:?}",
         report.reply_sources
     );
@@ -518,7 +516,11 @@ fn restart_keeps_flows() -> Result<()> {
 #[test]
 fn cleanup_removes_everything() -> Result<()> {
     let mut lab = web_lab(2, 2)?;
-    check_reply(&lab.client.udp_request(udp_vip(), "", T, 3)?, udp_vip())?;
+    check_reply(
+        &lab.client
+            .udp_request(web_udp_vip(), "", REPLY_TIMEOUT, 3)?,
+        web_udp_vip(),
+    )?;
     let pin_dir = lab.node().pin_dir.clone();
 
     // What the agent left in the kernel, found through its pins.
@@ -617,13 +619,15 @@ fn cleanup_removes_everything() -> Result<()> {
     for _ in 0..3 {
         if let Some(r) = lab
             .client
-            .udp_probe(udp_vip(), Duration::from_millis(300))?
+            .udp_probe(web_udp_vip(), Duration::from_millis(300))?
         {
             bail!("VIP still answers after cleanup: {r:?}");
         }
     }
     ensure!(
-        lab.client.tcp_connect(tcp_vip(), T).is_err(),
+        lab.client
+            .tcp_connect(web_tcp_vip(), REPLY_TIMEOUT)
+            .is_err(),
         "TCP to the VIP still connects after cleanup"
     );
     Ok(())
@@ -645,10 +649,10 @@ fn sigterm_leaves_datapath_serving() -> Result<()> {
         pod.servers.reset_stats();
     }
     // New flows and connections, served from the pinned state alone.
-    let udp = lab.client.udp_flows(udp_vip(), 45, T)?;
-    check_replies(&udp, udp_vip())?;
-    let tcp = lab.client.tcp_flows(tcp_vip(), 15, T)?;
-    check_replies(&tcp, tcp_vip())?;
+    let udp = lab.client.udp_flows(web_udp_vip(), 45, REPLY_TIMEOUT)?;
+    check_replies(&udp, web_udp_vip())?;
+    let tcp = lab.client.tcp_flows(web_tcp_vip(), 15, REPLY_TIMEOUT)?;
+    check_replies(&tcp, web_tcp_vip())?;
     let reached: BTreeSet<String> = udp.iter().chain(&tcp).map(|r| r.server.clone()).collect();
     ensure!(
         reached == pod_names(&lab, &[1, 2, 3]),

@@ -101,11 +101,14 @@ fn churn_breaks_no_established_connection() -> Result<()> {
     }
     let pods: BTreeSet<&str> = conns.iter().map(|(_, p)| p.as_str()).collect();
     ensure!(pods.len() == 3, "100 connections used pods {pods:?}");
-    let tracked = lab.agent()?.metric("xlb_conntrack_entries", &[])?;
-    ensure!(
-        tracked >= CONNECTIONS as f64,
-        "xlb_conntrack_entries = {tracked} with {CONNECTIONS} open connections"
-    );
+    // The gauge is what the sweeper counted at its last pass (every 10 s).
+    let agent = lab.agent()?;
+    poll(
+        &format!("xlb_conntrack_entries to count the {CONNECTIONS} open connections"),
+        SOON,
+        T,
+        || Ok((agent.metric("xlb_conntrack_entries", &[])? >= CONNECTIONS as f64).then_some(())),
+    )?;
 
     // Add pod4: it gets new flows, nobody moves.
     apply(

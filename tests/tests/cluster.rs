@@ -9,23 +9,12 @@ use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::lab::{CLIENT_ADDR, Lab, Links, ManifestsLayout, NodeSpec};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, Links, ManifestsLayout, NodeSpec, REPLY_TIMEOUT, SOON};
 use xlb_lab::manifests::{
-    EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP,
-    multi_doc, service_yaml, web_ports, web_slice_yaml, write_atomic,
+    EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_VIP, multi_doc, service_yaml,
+    web_ports, web_slice_yaml, web_tcp_vip, web_udp_vip, write_atomic,
 };
 use xlb_lab::poll;
-
-const T: Duration = Duration::from_secs(1);
-const SOON: Duration = Duration::from_secs(30);
-
-fn udp_vip() -> SocketAddr {
-    SocketAddr::from((WEB_VIP, WEB_UDP_PORT))
-}
-
-fn tcp_vip() -> SocketAddr {
-    SocketAddr::from((WEB_VIP, WEB_TCP_PORT))
-}
 
 /// A lab of three nodes with `pods` each on an ordinary bridge (default offloads, no
 /// XDP on bridge ports, nodes that never exchanged a packet), the web Service with
@@ -100,7 +89,10 @@ fn cluster_traffic_is_tunnelled_on_emulated_nics_in_native_mode() -> Result<()> 
         .node_named_mut("node-a")?
         .agent()?
         .metric("xlb_xdp_mode", &[("mode", "native")])?;
-    ensure!(mode == 1.0, "--xdp-mode native did not attach natively: {mode}");
+    ensure!(
+        mode == 1.0,
+        "--xdp-mode native did not attach natively: {mode}"
+    );
     Ok(())
 }
 
@@ -108,13 +100,13 @@ fn cluster_traffic_is_tunnelled_on_emulated_nics_in_native_mode() -> Result<()> 
 /// must be tunnelled to node-b or node-c, whose pods answer the client directly.
 fn tunnelled_and_answered_directly(links: Links) -> Result<Lab> {
     let mut lab = cluster_lab_with([1, 2, 1], &["node-b", "node-c"], &[], links)?;
-    let replies = poll("the VIP to answer via node-a", SOON, T, || {
-        let r = lab.client.udp_flows(udp_vip(), 40, T);
+    let replies = poll("the VIP to answer via node-a", SOON, REPLY_TIMEOUT, || {
+        let r = lab.client.udp_flows(web_udp_vip(), 40, REPLY_TIMEOUT);
         Ok(r.ok().filter(|r| r.len() == 40))
     })?;
     let mut servers = BTreeSet::new();
     for r in &replies {
-        ensure!(r.from == udp_vip(), "reply from {} not the VIP", r.from);
+        ensure!(r.from == web_udp_vip(), "reply from {} not the VIP", r.from);
         ensure!(
             r.seen_peer == r.local,
             "{} saw {} not the client {}",
@@ -132,7 +124,7 @@ fn tunnelled_and_answered_directly(links: Links) -> Result<Lab> {
         servers.len() == 3,
         "40 flows should reach all 3 endpoints: {servers:?}"
     );
-    let tcp = lab.client.tcp_flows(tcp_vip(), 10, T)?;
+    let tcp = lab.client.tcp_flows(web_tcp_vip(), 10, REPLY_TIMEOUT)?;
     ensure!(tcp.len() == 10, "TCP via the tunnel: {} of 10", tcp.len());
     for r in &tcp {
         ensure!(
@@ -158,10 +150,9 @@ fn tunnelled_and_answered_directly(links: Links) -> Result<Lab> {
     // bytes; node-a answers ICMP fragmentation-needed, the client's path MTU drops and
     // the transfer completes.
     let line = "x".repeat(200_000);
-    let mut s = lab
-        .client
-        .ns
-        .enter(|| TcpStream::connect_timeout(&tcp_vip(), T).context("connect for upload"))?;
+    let mut s = lab.client.ns.enter(|| {
+        TcpStream::connect_timeout(&web_tcp_vip(), REPLY_TIMEOUT).context("connect for upload")
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
@@ -189,13 +180,18 @@ fn first_packet_to_a_node_without_a_neighbour_entry_is_not_lost() -> Result<()> 
     // packet to TC, which sends it with bpf_redirect_neigh. Every flow gets exactly one
     // datagram, no retry: each must be answered.
     let mut lab = cluster_lab([1, 2, 1], &["node-b", "node-c"])?;
-    poll("node-a to keep node-b and node-c resolved", SOON, T, || {
-        let n = lab
-            .node_named_mut("node-a")?
-            .agent()?
-            .metric("xlb_managed_neighbours", &[])?;
-        Ok((n == 2.0).then_some(()))
-    })?;
+    poll(
+        "node-a to keep node-b and node-c resolved",
+        SOON,
+        REPLY_TIMEOUT,
+        || {
+            let n = lab
+                .node_named_mut("node-a")?
+                .agent()?
+                .metric("xlb_managed_neighbours", &[])?;
+            Ok((n == 2.0).then_some(()))
+        },
+    )?;
     let a = lab.node_named("node-a")?;
     for peer in ["node-b", "node-c"] {
         let ip = lab.node_named(peer)?.host.addr.to_string();
@@ -207,9 +203,9 @@ fn first_packet_to_a_node_without_a_neighbour_entry_is_not_lost() -> Result<()> 
     for i in 0..20 {
         let r = lab
             .client
-            .udp_request(udp_vip(), "once", T, 1)
+            .udp_request(web_udp_vip(), "once", REPLY_TIMEOUT, 1)
             .with_context(|| format!("flow {i}: its only datagram was lost"))?;
-        ensure!(r.from == udp_vip(), "reply from {}", r.from);
+        ensure!(r.from == web_udp_vip(), "reply from {}", r.from);
         servers.insert(r.server);
     }
     ensure!(servers.len() == 3, "20 flows reached {servers:?}");
@@ -235,13 +231,13 @@ fn cluster_snat_mode_answers_through_the_entry_node() -> Result<()> {
         Links::Ordinary,
     )?;
     let node_a = lab.node_named("node-a")?.host.addr;
-    let replies = poll("the VIP to answer via node-a", SOON, T, || {
-        let r = lab.client.udp_flows(udp_vip(), 40, T);
+    let replies = poll("the VIP to answer via node-a", SOON, REPLY_TIMEOUT, || {
+        let r = lab.client.udp_flows(web_udp_vip(), 40, REPLY_TIMEOUT);
         Ok(r.ok().filter(|r| r.len() == 40))
     })?;
     let mut servers = BTreeSet::new();
     for r in &replies {
-        ensure!(r.from == udp_vip(), "reply from {} not the VIP", r.from);
+        ensure!(r.from == web_udp_vip(), "reply from {} not the VIP", r.from);
         ensure!(
             r.seen_peer.ip() == node_a,
             "{} saw {} not node-a",
@@ -254,10 +250,10 @@ fn cluster_snat_mode_answers_through_the_entry_node() -> Result<()> {
         servers.len() == 3,
         "40 flows should reach all 3 endpoints: {servers:?}"
     );
-    let tcp = lab.client.tcp_flows(tcp_vip(), 10, T)?;
+    let tcp = lab.client.tcp_flows(web_tcp_vip(), 10, REPLY_TIMEOUT)?;
     ensure!(tcp.len() == 10, "TCP through SNAT: {} of 10", tcp.len());
     for r in &tcp {
-        ensure!(r.from == tcp_vip(), "TCP reply from {}", r.from);
+        ensure!(r.from == web_tcp_vip(), "TCP reply from {}", r.from);
         ensure!(
             r.seen_peer.ip() == node_a,
             "{} saw {}",
@@ -285,12 +281,12 @@ fn server_for(lab: &Lab, sport: u16) -> Result<String> {
     let sock = lab.client.ns.enter(|| {
         UdpSocket::bind(SocketAddrV4::new(CLIENT_ADDR, sport)).context("bind fixed port")
     })?;
-    sock.set_read_timeout(Some(T))?;
+    sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
     let mut buf = [0u8; 512];
     for _ in 0..3 {
-        sock.send_to(b"x", udp_vip())?;
+        sock.send_to(b"x", web_udp_vip())?;
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            ensure!(from == udp_vip(), "reply from {from}");
+            ensure!(from == web_udp_vip(), "reply from {from}");
             let text = String::from_utf8_lossy(&buf[..n]);
             return Ok(text.split(' ').next().unwrap_or_default().to_string());
         }
@@ -301,8 +297,8 @@ fn server_for(lab: &Lab, sport: u16) -> Result<String> {
 #[test]
 fn every_node_picks_the_same_backend_for_a_flow() -> Result<()> {
     let lab = cluster_lab([2, 2, 2], &["node-a", "node-b", "node-c"])?;
-    poll("the VIP to answer via node-a", SOON, T, || {
-        lab.client.udp_probe(udp_vip(), T)
+    poll("the VIP to answer via node-a", SOON, REPLY_TIMEOUT, || {
+        lab.client.udp_probe(web_udp_vip(), REPLY_TIMEOUT)
     })?;
     let ports: Vec<u16> = (40_000..40_200).collect();
     let via_a: BTreeMap<u16, String> = ports
@@ -363,9 +359,12 @@ fn local_health_check_node_port_says_which_nodes_serve() -> Result<()> {
     let client = lab.client.ns.name().to_string();
     for n in &lab.nodes {
         let hc = SocketAddr::from((n.host.addr, 32100));
-        let (code, body) = poll(&format!("{} health check", n.name), SOON, T, || {
-            Ok(xlb_lab::agent::http_get(&client, hc, "/healthz").ok())
-        })?;
+        let (code, body) = poll(
+            &format!("{} health check", n.name),
+            SOON,
+            REPLY_TIMEOUT,
+            || Ok(xlb_lab::agent::http_get(&client, hc, "/healthz").ok()),
+        )?;
         if n.name == "node-a" {
             ensure!(code == 200, "node-a: {code} {body}");
             ensure!(body.contains("\"localEndpoints\":2"), "node-a: {body}");

@@ -1,15 +1,9 @@
 //! Connection tracking under pressure: with a deliberately small table the LRU evicts,
 //! the metrics account for it, and every flow is still served (an evicted flow's next
 //! packet takes the same Maglev slot again).
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use anyhow::{Result, ensure};
-use xlb_lab::lab::Lab;
-use xlb_lab::manifests::{EndpointSpec, WEB_UDP_PORT, WEB_VIP, web_yaml, write_atomic};
-
-const T: Duration = Duration::from_secs(1);
-const SOON: Duration = Duration::from_secs(30);
+use xlb_lab::lab::{Lab, REPLY_TIMEOUT, SOON};
+use xlb_lab::manifests::{EndpointSpec, web_udp_vip, web_yaml, write_atomic};
 
 #[test]
 fn small_conntrack_evicts_and_counts_it() -> Result<()> {
@@ -24,8 +18,8 @@ fn small_conntrack_evicts_and_counts_it() -> Result<()> {
     write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
     lab.start_agent()?.wait_healthy(SOON)?;
 
-    let vip = SocketAddr::from((WEB_VIP, WEB_UDP_PORT));
-    let replies = lab.client.udp_flows(vip, 200, T)?;
+    let vip = web_udp_vip();
+    let replies = lab.client.udp_flows(vip, 200, REPLY_TIMEOUT)?;
     ensure!(
         replies.len() == 200,
         "{} of 200 flows answered",

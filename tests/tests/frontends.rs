@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use xlb_lab::agent::http_get;
-use xlb_lab::lab::{CLIENT_ADDR, Lab};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, REPLY_TIMEOUT, SOON};
 use xlb_lab::manifests::{EndpointSpec, WEB_VIP, multi_doc, web_slice_yaml, write_atomic};
 use xlb_lab::poll;
 
-const T: Duration = Duration::from_secs(1);
-const SOON: Duration = Duration::from_secs(30);
 const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 200, 1);
 
@@ -60,10 +58,15 @@ fn nodeport_and_external_ip_reach_backends() -> Result<()> {
         SocketAddr::from((EXTERNAL_IP, 53)),
         SocketAddr::from((WEB_VIP, 53)),
     ] {
-        let replies = poll(&format!("UDP answers from {dst}"), SOON, T, || {
-            let r = lab.client.udp_flows(dst, 10, T)?;
-            Ok((r.len() == 10).then_some(r))
-        })?;
+        let replies = poll(
+            &format!("UDP answers from {dst}"),
+            SOON,
+            REPLY_TIMEOUT,
+            || {
+                let r = lab.client.udp_flows(dst, 10, REPLY_TIMEOUT)?;
+                Ok((r.len() == 10).then_some(r))
+            },
+        )?;
         for r in &replies {
             ensure!(r.from == dst, "reply to {dst} came from {}", r.from);
             ensure!(r.seen_peer.ip() == CLIENT_ADDR, "pod saw {}", r.seen_peer);
@@ -71,7 +74,7 @@ fn nodeport_and_external_ip_reach_backends() -> Result<()> {
     }
     let tcp = lab
         .client
-        .tcp_flows(SocketAddr::from((NODE_ADDR, 30080)), 5, T)?;
+        .tcp_flows(SocketAddr::from((NODE_ADDR, 30080)), 5, REPLY_TIMEOUT)?;
     ensure!(tcp.len() == 5, "TCP NodePort answered {} of 5", tcp.len());
     for r in &tcp {
         ensure!(r.seen_peer.ip() == CLIENT_ADDR, "pod saw {}", r.seen_peer);
@@ -85,7 +88,7 @@ fn nodeport_and_external_ip_reach_backends() -> Result<()> {
 fn source_ranges_admit_only_listed_clients() -> Result<()> {
     let mut lab = lab_with(2, "  loadBalancerSourceRanges: [\"10.0.0.0/30\"]\n")?;
     let vip = SocketAddr::from((WEB_VIP, 53));
-    let ok = lab.client.udp_flows(vip, 5, T)?;
+    let ok = lab.client.udp_flows(vip, 5, REPLY_TIMEOUT)?;
     ensure!(ok.len() == 5, "client in range: {} of 5 answered", ok.len());
 
     write(
@@ -96,8 +99,14 @@ fn source_ranges_admit_only_listed_clients() -> Result<()> {
     poll(
         "the VIP to refuse a client outside the ranges",
         SOON,
-        T,
-        || Ok(lab.client.udp_probe(vip, T)?.is_none().then_some(())),
+        REPLY_TIMEOUT,
+        || {
+            Ok(lab
+                .client
+                .udp_probe(vip, REPLY_TIMEOUT)?
+                .is_none()
+                .then_some(()))
+        },
     )?;
     for i in 0..5 {
         let r = lab.client.udp_probe(vip, Duration::from_millis(300))?;
@@ -118,7 +127,7 @@ fn client_ip_affinity_pins_new_flows() -> Result<()> {
     let servers = |n| -> Result<BTreeSet<String>> {
         Ok(lab
             .client
-            .udp_flows(vip, n, T)?
+            .udp_flows(vip, n, REPLY_TIMEOUT)?
             .into_iter()
             .map(|r| r.server)
             .collect())
@@ -135,9 +144,12 @@ fn client_ip_affinity_pins_new_flows() -> Result<()> {
         true,
     )?;
     // Once applied, every new flow from this client goes to one pod.
-    poll("affinity to pin 20 new flows to one pod", SOON, T, || {
-        Ok((servers(20)?.len() == 1).then_some(()))
-    })?;
+    poll(
+        "affinity to pin 20 new flows to one pod",
+        SOON,
+        REPLY_TIMEOUT,
+        || Ok((servers(20)?.len() == 1).then_some(())),
+    )?;
     let pinned = servers(40)?;
     ensure!(pinned.len() == 1, "affinity broke: {pinned:?}");
     Ok(())
@@ -148,17 +160,25 @@ fn health_check_node_port_reports_local_endpoints() -> Result<()> {
     let lab = lab_with(2, "  healthCheckNodePort: 32000\n")?;
     let hc = SocketAddr::from((NODE_ADDR, 32000));
     let client = lab.client.ns.name().to_string();
-    let (code, body) = poll("the health check port to answer", SOON, T, || {
-        Ok(http_get(&client, hc, "/healthz").ok())
-    })?;
+    let (code, body) = poll(
+        "the health check port to answer",
+        SOON,
+        REPLY_TIMEOUT,
+        || Ok(http_get(&client, hc, "/healthz").ok()),
+    )?;
     ensure!(code == 200, "with local endpoints: {code} {body}");
     ensure!(body.contains("\"localEndpoints\":2"), "body {body}");
 
     write(&lab, "  healthCheckNodePort: 32000\n", false)?;
-    let (code, body) = poll("the health check to report no endpoints", SOON, T, || {
-        let (c, b) = http_get(&client, hc, "/healthz")?;
-        Ok((c == 503).then_some((c, b)))
-    })?;
+    let (code, body) = poll(
+        "the health check to report no endpoints",
+        SOON,
+        REPLY_TIMEOUT,
+        || {
+            let (c, b) = http_get(&client, hc, "/healthz")?;
+            Ok((c == 503).then_some((c, b)))
+        },
+    )?;
     ensure!(body.contains("\"localEndpoints\":0"), "{code} body {body}");
     Ok(())
 }

@@ -9,28 +9,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::lab::{BRIDGE, CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec};
-use xlb_lab::manifests::{
-    EndpointSpec, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP, web_yaml, write_atomic,
-};
+use xlb_lab::lab::{BRIDGE, CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, REPLY_TIMEOUT, SOON};
+use xlb_lab::manifests::{EndpointSpec, web_tcp_vip, web_udp_vip, web_yaml, write_atomic};
 use xlb_lab::netns::run;
 use xlb_lab::servers::{TCP_LINE_PORT, UDP_ECHO_PORT};
 use xlb_lab::{Reply, poll};
 
-/// Per-request timeout for traffic that is expected to be answered.
-const T: Duration = Duration::from_secs(1);
-/// Upper bound for anything the agents should do "soon" (start, apply manifests).
-const SOON: Duration = Duration::from_secs(30);
 /// How long an unanswered VIP probe waits.
 const PROBE: Duration = Duration::from_millis(300);
-
-fn udp_vip() -> SocketAddr {
-    SocketAddr::from((WEB_VIP, WEB_UDP_PORT))
-}
-
-fn tcp_vip() -> SocketAddr {
-    SocketAddr::from((WEB_VIP, WEB_TCP_PORT))
-}
 
 fn three_nodes(pods: [usize; 3]) -> Result<Lab> {
     Lab::multi_node(&pods.map(NodeSpec::with_pods))
@@ -75,11 +61,11 @@ fn multinode_lab_routes_between_nodes() -> Result<()> {
             .with_context(|| format!("client -> {}", node.name))?;
         for pod in &node.pods {
             let udp_dst = SocketAddr::from((pod.ip, UDP_ECHO_PORT));
-            let r = lab.client.udp_request(udp_dst, "hello", T, 2)?;
+            let r = lab.client.udp_request(udp_dst, "hello", REPLY_TIMEOUT, 2)?;
             check_reply(&r, udp_dst)?;
             ensure!(r.server == pod.name && r.echoed == "hello", "{r:?}");
             let tcp_dst = SocketAddr::from((pod.ip, TCP_LINE_PORT));
-            let r = lab.client.tcp_connect(tcp_dst, T)?.ping()?;
+            let r = lab.client.tcp_connect(tcp_dst, REPLY_TIMEOUT)?.ping()?;
             check_reply(&r, tcp_dst)?;
             ensure!(r.server == pod.name, "{r:?}");
             let s = pod.servers.stats();
@@ -97,9 +83,15 @@ fn multinode_lab_routes_between_nodes() -> Result<()> {
     let to = &lab.node_named("node-c")?.pods[0];
     to.servers.reset_stats();
     let udp_dst = SocketAddr::from((to.ip, UDP_ECHO_PORT));
-    check_reply(&from.host.udp_request(udp_dst, "", T, 2)?, udp_dst)?;
+    check_reply(
+        &from.host.udp_request(udp_dst, "", REPLY_TIMEOUT, 2)?,
+        udp_dst,
+    )?;
     let tcp_dst = SocketAddr::from((to.ip, TCP_LINE_PORT));
-    check_reply(&from.host.tcp_connect(tcp_dst, T)?.ping()?, tcp_dst)?;
+    check_reply(
+        &from.host.tcp_connect(tcp_dst, REPLY_TIMEOUT)?.ping()?,
+        tcp_dst,
+    )?;
     ensure!(to.servers.stats().peer_ips() == BTreeSet::from([IpAddr::V4(from.ip)]));
     from.host
         .ping(to.ip, 1)
@@ -108,7 +100,7 @@ fn multinode_lab_routes_between_nodes() -> Result<()> {
     // Without agents nobody serves the VIP, whichever node the client routes it to.
     for node in &lab.nodes {
         lab.client_route_vips_via(&node.name)?;
-        ensure!(lab.client.udp_probe(udp_vip(), PROBE)?.is_none());
+        ensure!(lab.client.udp_probe(web_udp_vip(), PROBE)?.is_none());
     }
 
     // Dropping the lab removes every namespace it made, the LAN's included.
@@ -142,10 +134,10 @@ fn reset_all_stats(lab: &Lab) {
 fn served_only_by(lab: &Lab, via: &str) -> Result<()> {
     lab.client_route_vips_via(via)?;
     reset_all_stats(lab);
-    let udp = lab.client.udp_flows(udp_vip(), 40, T)?;
-    udp.iter().try_for_each(|r| check_reply(r, udp_vip()))?;
-    let tcp = lab.client.tcp_flows(tcp_vip(), 20, T)?;
-    tcp.iter().try_for_each(|r| check_reply(r, tcp_vip()))?;
+    let udp = lab.client.udp_flows(web_udp_vip(), 40, REPLY_TIMEOUT)?;
+    udp.iter().try_for_each(|r| check_reply(r, web_udp_vip()))?;
+    let tcp = lab.client.tcp_flows(web_tcp_vip(), 20, REPLY_TIMEOUT)?;
+    tcp.iter().try_for_each(|r| check_reply(r, web_tcp_vip()))?;
     let (u, t) = (count_by_server(&udp), count_by_server(&tcp));
     println!("via {via}: UDP flows per pod {u:?}, TCP connections per pod {t:?}");
     let local: BTreeSet<String> = lab
@@ -217,7 +209,7 @@ fn local_policy_on_each_node() -> Result<()> {
         "node-a serves the VIP",
         SOON,
         Duration::from_millis(100),
-        || lab.client.udp_probe(udp_vip(), PROBE),
+        || lab.client.udp_probe(web_udp_vip(), PROBE),
     )?;
     served_only_by(&lab, "node-a")?;
     poll(
@@ -226,7 +218,7 @@ fn local_policy_on_each_node() -> Result<()> {
         Duration::from_millis(100),
         || {
             lab.client_route_vips_via("node-b")?;
-            lab.client.udp_probe(udp_vip(), PROBE)
+            lab.client.udp_probe(web_udp_vip(), PROBE)
         },
     )?;
     served_only_by(&lab, "node-b")?;
@@ -237,12 +229,14 @@ fn local_policy_on_each_node() -> Result<()> {
     let before = drops_no_backend(&mut lab, "node-c")?;
     for _ in 0..10 {
         ensure!(
-            lab.client.udp_probe(udp_vip(), PROBE)?.is_none(),
+            lab.client.udp_probe(web_udp_vip(), PROBE)?.is_none(),
             "the VIP answered via node-c, which has no local endpoint"
         );
     }
     ensure!(
-        lab.client.tcp_connect(tcp_vip(), T).is_err(),
+        lab.client
+            .tcp_connect(web_tcp_vip(), REPLY_TIMEOUT)
+            .is_err(),
         "a TCP connection to the VIP via node-c succeeded"
     );
     for pod in lab.nodes.iter().flat_map(|n| &n.pods) {

@@ -7,6 +7,7 @@
 //! the pinned maps (aya's `map_pin_path`) and swaps its programs into the pinned links
 //! with `BPF_LINK_UPDATE`, which the kernel does atomically: every packet runs either
 //! the old or the new program, never neither.
+pub mod conntrack;
 pub mod maglev;
 pub mod pin;
 pub mod state;
@@ -155,6 +156,7 @@ pub struct Dataplane {
     backend_stats: PerCpuHashMap<MapData, u32, Counter>,
     config: Array<MapData, u64>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
+    owners: HashMap<MapData, u32, xlb_common::Owner>,
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
     ncpus: usize,
@@ -223,6 +225,7 @@ impl Dataplane {
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let ranges = take_map(&mut ebpf, names::SOURCE_RANGES)?;
+        let owners = take_map(&mut ebpf, names::OWNERS)?;
         let dp = Dataplane {
             _ebpf: ebpf,
             services,
@@ -232,6 +235,7 @@ impl Dataplane {
             backend_stats,
             config,
             ranges,
+            owners,
             _tail_progs: tail_progs,
             ncpus,
         };
@@ -273,6 +277,10 @@ impl Dataplane {
         for k in self.ranges.keys() {
             let k = k.map_err(map_err(names::SOURCE_RANGES))?;
             s.ranges.insert((k.prefix_len(), k.data()));
+        }
+        for kv in self.owners.iter() {
+            let (k, v) = kv.map_err(map_err(names::OWNERS))?;
+            s.owners.insert(k, v);
         }
         Ok(s)
     }
@@ -393,6 +401,13 @@ impl Dataplane {
                 }
                 Write::DelBackendStats(id) => ignore_missing(self.backend_stats.remove(&id))
                     .map_err(map_err(names::BACKEND_STATS))?,
+                Write::PutOwner(id, ref o) => self
+                    .owners
+                    .insert(id, **o, 0)
+                    .map_err(map_err(names::OWNERS))?,
+                Write::DelOwner(id) => {
+                    ignore_missing(self.owners.remove(&id)).map_err(map_err(names::OWNERS))?
+                }
             }
         }
         Ok(())
@@ -674,7 +689,6 @@ pub struct Stats {
     services: PerCpuHashMap<MapData, u32, Counter>,
     backends: PerCpuHashMap<MapData, u32, Counter>,
     reasons: aya::maps::PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, xlb_common::FlowKey, xlb_common::CtEntry>,
 }
 
 /// Counters summed over CPUs.
@@ -686,8 +700,6 @@ pub struct StatsSnapshot {
     pub backends: std::collections::BTreeMap<u32, Counter>,
     /// Per [`xlb_common::Reason`], indexed by discriminant.
     pub reasons: Vec<u64>,
-    /// Entries in `xlb_conntrack` (live or not yet evicted).
-    pub conntrack_entries: u64,
 }
 
 impl Stats {
@@ -708,8 +720,6 @@ impl Stats {
                 names::REASONS,
             )?))
             .map_err(map_err(names::REASONS))?,
-            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(open(names::CONNTRACK)?))
-                .map_err(map_err(names::CONNTRACK))?,
         })
     }
 
@@ -734,8 +744,6 @@ impl Stats {
             let v = v.map_err(map_err(names::REASONS))?;
             s.reasons.push(v.iter().sum());
         }
-        // One syscall per key: fine at scrape intervals for the default capacity.
-        s.conntrack_entries = self.conntrack.keys().filter(Result::is_ok).count() as u64;
         Ok(s)
     }
 }

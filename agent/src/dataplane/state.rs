@@ -11,8 +11,8 @@ use std::{
 };
 
 use xlb_common::{
-    BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY,
-    SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange, limits,
+    BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, OWNER_TEXT_LEN, Owner, PROTO_TCP, PROTO_UDP,
+    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange, limits,
 };
 
 use super::maglev::{self, MaglevBackend};
@@ -55,6 +55,64 @@ pub struct MapState {
     pub backend_stats: BTreeSet<u32>,
     /// `xlb_src_ranges`: (LPM prefix length, data).
     pub ranges: BTreeSet<(u32, SourceRange)>,
+    /// `xlb_owners`: service id -> owning Service port.
+    pub owners: BTreeMap<u32, Owner>,
+}
+
+/// The `xlb_owners` value for a Service port.
+pub fn owner_value(owner: &ServiceRef, port_name: &str) -> Owner {
+    let text = format!("{}/{}:{}", owner.namespace, owner.name, port_name);
+    let mut v = Owner::default();
+    let n = text.len().min(OWNER_TEXT_LEN);
+    v.text[..n].copy_from_slice(&text.as_bytes()[..n]);
+    v.len = n as u32;
+    v
+}
+
+/// Reads an `xlb_owners` value back as (Service, port name); `None` if malformed.
+pub fn owner_of(v: &Owner) -> Option<(ServiceRef, String)> {
+    let text = std::str::from_utf8(v.text.get(..v.len as usize)?).ok()?;
+    let (svc, port) = text.rsplit_once(':')?;
+    let (namespace, name) = svc.split_once('/')?;
+    Some((
+        ServiceRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        },
+        port.to_string(),
+    ))
+}
+
+/// Which Service port owns each programmed key according to the maps: what a
+/// restarted agent found serving, the incumbent in address conflicts.
+pub fn incumbents(state: &MapState) -> BTreeMap<VipKey, (ServiceRef, String)> {
+    state
+        .services
+        .iter()
+        .filter_map(|(k, v)| {
+            let owner = owner_of(state.owners.get(&v.id)?)?;
+            Some((vip_key(k)?, owner))
+        })
+        .collect()
+}
+
+/// The [`VipKey`] a map key stands for (`None` for an unknown protocol or family).
+pub fn vip_key(k: &ServiceKey) -> Option<VipKey> {
+    let addr = match k.family {
+        FAMILY_V4 => IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]),
+        FAMILY_V6 => IpAddr::from(k.addr),
+        _ => return None,
+    };
+    let protocol = match k.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    Some(VipKey {
+        addr,
+        port: u16::from_be(k.port),
+        protocol,
+    })
 }
 
 /// Id counters. Ids are never reused within an agent's life (and the next ids are
@@ -285,6 +343,9 @@ pub fn target(
                 pad: 0,
             },
         );
+        state
+            .owners
+            .insert(id, owner_value(&ds.owner, &ds.port_name));
         labels.insert(
             id,
             ServiceLabels {
@@ -352,6 +413,8 @@ pub enum Write {
     PutTable(u32, Vec<u32>),
     /// Create a zeroed service counter.
     PutServiceStats(u32),
+    /// Record which Service port owns a service id (boxed: 256 bytes).
+    PutOwner(u32, Box<Owner>),
     /// Admit a client prefix for a service.
     PutRange(u32, SourceRange),
     /// Remove a client prefix.
@@ -362,6 +425,8 @@ pub enum Write {
     DelService(ServiceKey),
     /// Delete a service counter.
     DelServiceStats(u32),
+    /// Forget a service id's owner.
+    DelOwner(u32),
     /// Delete a Maglev table.
     DelTable(u32),
     /// Delete a backend.
@@ -390,6 +455,13 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     for id in target.service_stats.difference(&current.service_stats) {
         w.push(Write::PutServiceStats(*id));
     }
+    // The owner is recorded before the key is served, so a crash in between never
+    // leaves a served key whose owner a restarted agent cannot tell.
+    for (id, o) in &target.owners {
+        if current.owners.get(id) != Some(o) {
+            w.push(Write::PutOwner(*id, Box::new(*o)));
+        }
+    }
     // New ranges before the flag that enforces them; old ones after the flip, so a
     // change never admits nobody and never admits everybody.
     for (len, r) in target.ranges.difference(&current.ranges) {
@@ -407,6 +479,11 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     }
     for id in current.service_stats.difference(&target.service_stats) {
         w.push(Write::DelServiceStats(*id));
+    }
+    for id in current.owners.keys() {
+        if !target.owners.contains_key(id) {
+            w.push(Write::DelOwner(*id));
+        }
     }
     for (len, r) in current.ranges.difference(&target.ranges) {
         w.push(Write::DelRange(*len, *r));
@@ -465,6 +542,38 @@ mod tests {
         d
     }
 
+    #[test]
+    fn owners_are_recorded_and_read_back_as_incumbents() {
+        let d = desired(&[(80, &["10.0.1.11:8080"])]);
+        let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
+        let writes = diff(&MapState::default(), &t.state);
+        let put_owner = writes
+            .iter()
+            .position(|w| matches!(w, Write::PutOwner(..)))
+            .unwrap();
+        let put_service = writes
+            .iter()
+            .position(|w| matches!(w, Write::PutService(..)))
+            .unwrap();
+        assert!(
+            put_owner < put_service,
+            "owner recorded before the key is served"
+        );
+        let inc = incumbents(&apply(&MapState::default(), &writes));
+        assert_eq!(
+            inc.get(&vip(80)),
+            Some(&(ServiceRef::new("demo", "web"), String::new()))
+        );
+        let o = owner_value(&ServiceRef::new("ns", "a"), "dns-tcp");
+        assert_eq!(
+            owner_of(&o),
+            Some((ServiceRef::new("ns", "a"), "dns-tcp".to_string()))
+        );
+        // Removing the service forgets its owner.
+        let gone = diff(&t.state, &MapState::default());
+        assert!(gone.iter().any(|w| matches!(w, Write::DelOwner(_))));
+    }
+
     const START: Ids = Ids {
         next_service: 1,
         next_backend: 1,
@@ -500,6 +609,12 @@ mod tests {
                 }
                 Write::DelServiceStats(id) => {
                     s.service_stats.remove(&id);
+                }
+                Write::PutOwner(id, o) => {
+                    s.owners.insert(id, *o);
+                }
+                Write::DelOwner(id) => {
+                    s.owners.remove(&id);
                 }
                 Write::DelTable(k) => {
                     s.tables.remove(&k);

@@ -18,17 +18,27 @@
 //!   reported and skipped, not replaced by an older version.
 //!
 //! Each problem is a [`ConfigError`] naming file, object and field.
+//!
+//! Input is bounded and read once: a file over [`MAX_FILE_BYTES`] or
+//! [`MAX_DOCUMENTS`] is refused as a whole (its last good objects stay), and a file
+//! whose size, modification time and inode are unchanged is not parsed again.
+//! A file that becomes empty is not believed at once: shells and `kubectl get -o yaml
+//! > f` truncate a file before writing it, so its objects stay until it has been
+//! empty for [`EMPTY_GRACE`].
 use std::{
     collections::BTreeMap,
-    fs, io,
+    fs,
+    io::{self, Read},
     net::{IpAddr, Ipv4Addr},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use notify::{
     EventKind, RecommendedWatcher, RecursiveMode, Watcher,
-    event::{AccessKind, AccessMode},
+    event::{AccessKind, AccessMode, ModifyKind},
 };
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -54,12 +64,35 @@ const METALLB_IPS_LEGACY: &str = "metallb.universe.tf/loadBalancerIPs";
 /// (`v1.AnnotationLoadBalancerSourceRangesKey`, comma-separated CIDRs).
 const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
+/// Largest manifest file read (bytes). Ten thousand Services with their
+/// EndpointSlices fit in about 10 MiB of YAML.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Most documents (or `List` items) read from one file.
+pub const MAX_DOCUMENTS: usize = 100_000;
+/// How long a file that emptied must stay empty before its objects are removed.
+pub const EMPTY_GRACE: Duration = Duration::from_secs(2);
+
 /// Reads a manifest directory and remembers the last good objects of every file.
 #[derive(Debug)]
 pub struct ManifestSource {
     dir: PathBuf,
-    /// Last good objects per file, by path; files iterate in name order.
-    files: BTreeMap<PathBuf, Vec<Object>>,
+    /// [`EMPTY_GRACE`], shorter in tests.
+    empty_grace: Duration,
+    /// Last good state per file, by path; files iterate in name order.
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+/// What one file gave at its last parse.
+#[derive(Debug, Default)]
+struct FileState {
+    /// (size, mtime ns, inode, ctime ns) when parsed: unchanged means not re-read.
+    stamp: Option<(u64, i128, u64, i128)>,
+    /// The last good objects.
+    objects: Vec<Object>,
+    /// The errors that parse found, repeated on every load while the file is unchanged.
+    errors: Vec<ConfigError>,
+    /// Since when the file has been empty while it still had objects.
+    empty_since: Option<Instant>,
 }
 
 impl ManifestSource {
@@ -67,39 +100,38 @@ impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
+            empty_grace: EMPTY_GRACE,
             files: BTreeMap::new(),
         }
     }
 
+    /// The same source believing an emptied file after `grace` instead of
+    /// [`EMPTY_GRACE`].
+    pub fn with_empty_grace(mut self, grace: Duration) -> Self {
+        self.empty_grace = grace;
+        self
+    }
+
     /// Reads every `*.yaml` / `*.yml` / `*.json` file in the directory (not recursive;
-    /// hidden files and editor temp files are skipped) and returns the model and this
-    /// load's errors.
+    /// hidden files and editor temp files are skipped) that changed since the last
+    /// load, and returns the model and the errors of the current input.
     pub fn load(&mut self) -> Loaded {
         let mut errors = Vec::new();
+        let mut parsed = 0;
+        let mut recheck = None;
         match manifest_files(&self.dir) {
             Ok(paths) => {
                 let mut files = BTreeMap::new();
                 for path in paths {
-                    let last = self.files.remove(&path);
-                    let origin = path.display().to_string();
-                    let objects = match fs::read_to_string(&path) {
-                        // Removed between listing and reading: gone like any deleted file.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => {
-                            errors.push(file_error(&origin, ErrorKind::Io, e.to_string()));
-                            last
-                        }
-                        Ok(text) => match parse_file(&path, &text, last.as_deref(), &mut errors) {
-                            Ok(objects) => Some(objects),
-                            Err(e) => {
-                                errors.push(e);
-                                last
-                            }
-                        },
-                    };
-                    if let Some(objects) = objects {
-                        files.insert(path, objects);
+                    let mut state = self.files.remove(&path).unwrap_or_default();
+                    match self.refresh(&path, &mut state) {
+                        Refresh::Gone => continue,
+                        Refresh::Kept => {}
+                        Refresh::Parsed => parsed += 1,
+                        Refresh::Suspect(wait) => recheck = Some(wait),
                     }
+                    errors.extend(state.errors.iter().cloned());
+                    files.insert(path, state);
                 }
                 // Files not listed any more are dropped with their objects.
                 self.files = files;
@@ -109,9 +141,93 @@ impl ManifestSource {
                 errors.push(file_error(&origin, ErrorKind::Io, e.to_string()));
             }
         }
-        let snapshot = assemble(&self.files, &mut errors);
-        Loaded { snapshot, errors }
+        let by_file: BTreeMap<PathBuf, Vec<Object>> = self
+            .files
+            .iter()
+            .map(|(p, s)| (p.clone(), s.objects.clone()))
+            .collect();
+        let snapshot = assemble(&by_file, &mut errors);
+        Loaded {
+            snapshot,
+            errors,
+            parsed,
+            recheck,
+        }
     }
+
+    /// Brings one file's state up to date.
+    fn refresh(&self, path: &Path, state: &mut FileState) -> Refresh {
+        let origin = path.display().to_string();
+        let meta = match fs::metadata(path) {
+            // Removed between listing and reading: gone like any deleted file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Refresh::Gone,
+            Err(e) => {
+                state.errors = vec![file_error(&origin, ErrorKind::Io, e.to_string())];
+                return Refresh::Parsed;
+            }
+            Ok(m) => m,
+        };
+        let stamp = (
+            meta.len(),
+            i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            meta.ino(),
+            i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        );
+        if meta.len() == 0 && !state.objects.is_empty() {
+            let since = *state.empty_since.get_or_insert_with(Instant::now);
+            let waited = since.elapsed();
+            if waited < self.empty_grace {
+                return Refresh::Suspect(self.empty_grace - waited);
+            }
+        } else {
+            state.empty_since = None;
+        }
+        if state.stamp == Some(stamp) {
+            return Refresh::Kept;
+        }
+        state.stamp = Some(stamp);
+        let mut errors = Vec::new();
+        if meta.len() > MAX_FILE_BYTES {
+            let message = format!(
+                "file is {} bytes, over the {MAX_FILE_BYTES}-byte limit; not read, its last good objects kept",
+                meta.len()
+            );
+            state.errors = vec![file_error(&origin, ErrorKind::TooLarge, message)];
+            return Refresh::Parsed;
+        }
+        let mut text = String::new();
+        // Bounded even if the file grows between stat and read.
+        let read =
+            fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text));
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Refresh::Gone,
+            Err(e) => errors.push(file_error(&origin, ErrorKind::Io, e.to_string())),
+            Ok(n) if n as u64 > MAX_FILE_BYTES => {
+                let message = format!(
+                    "file grew over the {MAX_FILE_BYTES}-byte limit while read; its last good objects kept"
+                );
+                errors.push(file_error(&origin, ErrorKind::TooLarge, message));
+            }
+            Ok(_) => match parse_file(path, &text, Some(&state.objects), &mut errors) {
+                Ok(objects) => state.objects = objects,
+                Err(e) => errors.push(e),
+            },
+        }
+        state.errors = errors;
+        Refresh::Parsed
+    }
+}
+
+/// What [`ManifestSource::refresh`] did with a file.
+enum Refresh {
+    /// It no longer exists.
+    Gone,
+    /// Unchanged: nothing read.
+    Kept,
+    /// Read (and parsed, or refused with an error).
+    Parsed,
+    /// Emptied recently: its objects kept; look again after the given time.
+    Suspect(Duration),
 }
 
 /// Watches the directory; sends `()` on every relevant change (create, modify, remove
@@ -123,10 +239,13 @@ pub fn watch(dir: &Path) -> Result<(RecommendedWatcher, mpsc::Receiver<()>), Sou
     let (tx, rx) = mpsc::channel(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match event {
-            // Reads and opens change nothing; close-after-write marks a finished write.
+            // A write is acted on when the writer closes the file, not at each
+            // modification: `cmd > file` truncates first and writes later, and the
+            // moment in between is not a configuration. Reads and opens change nothing.
             Ok(e) => match e.kind {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
                 EventKind::Access(_) => false,
+                EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
                 _ => true,
             },
             // An error (e.g. inotify queue overflow) may hide changes: reload.
@@ -257,17 +376,36 @@ fn parse_file(
     errors: &mut Vec<ConfigError>,
 ) -> Result<Vec<Object>, ConfigError> {
     let origin = path.display().to_string();
+    // One more than the limit is read, to tell "at the limit" from "over it".
     let documents = if path.extension().is_some_and(|e| e == "json") {
         serde_json::Deserializer::from_str(text)
             .into_iter::<Value>()
+            .take(MAX_DOCUMENTS + 1)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| file_error(&origin, ErrorKind::Parse, format!("invalid JSON: {e}")))?
     } else {
         serde_yaml_ng::Deserializer::from_str(text)
+            .take(MAX_DOCUMENTS + 1)
             .map(Value::deserialize)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| file_error(&origin, ErrorKind::Parse, format!("invalid YAML: {e}")))?
     };
+    let items: usize = documents
+        .iter()
+        .map(|d| match d.get("items") {
+            Some(Value::Array(a)) if is_list(d) => a.len(),
+            _ => 1,
+        })
+        .sum();
+    if items > MAX_DOCUMENTS {
+        return Err(file_error(
+            &origin,
+            ErrorKind::TooLarge,
+            format!(
+                "more than {MAX_DOCUMENTS} documents or list items; not used, its last good objects kept"
+            ),
+        ));
+    }
 
     let mut objects = Vec::new();
     for (i, mut doc) in documents.into_iter().enumerate() {
@@ -462,6 +600,11 @@ impl Cx<'_> {
 /// default, and ExternalName).
 fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>, Invalid> {
     let spec = svc.spec.unwrap_or_default();
+    let created = svc
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second());
     let annotations = svc.metadata.annotations.unwrap_or_default();
     let service_type = match spec.type_.as_deref() {
         Some("LoadBalancer") => ServiceType::LoadBalancer,
@@ -672,6 +815,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         affinity_timeout,
         health_check_node_port,
         ports,
+        created,
         origin: cx.origin.to_string(),
     }))
 }
@@ -1071,6 +1215,7 @@ endpoints:
                     source_ranges: vec![],
                     affinity_timeout: None,
                     health_check_node_port: None,
+                    created: None,
                     ports: vec![
                         model::ServicePort {
                             index: 0,
@@ -1465,6 +1610,91 @@ metadata: { name: node-a }
         let loaded = source.load();
         assert_eq!(only_kinds(&loaded.errors), ["io"]);
         assert_eq!(loaded.snapshot, good);
+    }
+
+    #[test]
+    fn a_file_that_empties_keeps_its_objects_until_it_stays_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.yaml", &lb_service("a", "192.0.2.1"));
+        let mut source = ManifestSource::new(dir.path());
+        let good = source.load().snapshot;
+        assert_eq!(good.services.len(), 1);
+        // `cmd > a.yaml` has truncated it and not written yet.
+        fs::write(&path, "").unwrap();
+        let loaded = source.load();
+        assert_eq!(
+            loaded.snapshot, good,
+            "objects kept while the file is just emptied"
+        );
+        assert!(loaded.recheck.is_some(), "asks to look again");
+        // Written again: nothing happened.
+        fs::write(&path, lb_service("a", "192.0.2.1")).unwrap();
+        assert_eq!(source.load().snapshot, good);
+        // Emptied for good: believed once the grace has passed.
+        let mut source = ManifestSource::new(dir.path()).with_empty_grace(Duration::ZERO);
+        source.load();
+        fs::write(&path, "").unwrap();
+        let loaded = source.load();
+        assert!(loaded.snapshot.services.is_empty());
+        assert!(loaded.recheck.is_none());
+    }
+
+    #[test]
+    fn an_unchanged_file_is_not_parsed_again_and_keeps_its_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &lb_service("a", "192.0.2.1"));
+        let bad = write(dir.path(), "b.yaml", "kind: [unclosed\n");
+        let mut source = ManifestSource::new(dir.path());
+        let first = source.load();
+        assert_eq!(first.parsed, 2);
+        let again = source.load();
+        assert_eq!(again.parsed, 0, "nothing changed, nothing parsed");
+        assert_eq!(
+            again.errors, first.errors,
+            "the broken file is still reported"
+        );
+        assert_eq!(again.snapshot, first.snapshot);
+        fs::write(&bad, lb_service("b", "192.0.2.2")).unwrap();
+        let fixed = source.load();
+        assert_eq!(fixed.parsed, 1);
+        assert!(fixed.errors.is_empty());
+        assert_eq!(fixed.snapshot.services.len(), 2);
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_and_its_objects_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.yaml", &lb_service("a", "192.0.2.1"));
+        let mut source = ManifestSource::new(dir.path());
+        let good = source.load().snapshot;
+        // A sparse file far over the limit: nothing of it is read.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4 << 30)
+            .unwrap();
+        let loaded = source.load();
+        assert_eq!(only_kinds(&loaded.errors), ["too_large"]);
+        assert!(
+            loaded.errors[0].to_string().contains("a.yaml"),
+            "{}",
+            loaded.errors[0]
+        );
+        assert_eq!(loaded.snapshot, good);
+    }
+
+    #[test]
+    fn a_file_with_too_many_documents_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = lb_service("a", "192.0.2.1");
+        for _ in 0..MAX_DOCUMENTS {
+            text.push_str("---\n{}\n");
+        }
+        write(dir.path(), "a.yaml", &text);
+        let loaded = ManifestSource::new(dir.path()).load();
+        assert_eq!(only_kinds(&loaded.errors), ["too_large"]);
+        assert!(loaded.snapshot.services.is_empty());
     }
 
     const THREE_NODES: &str = include_str!("testdata/three-nodes.yaml");

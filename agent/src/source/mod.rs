@@ -20,6 +20,11 @@ pub struct Loaded {
     pub snapshot: Snapshot,
     /// What was wrong, each naming file, object and field.
     pub errors: Vec<ConfigError>,
+    /// Files parsed by this load (unchanged files are not parsed again).
+    pub parsed: usize,
+    /// Load again after this long even without a change: a file that emptied is
+    /// only believed once it stays empty (see the manifest source).
+    pub recheck: Option<std::time::Duration>,
 }
 
 /// A source that cannot run at all (as opposed to bad input, which is a [`ConfigError`]).

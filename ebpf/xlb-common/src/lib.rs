@@ -41,8 +41,12 @@ pub mod names {
     /// Per-CPU [`super::Handoff`] from `xlb_xdp` to a tail-called program; pinned so an
     /// old and a new program version share it during a takeover.
     pub const HANDOFF: &str = "xlb_handoff";
+    /// service id -> [`super::Owner`]: which Service object owns the id's VIP:port.
+    /// Never read by the programs; kept next to the pins so that a restarted agent
+    /// keeps a contested VIP with the Service that had it, and tools can show names.
+    pub const OWNERS: &str = "xlb_owners";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 14] = [
+    pub const ALL_MAPS: [&str; 15] = [
         SERVICES,
         MAGLEV,
         BACKENDS,
@@ -57,6 +61,7 @@ pub mod names {
         SNAT,
         PROGS,
         HANDOFF,
+        OWNERS,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -327,6 +332,29 @@ pub struct RevNat {
     pub pad: u8,
 }
 
+/// Bytes of [`Owner::text`].
+pub const OWNER_TEXT_LEN: usize = 252;
+
+/// Value of `xlb_owners`: `namespace/name:portName` of the Service port that owns a
+/// service id (UTF-8, `len` bytes used; Kubernetes names fit with room to spare).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Bytes of `text` in use.
+    pub len: u32,
+    /// `namespace/name:portName` (the port name may be empty).
+    pub text: [u8; OWNER_TEXT_LEN],
+}
+
+impl Default for Owner {
+    fn default() -> Self {
+        Owner {
+            len: 0,
+            text: [0; OWNER_TEXT_LEN],
+        }
+    }
+}
+
 /// Per-CPU packet and byte counter (value of the stats maps); the agent sums CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -549,6 +577,7 @@ mod pod {
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::SnatRev {}
     unsafe impl aya::Pod for super::Handoff {}
+    unsafe impl aya::Pod for super::Owner {}
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xlb_common::{
-    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Reason, RevNat, Service,
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Owner, Reason, RevNat, Service,
     Handoff, ServiceKey, SlotPair, SnatRev, SourceRange, config, limits,
 };
 
@@ -130,3 +130,13 @@ pub fn add<const N: usize>(map: &PerCpuHashMap<u32, Counter, N>, id: u32, bytes:
         }
     }
 }
+
+/// service id -> the Service port that owns it. Written by the agent, never read here:
+/// defined with the others so it is pinned, sized and BTF-described like them.
+#[btf_map(name = "xlb_owners")]
+pub static OWNERS: HashMap<
+    u32,
+    Owner,
+    { limits::MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();

@@ -1,0 +1,137 @@
+//! Removing expired connection-tracking state, and counting what is left, off the
+//! scrape path.
+//!
+//! The LRU map evicts only when full, so without a sweep an idle node keeps every
+//! flow it ever saw, and counting them on each scrape costs one syscall per entry.
+//! The sweeper runs on its own thread at a fixed period: it deletes entries whose
+//! expiry (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC) has passed, with the reverse-NAT
+//! entry they created, and publishes the count for `/metrics` to read in O(1).
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use xlb_common::{BACKEND_F_REMOTE, CtEntry, FlowKey, RevNat, names};
+
+use super::{DataplaneError, map_err};
+
+/// What the last sweep found, shared with the metrics collector.
+#[derive(Debug, Default)]
+pub struct CtCounts {
+    /// Entries present after the last sweep.
+    pub present: AtomicU64,
+    /// Expired entries removed by sweeps since the agent started.
+    pub expired: AtomicU64,
+    /// Sweeps completed.
+    pub sweeps: AtomicU64,
+}
+
+/// Handles on the pinned conntrack and reverse-NAT maps.
+pub struct Sweeper {
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    revnat: HashMap<MapData, FlowKey, RevNat>,
+}
+
+impl Sweeper {
+    /// Opens the pinned maps under `pin_path`.
+    pub fn open(pin_path: &Path) -> Result<Self, DataplaneError> {
+        let open = |name: &'static str| {
+            MapData::from_pin(pin_path.join(name))
+                .map(Map::LruHashMap)
+                .map_err(map_err(name))
+        };
+        Ok(Sweeper {
+            conntrack: HashMap::try_from(open(names::CONNTRACK)?)
+                .map_err(map_err(names::CONNTRACK))?,
+            revnat: HashMap::try_from(open(names::REVNAT)?).map_err(map_err(names::REVNAT))?,
+        })
+    }
+
+    /// One pass: removes entries that expired before `now_ns` (CLOCK_MONOTONIC) and
+    /// returns (entries left, entries removed).
+    pub fn sweep(&mut self, now_ns: u64) -> (u64, u64) {
+        let mut expired = Vec::new();
+        let mut present = 0u64;
+        for kv in self.conntrack.iter() {
+            // An entry evicted or deleted by the datapath while we walk is skipped.
+            let Ok((key, ct)) = kv else { continue };
+            if ct.expires < now_ns {
+                expired.push((key, ct));
+            } else {
+                present += 1;
+            }
+        }
+        let mut removed = 0u64;
+        for (key, ct) in expired {
+            // The datapath may have renewed the flow since we read it.
+            match self.conntrack.get(&key, 0) {
+                Ok(now) if now.expires < now_ns => {}
+                _ => {
+                    present += 1;
+                    continue;
+                }
+            }
+            if self.conntrack.remove(&key).is_ok() {
+                removed += 1;
+            }
+            if ct.backend.flags & BACKEND_F_REMOTE == 0 {
+                let reply = FlowKey {
+                    src: ct.backend.addr,
+                    dst: key.src,
+                    sport: ct.backend.port,
+                    dport: key.sport,
+                    proto: key.proto,
+                    family: key.family,
+                    pad: [0; 2],
+                };
+                // Only the reverse NAT this flow made: another VIP flow of the same
+                // client port to the same backend would map back elsewhere.
+                if let Ok(rn) = self.revnat.get(&reply, 0)
+                    && rn.addr == key.dst
+                    && rn.port == key.dport
+                {
+                    let _ = self.revnat.remove(&reply);
+                }
+            }
+        }
+        (present, removed)
+    }
+}
+
+/// The monotonic clock `bpf_ktime_get_ns` reads, in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs sweeps every `period` on a dedicated thread for the life of the process,
+/// publishing into `counts`. The first sweep runs at once.
+pub fn spawn(mut sweeper: Sweeper, period: Duration, counts: Arc<CtCounts>) {
+    let spawned = std::thread::Builder::new()
+        .name("xlb-ct-sweep".into())
+        .spawn(move || {
+            loop {
+                let (present, removed) = sweeper.sweep(monotonic_ns());
+                counts.present.store(present, Ordering::Relaxed);
+                counts.expired.fetch_add(removed, Ordering::Relaxed);
+                counts.sweeps.fetch_add(1, Ordering::Relaxed);
+                if removed > 0 {
+                    tracing::debug!(present, removed, "conntrack sweep");
+                }
+                std::thread::sleep(period);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the conntrack sweeper; expired flows stay until evicted");
+    }
+}

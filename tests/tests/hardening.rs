@@ -1,0 +1,266 @@
+//! The agent under hostile conditions, with real processes and packets: scrapers
+//! hammering `/metrics` over a full conntrack map while health checks must still
+//! answer, expired flows that must not pile up, and a contested VIP whose owner must
+//! survive a restart. Needs root and the built binary (`XLB_BIN`, else
+//! `target/release/xlb`).
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use xlb_lab::agent::http_get_within;
+use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON};
+use xlb_lab::manifests::{
+    EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
+    service_yaml, web_ports, web_tcp_vip, web_udp_vip, write_atomic,
+};
+use xlb_lab::poll;
+/// The health check node port of the web Service in these tests.
+const HC_PORT: u16 = 32100;
+
+/// A one-node lab serving the web Service (Local policy, `healthCheckNodePort`) from
+/// every pod, with a healthy agent.
+fn health_lab(pods: usize) -> Result<Lab> {
+    let mut lab = Lab::one_node(pods)?;
+    let node = lab.node();
+    let eps: Vec<EndpointSpec> = node
+        .pods
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, true, &node.name))
+        .collect();
+    let service = service_yaml(
+        WEB_NAMESPACE,
+        WEB_SERVICE,
+        &WEB_VIP.to_string(),
+        &web_ports(),
+        true,
+    )
+    .replace(
+        "  ports:\n",
+        &format!("  healthCheckNodePort: {HC_PORT}\n  ports:\n"),
+    );
+    let slice = endpointslice_yaml(WEB_NAMESPACE, "web-1", WEB_SERVICE, &web_ports(), &eps);
+    write_atomic(
+        &node.manifests_dir.join("web.yaml"),
+        &multi_doc(&[service, slice]),
+    )?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    Ok(lab)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+#[test]
+fn health_answers_while_fifty_scrapers_read_a_full_conntrack_map() -> Result<()> {
+    let mut lab = health_lab(2)?;
+    let node_ns = lab.node().host.ns.name().to_string();
+    let client_ns = lab.client.ns.name().to_string();
+    let node_addr = lab.node().host.addr;
+    // 200,000 live flows (of the default 262,144), as a UDP flood from many sources
+    // leaves them.
+    let vip = SocketAddrV4::new(WEB_VIP, WEB_UDP_PORT);
+    let backend = SocketAddrV4::new(lab.node().pods[0].ip, 5353);
+    let in_an_hour = xlb_lab::bpf::monotonic_ns() + 3_600_000_000_000;
+    let n = xlb_lab::bpf::fill_conntrack(&lab.node().pin_dir, 200_000, vip, backend, in_an_hour)?;
+    let agent = lab.agent()?;
+    poll("the sweeper to count the filled map", SOON, T, || {
+        let v = agent.metric("xlb_conntrack_entries", &[])?;
+        Ok((v >= f64::from(n)).then_some(v))
+    })?;
+
+    let metrics = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrapes = Arc::new(AtomicU64::new(0));
+    let scrapers: Vec<_> = (0..50)
+        .map(|_| {
+            let (stop, scrapes, ns) = (stop.clone(), scrapes.clone(), node_ns.clone());
+            std::thread::spawn(move || {
+                // Bounded: stops on the flag, and in any case after 20 s.
+                let end = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    let long = Duration::from_secs(10);
+                    if let Ok((200, _)) = http_get_within(&ns, metrics, "/metrics", long, long) {
+                        scrapes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Every health poll answers within 1 s: /healthz on the node and the Service's
+    // healthCheckNodePort as a load balancer in front of the node asks it.
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    let hc = SocketAddr::from((node_addr, HC_PORT));
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        for (ns, addr, path) in [
+            (node_ns.as_str(), metrics, "/healthz"),
+            (client_ns.as_str(), hc, "/"),
+        ] {
+            let started = Instant::now();
+            match http_get_within(ns, addr, path, T, T) {
+                Ok((200, _)) => latencies.push(started.elapsed()),
+                other => failures.push(format!("{addr}{path}: {other:?}")),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in scrapers {
+        let _ = s.join();
+    }
+    latencies.sort();
+    eprintln!(
+        "health polls: {} answered, p50 {:?}, p99 {:?}, max {:?}; {} scrapes completed meanwhile",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+        scrapes.load(Ordering::Relaxed)
+    );
+    ensure!(failures.is_empty(), "health polls failed: {failures:?}");
+    ensure!(
+        scrapes.load(Ordering::Relaxed) >= 50,
+        "the scrapers barely ran ({} scrapes): no load was applied",
+        scrapes.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+#[test]
+fn expired_conntrack_entries_are_removed() -> Result<()> {
+    let mut lab = health_lab(1)?;
+    let vip = SocketAddrV4::new(WEB_VIP, WEB_UDP_PORT);
+    let backend = SocketAddrV4::new(lab.node().pods[0].ip, 5353);
+    // Flows that died a second ago, as an idle node's old flows do.
+    let expired = xlb_lab::bpf::monotonic_ns().saturating_sub(1_000_000_000);
+    let n = xlb_lab::bpf::fill_conntrack(&lab.node().pin_dir, 5_000, vip, backend, expired)?;
+    // A live flow stays.
+    lab.client.udp_request(web_udp_vip(), "live", T, 3)?;
+    let agent = lab.agent()?;
+    poll("the sweeper to remove the expired flows", SOON, T, || {
+        let removed = agent.metric("xlb_conntrack_expired_total", &[])?;
+        let present = agent.metric("xlb_conntrack_entries", &[])?;
+        Ok((removed >= f64::from(n) && (1.0..10.0).contains(&present)).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_restart_never_hands_a_contested_vip_to_the_other_claimant() -> Result<()> {
+    // rel/good owns the web VIP (pod1); aaa/dup claims the same VIP:ports (pod2) and
+    // is refused. Its name sorts first, so a restart that decided by name alone would
+    // hand it the VIP.
+    let mut lab = Lab::one_node(2)?;
+    let node = lab.node();
+    let (pod1, pod2) = (&node.pods[0], &node.pods[1]);
+    let good = multi_doc(&[
+        service_yaml("rel", "good", &WEB_VIP.to_string(), &web_ports(), true),
+        endpointslice_yaml(
+            "rel",
+            "good-1",
+            "good",
+            &web_ports(),
+            &[EndpointSpec::new(pod1.ip, true, &node.name)],
+        ),
+    ]);
+    let dup = multi_doc(&[
+        service_yaml("aaa", "dup", &WEB_VIP.to_string(), &web_ports(), true),
+        endpointslice_yaml(
+            "aaa",
+            "dup-1",
+            "dup",
+            &web_ports(),
+            &[EndpointSpec::new(pod2.ip, true, &node.name)],
+        ),
+    ]);
+    let (pod1_name, dir) = (pod1.name.clone(), node.manifests_dir.clone());
+    write_atomic(&dir.join("good.yaml"), &good)?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    let (tcp, udp) = (web_tcp_vip(), web_udp_vip());
+    let served_by_good = |lab: &Lab| -> Result<()> {
+        for r in lab
+            .client
+            .udp_flows(udp, 10, T)?
+            .into_iter()
+            .chain(lab.client.tcp_flows(tcp, 5, T)?)
+        {
+            ensure!(
+                r.server == pod1_name,
+                "answered by {} not rel/good's pod",
+                r.server
+            );
+            ensure!(
+                r.seen_peer.ip() == CLIENT_ADDR,
+                "{} saw {}",
+                r.server,
+                r.seen_peer
+            );
+        }
+        Ok(())
+    };
+    served_by_good(&lab)?;
+
+    let agent = lab.agent()?;
+    let mark = agent.log_mark();
+    write_atomic(&dir.join("dup.yaml"), &dup)?;
+    agent.wait_for_log_line("aaa/dup refused", mark, SOON, |l| {
+        l.contains("vip_conflict") || l.contains("already claimed by Service rel/good")
+    })?;
+    served_by_good(&lab)?;
+
+    let agent = lab.agent()?;
+    agent.stop().context("SIGTERM")?;
+    let mark = agent.log_mark();
+    agent.start_again()?;
+    agent.wait_healthy(SOON)?;
+    agent.wait_for_log_line("aaa/dup refused after the restart", mark, SOON, |l| {
+        l.contains("already claimed by Service rel/good")
+    })?;
+    served_by_good(&lab)?;
+    Ok(())
+}
+
+#[test]
+fn a_file_rewritten_in_place_never_removes_its_services() -> Result<()> {
+    // `(sleep 0.4; cat good.yaml) > m/web.yaml`, as shells and `kubectl get -o yaml > f`
+    // write: the file is truncated, empty for a while, then written and closed.
+    let mut lab = health_lab(2)?;
+    let path = lab.node().manifests_dir.join("web.yaml");
+    let content = std::fs::read(&path)?;
+    let udp = web_udp_vip();
+    let ticker = xlb_lab::Ticker::start(&lab.client, udp, Duration::from_millis(10), 300)?;
+    ticker.wait_received(5, SOON)?;
+    let mark = lab.agent()?.log_mark();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path)?; // O_TRUNC: empty from here
+        // Long enough for a reload to see the empty file, had one been triggered.
+        std::thread::sleep(Duration::from_millis(400));
+        f.write_all(&content)?;
+    }
+    let report = ticker.finish(Duration::from_secs(1))?;
+    ensure!(
+        report.lost == 0,
+        "{} of {} datagrams lost while the file was rewritten: {:?}",
+        report.lost,
+        report.sent,
+        report.missing
+    );
+    let log = lab.agent()?.log();
+    let removed: Vec<&str> = log
+        .lines()
+        .skip(mark)
+        .filter(|l| l.contains("service removed"))
+        .collect();
+    ensure!(removed.is_empty(), "services were removed: {removed:?}");
+    Ok(())
+}

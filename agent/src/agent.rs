@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        ClusterMode, Dataplane, DataplaneError, ForwardMode, NodeConfig, Stats, conntrack,
+        ClusterMode, Dataplane, DataplaneError, ForwardMode, NodeConfig, Stats, conntrack, pin,
         state::{self, Ids, MapState, Write},
     },
     desired::{self, Desired},
@@ -76,6 +76,17 @@ pub enum AgentError {
     Metrics {
         /// Listen address.
         addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The interface does not exist (checked before anything is attached).
+    #[error("interface {0} does not exist")]
+    Interface(String),
+    /// The pin directory cannot be used, or another agent holds it.
+    #[error("pin path {path}: {source}")]
+    PinPath {
+        /// The directory.
+        path: PathBuf,
         /// Cause.
         source: std::io::Error,
     },
@@ -196,6 +207,26 @@ impl Reconciler {
 }
 
 impl Reconciler {
+    /// Rebuilds the datapath after it disappeared: loads and attaches the programs
+    /// (recreating maps whose pins are gone), then continues from what the maps hold,
+    /// so the next sync writes whatever is missing.
+    fn reattach(&mut self, cfg: &Config) -> Result<(), DataplaneError> {
+        let (mut dp, _) = Dataplane::open(
+            &cfg.interface,
+            &cfg.pin_path,
+            cfg.xdp_mode,
+            cfg.conntrack_size,
+        )?;
+        dp.set_node(&node_config(cfg))?;
+        self.applied = dp.read_state()?;
+        self.ids = Ids::after(&self.applied, dp.read_ids()?);
+        self.dp = dp;
+        self.collector.reopen(&cfg.pin_path)?;
+        // Managed neighbour entries live on the interface, which may be new.
+        self.neighbours.clear();
+        Ok(())
+    }
+
     /// Keeps a managed neighbour entry for every other node that holds a backend of a
     /// Cluster service, so XDP's FIB lookup finds them resolved (what XDP cannot
     /// resolve it hands to `xlb_tc_ingress`; this keeps that the exception). Failures
@@ -262,9 +293,52 @@ fn log_changes(writes: &[Write], target: &state::Target) {
     info!(writes = writes.len(), "maps updated");
 }
 
+/// The node-level datapath settings from the command line and the interface.
+fn node_config(cfg: &Config) -> NodeConfig {
+    NodeConfig {
+        forward: cfg.forward,
+        cluster: cfg.cluster,
+        ip: cfg
+            .node_ip
+            .or_else(|| crate::netdev::interface_ipv4(&cfg.interface)),
+        mac: crate::netdev::interface_mac(&cfg.interface),
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT. The datapath is left attached and pinned on
 /// exit so that traffic keeps flowing until the next agent takes over.
 pub async fn run(cfg: Config) -> Result<(), AgentError> {
+    // Everything that can fail is checked before the datapath is touched, so a start
+    // that fails leaves no links taken over and no maps pinned.
+    if crate::netdev::ifindex(&cfg.interface).is_none() {
+        return Err(AgentError::Interface(cfg.interface.clone()));
+    }
+    if !cfg.manifests.is_dir() {
+        return Err(AgentError::Watch {
+            dir: cfg.manifests.clone(),
+            message: "not a directory".into(),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Metrics {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
+    let (_watcher, mut changes) =
+        manifests::watch(&cfg.manifests).map_err(|e| AgentError::Watch {
+            dir: cfg.manifests.clone(),
+            message: e.to_string(),
+        })?;
+    let pin_err = |source| AgentError::PinPath {
+        path: cfg.pin_path.clone(),
+        source,
+    };
+    pin::prepare(&cfg.pin_path).map_err(pin_err)?;
+    // One agent per pin path: a second one would take the links over and the two
+    // would fight over the maps.
+    let _lock = pin::lock(&cfg.pin_path).map_err(pin_err)?;
+
     let (mut dp, xdp) = Dataplane::open(
         &cfg.interface,
         &cfg.pin_path,
@@ -278,14 +352,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         reason = %xdp.reason,
         "XDP attach mode"
     );
-    let node = NodeConfig {
-        forward: cfg.forward,
-        cluster: cfg.cluster,
-        ip: cfg
-            .node_ip
-            .or_else(|| crate::netdev::interface_ipv4(&cfg.interface)),
-        mac: crate::netdev::interface_mac(&cfg.interface),
-    };
+    let node = node_config(&cfg);
     let node_writes = dp.set_node(&node)?;
     match node.ip {
         Some(ip) => {
@@ -304,11 +371,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         "datapath ready; reconciling from the state the maps hold"
     );
     let ct_counts = Arc::new(conntrack::CtCounts::default());
-    conntrack::spawn(
-        conntrack::Sweeper::open(&cfg.pin_path)?,
-        CT_SWEEP_PERIOD,
-        ct_counts.clone(),
-    );
+    conntrack::spawn(cfg.pin_path.clone(), CT_SWEEP_PERIOD, ct_counts.clone());
     let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?, ct_counts);
     let metrics = Metrics::new(collector.clone());
     metrics.map_updates.inc_by(node_writes);
@@ -324,20 +387,14 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         ])
         .set(1);
 
-    let addr = cfg.metrics_addr;
     let listener_metrics = metrics.clone();
     let (server_err_tx, mut server_err) = mpsc::channel(1);
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve(addr, listener_metrics).await {
+        if let Err(e) = metrics::serve(listener, listener_metrics).await {
             let _ = server_err_tx.send(e).await;
         }
     });
 
-    let (_watcher, mut changes) =
-        manifests::watch(&cfg.manifests).map_err(|e| AgentError::Watch {
-            dir: cfg.manifests.clone(),
-            message: e.to_string(),
-        })?;
     let mut source = ManifestSource::new(cfg.manifests.clone());
     let mut rec = Reconciler {
         dp,
@@ -360,6 +417,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let mut resync = tokio::time::interval(Duration::from_secs(30));
     let mut retry_soon = false;
     let mut first = true;
+    // Someone may run `xlb cleanup`, or delete and recreate the interface: looked
+    // for every second (cheap: one ifindex lookup and a stat per pin).
+    let mut datapath_check = tokio::time::interval(Duration::from_secs(1));
     let mut health = HealthServers::default();
     loop {
         if first || retry_soon {
@@ -400,6 +460,21 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 retry_soon = true;
             }
             _ = resync.tick() => { retry_soon = true; }
+            _ = datapath_check.tick() => {
+                if let Err(why) = rec.dp.check(&cfg.interface, &cfg.pin_path) {
+                    rec.metrics.datapath.set(0);
+                    warn!(%why, "datapath missing: re-attaching");
+                    match rec.reattach(&cfg) {
+                        Ok(()) => {
+                            info!("datapath re-attached; reprogramming the maps");
+                            rec.metrics.reattached.inc();
+                            rec.metrics.datapath.set(1);
+                            retry_soon = true;
+                        }
+                        Err(e) => error!(error = %e, "re-attaching the datapath failed; trying again in a second"),
+                    }
+                }
+            }
             _ = backoff, if retry_soon => {}
             _ = recheck_sleep, if recheck.is_some() => { retry_soon = true; }
         }

@@ -75,6 +75,10 @@ enum Command {
         /// bpffs directory the agent pinned to.
         #[arg(long, default_value = "/sys/fs/bpf/xlb")]
         pin_path: PathBuf,
+        /// Remove the datapath even while an agent runs on this pin path (it will
+        /// notice, report unhealthy and attach again).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -152,7 +156,28 @@ fn main() -> anyhow::Result<()> {
         Command::Cleanup {
             interface,
             pin_path,
+            force,
         } => {
+            // Held until the end, so no agent starts on the pin path meanwhile.
+            let _lock = match xlb::dataplane::pin::lock(&pin_path) {
+                Ok(l) => Some(l),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && force => {
+                    eprintln!(
+                        "xlb cleanup: {}: {e}; going on (--force)",
+                        pin_path.display()
+                    );
+                    None
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{} (stop the agent first, or pass --force)",
+                            pin_path.display()
+                        )
+                    });
+                }
+            };
             let removed = xlb::dataplane::cleanup(&interface, &pin_path)
                 .with_context(|| format!("cleaning up {}", pin_path.display()))?;
             for p in &removed {

@@ -60,6 +60,11 @@ pub struct Metrics {
     /// Manifest files parsed (`xlb_manifest_files_parsed_total`): unchanged files are
     /// not parsed again.
     pub files_parsed: Counter,
+    /// 1 while the programs are attached and the pins in place, 0 while the agent is
+    /// re-attaching a datapath that disappeared (`xlb_datapath_attached`).
+    pub datapath: Gauge,
+    /// Times the datapath had to be rebuilt (`xlb_datapath_reattach_total`).
+    pub reattached: Counter,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
     /// One scrape renders at a time (see `render`).
@@ -126,6 +131,19 @@ impl Metrics {
             "Manifest files read and parsed (unchanged files are not parsed again)",
             files_parsed.clone(),
         );
+        let datapath = Gauge::default();
+        datapath.set(1);
+        registry.register(
+            "xlb_datapath_attached",
+            "1 while xlb's programs are attached and pinned, 0 while re-attaching",
+            datapath.clone(),
+        );
+        let reattached = Counter::default();
+        registry.register(
+            "xlb_datapath_reattach",
+            "Times the agent found its datapath gone (detached, pins removed, interface recreated) and rebuilt it",
+            reattached.clone(),
+        );
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -137,6 +155,8 @@ impl Metrics {
             xdp_mode,
             neighbours,
             files_parsed,
+            datapath,
+            reattached,
             ready: AtomicBool::new(false),
             scrape: tokio::sync::Semaphore::new(1),
             registry: Mutex::new(registry),
@@ -182,6 +202,18 @@ impl BpfCollector {
             labels: RwLock::new(CounterLabels::default()),
             conntrack,
         })
+    }
+
+    /// Reads from the maps now pinned under `pin_path` (after the datapath was rebuilt).
+    pub fn reopen(
+        &self,
+        pin_path: &std::path::Path,
+    ) -> Result<(), crate::dataplane::DataplaneError> {
+        let stats = Stats::open(pin_path)?;
+        if let Ok(mut s) = self.stats.lock() {
+            *s = stats;
+        }
+        Ok(())
     }
 
     /// Takes the labels of a newly applied target.
@@ -319,14 +351,19 @@ impl Collector for BpfCollector {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until the listener fails.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// Serves `/metrics` and `/healthz` on `listener` (bound before the datapath is
+/// touched, so a taken port fails the start cleanly) until it fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
         .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics and /healthz");
+    }
     axum::serve(listener, app).await
 }
 
@@ -358,7 +395,12 @@ async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
+    if m.datapath.get() == 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "datapath missing (programs detached or pins removed); re-attaching\n",
+        )
+    } else if m.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not yet synced\n")

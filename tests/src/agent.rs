@@ -177,6 +177,25 @@ impl Agent {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself (an agent expected to
+    /// refuse to start) and returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else {
+            bail!("agent is not running");
+        };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts a new agent process with the same configuration (after [`Agent::stop`]).
     pub fn start_again(&mut self) -> Result<()> {
         if self.child.is_some() {

@@ -4,13 +4,16 @@
 //! survive a restart. Needs root and the built binary (`XLB_BIN`, else
 //! `target/release/xlb`).
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::agent::http_get_within;
-use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON};
+use xlb_lab::Agent;
+use xlb_lab::agent::{AgentConfig, http_get_within};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON, UPLINK};
 use xlb_lab::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
     service_yaml, web_ports, web_tcp_vip, web_udp_vip, write_atomic,
@@ -262,5 +265,143 @@ fn a_file_rewritten_in_place_never_removes_its_services() -> Result<()> {
         .filter(|l| l.contains("service removed"))
         .collect();
     ensure!(removed.is_empty(), "services were removed: {removed:?}");
+    Ok(())
+}
+
+/// The first node's agent configuration, for starting a second process beside it.
+fn second_agent(lab: &mut Lab, tweak: impl FnOnce(&mut AgentConfig)) -> Result<Agent> {
+    let mut cfg = lab.agent()?.config().clone();
+    cfg.log_dir = lab.scratch().join("second");
+    std::fs::create_dir_all(&cfg.log_dir)?;
+    tweak(&mut cfg);
+    Agent::start(cfg)
+}
+
+fn pins_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_path_exits_naming_the_first() -> Result<()> {
+    let mut lab = health_lab(1)?;
+    let first = lab.agent()?.pid().context("first agent pid")?;
+    let mut second = second_agent(&mut lab, |c| {
+        c.metrics_addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT + 1));
+    })?;
+    let status = second.wait_exit(SOON)?;
+    ensure!(!status.success(), "the second agent ran: {status}");
+    let log = second.log();
+    ensure!(
+        log.contains(&format!("in use by another xlb agent (pid {first})")),
+        "the error does not name the first agent (pid {first}): {log}"
+    );
+    // The first one never noticed.
+    lab.client.udp_flows(web_udp_vip(), 5, T)?;
+    ensure!(lab.agent()?.log().lines().all(|l| !l.contains(" ERROR ")));
+    Ok(())
+}
+
+#[test]
+fn a_start_that_fails_touches_no_datapath() -> Result<()> {
+    let mut lab = health_lab(1)?;
+    let pins_before = pins_in(&lab.node().pin_dir);
+    for (what, port, iface) in [
+        // The metrics port is the first agent's: taken.
+        ("taken metrics port", METRICS_PORT, UPLINK),
+        ("missing interface", METRICS_PORT + 1, "nope0"),
+    ] {
+        let pin_dir = PathBuf::from(format!("{}-second", lab.node().pin_dir.display()));
+        let mut second = second_agent(&mut lab, |c| {
+            c.metrics_addr = SocketAddr::from(([127, 0, 0, 1], port));
+            c.pin_dir = pin_dir.clone();
+            c.interface = iface.to_string();
+        })?;
+        let status = second.wait_exit(SOON)?;
+        ensure!(!status.success(), "{what}: the agent ran");
+        ensure!(
+            !pin_dir.exists(),
+            "{what}: the failed start made {} ({:?})",
+            pin_dir.display(),
+            pins_in(&pin_dir)
+        );
+    }
+    ensure!(
+        pins_in(&lab.node().pin_dir) == pins_before,
+        "the running agent's pins changed"
+    );
+    lab.client.udp_flows(web_udp_vip(), 5, T)?;
+    Ok(())
+}
+
+#[test]
+fn a_datapath_removed_under_a_running_agent_is_attached_again() -> Result<()> {
+    let mut lab = health_lab(2)?;
+    lab.client.udp_flows(web_udp_vip(), 5, T)?;
+    let bin = lab.agent()?.config().xlb_bin.clone();
+    let mark = lab.agent()?.log_mark();
+    let cleanup = |lab: &Lab, force: bool| {
+        let node = lab.node();
+        let mut cmd = node.host.ns.command(&bin);
+        cmd.arg("cleanup").args(["--interface", UPLINK]);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.arg("--pin-path").arg(&node.pin_dir);
+        xlb_lab::netns::output(&mut cmd)
+    };
+    // Without --force, cleanup refuses while the agent runs, naming it.
+    let refused = cleanup(&lab, false)?;
+    ensure!(!refused.status.success(), "cleanup ran beside a live agent");
+    let forced = cleanup(&lab, true)?;
+    ensure!(forced.status.success(), "cleanup --force: {forced:?}");
+    let agent = lab.agent()?;
+    agent.wait_for_log_line("the agent to notice", mark, SOON, |l| {
+        l.contains("datapath missing")
+    })?;
+    agent.wait_for_log_line("the agent to re-attach", mark, SOON, |l| {
+        l.contains("datapath re-attached")
+    })?;
+    poll("traffic through the VIP again", SOON, T, || {
+        Ok(lab.client.udp_flows(web_udp_vip(), 5, T).ok())
+    })?;
+    let agent = lab.agent()?;
+    ensure!(agent.metric("xlb_datapath_reattach_total", &[])? >= 1.0);
+    ensure!(agent.http_get("/healthz")?.0 == 200);
+    Ok(())
+}
+
+#[test]
+fn the_pin_directory_is_private_and_one_owned_by_another_user_is_refused() -> Result<()> {
+    let mut lab = health_lab(1)?;
+    let meta = std::fs::metadata(&lab.node().pin_dir)?;
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o700,
+        "pin directory mode {:o}",
+        meta.permissions().mode() & 0o777
+    );
+    // `nobody` made the directory first.
+    // (bpffs refuses dots in names.)
+    let theirs = PathBuf::from(format!("{}-nobody", lab.node().pin_dir.display()));
+    std::fs::create_dir(&theirs).context("mkdir")?;
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).context("chown")?;
+    let dir = theirs.clone();
+    let mut second = second_agent(&mut lab, |c| {
+        c.metrics_addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT + 1));
+        c.pin_dir = dir;
+    })?;
+    let status = second.wait_exit(SOON);
+    let log = second.log();
+    std::fs::remove_dir(&theirs).context("rmdir")?;
+    ensure!(
+        !status?.success(),
+        "the agent pinned into nobody's directory"
+    );
+    ensure!(log.contains("owned by uid 65534"), "{log}");
     Ok(())
 }

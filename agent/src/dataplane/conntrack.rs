@@ -115,12 +115,21 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Runs sweeps every `period` on a dedicated thread for the life of the process,
-/// publishing into `counts`. The first sweep runs at once.
-pub fn spawn(mut sweeper: Sweeper, period: Duration, counts: Arc<CtCounts>) {
+/// publishing into `counts`. The first sweep runs at once. The maps are opened from
+/// their pins at each sweep, so a datapath the agent had to rebuild is followed.
+pub fn spawn(pin_path: std::path::PathBuf, period: Duration, counts: Arc<CtCounts>) {
     let spawned = std::thread::Builder::new()
         .name("xlb-ct-sweep".into())
         .spawn(move || {
             loop {
+                let mut sweeper = match Sweeper::open(&pin_path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "conntrack sweep skipped");
+                        std::thread::sleep(period);
+                        continue;
+                    }
+                };
                 let (present, removed) = sweeper.sweep(monotonic_ns());
                 counts.present.store(present, Ordering::Relaxed);
                 counts.expired.fetch_add(removed, Ordering::Relaxed);

@@ -160,6 +160,8 @@ pub struct Dataplane {
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
     ncpus: usize,
+    /// The interface index the programs were attached to.
+    ifindex: u32,
 }
 
 /// Link pin names, one per interface so that one pin directory can serve several.
@@ -238,8 +240,37 @@ impl Dataplane {
             owners,
             _tail_progs: tail_progs,
             ncpus,
+            ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
         };
         Ok((dp, decision))
+    }
+
+    /// Whether the datapath is still in place: the interface is the one the programs
+    /// were attached to (not deleted, not recreated under the same name) and every
+    /// link and map pin exists. `Err` says what is missing.
+    pub fn check(&self, iface: &str, pin_path: &Path) -> Result<(), String> {
+        match crate::netdev::ifindex(iface) {
+            None => return Err(format!("interface {iface} is gone")),
+            Some(i) if i != self.ifindex => {
+                return Err(format!(
+                    "interface {iface} was recreated (index {} -> {i})",
+                    self.ifindex
+                ));
+            }
+            Some(_) => {}
+        }
+        let links = [
+            xdp_link_pin(pin_path, iface),
+            tc_link_pin(pin_path, iface),
+            tc_ingress_link_pin(pin_path, iface),
+        ];
+        let maps = names::ALL_MAPS.iter().map(|n| pin_path.join(n));
+        for p in links.into_iter().chain(maps) {
+            if !p.exists() {
+                return Err(format!("{} is missing", p.display()));
+            }
+        }
+        Ok(())
     }
 
     /// Reads back what the configuration maps hold now (after a restart: what the

@@ -51,6 +51,8 @@ pub struct Config {
     pub cluster: ClusterMode,
     /// This node's address for IPIP between nodes; `None`: the interface's first IPv4.
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// The cluster's node port range.
+    pub node_ports: std::ops::RangeInclusive<u16>,
 }
 
 /// How often expired conntrack entries are removed and the rest counted. Short next
@@ -293,6 +295,16 @@ fn log_changes(writes: &[Write], target: &state::Target) {
     info!(writes = writes.len(), "maps updated");
 }
 
+/// (device, inode, birth time) of `dir`: changes when the directory is replaced. The
+/// birth time (statx) tells a new directory that reuses the old one's inode number,
+/// as ext4 and tmpfs do at once; without it, the inode alone is compared.
+fn dir_identity(dir: &std::path::Path) -> Option<(u64, u64, Option<std::time::SystemTime>)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.created().ok()))
+}
+
 /// The node-level datapath settings from the command line and the interface.
 fn node_config(cfg: &Config) -> NodeConfig {
     NodeConfig {
@@ -325,11 +337,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             addr: cfg.metrics_addr,
             source,
         })?;
-    let (_watcher, mut changes) =
+    let (mut _watcher, mut changes) =
         manifests::watch(&cfg.manifests).map_err(|e| AgentError::Watch {
             dir: cfg.manifests.clone(),
             message: e.to_string(),
         })?;
+    let mut watched = dir_identity(&cfg.manifests);
     let pin_err = |source| AgentError::PinPath {
         path: cfg.pin_path.clone(),
         source,
@@ -395,7 +408,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     });
 
-    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut source =
+        ManifestSource::new(cfg.manifests.clone()).with_node_ports(cfg.node_ports.clone());
     let mut rec = Reconciler {
         dp,
         node_name: cfg.node_name.clone(),
@@ -419,7 +433,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     let mut first = true;
     // Someone may run `xlb cleanup`, or delete and recreate the interface: looked
     // for every second (cheap: one ifindex lookup and a stat per pin).
-    let mut datapath_check = tokio::time::interval(Duration::from_secs(1));
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
     let mut health = HealthServers::default();
     loop {
         if first || retry_soon {
@@ -460,7 +474,21 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 retry_soon = true;
             }
             _ = resync.tick() => { retry_soon = true; }
-            _ = datapath_check.tick() => {
+            _ = every_second.tick() => {
+                // inotify watches an inode: a directory replaced under the same name
+                // (`rm -rf m; mkdir m`) is followed here, not at the next resync.
+                let now = dir_identity(&cfg.manifests);
+                if now != watched && now.is_some() {
+                    match manifests::watch(&cfg.manifests) {
+                        Ok((w, c)) => {
+                            info!(dir = %cfg.manifests.display(), "manifests directory replaced; watching the new one");
+                            (_watcher, changes) = (w, c);
+                            watched = now;
+                            retry_soon = true;
+                        }
+                        Err(e) => warn!(error = %e, "watching the replaced manifests directory"),
+                    }
+                }
                 if let Err(why) = rec.dp.check(&cfg.interface, &cfg.pin_path) {
                     rec.metrics.datapath.set(0);
                     warn!(%why, "datapath missing: re-attaching");

@@ -86,10 +86,11 @@ async fn answer(State(r): State<Shared>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    // The body kube-proxy serves (pkg/proxy/healthcheck).
-    let body = format!(
-        "{{\"service\":{{\"namespace\":\"{}\",\"name\":\"{}\"}},\"localEndpoints\":{n}}}\n",
-        service.namespace, service.name
-    );
-    (code, body)
+    // The body kube-proxy serves (pkg/proxy/healthcheck), encoded (and so escaped)
+    // by serde_json.
+    let body = serde_json::json!({
+        "service": {"namespace": service.namespace, "name": service.name},
+        "localEndpoints": n,
+    });
+    (code, format!("{body}\n"))
 }

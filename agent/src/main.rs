@@ -59,6 +59,10 @@ enum Command {
         /// Cluster); default: the interface's first IPv4 address.
         #[arg(long)]
         node_ip: Option<std::net::Ipv4Addr>,
+        /// The cluster's node port range (kube-apiserver's --service-node-port-range):
+        /// nodePorts and healthCheckNodePorts outside it are refused.
+        #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+        node_port_range: std::ops::RangeInclusive<u16>,
         /// How externalTrafficPolicy Cluster reaches pods on other nodes: `dsr` (IPIP
         /// to their node, which answers the client directly; pods see the client's
         /// address) or `snat` (source NAT to this node; pods see this node's address).
@@ -101,6 +105,19 @@ enum Mode {
     Generic,
 }
 
+/// `LOW-HIGH`, e.g. `30000-32767`.
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not LOW-HIGH"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?} is not a range of ports (1 <= LOW <= HIGH)"));
+    }
+    Ok(lo..=hi)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -123,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             forward,
             node_ip,
             cluster_mode,
+            node_port_range,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -141,6 +159,7 @@ fn main() -> anyhow::Result<()> {
                     Forward::Redirect => xlb::dataplane::ForwardMode::Redirect,
                 },
                 node_ip,
+                node_ports: node_port_range,
                 cluster: match cluster_mode {
                     Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,

@@ -405,3 +405,83 @@ fn the_pin_directory_is_private_and_one_owned_by_another_user_is_refused() -> Re
     ensure!(log.contains("owned by uid 65534"), "{log}");
     Ok(())
 }
+
+#[test]
+fn a_replaced_manifests_directory_is_watched_again() -> Result<()> {
+    let mut lab = health_lab(2)?;
+    let dir = lab.node().manifests_dir.clone();
+    let web = std::fs::read_to_string(dir.join("web.yaml"))?;
+    let mark = lab.agent()?.log_mark();
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::create_dir(&dir)?;
+    lab.agent()?
+        .wait_for_log_line("the new directory to be watched", mark, SOON, |l| {
+            l.contains("manifests directory replaced")
+        })?;
+    // Edits in the new directory are seen: only pod1 stays an endpoint.
+    let pod2 = lab.node().pods[1].ip.to_string();
+    let only_pod1: String = web
+        .lines()
+        .scan(false, |skip, l| {
+            // Drop pod2's endpoint entry (its `- addresses:` line and the lines under it).
+            if l.contains(&pod2) {
+                *skip = true;
+                return Some(None);
+            }
+            if *skip && l.trim_start().starts_with("- ") {
+                *skip = false;
+            }
+            Some((!*skip).then(|| format!("{l}\n")))
+        })
+        .flatten()
+        .collect();
+    ensure!(only_pod1 != web, "pod2 not found in web.yaml");
+    write_atomic(&dir.join("web.yaml"), &only_pod1)?;
+    let pod1 = lab.node().pods[0].name.clone();
+    poll("only pod1 to answer", SOON, T, || {
+        let r = lab.client.udp_flows(web_udp_vip(), 10, T)?;
+        Ok(r.iter().all(|r| r.server == pod1).then_some(()))
+    })?;
+    Ok(())
+}
+
+/// An `xlb agent` started under `ip netns exec`, killed by PID when dropped.
+struct NetnsExecAgent(std::process::Child);
+
+impl Drop for NetnsExecAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn under_ip_netns_exec_the_agent_warns_that_its_pins_will_vanish() -> Result<()> {
+    let lab = Lab::one_node(1)?;
+    let node = lab.node();
+    let log_path = lab.scratch().join("netns-exec.log");
+    let log = std::fs::File::create(&log_path)?;
+    let pin_dir = format!("{}-netnsexec", node.pin_dir.display());
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", node.host.ns.name()])
+        .arg(xlb_lab::xlb_bin()?)
+        .args(["agent", "--interface", UPLINK, "--node-name", &node.name])
+        .arg("--manifests")
+        .arg(&node.manifests_dir)
+        .args(["--metrics-addr", "127.0.0.1:9467", "--pin-path", &pin_dir])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let _agent = NetnsExecAgent(child);
+    poll("the warning about a private bpffs", SOON, T, || {
+        let text = std::fs::read_to_string(&log_path)?;
+        Ok(text.contains("mounted a new bpffs").then_some(text))
+    })?;
+    // Its pins are not in the host's bpffs: nothing outlives this agent.
+    ensure!(
+        !Path::new(&pin_dir).exists(),
+        "{pin_dir} is in the host's bpffs"
+    );
+    Ok(())
+}

@@ -30,6 +30,7 @@ use std::{
     fs,
     io::{self, Read},
     net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -69,6 +70,8 @@ const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Most documents (or `List` items) read from one file.
 pub const MAX_DOCUMENTS: usize = 100_000;
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORTS: RangeInclusive<u16> = 30000..=32767;
 /// How long a file that emptied must stay empty before its objects are removed.
 pub const EMPTY_GRACE: Duration = Duration::from_secs(2);
 
@@ -76,6 +79,8 @@ pub const EMPTY_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct ManifestSource {
     dir: PathBuf,
+    /// Node ports and health check node ports must lie in this range.
+    node_ports: RangeInclusive<u16>,
     /// [`EMPTY_GRACE`], shorter in tests.
     empty_grace: Duration,
     /// Last good state per file, by path; files iterate in name order.
@@ -100,9 +105,17 @@ impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
+            node_ports: DEFAULT_NODE_PORTS,
             empty_grace: EMPTY_GRACE,
             files: BTreeMap::new(),
         }
+    }
+
+    /// The same source with another node port range (kube-apiserver's
+    /// `--service-node-port-range`).
+    pub fn with_node_ports(mut self, range: RangeInclusive<u16>) -> Self {
+        self.node_ports = range;
+        self
     }
 
     /// The same source believing an emptied file after `grace` instead of
@@ -208,7 +221,13 @@ impl ManifestSource {
                 );
                 errors.push(file_error(&origin, ErrorKind::TooLarge, message));
             }
-            Ok(_) => match parse_file(path, &text, Some(&state.objects), &mut errors) {
+            Ok(_) => match parse_file(
+                path,
+                &text,
+                Some(&state.objects),
+                &self.node_ports,
+                &mut errors,
+            ) {
                 Ok(objects) => state.objects = objects,
                 Err(e) => errors.push(e),
             },
@@ -373,6 +392,7 @@ fn parse_file(
     path: &Path,
     text: &str,
     last: Option<&[Object]>,
+    node_ports: &RangeInclusive<u16>,
     errors: &mut Vec<ConfigError>,
 ) -> Result<Vec<Object>, ConfigError> {
     let origin = path.display().to_string();
@@ -416,10 +436,14 @@ fn parse_file(
             };
             for (j, item) in items.into_iter().enumerate() {
                 let position = format!("{position}, items[{j}]");
-                objects.extend(parse_object(&origin, &position, item, last, errors));
+                objects.extend(parse_object(
+                    &origin, &position, item, last, node_ports, errors,
+                ));
             }
         } else {
-            objects.extend(parse_object(&origin, &position, doc, last, errors));
+            objects.extend(parse_object(
+                &origin, &position, doc, last, node_ports, errors,
+            ));
         }
     }
     Ok(objects)
@@ -438,6 +462,7 @@ fn parse_object(
     position: &str,
     doc: Value,
     last: Option<&[Object]>,
+    node_ports: &RangeInclusive<u16>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Object> {
     if doc.is_null() {
@@ -446,6 +471,7 @@ fn parse_object(
     let mut cx = Cx {
         origin,
         object: position.to_string(),
+        node_ports: node_ports.clone(),
         errors,
     };
     let (Some(api_version), Some(kind)) = (
@@ -490,6 +516,19 @@ fn parse_object(
         // The API server ignores a namespace on cluster-scoped objects.
         ""
     };
+    // Names end up in logs, metric labels and JSON: only what the API server accepts.
+    if !is_dns_subdomain(name) {
+        cx.object = format!("{} {name:?} in {position}", kind.as_str());
+        let message = "not a valid name (lowercase letters, digits, '-' and '.', at most 253)";
+        cx.error("metadata.name", ErrorKind::InvalidValue, message);
+        return None;
+    }
+    if kind.namespaced() && !is_dns_label(namespace) {
+        cx.object = format!("{} {namespace:?}/{name}", kind.as_str());
+        let message = "not a valid namespace (lowercase letters, digits and '-', at most 63)";
+        cx.error("metadata.namespace", ErrorKind::InvalidValue, message);
+        return None;
+    }
     let key = ObjectKey {
         kind,
         namespace: namespace.to_string(),
@@ -516,6 +555,23 @@ fn parse_object(
     }
 }
 
+/// An RFC 1123 label, as Kubernetes requires of namespaces.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// An RFC 1123 subdomain (dot-separated labels, at most 253 bytes), as Kubernetes
+/// requires of most object names.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 /// An essential part of an object is invalid: its last good version is used instead.
 struct Invalid;
 
@@ -524,6 +580,8 @@ struct Cx<'a> {
     origin: &'a str,
     /// `Service default/web`, or the document's position while it has no name.
     object: String,
+    /// The cluster's node port range.
+    node_ports: RangeInclusive<u16>,
     errors: &'a mut Vec<ConfigError>,
 }
 
@@ -570,6 +628,23 @@ impl Cx<'_> {
             );
         }
         p
+    }
+
+    /// A node port (or health check node port): inside the node port range, as the
+    /// API server allocates them, so an object cannot take a well-known port of the
+    /// node (ssh, the kubelet, xlb's own metrics).
+    fn node_port(&mut self, field: &str, port: i32) -> Option<u16> {
+        let p = self.port(field, port)?;
+        if !self.node_ports.contains(&p) {
+            let (lo, hi) = (self.node_ports.start(), self.node_ports.end());
+            self.error(
+                field,
+                ErrorKind::InvalidValue,
+                format!("node port {p} is outside the node port range {lo}-{hi}"),
+            );
+            return None;
+        }
+        Some(p)
     }
 
     /// TCP or UDP, TCP when unset (the Kubernetes default). SCTP is reported unless
@@ -741,7 +816,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
     let health_check_node_port = match spec.health_check_node_port.filter(|p| *p != 0) {
         None => None,
         Some(p) if lb && traffic_policy == TrafficPolicy::Local => {
-            cx.port("spec.healthCheckNodePort", p)
+            cx.node_port("spec.healthCheckNodePort", p)
         }
         Some(_) => {
             cx.error(
@@ -784,7 +859,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         }
         // A bad node port loses only itself: the port still serves the VIP.
         let mut node_port = match p.node_port.filter(|p| *p != 0) {
-            Some(np) => cx.port(&field("nodePort"), np),
+            Some(np) => cx.node_port(&field("nodePort"), np),
             None => None,
         };
         if let Some(np) = node_port
@@ -1695,6 +1770,76 @@ metadata: { name: node-a }
         let loaded = ManifestSource::new(dir.path()).load();
         assert_eq!(only_kinds(&loaded.errors), ["too_large"]);
         assert!(loaded.snapshot.services.is_empty());
+    }
+
+    #[test]
+    fn names_the_api_server_would_refuse_are_refused_escaped() {
+        let text = r#"apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: "shop\n2026-11-23T00:00:00Z  INFO forged" }
+spec: { type: LoadBalancer, loadBalancerIP: 192.0.2.1, ports: [{ port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: "Web_1", namespace: shop }
+spec: { type: LoadBalancer, loadBalancerIP: 192.0.2.2, ports: [{ port: 80 }] }
+"#;
+        let loaded = load_one(text);
+        assert!(loaded.snapshot.services.is_empty());
+        assert_eq!(
+            where_(&loaded)
+                .iter()
+                .map(|(k, _, f)| (*k, *f))
+                .collect::<Vec<_>>(),
+            [
+                ("invalid_value", "metadata.namespace"),
+                ("invalid_value", "metadata.name")
+            ]
+        );
+        for e in &loaded.errors {
+            assert!(!e.to_string().contains('\n'), "unescaped: {e}");
+        }
+        assert!(
+            loaded.errors[0].to_string().contains("\\n"),
+            "{}",
+            loaded.errors[0]
+        );
+    }
+
+    #[test]
+    fn node_ports_outside_the_node_port_range_are_refused() {
+        let text = "apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 192.0.2.1
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 1
+  ports: [{ name: http, port: 80, nodePort: 22 }, { name: dns, port: 53, nodePort: 30053 }]
+";
+        let loaded = load_one(text);
+        assert_eq!(
+            where_(&loaded)
+                .iter()
+                .map(|(k, _, f)| (*k, *f))
+                .collect::<Vec<_>>(),
+            [
+                ("invalid_value", "spec.healthCheckNodePort"),
+                ("invalid_value", "spec.ports[0].nodePort")
+            ]
+        );
+        let svc = &loaded.snapshot.services[&web("shop", "web")];
+        assert_eq!(svc.health_check_node_port, None);
+        assert_eq!(svc.ports[0].node_port, None);
+        assert_eq!(svc.ports[1].node_port, Some(30053));
+        // A cluster with another range.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "svc.yaml", text);
+        let loaded = ManifestSource::new(dir.path())
+            .with_node_ports(1..=32767)
+            .load();
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     }
 
     const THREE_NODES: &str = include_str!("testdata/three-nodes.yaml");

@@ -367,7 +367,23 @@ pub async fn serve(
     axum::serve(listener, app).await
 }
 
-async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+/// Content type of the OpenMetrics exposition (what prometheus-client writes).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The body in the format the scraper asked for: OpenMetrics when its `Accept` names
+/// it (Prometheus does), else the classic text format (curl, promtool, older
+/// scrapers), each under its own content type.
+async fn render(
+    State(m): State<Arc<Metrics>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
     // Reading the BPF counters is blocking syscalls, one per service and backend: it
     // runs on the blocking pool, one scrape at a time, so however many scrapers come
     // the runtime's workers stay free for /healthz and the health-check ports.
@@ -381,10 +397,11 @@ async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         Err(_) => Err(std::fmt::Error),
     };
     match rendered {
+        Ok(body) if openmetrics => (StatusCode::OK, [("content-type", OPENMETRICS)], body),
         Ok(body) => (
             StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-            body,
+            [("content-type", PROMETHEUS_TEXT)],
+            to_prometheus_text(&body),
         ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -392,6 +409,42 @@ async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
             String::from("encoding failed\n"),
         ),
     }
+}
+
+/// Rewrites an OpenMetrics exposition as Prometheus text 0.0.4: a counter family
+/// `x` becomes `x_total` in its HELP and TYPE lines (its samples already carry the
+/// suffix), `unknown` becomes `untyped`, and UNIT and EOF lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if tail == "unknown" { "untyped" } else { tail });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {

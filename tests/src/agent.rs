@@ -353,6 +353,20 @@ pub fn http_get_within(
     connect: Duration,
     io: Duration,
 ) -> Result<(u16, String)> {
+    let (code, _, body) = http_request(ns, addr, path, "", connect, io)?;
+    Ok((code, body))
+}
+
+/// A GET with `extra` header lines (each ending in `\r\n`); returns (status, response
+/// head, body).
+pub fn http_request(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+    extra: &str,
+    connect: Duration,
+    io: Duration,
+) -> Result<(u16, String, String)> {
     let mut stream = in_netns(&netns_path(ns), || {
         TcpStream::connect_timeout(&addr, connect)
             .with_context(|| format!("connect {addr} in {ns}"))
@@ -361,7 +375,7 @@ pub fn http_get_within(
     stream.set_write_timeout(Some(io))?;
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n"
     )?;
     let mut raw = Vec::new();
     stream
@@ -376,7 +390,7 @@ pub fn http_get_within(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| anyhow!("GET {path}: bad status line in {head:?}"))?;
-    Ok((code, body.to_string()))
+    Ok((code, head.to_string(), body.to_string()))
 }
 
 /// One Prometheus sample: `name{labels} value`.

@@ -485,3 +485,63 @@ fn under_ip_netns_exec_the_agent_warns_that_its_pins_will_vanish() -> Result<()>
     );
     Ok(())
 }
+
+#[test]
+fn metrics_are_served_in_the_format_asked_for_and_promtool_clean() -> Result<()> {
+    let mut lab = health_lab(1)?;
+    lab.client.udp_flows(web_udp_vip(), 3, T)?;
+    let ns = lab.node().host.ns.name().to_string();
+    let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+    let long = Duration::from_secs(5);
+    let (code, head, body) = xlb_lab::agent::http_request(&ns, addr, "/metrics", "", T, long)?;
+    ensure!(code == 200, "{code}");
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    ensure!(
+        !body.contains("# EOF"),
+        "OpenMetrics under a text/plain content type"
+    );
+    // promtool (Debian's prometheus package, installed by `cargo xtask setup`).
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool (cargo xtask setup installs it)")?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(body.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+
+    let accept =
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n";
+    let (_, head, body) = xlb_lab::agent::http_request(&ns, addr, "/metrics", accept, T, long)?;
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    ensure!(
+        body.trim_end().ends_with("# EOF"),
+        "not OpenMetrics: {body}"
+    );
+    Ok(())
+}

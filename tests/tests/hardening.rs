@@ -488,7 +488,7 @@ fn under_ip_netns_exec_the_agent_warns_that_its_pins_will_vanish() -> Result<()>
 
 #[test]
 fn metrics_are_served_in_the_format_asked_for_and_promtool_clean() -> Result<()> {
-    let mut lab = health_lab(1)?;
+    let lab = health_lab(1)?;
     lab.client.udp_flows(web_udp_vip(), 3, T)?;
     let ns = lab.node().host.ns.name().to_string();
     let addr = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));

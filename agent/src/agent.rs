@@ -189,9 +189,10 @@ impl Reconciler {
             .inc_by(writes.len() as u64 + id_writes);
         log_changes(&writes, &target);
         self.collector.set_target(&target);
+        // Not counting the per-VIP ICMP keys (id 0).
         self.metrics
             .services
-            .set(target.state.services.len() as i64);
+            .set(target.state.services.values().filter(|s| s.id != 0).count() as i64);
         self.applied = target.state;
         self.ids = target.ids;
         self.keep_neighbours(&desired);
@@ -269,6 +270,8 @@ fn log_changes(writes: &[Write], target: &state::Target) {
     }
     for w in writes {
         match w {
+            Write::PutService(_, svc) if svc.id == 0 => {}
+            Write::DelService(k) if k.proto == xlb_common::PROTO_ICMP => {}
             Write::PutService(k, svc) => {
                 if let Some(l) = target.services.get(&svc.id) {
                     info!(

@@ -23,8 +23,8 @@ use xlb::{
     model::Protocol,
 };
 use xlb_common::{
-    Counter, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason, SVC_F_LOCAL, Service, flow_hash_v4,
-    names,
+    Counter, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason, SVC_F_LOCAL, Service, ServiceKey,
+    flow_hash_v4, names,
 };
 use xlb_lab::{Netns, packets::*};
 
@@ -471,11 +471,16 @@ fn malformed_corpus() {
 
     let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
         // Truncated headers.
-        ("Ethernet header only", eth(0x0800, &[]), Untouched(None)),
+        // What ip_rcv would drop is dropped, counted.
+        (
+            "Ethernet header only",
+            eth(0x0800, &[]),
+            Drop(DropMalformedIp),
+        ),
         (
             "IPv4 header cut at 19 bytes",
             cut(syn(44_000), 33),
-            Untouched(None),
+            Drop(DropMalformedIp),
         ),
         (
             "IPv4 header only, TCP to the VIP",
@@ -515,7 +520,7 @@ fn malformed_corpus() {
                 i.vihl = 0x44;
                 tcp_with(44_010, i, 5, &[])
             },
-            Untouched(None),
+            Drop(DropMalformedIp),
         ),
         (
             "IHL 0",
@@ -524,7 +529,7 @@ fn malformed_corpus() {
                 i.vihl = 0x40;
                 tcp_with(44_011, i, 5, &[])
             },
-            Untouched(None),
+            Drop(DropMalformedIp),
         ),
         (
             "IP version 6 in an IPv4 frame",
@@ -533,7 +538,7 @@ fn malformed_corpus() {
                 i.vihl = 0x65;
                 tcp_with(44_012, i, 5, &[])
             },
-            Untouched(None),
+            Drop(DropMalformedIp),
         ),
         (
             "IHL 6 (router alert option) to the VIP",
@@ -554,6 +559,15 @@ fn malformed_corpus() {
                 udp_with(44_014, i, b"x", None)
             },
             Untouched(Some(PassIpOptions)),
+        ),
+        (
+            "bad IPv4 header checksum to the VIP",
+            {
+                let mut p = syn(44_015);
+                p[IP_CSUM] ^= 0x5a;
+                p
+            },
+            Drop(DropMalformedIp),
         ),
         // Fragments.
         (
@@ -945,4 +959,84 @@ fn tunnel_path_cost() {
         Ok(())
     })
     .unwrap();
+}
+
+/// An ICMP message (type, code, 4 bytes of rest, body) with its checksum.
+fn icmp_msg(t: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![t, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+#[test]
+fn icmp_errors_about_a_vip_flow_reach_its_backend() {
+    let bed = bed_with_services();
+    let sport = 45_000;
+    // A tracked flow client:45000 -> VIP:53 (UDP).
+    let req = udp(CLIENT, VIP, sport, 53, b"q");
+    let (out, _) = run(&bed, &req);
+    let (be, bport) = assert_dnat(&req, &out, &UDP_BACKENDS);
+    // The backend's reply left as VIP:53 -> client:45000 (reverse NAT); a router on
+    // the way answers fragmentation-needed (RFC 1191), quoting that reply.
+    let reply = udp(VIP, CLIENT, 53, sport, &[9; 64]);
+    let quoted = &reply[ETH_LEN..ETH_LEN + 28];
+    let router = [10, 0, 0, 254];
+    let msg = icmp_msg(3, 4, [0, 0, 0x05, 0xc8], quoted);
+    let err = Ip4::new(router, VIP, 1).frame(&msg);
+    let (out, moved) = run(&bed, &err);
+    assert_eq!(out.retval, XDP_PASS);
+    assert_eq!(moved, vec![(Reason::IcmpErrorNat, 1)]);
+    let f = &out.data;
+    assert_eq!(&f[IP_DST..IP_DST + 4], &be, "delivered to the backend");
+    assert!(ip_csum_ok(f), "outer IP checksum");
+    let icmp = &f[L4..];
+    assert_eq!(
+        checksum(icmp),
+        0,
+        "ICMP checksum over the translated message"
+    );
+    let q = &icmp[8..];
+    assert_eq!(&q[12..16], &be, "quoted source is the backend");
+    assert_eq!(
+        u16::from_be_bytes([q[20], q[21]]),
+        bport,
+        "quoted source port"
+    );
+    assert_eq!(&q[16..20], &CLIENT, "quoted destination unchanged");
+    assert_eq!(checksum(&q[..20]), 0, "quoted IP header checksum");
+
+    // An error quoting a flow nobody tracks is left alone, counted as ICMP to a VIP.
+    let stranger = udp(VIP, CLIENT, 53, 45_999, b"?");
+    let msg = icmp_msg(3, 3, [0; 4], &stranger[ETH_LEN..ETH_LEN + 28]);
+    let err = Ip4::new(CLIENT, VIP, 1).frame(&msg);
+    let (out, moved) = run(&bed, &err);
+    assert_untouched("unknown flow", &err, &out);
+    assert_eq!(moved, vec![(Reason::PassIcmpVip, 1)]);
+}
+
+#[test]
+fn icmp_echo_to_a_vip_is_counted_and_passed() {
+    let mut bed = bed_with_services();
+    // The agent writes one (VIP, 0, ICMP) key per VIP address.
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&VIP);
+    let key = ServiceKey {
+        addr,
+        port: 0,
+        proto: 1,
+        family: 4,
+    };
+    bed.services.insert(key, Service::default(), 0).unwrap();
+    let echo = Ip4::new(CLIENT, VIP, 1).frame(&icmp_msg(8, 0, [0, 1, 0, 1], b"ping"));
+    let (out, moved) = run(&bed, &echo);
+    assert_untouched("echo to the VIP", &echo, &out);
+    assert_eq!(moved, vec![(Reason::PassIcmpVip, 1)]);
+    // Echo to another address costs nothing and counts nothing.
+    let other = Ip4::new(CLIENT, OTHER, 1).frame(&icmp_msg(8, 0, [0, 1, 0, 1], b"ping"));
+    let (out, moved) = run(&bed, &other);
+    assert_untouched("echo elsewhere", &other, &out);
+    assert!(moved.is_empty());
 }

@@ -179,18 +179,7 @@ impl Host {
     /// This namespace's UDP counters (read through `/proc/thread-self/net/snmp` from a thread
     /// inside it).
     pub fn udp_counters(&self) -> Result<UdpCounters> {
-        let text = self.ns.enter(|| {
-            std::fs::read_to_string("/proc/thread-self/net/snmp").context("reading snmp")
-        })?;
-        let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-        let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-            bail!("no Udp: lines in /proc/net/snmp");
-        };
-        let map: BTreeMap<&str, u64> = names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .filter_map(|(k, v)| v.parse().ok().map(|v| (k, v)))
-            .collect();
+        let map = self.snmp("Udp")?;
         let get = |k: &str| map.get(k).copied().unwrap_or(0);
         Ok(UdpCounters {
             in_datagrams: get("InDatagrams"),
@@ -199,6 +188,25 @@ impl Host {
             rcvbuf_errors: get("RcvbufErrors"),
             in_csum_errors: get("InCsumErrors"),
         })
+    }
+
+    /// One group of this namespace's `/proc/net/snmp` counters (`Udp`, `Icmp`, ...),
+    /// by name.
+    pub fn snmp(&self, group: &str) -> Result<BTreeMap<String, u64>> {
+        let text = self.ns.enter(|| {
+            std::fs::read_to_string("/proc/thread-self/net/snmp").context("reading snmp")
+        })?;
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            bail!("no {group}: lines in /proc/net/snmp");
+        };
+        Ok(names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+            .collect())
     }
 
     /// `ping -c COUNT -W 1 DST` from this host; fails if any echo is lost.

@@ -545,3 +545,76 @@ fn metrics_are_served_in_the_format_asked_for_and_promtool_clean() -> Result<()>
     );
     Ok(())
 }
+
+#[test]
+fn icmp_errors_about_vip_flows_are_translated_both_ways() -> Result<()> {
+    // A Service port no pod listens on: the pod's kernel answers port unreachable.
+    let mut lab = Lab::one_node(1)?;
+    let node = lab.node();
+    let mut ports = web_ports();
+    ports.push(xlb_lab::manifests::PortSpec::new(
+        "closed", "UDP", 9999, 9999,
+    ));
+    let eps = [EndpointSpec::new(node.pods[0].ip, true, &node.name)];
+    let yaml = multi_doc(&[
+        service_yaml(
+            WEB_NAMESPACE,
+            WEB_SERVICE,
+            &WEB_VIP.to_string(),
+            &ports,
+            true,
+        ),
+        endpointslice_yaml(WEB_NAMESPACE, "web-1", WEB_SERVICE, &ports, &eps),
+    ]);
+    write_atomic(&node.manifests_dir.join("web.yaml"), &yaml)?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    lab.client.udp_flows(web_udp_vip(), 3, T)?;
+
+    // Pod -> client: the error quotes client -> pod:9999; leaving the node it must
+    // quote client -> VIP:9999 from the VIP, or the client's socket never hears of it.
+    let closed = SocketAddr::from((WEB_VIP, 9999));
+    let sock = lab.client.udp_socket()?;
+    sock.connect(closed)?;
+    sock.set_read_timeout(Some(T))?;
+    let refused = poll("ECONNREFUSED from the VIP's closed port", SOON, T, || {
+        sock.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        Ok(match sock.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        })
+    });
+    refused.context("the pod's port unreachable did not reach the client's socket")?;
+
+    // Client -> pod: the client closes its port before the echo answers; its port
+    // unreachable (to the VIP, quoting VIP:5353 -> client) must reach the pod.
+    let pod = &lab.node().pods[0].host;
+    let before = pod
+        .snmp("Icmp")?
+        .get("InDestUnreachs")
+        .copied()
+        .unwrap_or(0);
+    poll(
+        "the client's port unreachable to reach the pod",
+        SOON,
+        T,
+        || {
+            let s = lab.client.udp_socket()?;
+            s.send_to(b"bye", web_udp_vip())?;
+            drop(s);
+            std::thread::sleep(Duration::from_millis(200));
+            let now = pod
+                .snmp("Icmp")?
+                .get("InDestUnreachs")
+                .copied()
+                .unwrap_or(0);
+            Ok((now > before).then_some(()))
+        },
+    )?;
+    let nat = lab.agent()?.metric(
+        "xlb_datapath_packets_total",
+        &[("reason", "icmp_error_nat")],
+    )?;
+    ensure!(nat >= 2.0, "icmp_error_nat counted {nat}");
+    Ok(())
+}

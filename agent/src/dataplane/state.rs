@@ -11,8 +11,9 @@ use std::{
 };
 
 use xlb_common::{
-    BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, OWNER_TEXT_LEN, Owner, PROTO_TCP, PROTO_UDP,
-    SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange, limits,
+    BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, OWNER_TEXT_LEN, Owner, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange,
+    limits,
 };
 
 use super::maglev::{self, MaglevBackend};
@@ -356,7 +357,29 @@ pub fn target(
             },
         );
     }
-    state.service_stats = state.services.values().map(|s| s.id).collect();
+    // One (address, 0, ICMP) key per VIP and external IP, so XDP knows ICMP to a VIP
+    // as such (see xlb_common::PROTO_ICMP). Node addresses are not VIPs.
+    for (vip, ds) in &desired.services {
+        if ds.frontend == crate::desired::Frontend::NodePort {
+            continue;
+        }
+        let (addr, family) = addr_bytes(vip.addr);
+        state.services.insert(
+            ServiceKey {
+                addr,
+                port: 0,
+                proto: PROTO_ICMP,
+                family,
+            },
+            Service::default(),
+        );
+    }
+    state.service_stats = state
+        .services
+        .values()
+        .map(|s| s.id)
+        .filter(|id| *id != 0)
+        .collect();
     state.backend_stats = state.backends.keys().copied().collect();
     check_capacity("services", state.services.len(), limits::MAX_SERVICES)?;
     check_capacity("backends", state.backends.len(), limits::MAX_BACKENDS)?;
@@ -675,8 +698,8 @@ mod tests {
         let t1 = target(&d1, &MapState::default(), START, TableBounds::default()).unwrap();
         let d2 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.13:8080"])]);
         let t2 = target(&d2, &t1.state, t1.ids, TableBounds::default()).unwrap();
-        let old = t1.state.services.values().next().unwrap();
-        let new = t2.state.services.values().next().unwrap();
+        let old = t1.state.services.values().find(|s| s.id != 0).unwrap();
+        let new = t2.state.services.values().find(|s| s.id != 0).unwrap();
         assert_eq!(old.id, new.id);
         assert_ne!(
             old.table, new.table,
@@ -727,15 +750,47 @@ mod tests {
         let writes = diff(&t1.state, &t2.state);
         assert_every_prefix_consistent(&t1.state, &writes);
         assert_eq!(apply(&t1.state, &writes), t2.state);
-        assert_eq!(t2.state.services.len(), 1);
+        // The service left, and the VIP's ICMP key (id 0) stays for the other port.
+        assert_eq!(t2.state.services.values().filter(|s| s.id != 0).count(), 1);
+        assert_eq!(t2.state.services.len(), 2);
         assert_eq!(t2.state.backends.len(), 1);
+    }
+
+    #[test]
+    fn each_vip_address_gets_one_icmp_key_and_node_ports_none() {
+        let mut d = desired(&[(80, &["10.0.1.11:8080"]), (81, &["10.0.1.12:8080"])]);
+        let mut np = d.services[&vip(80)].clone();
+        np.frontend = Frontend::NodePort;
+        let node_key = VipKey {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        d.services.insert(node_key, np);
+        let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
+        let icmp: Vec<&ServiceKey> = t
+            .state
+            .services
+            .keys()
+            .filter(|k| k.proto == PROTO_ICMP)
+            .collect();
+        assert_eq!(icmp.len(), 1, "{icmp:?}");
+        assert_eq!(&icmp[0].addr[..4], &[10, 0, 100, 1]);
+        assert_eq!(icmp[0].port, 0);
+        assert!(
+            !t.state.service_stats.contains(&0),
+            "no counters for ICMP keys"
+        );
     }
 
     #[test]
     fn service_without_backends_has_count_zero() {
         let d = desired(&[(80, &[])]);
         let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
-        assert_eq!(t.state.services.values().next().unwrap().count, 0);
+        assert_eq!(
+            t.state.services.values().find(|s| s.id != 0).unwrap().count,
+            0
+        );
         assert!(t.state.tables.is_empty());
     }
 
@@ -768,7 +823,7 @@ mod tests {
         ];
         ds.affinity_timeout = Some(600);
         let t = target(&d, &MapState::default(), START, TableBounds::default()).unwrap();
-        let svc = t.state.services.values().next().unwrap();
+        let svc = t.state.services.values().find(|s| s.id != 0).unwrap();
         assert_ne!(svc.flags & SVC_F_SOURCE_RANGES, 0);
         assert_ne!(svc.flags & SVC_F_AFFINITY, 0);
         assert_eq!(svc.affinity_secs, 600);

@@ -106,6 +106,10 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 /// UDP.
 pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of ICMP. `xlb_services` holds one `(VIP, port 0, ICMP)` key per
+/// VIP address (a [`Service`] with id 0 and no backends), so ICMP to a VIP is known
+/// as such without a map of its own.
+pub const PROTO_ICMP: u8 = 1;
 
 /// An IPv4 or IPv6 address; IPv4 uses the first four bytes, the rest are zero.
 pub type Addr = [u8; 16];
@@ -452,6 +456,15 @@ pub enum Reason {
     /// `xlb_tc_ingress`, which sends it with `bpf_redirect_neigh`, so the kernel
     /// resolves the neighbour and the packet is not lost.
     FwdEncapResolve = 21,
+    /// Dropped: an IPv4 header the kernel would drop too (shorter than 20 bytes,
+    /// version not 4, IHL < 5, or, for a VIP packet, a bad header checksum).
+    DropMalformedIp = 22,
+    /// An ICMP error quoting a VIP flow, translated to the flow's backend (from the
+    /// network: path MTU, port unreachable) or back to the VIP (from a local pod).
+    IcmpErrorNat = 23,
+    /// Passed: ICMP to a VIP that xlb does not translate (echo, or an error quoting a
+    /// flow it does not track here).
+    PassIcmpVip = 24,
 }
 
 /// XDP metadata (`bpf_xdp_adjust_meta`) that `xlb_xdp` puts in front of an
@@ -470,7 +483,7 @@ pub const RESOLVE_MAGIC: u32 = 0x786c_6231;
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 25;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -495,6 +508,9 @@ impl Reason {
         Reason::DropSnat,
         Reason::CtCreated,
         Reason::FwdEncapResolve,
+        Reason::DropMalformedIp,
+        Reason::IcmpErrorNat,
+        Reason::PassIcmpVip,
     ];
 
     /// The label value exported in metrics.
@@ -522,6 +538,9 @@ impl Reason {
             Reason::DropSnat => "drop_snat",
             Reason::CtCreated => "ct_created",
             Reason::FwdEncapResolve => "fwd_encap_resolve",
+            Reason::DropMalformedIp => "drop_malformed_ip",
+            Reason::IcmpErrorNat => "icmp_error_nat",
+            Reason::PassIcmpVip => "pass_icmp_vip",
         }
     }
 }

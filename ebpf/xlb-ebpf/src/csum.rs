@@ -30,3 +30,18 @@ pub fn replace2(check: u16, old: [u8; 2], new: [u8; 2]) -> u16 {
     s += u16::from_be_bytes(new) as u32;
     !fold(s)
 }
+
+/// Whether an IPv4 header without options carries a valid header checksum (RFC 791
+/// section 3.1: the one's-complement sum of all its 16-bit words is 0xffff).
+#[inline(always)]
+pub fn header_ok(h: &network_types::ip::Ipv4Hdr) -> bool {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain data.
+    let b: &[u8; 20] = unsafe { &*(h as *const network_types::ip::Ipv4Hdr as *const [u8; 20]) };
+    let mut s: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        s += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    fold(s) == 0xffff
+}

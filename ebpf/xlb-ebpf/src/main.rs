@@ -13,6 +13,7 @@
 
 mod csum;
 mod fwd;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -58,6 +59,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     // again without the outer header.
     let (flow, from_tunnel) = match parse4(ctx.data(), ctx.data_end()) {
         Ok(f) => (f, false),
+        Err(NotFlow::Icmp) => return Ok(icmp::ingress(ctx)),
         Err(NotFlow::Other) if tunnel::decap(ctx).is_some() => {
             match parse4(ctx.data(), ctx.data_end()) {
                 Ok(f) => (f, true),
@@ -90,14 +92,18 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     let bytes = (end - start) as u64;
     add(&SERVICE_STATS, svc.id, bytes);
 
-    // Validate the lengths and the whole L4 header before rewriting anything: what the
-    // kernel's ip_rcv/tcp_v4_rcv/udp_rcv would drop is dropped here, counted, rather
-    // than DNATed and given conntrack state.
+    // Validate the lengths, the IP header checksum and the whole L4 header before
+    // rewriting anything: what the kernel's ip_rcv/tcp_v4_rcv/udp_rcv would drop is
+    // dropped here, counted, rather than DNATed and given conntrack state.
     let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropMalformedL4)?;
     // SAFETY: bounds checked by ptr_at.
-    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    let ip = unsafe { &*ip };
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     if tot_len < Ipv4Hdr::LEN || IP_OFF + tot_len > end - start {
         return Err(Reason::DropMalformedL4);
+    }
+    if !csum::header_ok(ip) {
+        return Err(Reason::DropMalformedIp);
     }
     let mut tcp_flags = 0u8;
     let l4_csum_off = if flow.proto == PROTO_TCP {
@@ -166,13 +172,18 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     Ok(fwd::forward(ctx))
 }
 
-/// Passes what the balancer does not handle, counting the kinds worth knowing about.
+/// Passes what the balancer does not handle, counting the kinds worth knowing about;
+/// drops what the kernel would drop anyway.
 #[inline(always)]
 fn not_balanced(why: NotFlow) -> u32 {
     match why {
-        NotFlow::Other => {}
+        NotFlow::Other | NotFlow::Icmp => {}
         NotFlow::IpOptions => count(Reason::PassIpOptions),
         NotFlow::Fragment => count(Reason::PassFragment),
+        NotFlow::Malformed => {
+            count(Reason::DropMalformedIp);
+            return xdp_action::XDP_DROP;
+        }
     }
     xdp_action::XDP_PASS
 }
@@ -229,20 +240,26 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     unsafe { bpf_redirect_neigh(m.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// TC egress entry: reverse NAT of replies from backends.
+/// TC egress entry: reverse NAT of replies from backends, and of ICMP errors local
+/// pods send about DNATed requests.
 #[classifier]
 pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
     // Anything we cannot parse or rewrite goes on unchanged.
-    let _ = rev_nat(&ctx);
+    match parse4(ctx.data(), ctx.data_end()) {
+        Ok(flow) => {
+            let _ = rev_nat(&ctx, &flow);
+        }
+        Err(NotFlow::Icmp) => return icmp::egress(&ctx),
+        Err(_) => {}
+    }
     TC_ACT_OK as i32
 }
 
 /// Rewrites a reply's source to the VIP:port its flow was DNATed from. Uses the skb
 /// checksum helpers, which also handle CHECKSUM_PARTIAL skbs from local pods.
 #[inline(always)]
-fn rev_nat(ctx: &TcContext) -> Option<()> {
-    let flow = parse4(ctx.data(), ctx.data_end()).ok()?;
-    let mut key = lb::flow_key(&flow);
+fn rev_nat(ctx: &TcContext, flow: &packet::Flow4) -> Option<()> {
+    let mut key = lb::flow_key(flow);
     key.pad = [0; 2];
     // SAFETY: plain data copied out at once.
     let rn = *unsafe { REVNAT.get(&key) }?;

@@ -4,7 +4,7 @@
 use core::mem;
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use xlb_common::{PROTO_TCP, PROTO_UDP};
+use xlb_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 /// Offset of the IPv4 header (untagged Ethernet).
 pub const IP_OFF: usize = EthHdr::LEN;
@@ -68,6 +68,10 @@ pub enum NotFlow {
     IpOptions,
     /// An IPv4 fragment: only the first carries ports, so none is balanced (counted).
     Fragment,
+    /// An IPv4 header the kernel would drop: truncated, version not 4, IHL < 5.
+    Malformed,
+    /// ICMP (IPv4 without options, not a fragment): checked for VIP flows by `icmp`.
+    Icmp,
 }
 
 /// Parses Ethernet + IPv4 + the two port fields of TCP/UDP. The rest of the L4 header
@@ -79,20 +83,25 @@ pub fn parse4(start: usize, end: usize) -> Result<Flow4, NotFlow> {
     if unsafe { (*eth).ether_type } != (network_types::eth::EtherType::Ipv4 as u16) {
         return Err(NotFlow::Other);
     }
-    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(NotFlow::Other)?;
+    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(NotFlow::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
-        return Err(NotFlow::Other);
-    }
     if ip.vihl != 0x45 {
-        // Version 4 with IHL > 5 carries options; anything else is malformed and left
-        // for the kernel to drop.
-        return Err(if ip.vihl > 0x45 && ip.vihl >> 4 == 4 {
+        // Version 4 with IHL > 5 carries options (passed, for TCP/UDP counted);
+        // anything else is what ip_rcv drops (RFC 791 section 3.1, RFC 1122 3.2.1.1).
+        return Err(if ip.vihl >> 4 != 4 || ip.vihl & 0xf < 5 {
+            NotFlow::Malformed
+        } else if ip.proto == PROTO_TCP || ip.proto == PROTO_UDP {
             NotFlow::IpOptions
         } else {
             NotFlow::Other
         });
+    }
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        if ip.proto == PROTO_ICMP && u16::from_be_bytes(ip.frags) & 0x3fff == 0 {
+            return Err(NotFlow::Icmp);
+        }
+        return Err(NotFlow::Other);
     }
     // MF flag or a non-zero offset (RFC 791 section 3.1).
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {

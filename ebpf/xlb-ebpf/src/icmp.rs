@@ -1,0 +1,222 @@
+//! ICMP for VIP flows. An ICMP error quotes the IP header and first 8 bytes of the
+//! packet that caused it (RFC 792, RFC 1812 section 4.3.2.3): for a NATed flow the
+//! quote must be translated like the flow itself, or the error never reaches the
+//! socket it is for and path MTU discovery (RFC 1191) breaks for pods behind a VIP.
+//!
+//! - From the network (XDP): an error addressed to a VIP quoting `VIP:port ->
+//!   client` (a backend's reply, after reverse NAT) goes to the backend: the outer
+//!   destination and the quoted source become the backend's address and port.
+//! - From a local pod (TC egress): an error quoting `client -> backend:port` (the
+//!   DNATed request) goes to the client from the VIP: the outer source and the quoted
+//!   destination become VIP:port.
+//!
+//! Checksums: the outer IP header's, the quoted IP header's, and the ICMP checksum
+//! over the whole message (no pseudo-header, RFC 792) are updated incrementally. The
+//! quoted L4 checksum is left alone: it covers bytes the quote does not hold, and
+//! receivers do not check it (Linux matches the quote to a socket by addresses and
+//! ports only).
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action},
+    programs::{TcContext, XdpContext},
+};
+use network_types::ip::Ipv4Hdr;
+use xlb_common::{
+    BACKEND_F_REMOTE, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
+};
+
+use crate::{
+    csum,
+    maps::{CONNTRACK, REVNAT, SERVICES, count},
+    packet::{IP_OFF, L4_OFF, addr16, ptr_at},
+};
+
+const ECHO_REQUEST: u8 = 8;
+const DEST_UNREACHABLE: u8 = 3;
+const TIME_EXCEEDED: u8 = 11;
+const PARAMETER_PROBLEM: u8 = 12;
+
+/// Offset of the quoted IP header (after the 8-byte ICMP header).
+const Q_IP: usize = L4_OFF + 8;
+/// Offset of the quoted L4 ports (the quoted header must have no options).
+const Q_PORTS: usize = Q_IP + Ipv4Hdr::LEN;
+
+/// The ICMP header and the quoted IPv4 header + ports, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Quote {
+    icmp_type: u8,
+    code: u8,
+    check: [u8; 2],
+    rest: [u8; 4],
+    ip: Ipv4Hdr,
+    sport: [u8; 2],
+    dport: [u8; 2],
+}
+
+/// Whether `t` is an ICMP error type that quotes the offending packet.
+#[inline(always)]
+fn is_error(t: u8) -> bool {
+    t == DEST_UNREACHABLE || t == TIME_EXCEEDED || t == PARAMETER_PROBLEM
+}
+
+/// The quote, when the message is an error quoting an IPv4 TCP/UDP header without
+/// options.
+#[inline(always)]
+fn quote(start: usize, end: usize) -> Option<Quote> {
+    let q: *const Quote = ptr_at(start, end, L4_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    let q = unsafe { *q };
+    let proto = q.ip.proto;
+    (is_error(q.icmp_type) && q.ip.vihl == 0x45 && (proto == PROTO_TCP || proto == PROTO_UDP))
+        .then_some(q)
+}
+
+/// XDP: ICMP arriving on the uplink (the packet is IPv4 ICMP without options).
+#[inline(always)]
+pub fn ingress(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, IP_OFF) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let dst = unsafe { (*ip).dst_addr };
+    let Some(t) = ptr_at::<u8>(start, end, L4_OFF) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let t = unsafe { *t };
+    if t == ECHO_REQUEST {
+        if is_vip(dst) {
+            count(Reason::PassIcmpVip);
+        }
+        return xdp_action::XDP_PASS;
+    }
+    let Some(q) = quote(start, end) else {
+        return xdp_action::XDP_PASS;
+    };
+    // The quoted packet went from the VIP (its source) to the client.
+    let svc = ServiceKey {
+        addr: addr16(q.ip.src_addr),
+        port: u16::from_ne_bytes(q.sport),
+        proto: q.ip.proto,
+        family: FAMILY_V4,
+    };
+    // SAFETY: plain data lookup.
+    if unsafe { SERVICES.get(&svc) }.is_none() || q.ip.src_addr != dst {
+        return xdp_action::XDP_PASS;
+    }
+    let flow = FlowKey {
+        src: addr16(q.ip.dst_addr),
+        dst: addr16(q.ip.src_addr),
+        sport: u16::from_ne_bytes(q.dport),
+        dport: u16::from_ne_bytes(q.sport),
+        proto: q.ip.proto,
+        family: FAMILY_V4,
+        pad: [0; 2],
+    };
+    // SAFETY: plain data copied out at once.
+    let Some(ct) = (unsafe { CONNTRACK.get(&flow) }).copied() else {
+        count(Reason::PassIcmpVip);
+        return xdp_action::XDP_PASS;
+    };
+    // A remote backend's replies left from its own node; its errors are not ours.
+    if ct.backend.flags & BACKEND_F_REMOTE != 0 {
+        count(Reason::PassIcmpVip);
+        return xdp_action::XDP_PASS;
+    }
+    let b = &ct.backend.addr;
+    let backend = [b[0], b[1], b[2], b[3]];
+    let bport = u16::to_ne_bytes(ct.backend.port);
+    let (Some(ip), Some(qp)) = (
+        ptr_at::<Ipv4Hdr>(start, end, IP_OFF),
+        ptr_at::<Quote>(start, end, L4_OFF),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at; nothing else aliases the packet here.
+    let (ip, qp) = unsafe { (&mut *ip, &mut *qp) };
+    ip.check = csum::replace4(u16::from_be_bytes(ip.check), ip.dst_addr, backend).to_be_bytes();
+    ip.dst_addr = backend;
+    let old_qcheck = qp.ip.check;
+    let new_qcheck =
+        csum::replace4(u16::from_be_bytes(old_qcheck), qp.ip.src_addr, backend).to_be_bytes();
+    let mut icmp = u16::from_be_bytes(qp.check);
+    icmp = csum::replace4(icmp, qp.ip.src_addr, backend);
+    icmp = csum::replace2(icmp, old_qcheck, new_qcheck);
+    icmp = csum::replace2(icmp, qp.sport, bport);
+    qp.ip.src_addr = backend;
+    qp.ip.check = new_qcheck;
+    qp.sport = bport;
+    qp.check = icmp.to_be_bytes();
+    count(Reason::IcmpErrorNat);
+    crate::fwd::forward(ctx)
+}
+
+/// Whether `addr` is a VIP (its `(addr, 0, ICMP)` key exists).
+#[inline(always)]
+fn is_vip(addr: [u8; 4]) -> bool {
+    let key = ServiceKey {
+        addr: addr16(addr),
+        port: 0,
+        proto: PROTO_ICMP,
+        family: FAMILY_V4,
+    };
+    // SAFETY: plain data lookup.
+    unsafe { SERVICES.get(&key) }.is_some()
+}
+
+/// TC egress: an ICMP error from a local pod about a DNATed request goes back to
+/// the client as if from the VIP. Returns the TC action (always lets it go on).
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> i32 {
+    // Headers may sit in page fragments: make the quote directly accessible first.
+    if ctx.pull_data((Q_PORTS + 4) as u32).is_ok() {
+        let _ = egress_nat(ctx);
+    }
+    TC_ACT_OK as i32
+}
+
+#[inline(always)]
+fn egress_nat(ctx: &TcContext) -> Option<()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    let src = unsafe { (*ip).src_addr };
+    let q = quote(start, end)?;
+    // The quoted request went from the client to the backend, which is the sender.
+    if q.ip.dst_addr != src {
+        return None;
+    }
+    let reply = FlowKey {
+        src: addr16(q.ip.dst_addr),
+        dst: addr16(q.ip.src_addr),
+        sport: u16::from_ne_bytes(q.dport),
+        dport: u16::from_ne_bytes(q.sport),
+        proto: q.ip.proto,
+        family: FAMILY_V4,
+        pad: [0; 2],
+    };
+    // SAFETY: plain data copied out at once.
+    let rn = *unsafe { REVNAT.get(&reply) }?;
+    let vip = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];
+    let vport = u16::to_ne_bytes(rn.port);
+    let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
+    let qp: *mut Quote = ptr_at(start, end, L4_OFF)?;
+    // SAFETY: bounds checked by ptr_at; direct packet access is writable at TC.
+    let (ip, qp) = unsafe { (&mut *ip, &mut *qp) };
+    ip.check = csum::replace4(u16::from_be_bytes(ip.check), ip.src_addr, vip).to_be_bytes();
+    ip.src_addr = vip;
+    let old_qcheck = qp.ip.check;
+    let new_qcheck =
+        csum::replace4(u16::from_be_bytes(old_qcheck), qp.ip.dst_addr, vip).to_be_bytes();
+    let mut icmp = u16::from_be_bytes(qp.check);
+    icmp = csum::replace4(icmp, qp.ip.dst_addr, vip);
+    icmp = csum::replace2(icmp, old_qcheck, new_qcheck);
+    icmp = csum::replace2(icmp, qp.dport, vport);
+    qp.ip.dst_addr = vip;
+    qp.ip.check = new_qcheck;
+    qp.dport = vport;
+    qp.check = icmp.to_be_bytes();
+    count(Reason::IcmpErrorNat);
+    Some(())
+}

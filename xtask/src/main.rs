@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 /// What the build, the lab and the tests actually run or read, each with the Debian
 /// package that provides it. Setup checks the files themselves, not a package list, so a
 /// package that is present but incomplete, or a file some other package provides, is
-/// judged by what is really on disk (see ../shared/ebpf-toolchain.md).
+/// judged by what is really on disk. The eBPF build needs Debian's rustc because it is
+/// the toolchain here that ships its library source (`-Z build-std=core`), and
+/// bpf-linker must be built against the LLVM that rustc emits bitcode for (22).
 const REQUIREMENTS: &[(&str, &str, &str)] = &[
     // (path checked, Debian package, what it is for)
     (
@@ -58,6 +60,11 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
         "/usr/bin/nsenter",
         "util-linux",
         "running processes inside lab namespaces",
+    ),
+    (
+        "/usr/bin/promtool",
+        "prometheus",
+        "promtool check metrics, run on a real scrape by the tests",
     ),
 ];
 

@@ -3,7 +3,7 @@
 //!
 //! The eBPF build needs `-Z build-std=core`, i.e. a toolchain with rust-src; on these
 //! machines that is Debian's rustc 1.96 (`rustc-web` + `rust-web-src`) plus
-//! bpf-linker, both installed by `cargo xtask setup` (see ../shared/ebpf-toolchain.md).
+//! bpf-linker, both installed by `cargo xtask setup` (see xtask/src/main.rs).
 //! `XLB_SKIP_EBPF=1` embeds an empty object instead, for working on userspace code
 //! without that toolchain; such a binary refuses to start the agent.
 // A build script reports failure by panicking with a message.

@@ -96,42 +96,20 @@ fn sa(a: [u8; 4], port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port)
 }
 
-/// Programs service `id` (table `id * 2`) for VIP:port/proto with `backends` in slot
-/// order; backend ids are `id * 100 + slot + 1`. Returns the backend ids.
+/// Programs service `id` for VIP:port/proto with `backends` (see [`TestBed::program`]).
 fn program(
     bed: &mut TestBed,
     id: u32,
     (vip, port, protocol): ([u8; 4], u16, Protocol),
     backends: &[([u8; 4], u16)],
 ) -> Vec<u32> {
-    let table = id * 2;
-    let mut ids = vec![];
-    for (slot, (a, p)) in backends.iter().enumerate() {
-        let bid = id * 100 + slot as u32 + 1;
-        bed.backends
-            .insert(bid, backend_value(&sa(*a, *p)), 0)
-            .unwrap();
-        ids.push(bid);
-    }
-    if !ids.is_empty() {
-        bed.set_table(table, &ids).unwrap();
-    }
-    let key = service_key(&VipKey {
+    let key = VipKey {
         addr: IpAddr::V4(Ipv4Addr::from(vip)),
         port,
         protocol,
-    });
-    let svc = Service {
-        id,
-        table,
-        count: backends.len() as u32,
-        flags: SVC_F_LOCAL,
-        affinity_secs: 0,
-        pad: 0,
     };
-    bed.services.insert(key, svc, 0).unwrap();
-    bed.create_counters(id, &ids).unwrap();
-    ids
+    let addrs: Vec<SocketAddr> = backends.iter().map(|(a, p)| sa(*a, *p)).collect();
+    bed.program(id, &key, &addrs, SVC_F_LOCAL).unwrap()
 }
 
 /// A test bed with TCP VIP:80 and UDP VIP:53, two backends each.

@@ -16,6 +16,7 @@
 //! removed when the [`Lab`] is dropped, including on panic.
 //!
 //! [`bpf`]: writing straight into an agent's pinned maps (states too slow to build with traffic).
+//! [`load`]: health checks under scrape load (hardening test and bench).
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
 
 #![warn(missing_docs)]
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod bpf;
 pub mod demo;
 pub mod lab;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod packets;

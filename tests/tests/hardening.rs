@@ -6,134 +6,43 @@
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use xlb_lab::Agent;
-use xlb_lab::agent::{AgentConfig, http_get_within};
+use xlb_lab::agent::AgentConfig;
 use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON, UPLINK};
+use xlb_lab::load::{fill_conntrack, health_lab, health_under_scrapes};
 use xlb_lab::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
     service_yaml, web_ports, web_tcp_vip, web_udp_vip, write_atomic,
 };
 use xlb_lab::poll;
-/// The health check node port of the web Service in these tests.
-const HC_PORT: u16 = 32100;
-
-/// A one-node lab serving the web Service (Local policy, `healthCheckNodePort`) from
-/// every pod, with a healthy agent.
-fn health_lab(pods: usize) -> Result<Lab> {
-    let mut lab = Lab::one_node(pods)?;
-    let node = lab.node();
-    let eps: Vec<EndpointSpec> = node
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &node.name))
-        .collect();
-    let service = service_yaml(
-        WEB_NAMESPACE,
-        WEB_SERVICE,
-        &WEB_VIP.to_string(),
-        &web_ports(),
-        true,
-    )
-    .replace(
-        "  ports:\n",
-        &format!("  healthCheckNodePort: {HC_PORT}\n  ports:\n"),
-    );
-    let slice = endpointslice_yaml(WEB_NAMESPACE, "web-1", WEB_SERVICE, &web_ports(), &eps);
-    write_atomic(
-        &node.manifests_dir.join("web.yaml"),
-        &multi_doc(&[service, slice]),
-    )?;
-    lab.start_agent()?.wait_healthy(SOON)?;
-    Ok(lab)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
-}
-
 #[test]
 fn health_answers_while_fifty_scrapers_read_a_full_conntrack_map() -> Result<()> {
     let mut lab = health_lab(2)?;
-    let node_ns = lab.node().host.ns.name().to_string();
-    let client_ns = lab.client.ns.name().to_string();
-    let node_addr = lab.node().host.addr;
     // 200,000 live flows (of the default 262,144), as a UDP flood from many sources
     // leaves them.
-    let vip = SocketAddrV4::new(WEB_VIP, WEB_UDP_PORT);
-    let backend = SocketAddrV4::new(lab.node().pods[0].ip, 5353);
-    let in_an_hour = xlb_lab::bpf::monotonic_ns() + 3_600_000_000_000;
-    let n = xlb_lab::bpf::fill_conntrack(&lab.node().pin_dir, 200_000, vip, backend, in_an_hour)?;
-    let agent = lab.agent()?;
-    poll("the sweeper to count the filled map", SOON, T, || {
-        let v = agent.metric("xlb_conntrack_entries", &[])?;
-        Ok((v >= f64::from(n)).then_some(v))
-    })?;
-
-    let metrics = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
-    let stop = Arc::new(AtomicBool::new(false));
-    let scrapes = Arc::new(AtomicU64::new(0));
-    let scrapers: Vec<_> = (0..50)
-        .map(|_| {
-            let (stop, scrapes, ns) = (stop.clone(), scrapes.clone(), node_ns.clone());
-            std::thread::spawn(move || {
-                // Bounded: stops on the flag, and in any case after 20 s.
-                let end = Instant::now() + Duration::from_secs(20);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-                    let long = Duration::from_secs(10);
-                    if let Ok((200, _)) = http_get_within(&ns, metrics, "/metrics", long, long) {
-                        scrapes.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-
-    // Every health poll answers within 1 s: /healthz on the node and the Service's
-    // healthCheckNodePort as a load balancer in front of the node asks it.
-    let mut latencies = Vec::new();
-    let mut failures = Vec::new();
-    let hc = SocketAddr::from((node_addr, HC_PORT));
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end {
-        for (ns, addr, path) in [
-            (node_ns.as_str(), metrics, "/healthz"),
-            (client_ns.as_str(), hc, "/"),
-        ] {
-            let started = Instant::now();
-            match http_get_within(ns, addr, path, T, T) {
-                Ok((200, _)) => latencies.push(started.elapsed()),
-                other => failures.push(format!("{addr}{path}: {other:?}")),
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for s in scrapers {
-        let _ = s.join();
-    }
-    latencies.sort();
+    fill_conntrack(&mut lab, 200_000)?;
+    let r = health_under_scrapes(&lab, 50, Duration::from_secs(5));
     eprintln!(
         "health polls: {} answered, p50 {:?}, p99 {:?}, max {:?}; {} scrapes completed meanwhile",
-        latencies.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or_default(),
-        scrapes.load(Ordering::Relaxed)
+        r.latencies.len(),
+        r.percentile(0.5),
+        r.percentile(0.99),
+        r.latencies.last().copied().unwrap_or_default(),
+        r.scrapes
     );
-    ensure!(failures.is_empty(), "health polls failed: {failures:?}");
+    // Every poll answered within its 1 s timeout.
     ensure!(
-        scrapes.load(Ordering::Relaxed) >= 50,
+        r.failures.is_empty(),
+        "health polls failed: {:?}",
+        r.failures
+    );
+    ensure!(
+        r.scrapes >= 50,
         "the scrapers barely ran ({} scrapes): no load was applied",
-        scrapes.load(Ordering::Relaxed)
+        r.scrapes
     );
     Ok(())
 }

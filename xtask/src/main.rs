@@ -78,7 +78,8 @@ commands:
   build           build target/release/xlb with its eBPF programs embedded
   run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
   demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
-  test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests";
+  test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests
+  bench           measure xlb next to the alternatives (results in bench/results/)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("demo") => demo(),
         Some("test") => test(),
+        Some("bench") => bench(),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -264,4 +266,62 @@ fn test() -> Result<()> {
         .env("XLB_BIN", &bin))?;
     eprintln!("xtask test: all passed");
     Ok(())
+}
+
+/// Builds xlb and the reference program (`bench/reference`), then runs the bench
+/// harness (`bench/`), which writes `bench/results/`.
+fn bench() -> Result<()> {
+    if is_not_root() {
+        bail!("the benchmarks load BPF programs: run as root");
+    }
+    let bin = build()?;
+    let root = root();
+    let reference = build_reference(&root)?;
+    eprintln!(
+        "xtask bench: program cost (BPF_PROG_TEST_RUN), xlb next to the limit; health under scrape load"
+    );
+    sh(Command::new("cargo")
+        .current_dir(&root)
+        .env("XLB_BIN", &bin)
+        .args(["run", "--release", "-p", "xlb-bench", "--"])
+        .arg("--reference")
+        .arg(&reference)
+        .arg("--out")
+        .arg(root.join("bench/results")))
+}
+
+/// Builds the reference XDP program the way agent/build.rs builds xlb's (Debian's
+/// rustc with its library source, bpf-linker) and returns the object's path.
+fn build_reference(root: &Path) -> Result<PathBuf> {
+    let target = root.join("target/bench-ref");
+    let mut cmd = Command::new("/usr/bin/cargo");
+    cmd.current_dir(root.join("bench/reference"))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(&target);
+    // The outer cargo's settings are for the host build.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd.env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
+    sh(&mut cmd)?;
+    Ok(target.join("bpfel-unknown-none/release/xlb-bench-ref"))
 }

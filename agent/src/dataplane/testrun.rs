@@ -169,6 +169,43 @@ impl TestBed {
         Ok(())
     }
 
+    /// Programs service `id` (table `id * 2`) for `vip` with `backends` in slot order,
+    /// encoded as the agent does ([`super::state`]); backend ids are
+    /// `id * 100 + slot + 1`, and `flags` are `xlb_common::SVC_F_*`. Returns the ids.
+    pub fn program(
+        &mut self,
+        id: u32,
+        vip: &crate::desired::VipKey,
+        backends: &[std::net::SocketAddr],
+        flags: u32,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        let table = id * 2;
+        let mut ids = vec![];
+        for (slot, sa) in backends.iter().enumerate() {
+            let bid = id * 100 + slot as u32 + 1;
+            self.backends
+                .insert(bid, super::state::backend_value(sa), 0)
+                .map_err(map_err(names::BACKENDS))?;
+            ids.push(bid);
+        }
+        if !ids.is_empty() {
+            self.set_table(table, &ids)?;
+        }
+        let svc = Service {
+            id,
+            table,
+            count: backends.len() as u32,
+            flags,
+            affinity_secs: 0,
+            pad: 0,
+        };
+        self.services
+            .insert(super::state::service_key(vip), svc, 0)
+            .map_err(map_err(names::SERVICES))?;
+        self.create_counters(id, &ids)?;
+        Ok(ids)
+    }
+
     /// A service's traffic counter summed over CPUs (`None` if it was never created).
     pub fn service_counter(&self, service: u32) -> Result<Option<Counter>, DataplaneError> {
         sum_counter(self.service_stats.get(&service, 0), names::SERVICE_STATS)

@@ -11,7 +11,7 @@ use crate::agent::http_get_within;
 use crate::lab::{Lab, METRICS_PORT, REPLY_TIMEOUT, SOON};
 use crate::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
-    service_yaml, web_ports, write_atomic,
+    service_yaml, web_ports, with_health_check_node_port, write_atomic,
 };
 
 /// The health check node port of the web Service in [`health_lab`].
@@ -27,16 +27,15 @@ pub fn health_lab(pods: usize) -> Result<Lab> {
         .iter()
         .map(|p| EndpointSpec::new(p.ip, true, &node.name))
         .collect();
-    let service = service_yaml(
-        WEB_NAMESPACE,
-        WEB_SERVICE,
-        &WEB_VIP.to_string(),
-        &web_ports(),
-        true,
-    )
-    .replace(
-        "  ports:\n",
-        &format!("  healthCheckNodePort: {HC_PORT}\n  ports:\n"),
+    let service = with_health_check_node_port(
+        &service_yaml(
+            WEB_NAMESPACE,
+            WEB_SERVICE,
+            &WEB_VIP.to_string(),
+            &web_ports(),
+            true,
+        ),
+        HC_PORT,
     );
     let slice = endpointslice_yaml(WEB_NAMESPACE, "web-1", WEB_SERVICE, &web_ports(), &eps);
     write_atomic(

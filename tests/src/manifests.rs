@@ -78,6 +78,14 @@ pub fn service_yaml(
     y
 }
 
+/// `service` (from [`service_yaml`]) with `spec.healthCheckNodePort: port`.
+pub fn with_health_check_node_port(service: &str, port: u16) -> String {
+    service.replace(
+        "  ports:\n",
+        &format!("  healthCheckNodePort: {port}\n  ports:\n"),
+    )
+}
+
 /// A `discovery.k8s.io/v1 EndpointSlice` for Service `service` (label
 /// `kubernetes.io/service-name`), with the ports' names/protocols/target ports.
 pub fn endpointslice_yaml(

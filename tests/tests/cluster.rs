@@ -12,7 +12,7 @@ use anyhow::{Context, Result, ensure};
 use xlb_lab::lab::{CLIENT_ADDR, Lab, Links, ManifestsLayout, NodeSpec, REPLY_TIMEOUT, SOON};
 use xlb_lab::manifests::{
     EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_VIP, multi_doc, service_yaml,
-    web_ports, web_slice_yaml, web_tcp_vip, web_udp_vip, write_atomic,
+    web_ports, web_slice_yaml, web_tcp_vip, web_udp_vip, with_health_check_node_port, write_atomic,
 };
 use xlb_lab::poll;
 
@@ -341,14 +341,16 @@ fn local_health_check_node_port_says_which_nodes_serve() -> Result<()> {
         .iter()
         .map(|p| EndpointSpec::new(p.ip, true, &a.name))
         .collect();
-    let service = service_yaml(
-        WEB_NAMESPACE,
-        WEB_SERVICE,
-        &WEB_VIP.to_string(),
-        &web_ports(),
-        true,
-    )
-    .replace("  ports:\n", "  healthCheckNodePort: 32100\n  ports:\n");
+    let service = with_health_check_node_port(
+        &service_yaml(
+            WEB_NAMESPACE,
+            WEB_SERVICE,
+            &WEB_VIP.to_string(),
+            &web_ports(),
+            true,
+        ),
+        32100,
+    );
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
     write_atomic(

@@ -71,6 +71,51 @@ fn quote(start: usize, end: usize) -> Option<Quote> {
         .then_some(q)
 }
 
+/// Which end of the quoted flow a translation rewrites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The quote is a reply from VIP:port: its source (and the error's destination)
+    /// becomes the backend.
+    ReplySource,
+    /// The quote is a request to backend:port: its destination (and the error's
+    /// source) becomes VIP:port.
+    RequestDestination,
+}
+
+/// Rewrites the outer address and the quoted address and port on `side` to
+/// `addr:port`, updating the outer IP, quoted IP and ICMP checksums incrementally.
+#[inline(always)]
+fn translate(ip: &mut Ipv4Hdr, qp: &mut Quote, side: Side, addr: [u8; 4], port: [u8; 2]) {
+    let reply = side == Side::ReplySource;
+    let outer = if reply { ip.dst_addr } else { ip.src_addr };
+    ip.check = csum::replace4(u16::from_be_bytes(ip.check), outer, addr).to_be_bytes();
+    if reply {
+        ip.dst_addr = addr;
+    } else {
+        ip.src_addr = addr;
+    }
+    let (quoted, qport) = if reply {
+        (qp.ip.src_addr, qp.sport)
+    } else {
+        (qp.ip.dst_addr, qp.dport)
+    };
+    let old_qcheck = qp.ip.check;
+    let new_qcheck = csum::replace4(u16::from_be_bytes(old_qcheck), quoted, addr).to_be_bytes();
+    let mut icmp = u16::from_be_bytes(qp.check);
+    icmp = csum::replace4(icmp, quoted, addr);
+    icmp = csum::replace2(icmp, old_qcheck, new_qcheck);
+    icmp = csum::replace2(icmp, qport, port);
+    if reply {
+        qp.ip.src_addr = addr;
+        qp.sport = port;
+    } else {
+        qp.ip.dst_addr = addr;
+        qp.dport = port;
+    }
+    qp.ip.check = new_qcheck;
+    qp.check = icmp.to_be_bytes();
+}
+
 /// XDP: ICMP arriving on the uplink (the packet is IPv4 ICMP without options).
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> u32 {
@@ -135,19 +180,7 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: bounds checked by ptr_at; nothing else aliases the packet here.
     let (ip, qp) = unsafe { (&mut *ip, &mut *qp) };
-    ip.check = csum::replace4(u16::from_be_bytes(ip.check), ip.dst_addr, backend).to_be_bytes();
-    ip.dst_addr = backend;
-    let old_qcheck = qp.ip.check;
-    let new_qcheck =
-        csum::replace4(u16::from_be_bytes(old_qcheck), qp.ip.src_addr, backend).to_be_bytes();
-    let mut icmp = u16::from_be_bytes(qp.check);
-    icmp = csum::replace4(icmp, qp.ip.src_addr, backend);
-    icmp = csum::replace2(icmp, old_qcheck, new_qcheck);
-    icmp = csum::replace2(icmp, qp.sport, bport);
-    qp.ip.src_addr = backend;
-    qp.ip.check = new_qcheck;
-    qp.sport = bport;
-    qp.check = icmp.to_be_bytes();
+    translate(ip, qp, Side::ReplySource, backend, bport);
     count(Reason::IcmpErrorNat);
     crate::fwd::forward(ctx)
 }
@@ -204,19 +237,7 @@ fn egress_nat(ctx: &TcContext) -> Option<()> {
     let qp: *mut Quote = ptr_at(start, end, L4_OFF)?;
     // SAFETY: bounds checked by ptr_at; direct packet access is writable at TC.
     let (ip, qp) = unsafe { (&mut *ip, &mut *qp) };
-    ip.check = csum::replace4(u16::from_be_bytes(ip.check), ip.src_addr, vip).to_be_bytes();
-    ip.src_addr = vip;
-    let old_qcheck = qp.ip.check;
-    let new_qcheck =
-        csum::replace4(u16::from_be_bytes(old_qcheck), qp.ip.dst_addr, vip).to_be_bytes();
-    let mut icmp = u16::from_be_bytes(qp.check);
-    icmp = csum::replace4(icmp, qp.ip.dst_addr, vip);
-    icmp = csum::replace2(icmp, old_qcheck, new_qcheck);
-    icmp = csum::replace2(icmp, qp.dport, vport);
-    qp.ip.dst_addr = vip;
-    qp.ip.check = new_qcheck;
-    qp.dport = vport;
-    qp.check = icmp.to_be_bytes();
+    translate(ip, qp, Side::RequestDestination, vip, vport);
     count(Reason::IcmpErrorNat);
     Some(())
 }

@@ -110,11 +110,13 @@ impl Reference {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut reference, mut out_dir) = (None, PathBuf::from("bench/results"));
+    let mut prog_only = false;
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--prog-only" => prog_only = true,
             "--reference" => reference = args.next().map(PathBuf::from),
             "--out" => out_dir = args.next().map(PathBuf::from).context("--out DIR")?,
-            other => bail!("unknown argument {other:?} (--reference OBJ [--out DIR])"),
+            other => bail!("unknown argument {other:?} (--reference OBJ [--out DIR] [--prog-only])"),
         }
     }
     let reference = reference.context("--reference OBJ (cargo xtask bench builds it)")?;
@@ -193,6 +195,9 @@ fn main() -> Result<()> {
     }
     let rows: Vec<Row> = rows.into_iter().map(|(r, _)| r).collect();
     report(&rows, &out_dir)?;
+    if prog_only {
+        return Ok(());
+    }
     health_under_load(&out_dir)
 }
 

@@ -116,7 +116,9 @@ fn main() -> Result<()> {
             "--prog-only" => prog_only = true,
             "--reference" => reference = args.next().map(PathBuf::from),
             "--out" => out_dir = args.next().map(PathBuf::from).context("--out DIR")?,
-            other => bail!("unknown argument {other:?} (--reference OBJ [--out DIR] [--prog-only])"),
+            other => {
+                bail!("unknown argument {other:?} (--reference OBJ [--out DIR] [--prog-only])")
+            }
         }
     }
     let reference = reference.context("--reference OBJ (cargo xtask bench builds it)")?;

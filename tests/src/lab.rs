@@ -518,6 +518,41 @@ impl Lab {
         Ok(())
     }
 
+    /// One-node lab only: deletes the node's uplink (and with it the client's end) and
+    /// creates it again, addressed and routed as before, as an operator recreating an
+    /// interface would. The new device has a new ifindex.
+    pub fn recreate_uplink(&mut self) -> Result<()> {
+        if self.lan.is_some() || self.nodes.len() != 1 {
+            bail!("recreate_uplink is for the one-node lab");
+        }
+        let node = &self.nodes[0].host;
+        node.ns.ip(&["link", "del", UPLINK])?;
+        node.ns.ip(&[
+            "link",
+            "add",
+            UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.client.ns.name(),
+        ])?;
+        self.configure_client_uplink()?;
+        let gw = node.addr.to_string();
+        self.client
+            .ns
+            .ip(&["route", "add", "default", "via", &gw])?;
+        node.ns
+            .ip(&["addr", "add", &format!("{}/24", node.addr), "dev", UPLINK])?;
+        node.ns.ip(&["link", "set", UPLINK, "up"])?;
+        self.offloads(&node.ns, UPLINK)?;
+        node.ns
+            .ip(&["route", "add", &format!("{POD_GATEWAY}/32"), "dev", UPLINK])?;
+        Ok(())
+    }
+
     /// Starts the first node's agent (binary from [`xlb_bin`]) on its own manifests dir.
     pub fn start_agent(&mut self) -> Result<&mut Agent> {
         let bin = xlb_bin()?;

@@ -527,3 +527,26 @@ fn icmp_errors_about_vip_flows_are_translated_both_ways() -> Result<()> {
     ensure!(nat >= 2.0, "icmp_error_nat counted {nat}");
     Ok(())
 }
+
+#[test]
+fn an_uplink_deleted_and_recreated_under_a_running_agent_gets_the_datapath_again() -> Result<()> {
+    let mut lab = health_lab(2)?;
+    lab.client.udp_flows(web_udp_vip(), 5, T)?;
+    let mark = lab.agent()?.log_mark();
+    lab.recreate_uplink()?;
+    let agent = lab.agent()?;
+    agent.wait_for_log_line("the agent to see the new interface", mark, SOON, |l| {
+        l.contains("datapath missing") && l.contains("recreated")
+    })?;
+    agent.wait_for_log_line("the agent to re-attach", mark, SOON, |l| {
+        l.contains("datapath re-attached")
+    })?;
+    poll(
+        "traffic through the VIP on the new interface",
+        SOON,
+        T,
+        || Ok(lab.client.udp_flows(web_udp_vip(), 5, T).ok()),
+    )?;
+    ensure!(lab.agent()?.http_get("/healthz")?.0 == 200);
+    Ok(())
+}

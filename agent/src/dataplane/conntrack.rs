@@ -4,7 +4,7 @@
 //! The LRU map evicts only when full, so without a sweep an idle node keeps every
 //! flow it ever saw, and counting them on each scrape costs one syscall per entry.
 //! The sweeper runs on its own thread at a fixed period: it deletes entries whose
-//! expiry (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC) has passed, with the reverse-NAT
+//! expiry (CLOCK_MONOTONIC, which the datapath reads coarsely) has passed, with the reverse-NAT
 //! entry they created, and publishes the count for `/metrics` to read in O(1).
 use std::{
     path::Path,
@@ -103,7 +103,7 @@ impl Sweeper {
     }
 }
 
-/// The monotonic clock `bpf_ktime_get_ns` reads, in ns.
+/// CLOCK_MONOTONIC in ns: the clock of the datapath's expiry times.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -189,7 +189,7 @@ pub struct Affinity {
     pub backend_id: u32,
     /// Zero.
     pub pad: u32,
-    /// `bpf_ktime_get_ns()` after which the binding is void.
+    /// CLOCK_MONOTONIC time (`bpf_ktime_get_coarse_ns()`) after which the binding is void.
     pub expires: u64,
 }
 
@@ -251,7 +251,7 @@ pub struct CtEntry {
     pub backend: Backend,
     /// Backend id (key of `xlb_backends` and `xlb_be_stats`).
     pub backend_id: u32,
-    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    /// CLOCK_MONOTONIC time (`bpf_ktime_get_coarse_ns()`) after which the entry is dead.
     pub expires: u64,
     /// Service the flow belongs to.
     pub service_id: u32,

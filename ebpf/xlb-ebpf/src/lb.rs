@@ -6,7 +6,7 @@
 //! changes: an established TCP flow follows its entry even to a backend that has left
 //! the service (draining, as with kube-proxy's conntrack), while a new flow (SYN, or
 //! any UDP packet) only reuses an entry whose backend still exists.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use xlb_common::{
     Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
     SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, timeouts,
@@ -83,8 +83,12 @@ pub fn select(
     key: &FlowKey,
     tcp_flags: u8,
 ) -> Result<(u32, Backend, u16), Reason> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // CLOCK_MONOTONIC_COARSE: the same clock as CLOCK_MONOTONIC (the agent's sweeper
+    // compares with it), read without touching the clocksource, at tick resolution
+    // (1-10 ms): conntrack and affinity lifetimes are seconds. Reading the clocksource
+    // cost 30-40 ns of a VIP hit in `cargo xtask bench` on these VMs.
+    // SAFETY: bpf_ktime_get_coarse_ns (kernel 5.11+) has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let new_flow = flow.proto != PROTO_TCP || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0);
     if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; a racing update of the same flow on another

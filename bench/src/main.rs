@@ -200,7 +200,95 @@ fn main() -> Result<()> {
     if prog_only {
         return Ok(());
     }
-    health_under_load(&out_dir)
+    health_under_load(&out_dir)?;
+    programming(&out_dir)
+}
+
+/// Programming 10,000 LoadBalancer Services x 10 endpoints from scratch: the time from
+/// starting the agent until the last Service's VIP answers, and the agent's memory.
+fn programming(out_dir: &Path) -> Result<()> {
+    use std::fmt::Write as _;
+    use std::time::{Duration, Instant};
+    use xlb_lab::manifests::{EndpointSpec, PortSpec, endpointslice_yaml, service_yaml};
+    const SERVICES: usize = 10_000;
+    const PER_FILE: usize = 1_000;
+    const ENDPOINTS: usize = 10;
+    println!("programming {SERVICES} Services x {ENDPOINTS} endpoints from scratch");
+    let mut lab = xlb_lab::Lab::one_node(1)?;
+    let node = lab.node();
+    let pod = node.pods[0].ip;
+    let ports = [PortSpec::new("dns", "UDP", 53, 5353)];
+    let vip_of = |i: usize| Ipv4Addr::new(10, 100, (i / 250) as u8, (i % 250 + 1) as u8);
+    for f in 0..SERVICES / PER_FILE {
+        let mut text = String::new();
+        for i in f * PER_FILE..(f + 1) * PER_FILE {
+            let name = format!("svc-{i}");
+            // The last Service's only endpoint is the lab's pod, so its VIP can answer.
+            let eps: Vec<EndpointSpec> = if i == SERVICES - 1 {
+                vec![EndpointSpec::new(pod, true, &node.name)]
+            } else {
+                (0..ENDPOINTS)
+                    .map(|e| {
+                        let n = i * ENDPOINTS + e;
+                        let ip = Ipv4Addr::new(10, 200 + (n >> 16) as u8, (n >> 8) as u8, n as u8);
+                        EndpointSpec::new(ip, true, &node.name)
+                    })
+                    .collect()
+            };
+            let _ = write!(
+                text,
+                "{}---\n{}---\n",
+                service_yaml("bench", &name, &vip_of(i).to_string(), &ports, true),
+                endpointslice_yaml("bench", &format!("{name}-1"), &name, &ports, &eps)
+            );
+        }
+        xlb_lab::manifests::write_atomic(
+            &node.manifests_dir.join(format!("services-{f:02}.yaml")),
+            &text,
+        )?;
+    }
+    let last = SocketAddr::from((vip_of(SERVICES - 1), 53));
+    let started = Instant::now();
+    lab.start_agent()?;
+    let answered = xlb_lab::poll(
+        "the last VIP to answer",
+        Duration::from_secs(600),
+        Duration::from_millis(200),
+        || {
+            Ok(lab
+                .client
+                .udp_probe(last, Duration::from_millis(200))?
+                .map(|_| started.elapsed()))
+        },
+    )?;
+    let pid = lab.agent()?.pid().context("agent pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0);
+    let services = lab.agent()?.metric("xlb_services", &[])?;
+    let md = format!(
+        "| Services x endpoints | last VIP answered after | VIP:port entries | agent RSS |\n\
+         | ---: | ---: | ---: | ---: |\n\
+         | {SERVICES} x {ENDPOINTS} | {:.1} s | {services} | {} MiB |\n",
+        answered.as_secs_f64(),
+        rss_kib / 1024
+    );
+    println!("\n{md}");
+    let json = serde_json::json!({
+        "services": SERVICES, "endpoints_per_service": ENDPOINTS,
+        "last_vip_answered_s": answered.as_secs_f64(), "programmed_keys": services,
+        "agent_rss_kib": rss_kib,
+    });
+    std::fs::write(out_dir.join("programming.md"), md)?;
+    std::fs::write(
+        out_dir.join("programming.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+    println!("written: {}/programming.{{json,md}}", out_dir.display());
+    Ok(())
 }
 
 /// Scrapers hammering `/metrics` over a full conntrack map must not slow the health

@@ -244,7 +244,10 @@ impl Reconciler {
                 _ => None,
             })
             .collect();
-        for ip in want.difference(&self.neighbours.clone()) {
+        for ip in &want {
+            if self.neighbours.contains(ip) {
+                continue;
+            }
             match crate::netdev::add_managed_neighbour(&self.interface, *ip) {
                 Ok(()) => {
                     info!(node_ip = %ip, iface = %self.interface, "keeping the node's neighbour entry resolved (managed)");
@@ -253,12 +256,14 @@ impl Reconciler {
                 Err(e) => warn!(error = %e, "managed neighbour entry"),
             }
         }
-        for ip in self.neighbours.clone().difference(&want) {
-            if let Err(e) = crate::netdev::remove_neighbour(&self.interface, *ip) {
+        let interface = &self.interface;
+        self.neighbours.retain(|ip| {
+            let keep = want.contains(ip);
+            if !keep && let Err(e) = crate::netdev::remove_neighbour(interface, *ip) {
                 warn!(error = %e, "removing a managed neighbour entry");
             }
-            self.neighbours.remove(ip);
-        }
+            keep
+        });
         self.metrics.neighbours.set(self.neighbours.len() as i64);
     }
 }

@@ -454,28 +454,10 @@ impl Lab {
         let name = format!("node-{}", (b'a' + index) as char);
         let ns = Netns::create(&format!("{}-{name}", self.id))?;
         match uplink {
-            Uplink::Client => {
-                // Created from inside the node namespace, with the peer placed straight into
-                // the client's: neither end ever exists in the host namespace.
-                ns.ip(&[
-                    "link",
-                    "add",
-                    UPLINK,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    self.client.ns.name(),
-                ])?;
-                self.configure_client_uplink()?;
-            }
+            Uplink::Client => self.link_to_client(&ns)?,
             Uplink::Lan => self.attach_to_lan(&ns, &name)?,
         }
-        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
-        ns.ip(&["link", "set", UPLINK, "up"])?;
-        self.offloads(&ns, UPLINK)?;
+        self.address_node_uplink(&ns, addr)?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         if matches!(uplink, Uplink::Lan) {
             // Traffic the client sends via node-a to another node's pods leaves node-a on the
@@ -483,11 +465,6 @@ impl Lab {
             ns.sysctl("net/ipv4/conf/all/send_redirects", "0")?;
             ns.sysctl(&format!("net/ipv4/conf/{UPLINK}/send_redirects"), "0")?;
         }
-        // Proxy ARP only answers for addresses the node routes out of another interface. A
-        // real node has a default route via its uplink; this one has no default route (so
-        // unknown destinations, e.g. a VIP nobody serves, fail fast instead of looping back to
-        // the client), so it gets just this /32.
-        ns.ip(&["route", "add", &format!("{POD_GATEWAY}/32"), "dev", UPLINK])?;
         let node_dir = self.scratch.join(&name);
         let manifests_dir = node_dir.join("manifests");
         let log_dir = node_dir.join("logs");
@@ -527,7 +504,19 @@ impl Lab {
         }
         let node = &self.nodes[0].host;
         node.ns.ip(&["link", "del", UPLINK])?;
-        node.ns.ip(&[
+        self.link_to_client(&node.ns)?;
+        let gw = node.addr.to_string();
+        self.client
+            .ns
+            .ip(&["route", "add", "default", "via", &gw])?;
+        self.address_node_uplink(&node.ns, node.addr)
+    }
+
+    /// Creates the node's `eth0` from inside its namespace with the peer placed straight
+    /// into the client's (neither end ever exists in the host namespace), and configures
+    /// the client's end.
+    fn link_to_client(&self, ns: &Netns) -> Result<()> {
+        ns.ip(&[
             "link",
             "add",
             UPLINK,
@@ -539,17 +528,19 @@ impl Lab {
             "netns",
             self.client.ns.name(),
         ])?;
-        self.configure_client_uplink()?;
-        let gw = node.addr.to_string();
-        self.client
-            .ns
-            .ip(&["route", "add", "default", "via", &gw])?;
-        node.ns
-            .ip(&["addr", "add", &format!("{}/24", node.addr), "dev", UPLINK])?;
-        node.ns.ip(&["link", "set", UPLINK, "up"])?;
-        self.offloads(&node.ns, UPLINK)?;
-        node.ns
-            .ip(&["route", "add", &format!("{POD_GATEWAY}/32"), "dev", UPLINK])?;
+        self.configure_client_uplink()
+    }
+
+    /// Address, link up, offloads and the pod gateway route on a node's `eth0`.
+    fn address_node_uplink(&self, ns: &Netns, addr: Ipv4Addr) -> Result<()> {
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
+        ns.ip(&["link", "set", UPLINK, "up"])?;
+        self.offloads(ns, UPLINK)?;
+        // Proxy ARP only answers for addresses the node routes out of another interface. A
+        // real node has a default route via its uplink; this one has no default route (so
+        // unknown destinations, e.g. a VIP nobody serves, fail fast instead of looping back to
+        // the client), so it gets just this /32.
+        ns.ip(&["route", "add", &format!("{POD_GATEWAY}/32"), "dev", UPLINK])?;
         Ok(())
     }
 
@@ -770,6 +761,17 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// The names of the entries of `dir` (none if it cannot be read).
+pub fn entry_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Removes namespaces and pin directories left by lab processes that died without unwinding
 /// (names `xlb-{pid}-...` whose pid no longer exists). Only lab-made names are touched.
 fn sweep_stale() {
@@ -782,15 +784,7 @@ fn sweep_stale() {
         };
         pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
     };
-    let names = |dir: &str| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let names = |dir: &str| entry_names(Path::new(dir));
     for name in names("/run/netns").into_iter().filter(|n| dead(n)) {
         eprintln!("xlb-lab: removing stale netns {name}");
         let _ = crate::netns::run(std::process::Command::new("ip").args(["netns", "del", &name]));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use xlb_lab::Agent;
 use xlb_lab::agent::AgentConfig;
-use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON, UPLINK};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON, UPLINK, entry_names};
 use xlb_lab::load::{fill_conntrack, health_lab, health_under_scrapes};
 use xlb_lab::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
@@ -186,16 +186,6 @@ fn second_agent(lab: &mut Lab, tweak: impl FnOnce(&mut AgentConfig)) -> Result<A
     Agent::start(cfg)
 }
 
-fn pins_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_second_agent_on_the_same_pin_path_exits_naming_the_first() -> Result<()> {
     let mut lab = health_lab(1)?;
@@ -219,7 +209,7 @@ fn a_second_agent_on_the_same_pin_path_exits_naming_the_first() -> Result<()> {
 #[test]
 fn a_start_that_fails_touches_no_datapath() -> Result<()> {
     let mut lab = health_lab(1)?;
-    let pins_before = pins_in(&lab.node().pin_dir);
+    let pins_before = entry_names(&lab.node().pin_dir);
     for (what, port, iface) in [
         // The metrics port is the first agent's: taken.
         ("taken metrics port", METRICS_PORT, UPLINK),
@@ -237,11 +227,11 @@ fn a_start_that_fails_touches_no_datapath() -> Result<()> {
             !pin_dir.exists(),
             "{what}: the failed start made {} ({:?})",
             pin_dir.display(),
-            pins_in(&pin_dir)
+            entry_names(&pin_dir)
         );
     }
     ensure!(
-        pins_in(&lab.node().pin_dir) == pins_before,
+        entry_names(&lab.node().pin_dir) == pins_before,
         "the running agent's pins changed"
     );
     lab.client.udp_flows(web_udp_vip(), 5, T)?;

@@ -154,12 +154,8 @@ impl ManifestSource {
                 errors.push(file_error(&origin, ErrorKind::Io, e.to_string()));
             }
         }
-        let by_file: BTreeMap<PathBuf, Vec<Object>> = self
-            .files
-            .iter()
-            .map(|(p, s)| (p.clone(), s.objects.clone()))
-            .collect();
-        let snapshot = assemble(&by_file, &mut errors);
+        let by_file = self.files.iter().map(|(p, s)| (p, s.objects.as_slice()));
+        let snapshot = assemble(by_file, &mut errors);
         Loaded {
             snapshot,
             errors,
@@ -1051,7 +1047,10 @@ fn slice(cx: &mut Cx<'_>, es: discovery::EndpointSlice) -> Result<Option<Slice>,
 
 /// Builds the snapshot from every file's objects: the first definition of an object
 /// (in file-name order) wins, and slices are joined to their Services.
-fn assemble(files: &BTreeMap<PathBuf, Vec<Object>>, errors: &mut Vec<ConfigError>) -> Snapshot {
+fn assemble<'a>(
+    files: impl Iterator<Item = (&'a PathBuf, &'a [Object])>,
+    errors: &mut Vec<ConfigError>,
+) -> Snapshot {
     let mut first_seen: BTreeMap<&ObjectKey, String> = BTreeMap::new();
     let mut services = BTreeMap::new();
     let mut slices = BTreeMap::new();

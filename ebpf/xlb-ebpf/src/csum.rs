@@ -1,7 +1,8 @@
-//! Incremental Internet checksum update (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')),
-//! for the XDP path where the kernel's csum helpers are not available. All 16-bit
-//! words are read big-endian; one's-complement sums are byte-order independent as
-//! long as every word, including the checksum, is read the same way.
+//! Internet checksums for the XDP path, where the kernel's csum helpers are not
+//! available: incremental updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')) and the
+//! IPv4 header checksum. All 16-bit words are read big-endian; one's-complement sums
+//! are byte-order independent as long as every word, including the checksum, is read
+//! the same way.
 
 /// Folds a 32-bit one's-complement accumulator to 16 bits.
 #[inline(always)]
@@ -31,10 +32,10 @@ pub fn replace2(check: u16, old: [u8; 2], new: [u8; 2]) -> u16 {
     !fold(s)
 }
 
-/// Whether an IPv4 header without options carries a valid header checksum (RFC 791
-/// section 3.1: the one's-complement sum of all its 16-bit words is 0xffff).
+/// The IPv4 header checksum (RFC 791 section 3.1) of a header without options: to
+/// fill in, compute it with `check` zero; a received header is valid when this is 0.
 #[inline(always)]
-pub fn header_ok(h: &network_types::ip::Ipv4Hdr) -> bool {
+pub fn ipv4_header(h: &network_types::ip::Ipv4Hdr) -> u16 {
     // SAFETY: Ipv4Hdr is 20 bytes of plain data.
     let b: &[u8; 20] = unsafe { &*(h as *const network_types::ip::Ipv4Hdr as *const [u8; 20]) };
     let mut s: u32 = 0;
@@ -43,5 +44,11 @@ pub fn header_ok(h: &network_types::ip::Ipv4Hdr) -> bool {
         s += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
         i += 2;
     }
-    fold(s) == 0xffff
+    !fold(s)
+}
+
+/// Whether a received IPv4 header without options carries a valid checksum.
+#[inline(always)]
+pub fn header_ok(h: &network_types::ip::Ipv4Hdr) -> bool {
+    ipv4_header(h) == 0
 }

@@ -53,6 +53,24 @@ struct Quote {
     dport: [u8; 2],
 }
 
+impl Quote {
+    /// The quoted packet's flow in the other direction: the conntrack key of a quoted
+    /// reply (VIP -> client), the reverse-NAT key of a quoted request (client ->
+    /// backend).
+    #[inline(always)]
+    fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src: addr16(self.ip.dst_addr),
+            dst: addr16(self.ip.src_addr),
+            sport: u16::from_ne_bytes(self.dport),
+            dport: u16::from_ne_bytes(self.sport),
+            proto: self.ip.proto,
+            family: FAMILY_V4,
+            pad: [0; 2],
+        }
+    }
+}
+
 /// Whether `t` is an ICMP error type that quotes the offending packet.
 #[inline(always)]
 fn is_error(t: u8) -> bool {
@@ -146,19 +164,12 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
         proto: q.ip.proto,
         family: FAMILY_V4,
     };
+    // The cheap test first: an error about a VIP flow is addressed to the VIP.
     // SAFETY: plain data lookup.
-    if unsafe { SERVICES.get(&svc) }.is_none() || q.ip.src_addr != dst {
+    if q.ip.src_addr != dst || unsafe { SERVICES.get(&svc) }.is_none() {
         return xdp_action::XDP_PASS;
     }
-    let flow = FlowKey {
-        src: addr16(q.ip.dst_addr),
-        dst: addr16(q.ip.src_addr),
-        sport: u16::from_ne_bytes(q.dport),
-        dport: u16::from_ne_bytes(q.sport),
-        proto: q.ip.proto,
-        family: FAMILY_V4,
-        pad: [0; 2],
-    };
+    let flow = q.reversed();
     // SAFETY: plain data copied out at once.
     let Some(ct) = (unsafe { CONNTRACK.get(&flow) }).copied() else {
         count(Reason::PassIcmpVip);
@@ -220,15 +231,7 @@ fn egress_nat(ctx: &TcContext) -> Option<()> {
     if q.ip.dst_addr != src {
         return None;
     }
-    let reply = FlowKey {
-        src: addr16(q.ip.dst_addr),
-        dst: addr16(q.ip.src_addr),
-        sport: u16::from_ne_bytes(q.dport),
-        dport: u16::from_ne_bytes(q.sport),
-        proto: q.ip.proto,
-        family: FAMILY_V4,
-        pad: [0; 2],
-    };
+    let reply = q.reversed();
     // SAFETY: plain data copied out at once.
     let rn = *unsafe { REVNAT.get(&reply) }?;
     let vip = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];

@@ -153,7 +153,7 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
         src_addr: me,
         dst_addr: dst,
     };
-    hdr.check = ip_checksum(&hdr).to_be_bytes();
+    hdr.check = crate::csum::ipv4_header(&hdr).to_be_bytes();
     if resolve {
         // Keep the frame's own Ethernet addresses (to this host): the kernel then
         // takes the frame as it did before the program ran.
@@ -209,22 +209,6 @@ fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
     Ok(xdp_action::XDP_PASS)
 }
 
-/// The IPv4 header checksum of `h` (whose `check` is zero), RFC 791.
-#[inline(always)]
-fn ip_checksum(h: &Ipv4Hdr) -> u16 {
-    // SAFETY: Ipv4Hdr is 20 bytes of plain data.
-    let b: &[u8; 20] = unsafe { &*(h as *const Ipv4Hdr as *const [u8; 20]) };
-    let mut s: u32 = 0;
-    let mut i = 0;
-    while i < 20 {
-        s += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
-        i += 2;
-    }
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
 /// Turns the packet into an ICMP destination-unreachable / fragmentation-needed
 /// (type 3 code 4, RFC 792 and RFC 1191 section 4) to its sender, quoting its IP
 /// header and first 8 payload bytes, and sends it back out (XDP_TX).
@@ -270,7 +254,7 @@ fn frag_needed(ctx: &XdpContext, me: [u8; 4], mtu: u16) -> Result<u32, Reason> {
         src_addr: me,
         dst_addr: client,
     };
-    hdr.check = ip_checksum(&hdr).to_be_bytes();
+    hdr.check = crate::csum::ipv4_header(&hdr).to_be_bytes();
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         (*out_eth).dst_addr = eth.src_addr;

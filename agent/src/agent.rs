@@ -210,6 +210,22 @@ impl Reconciler {
 }
 
 impl Reconciler {
+    /// Points `xlb_peer_devs` at the pod-facing devices that exist now, so that new
+    /// pods get the direct delivery and a deleted device's index is never used.
+    fn refresh_peer_devices(&mut self) {
+        match crate::netdev::peer_devices() {
+            Ok(devs) => match self.dp.set_peer_devices(&devs) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(devices = devs.len(), "pod-facing devices updated");
+                    self.metrics.map_updates.inc_by(n);
+                }
+                Err(e) => warn!(error = %e, "updating the pod-facing devices"),
+            },
+            Err(e) => warn!(error = %e, "listing the pod-facing devices"),
+        }
+    }
+
     /// Rebuilds the datapath after it disappeared: loads and attaches the programs
     /// (recreating maps whose pins are gone), then continues from what the maps hold,
     /// so the next sync writes whatever is missing.
@@ -446,6 +462,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     loop {
         if first || retry_soon {
             first = false;
+            rec.refresh_peer_devices();
             match rec.sync(&mut source) {
                 Ok(()) => {
                     retry_soon = false;
@@ -483,6 +500,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             }
             _ = resync.tick() => { retry_soon = true; }
             _ = every_second.tick() => {
+                rec.refresh_peer_devices();
                 // inotify watches an inode: a directory replaced under the same name
                 // (`rm -rf m; mkdir m`) is followed here, not at the next resync.
                 let now = dir_identity(&cfg.manifests);

@@ -240,7 +240,14 @@ fn counter(
 
 impl Collector for BpfCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snap = match self.stats.lock().map(|s| s.read()) {
+        let labels = self.labels.read().map(|l| l.clone()).unwrap_or_default();
+        let read = self.stats.lock().map(|s| {
+            s.read(
+                labels.services.keys().copied(),
+                labels.backends.keys().copied(),
+            )
+        });
+        let snap = match read {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading BPF counters");
@@ -248,7 +255,6 @@ impl Collector for BpfCollector {
             }
             Err(_) => return Ok(()),
         };
-        let labels = self.labels.read().map(|l| l.clone()).unwrap_or_default();
         let (mut sp, mut sb) = (Vec::new(), Vec::new());
         for (id, c) in &snap.services {
             let Some(l) = labels.services.get(id) else {

@@ -1,6 +1,7 @@
 //! Facts about, and small changes to, the node's network devices that the datapath
 //! depends on: addresses and MAC of the uplink, which XDP attach mode suits its
-//! driver, and neighbour entries for the other nodes' tunnel addresses.
+//! driver, neighbour entries for the other nodes' tunnel addresses, and which
+//! devices lead into pods.
 //!
 //! Everything here works in the agent's network namespace through sockets (ioctl,
 //! netlink, getifaddrs), never through /sys/class/net: under `nsenter --net` the
@@ -32,6 +33,9 @@ pub enum NetdevError {
         /// Cause.
         source: io::Error,
     },
+    /// Listing the namespace's links failed.
+    #[error("netlink link dump: {0}")]
+    LinkDump(String),
 }
 
 /// What `ETHTOOL_GDRVINFO` says about a device.
@@ -384,6 +388,81 @@ fn neighbour_request(
     // SAFETY: fd is ours and closed once.
     unsafe { libc::close(fd) };
     result.map_err(err)
+}
+
+/// The interface indexes of this network namespace's veth and netkit devices whose
+/// peer lives in another namespace (IFLA_LINK_NETNSID present): the pod-facing ends
+/// a CNI makes, into which `xlb_tc_ingress` may deliver with `bpf_redirect_peer`
+/// (the kernel drops a peer redirect to any other kind of device).
+pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    };
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+    let err = |what: &str, e: &dyn std::fmt::Display| NetdevError::LinkDump(format!("{what}: {e}"));
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| err("socket", &e))?;
+    socket.bind_auto().map_err(|e| err("bind", &e))?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(|e| err("connect", &e))?;
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    req.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0u8; req.header.length as usize];
+    req.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(|e| err("send", &e))?;
+
+    let mut found = std::collections::BTreeSet::new();
+    loop {
+        let (bytes, _) = socket.recv_from_full().map_err(|e| err("recv", &e))?;
+        if bytes.is_empty() {
+            return Err(err("recv", &"connection closed mid-dump"));
+        }
+        let mut off = 0;
+        while off < bytes.len() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[off..])
+                .map_err(|e| err("parse", &e))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) => return Err(err("kernel", &format!("{e:?}"))),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    let mut kind_ok = false;
+                    let mut other_ns = false;
+                    for a in &link.attributes {
+                        match a {
+                            LinkAttribute::LinkInfo(infos) => {
+                                kind_ok = infos.iter().any(|i| {
+                                    matches!(i, LinkInfo::Kind(InfoKind::Veth))
+                                        || matches!(i, LinkInfo::Kind(InfoKind::Other(k)) if k == "netkit")
+                                });
+                            }
+                            LinkAttribute::LinkNetNsId(_) => other_ns = true,
+                            _ => {}
+                        }
+                    }
+                    if kind_ok && other_ns {
+                        found.insert(link.header.index);
+                    }
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            // Messages are NLMSG_ALIGN()ed (4 bytes) within a datagram (netlink(7)).
+            off += (len + 3) & !3;
+        }
+    }
 }
 
 #[cfg(test)]

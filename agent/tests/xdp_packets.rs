@@ -23,7 +23,7 @@ use xlb::{
     model::Protocol,
 };
 use xlb_common::{
-    Counter, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason, SVC_F_LOCAL, Service, ServiceKey,
+    Counter, FlowKey4, PROTO_TCP, PROTO_UDP, Reason, SVC_F_LOCAL, Service, ServiceKey4,
     flow_hash_v4, names,
 };
 use xlb_lab::{Netns, packets::*};
@@ -49,6 +49,10 @@ fn assert_dnat(input: &[u8], out: &RunResult, backends: &[([u8; 4], u16)]) -> ([
     );
     let o = &out.data;
     assert_eq!(o.len(), input.len(), "length changed");
+    // Marked for xlb_tc_ingress, which delivers it into the pod's namespace.
+    let mut deliver = xlb_common::DELIVER_MAGIC.to_ne_bytes().to_vec();
+    deliver.extend_from_slice(&[0; 4]);
+    assert_eq!(out.meta, deliver, "XDP metadata for TC");
     let dst: [u8; 4] = o[IP_DST..IP_DST + 4].try_into().unwrap();
     let dport = u16::from_be_bytes([o[DPORT], o[DPORT + 1]]);
     assert!(
@@ -132,19 +136,14 @@ fn hashed<T: Copy>(sport: u16, dport: u16, proto: u8, backends: &[T]) -> T {
     backends[(h % backends.len() as u32) as usize]
 }
 
-fn flow_key(sport: u16, dport: u16, proto: u8) -> FlowKey {
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&CLIENT);
-    let mut dst = [0u8; 16];
-    dst[..4].copy_from_slice(&VIP);
-    FlowKey {
-        src,
-        dst,
+fn flow_key(sport: u16, dport: u16, proto: u8) -> FlowKey4 {
+    FlowKey4 {
+        src: CLIENT,
+        dst: VIP,
         sport: sport.to_be(),
         dport: dport.to_be(),
         proto,
-        family: FAMILY_V4,
-        pad: [0; 2],
+        pad: [0; 3],
     }
 }
 
@@ -867,7 +866,9 @@ fn tunnel_path_cost() {
             addr: IpAddr::V4(Ipv4Addr::from(VIP)),
             port: 80,
             protocol: Protocol::Tcp,
-        });
+        })
+        .v4()
+        .unwrap();
         let svc = Service {
             id: 1,
             table: 2,
@@ -999,13 +1000,11 @@ fn icmp_errors_about_a_vip_flow_reach_its_backend() {
 fn icmp_echo_to_a_vip_is_counted_and_passed() {
     let mut bed = bed_with_services();
     // The agent writes one (VIP, 0, ICMP) key per VIP address.
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&VIP);
-    let key = ServiceKey {
-        addr,
+    let key = ServiceKey4 {
+        addr: VIP,
         port: 0,
         proto: 1,
-        family: 4,
+        pad: 0,
     };
     bed.services.insert(key, Service::default(), 0).unwrap();
     let echo = Ip4::new(CLIENT, VIP, 1).frame(&icmp_msg(8, 0, [0, 1, 0, 1], b"ping"));

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use xlb_common::{Backend, CtEntry, FAMILY_V4, FlowKey, PROTO_UDP};
+use xlb_common::{Backend, CtEntry, FAMILY_V4, FlowKey4, PROTO_UDP};
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -61,7 +61,7 @@ impl Drop for PinnedMap {
     }
 }
 
-/// Fills `{pin_dir}/xlb_conntrack` with `n` UDP flows from distinct 10.200.x.y:port
+/// Fills `{pin_dir}/xlb_conntrack4` with `n` UDP flows from distinct 10.200.x.y:port
 /// clients to `vip:port`, each tracked to `backend:port` and living `ttl_ns` past
 /// `now_ns` (CLOCK_MONOTONIC, as the datapath's `bpf_ktime_get_ns`). Returns how many
 /// were written.
@@ -72,7 +72,7 @@ pub fn fill_conntrack(
     backend: std::net::SocketAddrV4,
     expires_ns: u64,
 ) -> Result<u32> {
-    let map = PinnedMap::open(&pin_dir.join("xlb_conntrack"))?;
+    let map = PinnedMap::open(&pin_dir.join(xlb_common::names::CONNTRACK4))?;
     let addr16 = |ip: std::net::Ipv4Addr| {
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&ip.octets());
@@ -95,14 +95,13 @@ pub fn fill_conntrack(
     };
     for i in 0..n {
         let client = std::net::Ipv4Addr::new(10, 200, (i >> 14) as u8, ((i >> 6) & 0xff) as u8);
-        let key = FlowKey {
-            src: addr16(client),
-            dst: addr16(*vip.ip()),
+        let key = FlowKey4 {
+            src: client.octets(),
+            dst: vip.ip().octets(),
             sport: (1024 + (i & 0x3f) as u16).to_be(),
             dport: vip.port().to_be(),
             proto: PROTO_UDP,
-            family: FAMILY_V4,
-            pad: [0; 2],
+            pad: [0; 3],
         };
         map.update(&key, &value)
             .with_context(|| format!("conntrack entry {i} of {n}"))?;

@@ -168,6 +168,17 @@ fn tcp_and_udp_reach_every_ready_backend() -> Result<()> {
         packets >= 90.0,
         "xlb_service_packets_total for demo/web is {packets}, sent at least 90 packets"
     );
+    // Pods behind veths with a resolved neighbour get packets straight into their
+    // namespace (TC bpf_redirect_peer); the first packet to each pod resolves it
+    // through the kernel's routing.
+    let peer = lab
+        .agent()?
+        .metric("xlb_datapath_packets_total", &[("reason", "fwd_peer")])?;
+    println!("xlb_datapath_packets_total{{reason=\"fwd_peer\"}} = {peer}");
+    ensure!(
+        peer >= packets / 2.0,
+        "only {peer} of {packets} VIP packets were delivered with bpf_redirect_peer"
+    );
     Ok(())
 }
 
@@ -543,7 +554,7 @@ fn cleanup_removes_everything() -> Result<()> {
                 .with_context(|| format!("no prog id in {v}"))?,
         );
     }
-    for name in ["xlb_services", "xlb_backends", "xlb_conntrack"] {
+    for name in ["xlb_services4", "xlb_backends", "xlb_conntrack4"] {
         let path = pin_dir.join(name);
         let v = bpftool_json(&["map", "show", "pinned", &path.to_string_lossy()])?;
         maps.push(

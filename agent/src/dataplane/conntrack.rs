@@ -16,7 +16,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use xlb_common::{BACKEND_F_REMOTE, CtEntry, FlowKey, RevNat, names};
+use xlb_common::{BACKEND_F_REMOTE, CtEntry, FlowKey4, RevNat, names};
 
 use super::{DataplaneError, map_err};
 
@@ -33,8 +33,8 @@ pub struct CtCounts {
 
 /// Handles on the pinned conntrack and reverse-NAT maps.
 pub struct Sweeper {
-    conntrack: HashMap<MapData, FlowKey, CtEntry>,
-    revnat: HashMap<MapData, FlowKey, RevNat>,
+    conntrack: HashMap<MapData, FlowKey4, CtEntry>,
+    revnat: HashMap<MapData, FlowKey4, RevNat>,
 }
 
 impl Sweeper {
@@ -46,9 +46,9 @@ impl Sweeper {
                 .map_err(map_err(name))
         };
         Ok(Sweeper {
-            conntrack: HashMap::try_from(open(names::CONNTRACK)?)
-                .map_err(map_err(names::CONNTRACK))?,
-            revnat: HashMap::try_from(open(names::REVNAT)?).map_err(map_err(names::REVNAT))?,
+            conntrack: HashMap::try_from(open(names::CONNTRACK4)?)
+                .map_err(map_err(names::CONNTRACK4))?,
+            revnat: HashMap::try_from(open(names::REVNAT4)?).map_err(map_err(names::REVNAT4))?,
         })
     }
 
@@ -80,19 +80,19 @@ impl Sweeper {
                 removed += 1;
             }
             if ct.backend.flags & BACKEND_F_REMOTE == 0 {
-                let reply = FlowKey {
-                    src: ct.backend.addr,
+                let b = ct.backend.addr;
+                let reply = FlowKey4 {
+                    src: [b[0], b[1], b[2], b[3]],
                     dst: key.src,
                     sport: ct.backend.port,
                     dport: key.sport,
                     proto: key.proto,
-                    family: key.family,
-                    pad: [0; 2],
+                    pad: [0; 3],
                 };
                 // Only the reverse NAT this flow made: another VIP flow of the same
                 // client port to the same backend would map back elsewhere.
                 if let Ok(rn) = self.revnat.get(&reply, 0)
-                    && rn.addr == key.dst
+                    && rn.addr[..4] == key.dst
                     && rn.port == key.dport
                 {
                     let _ = self.revnat.remove(&reply);

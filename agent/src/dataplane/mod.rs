@@ -8,6 +8,7 @@
 //! with `BPF_LINK_UPDATE`, which the kernel does atomically: every packet runs either
 //! the old or the new program, never neither.
 pub mod conntrack;
+pub mod layout;
 pub mod maglev;
 pub mod pin;
 pub mod state;
@@ -21,7 +22,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        Array, HashMap, HashOfMaps, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -32,7 +33,10 @@ use aya::{
     },
 };
 use tracing::{debug, info};
-use xlb_common::{Backend, Counter, Service, ServiceKey, SlotPair, SourceRange, config, names};
+use xlb_common::{
+    Backend, Counter, Service, ServiceKey, ServiceKey4, ServiceKey6, SlotPair, SourceRange,
+    backend_slot, config, names, service_slot,
+};
 
 use self::state::{Ids, MapState, Write};
 pub use crate::netdev::{XdpChoice, XdpDecision};
@@ -149,14 +153,16 @@ pub struct Dataplane {
     // Keeps the programs loaded while the agent runs; links are pinned, so dropping
     // this never detaches anything.
     _ebpf: Ebpf,
-    services: HashMap<MapData, ServiceKey, Service>,
+    services4: HashMap<MapData, ServiceKey4, Service>,
+    services6: HashMap<MapData, ServiceKey6, Service>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, SlotPair>>,
     backends: HashMap<MapData, u32, Backend>,
-    service_stats: PerCpuHashMap<MapData, u32, Counter>,
-    backend_stats: PerCpuHashMap<MapData, u32, Counter>,
+    service_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, u64>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
     owners: HashMap<MapData, u32, xlb_common::Owner>,
+    peer_devs: HashMap<MapData, u32, u32>,
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
     ncpus: usize,
@@ -182,7 +188,7 @@ pub fn tc_ingress_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
 impl Dataplane {
     /// Loads the programs, reusing pinned maps, and attaches them to `iface`, taking
     /// over a previous agent's links if they are pinned.
-    /// `conntrack_size` sizes `xlb_conntrack` and `xlb_revnat` when they are created; a
+    /// `conntrack_size` sizes `xlb_conntrack4` and `xlb_revnat4` when they are created; a
     /// pinned map keeps its size (`xlb cleanup` first to change it).
     pub fn open(
         iface: &str,
@@ -197,6 +203,17 @@ impl Dataplane {
             path: pin_path.to_path_buf(),
             source,
         })?;
+        let replaced =
+            layout::unpin_incompatible(pin_path).map_err(|source| DataplaneError::PinPath {
+                path: pin_path.to_path_buf(),
+                source,
+            })?;
+        for name in replaced {
+            tracing::warn!(
+                map = name,
+                "pinned map has an older layout: replaced (its contents are lost)"
+            );
+        }
         let mut loader = EbpfLoader::new();
         let map_pins: Vec<(&'static str, PathBuf)> = names::ALL_MAPS
             .iter()
@@ -206,7 +223,7 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         // Reply maps are as large as conntrack: every tracked flow may need one.
-        for name in [names::CONNTRACK, names::REVNAT] {
+        for name in [names::CONNTRACK4, names::REVNAT4] {
             loader.map_max_entries(name, conntrack_size);
         }
         let mut ebpf = loader.load(OBJECT)?;
@@ -219,18 +236,27 @@ impl Dataplane {
         attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Ingress)?;
         let decision = attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, &mut config)?;
         attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Egress)?;
+        // Only now is nothing attached still using an older agent's maps.
+        match layout::unpin_retired(pin_path) {
+            Ok(gone) if !gone.is_empty() => info!(maps = ?gone, "removed maps of an older layout"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove maps of an older layout"),
+        }
 
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
-        let services = take_map(&mut ebpf, names::SERVICES)?;
+        let services4 = take_map(&mut ebpf, names::SERVICES4)?;
+        let services6 = take_map(&mut ebpf, names::SERVICES6)?;
         let maglev = take_map(&mut ebpf, names::MAGLEV)?;
         let backends = take_map(&mut ebpf, names::BACKENDS)?;
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let ranges = take_map(&mut ebpf, names::SOURCE_RANGES)?;
         let owners = take_map(&mut ebpf, names::OWNERS)?;
+        let peer_devs = take_map(&mut ebpf, names::PEER_DEVS)?;
         let dp = Dataplane {
             _ebpf: ebpf,
-            services,
+            services4,
+            services6,
             maglev,
             backends,
             service_stats,
@@ -238,6 +264,7 @@ impl Dataplane {
             config,
             ranges,
             owners,
+            peer_devs,
             _tail_progs: tail_progs,
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
@@ -277,9 +304,13 @@ impl Dataplane {
     /// previous agent programmed).
     pub fn read_state(&self) -> Result<MapState, DataplaneError> {
         let mut s = MapState::default();
-        for kv in self.services.iter() {
-            let (k, v) = kv.map_err(map_err(names::SERVICES))?;
-            s.services.insert(k, v);
+        for kv in self.services4.iter() {
+            let (k, v) = kv.map_err(map_err(names::SERVICES4))?;
+            s.services.insert(k.into(), v);
+        }
+        for kv in self.services6.iter() {
+            let (k, v) = kv.map_err(map_err(names::SERVICES6))?;
+            s.services.insert(k.into(), v);
         }
         for k in self.maglev.keys() {
             let k = k.map_err(map_err(names::MAGLEV))?;
@@ -297,14 +328,14 @@ impl Dataplane {
             let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
             s.backends.insert(k, v);
         }
-        for k in self.service_stats.keys() {
-            s.service_stats
-                .insert(k.map_err(map_err(names::SERVICE_STATS))?);
-        }
-        for k in self.backend_stats.keys() {
-            s.backend_stats
-                .insert(k.map_err(map_err(names::BACKEND_STATS))?);
-        }
+        // The counter arrays have every slot: those of the ids present are in use.
+        s.service_stats = s
+            .services
+            .values()
+            .map(|v| v.id)
+            .filter(|id| *id != 0)
+            .collect();
+        s.backend_stats = s.backends.keys().copied().collect();
         for k in self.ranges.keys() {
             let k = k.map_err(map_err(names::SOURCE_RANGES))?;
             s.ranges.insert((k.prefix_len(), k.data()));
@@ -380,7 +411,8 @@ impl Dataplane {
     /// Applies writes in order; stops at the first failure (the caller re-reads the
     /// maps and retries, so a partial apply is never mistaken for the target).
     pub fn apply(&mut self, writes: &[Write]) -> Result<(), DataplaneError> {
-        let zero = || PerCpuValues::try_from(vec![Counter::default(); self.ncpus]);
+        let ncpus = self.ncpus;
+        let zero = || PerCpuValues::try_from(vec![Counter::default(); ncpus]);
         for w in writes {
             match w {
                 Write::PutTable(id, slots) => debug!(table = id, slots = slots.len(), "map write"),
@@ -394,7 +426,7 @@ impl Dataplane {
                 Write::PutBackendStats(id) => {
                     let z = zero().map_err(DataplaneError::Cpus)?;
                     self.backend_stats
-                        .insert(id, z, 0)
+                        .set(backend_slot(id), z, 0)
                         .map_err(map_err(names::BACKEND_STATS))?
                 }
                 Write::PutTable(id, ref slots) => {
@@ -406,18 +438,13 @@ impl Dataplane {
                 Write::PutServiceStats(id) => {
                     let z = zero().map_err(DataplaneError::Cpus)?;
                     self.service_stats
-                        .insert(id, z, 0)
+                        .set(service_slot(id), z, 0)
                         .map_err(map_err(names::SERVICE_STATS))?
                 }
-                Write::PutService(k, v) => self
-                    .services
-                    .insert(k, v, 0)
-                    .map_err(map_err(names::SERVICES))?,
-                Write::DelService(k) => {
-                    ignore_missing(self.services.remove(&k)).map_err(map_err(names::SERVICES))?
-                }
-                Write::DelServiceStats(id) => ignore_missing(self.service_stats.remove(&id))
-                    .map_err(map_err(names::SERVICE_STATS))?,
+                Write::PutService(k, v) => self.put_service(&k, v)?,
+                Write::DelService(k) => self.del_service(&k)?,
+                // A freed slot is zeroed when an id takes it again (Put*Stats).
+                Write::DelServiceStats(_) | Write::DelBackendStats(_) => {}
                 Write::PutRange(len, r) => self
                     .ranges
                     .insert(&LpmKey::new(len, r), 1, 0)
@@ -430,8 +457,6 @@ impl Dataplane {
                 Write::DelBackend(id) => {
                     ignore_missing(self.backends.remove(&id)).map_err(map_err(names::BACKENDS))?
                 }
-                Write::DelBackendStats(id) => ignore_missing(self.backend_stats.remove(&id))
-                    .map_err(map_err(names::BACKEND_STATS))?,
                 Write::PutOwner(id, ref o) => self
                     .owners
                     .insert(id, **o, 0)
@@ -442,6 +467,59 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+}
+
+impl Dataplane {
+    /// Makes `xlb_peer_devs` hold exactly `devs` (pod-facing devices, see
+    /// `netdev::peer_devices`); returns the writes made.
+    pub fn set_peer_devices(
+        &mut self,
+        devs: &std::collections::BTreeSet<u32>,
+    ) -> Result<u64, DataplaneError> {
+        let now: std::collections::BTreeSet<u32> = self
+            .peer_devs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::PEER_DEVS))?;
+        let mut n = 0;
+        for gone in now.difference(devs) {
+            ignore_missing(self.peer_devs.remove(gone)).map_err(map_err(names::PEER_DEVS))?;
+            n += 1;
+        }
+        for new in devs.difference(&now) {
+            self.peer_devs
+                .insert(new, 1, 0)
+                .map_err(map_err(names::PEER_DEVS))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes a service into the map of its family.
+    fn put_service(&mut self, k: &ServiceKey, v: Service) -> Result<(), DataplaneError> {
+        if let Some(k4) = k.v4() {
+            self.services4
+                .insert(k4, v, 0)
+                .map_err(map_err(names::SERVICES4))
+        } else if let Some(k6) = k.v6() {
+            self.services6
+                .insert(k6, v, 0)
+                .map_err(map_err(names::SERVICES6))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Removes a service from the map of its family (absent is fine).
+    fn del_service(&mut self, k: &ServiceKey) -> Result<(), DataplaneError> {
+        if let Some(k4) = k.v4() {
+            ignore_missing(self.services4.remove(&k4)).map_err(map_err(names::SERVICES4))
+        } else if let Some(k6) = k.v6() {
+            ignore_missing(self.services6.remove(&k6)).map_err(map_err(names::SERVICES6))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -696,7 +774,7 @@ pub fn cleanup(iface: &str, pin_path: &Path) -> Result<Vec<PathBuf>, DataplaneEr
             removed.push(pin);
         }
     }
-    for name in names::ALL_MAPS {
+    for name in names::ALL_MAPS.into_iter().chain(layout::RETIRED) {
         let p = pin_path.join(name);
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p),
@@ -717,8 +795,8 @@ pub fn cleanup(iface: &str, pin_path: &Path) -> Result<Vec<PathBuf>, DataplaneEr
 /// Read-only handles on the per-CPU counters, opened from their pins so the metrics
 /// server can read them without sharing the reconciler's handles.
 pub struct Stats {
-    services: PerCpuHashMap<MapData, u32, Counter>,
-    backends: PerCpuHashMap<MapData, u32, Counter>,
+    services: PerCpuArray<MapData, Counter>,
+    backends: PerCpuArray<MapData, Counter>,
     reasons: aya::maps::PerCpuArray<MapData, u64>,
 }
 
@@ -739,11 +817,11 @@ impl Stats {
         let open =
             |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
         Ok(Stats {
-            services: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+            services: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(
                 names::SERVICE_STATS,
             )?))
             .map_err(map_err(names::SERVICE_STATS))?,
-            backends: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+            backends: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(
                 names::BACKEND_STATS,
             )?))
             .map_err(map_err(names::BACKEND_STATS))?,
@@ -754,8 +832,13 @@ impl Stats {
         })
     }
 
-    /// Reads and sums every counter.
-    pub fn read(&self) -> Result<StatsSnapshot, DataplaneError> {
+    /// Reads and sums the counters of the given service and backend ids (one lookup
+    /// each at the id's slot) and every reason counter.
+    pub fn read(
+        &self,
+        service_ids: impl IntoIterator<Item = u32>,
+        backend_ids: impl IntoIterator<Item = u32>,
+    ) -> Result<StatsSnapshot, DataplaneError> {
         let sum = |vals: PerCpuValues<Counter>| {
             vals.iter().fold(Counter::default(), |a, c| Counter {
                 packets: a.packets + c.packets,
@@ -763,13 +846,19 @@ impl Stats {
             })
         };
         let mut s = StatsSnapshot::default();
-        for kv in self.services.iter() {
-            let (k, v) = kv.map_err(map_err(names::SERVICE_STATS))?;
-            s.services.insert(k, sum(v));
+        for id in service_ids {
+            let v = self
+                .services
+                .get(&service_slot(id), 0)
+                .map_err(map_err(names::SERVICE_STATS))?;
+            s.services.insert(id, sum(v));
         }
-        for kv in self.backends.iter() {
-            let (k, v) = kv.map_err(map_err(names::BACKEND_STATS))?;
-            s.backends.insert(k, sum(v));
+        for id in backend_ids {
+            let v = self
+                .backends
+                .get(&backend_slot(id), 0)
+                .map_err(map_err(names::BACKEND_STATS))?;
+            s.backends.insert(id, sum(v));
         }
         for v in self.reasons.iter() {
             let v = v.map_err(map_err(names::REASONS))?;

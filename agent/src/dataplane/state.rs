@@ -13,7 +13,7 @@ use std::{
 use xlb_common::{
     BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, OWNER_TEXT_LEN, Owner, PROTO_ICMP, PROTO_TCP,
     PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange,
-    limits,
+    backend_slot, limits, service_slot,
 };
 
 use super::maglev::{self, MaglevBackend};
@@ -256,17 +256,30 @@ pub fn target(
     let existing_backends: BTreeMap<Backend, u32> =
         current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let mut chosen_backends: BTreeMap<Backend, u32> = BTreeMap::new();
+    // Counter slots of live ids (slot 0 stays with the id-0 ICMP keys).
+    let mut service_slots: BTreeSet<u32> = current
+        .services
+        .values()
+        .map(|s| service_slot(s.id))
+        .chain([0])
+        .collect();
+    let mut backend_slots: BTreeSet<u32> = current
+        .backends
+        .keys()
+        .map(|id| backend_slot(*id))
+        .collect();
 
     for (vip, ds) in &desired.services {
         let key = service_key(vip);
         let old = current.services.get(&key);
         let id = match old {
             Some(s) => s.id,
-            None => {
-                let id = ids.next_service;
-                ids.next_service += 1;
-                id
-            }
+            None => new_id(
+                &mut ids.next_service,
+                &mut service_slots,
+                service_slot,
+                limits::MAX_SERVICES,
+            ),
         };
         // Local policy: this node's endpoints only. Cluster: every node's, the remote
         // ones through a tunnel to their node (skipped while that node's address is
@@ -293,11 +306,12 @@ pub fn target(
                 .or_else(|| existing_backends.get(&b))
             {
                 Some(bid) => *bid,
-                None => {
-                    let bid = ids.next_backend;
-                    ids.next_backend += 1;
-                    bid
-                }
+                None => new_id(
+                    &mut ids.next_backend,
+                    &mut backend_slots,
+                    backend_slot,
+                    limits::MAX_BACKENDS,
+                ),
             };
             chosen_backends.insert(b, bid);
             state.backends.insert(bid, b);
@@ -394,6 +408,23 @@ pub fn target(
         services: labels,
         backends: backend_addrs,
     })
+}
+
+/// The next id (ids only grow, see [`Ids`]) whose counter slot no live id holds,
+/// so the datapath's per-CPU counter arrays are indexed by id without collisions.
+/// Skips at most `slots` candidates; past that every slot is taken and the capacity
+/// check refuses the state anyway.
+fn new_id(next: &mut u32, used: &mut BTreeSet<u32>, slot: fn(u32) -> u32, slots: u32) -> u32 {
+    let mut id = *next;
+    for _ in 0..slots {
+        if !used.contains(&slot(id)) {
+            break;
+        }
+        id = id.wrapping_add(1).max(1);
+    }
+    used.insert(slot(id));
+    *next = id.wrapping_add(1).max(1);
+    id
 }
 
 fn check_capacity(what: &'static str, needed: usize, max: u32) -> Result<(), StateError> {
@@ -850,6 +881,27 @@ mod tests {
             .unwrap();
         assert!(put < del);
         assert_eq!(apply(&t.state, &writes), t2.state);
+    }
+
+    #[test]
+    fn new_ids_never_share_a_counter_slot_with_live_ids() {
+        // Live ids 1 and 1 + 16 (slot 1 of 16) and 5: the next ids skip slots 1 and 5.
+        let slot = |id: u32| id & 15;
+        let mut used: BTreeSet<u32> = [1, 17, 5].iter().map(|id| slot(*id)).collect();
+        let mut next = 32;
+        let got: Vec<u32> = (0..4)
+            .map(|_| new_id(&mut next, &mut used, slot, 16))
+            .collect();
+        assert_eq!(
+            got,
+            [32, 34, 35, 36],
+            "32 is slot 0, 33 slot 1 (taken), 37 slot 5"
+        );
+        assert_eq!(next, 37);
+        // With every slot taken the allocation still ends (the capacity check refuses).
+        let mut full: BTreeSet<u32> = (0..16).collect();
+        let mut next = 100;
+        assert_eq!(new_id(&mut next, &mut full, slot, 16), 116);
     }
 
     #[test]

@@ -15,11 +15,12 @@
 //!   packet whose rewrite is the identity, or with `repeat = 1`.
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuValues},
     programs::{Program, ProgramError, TestRun, TestRunOptions},
 };
 use xlb_common::{
-    Backend, Counter, CtEntry, FlowKey, Reason, Service, ServiceKey, SlotPair, names,
+    Backend, Counter, CtEntry, FlowKey4, Reason, Service, ServiceKey4, SlotPair, backend_slot,
+    names, service_slot,
 };
 
 use super::{DataplaneError, OBJECT, map_err, new_table, take_map};
@@ -32,21 +33,24 @@ pub const BASELINE_PROG: &str = "xlb_baseline_pass";
 /// output buffers of this size always suffice.
 const OUT_BUF: usize = 4096;
 
+/// Size of `struct xdp_md` (six u32 fields).
+const XDP_MD_LEN: usize = 24;
+
 /// The loaded object with its own maps, ready to run programs on packets.
 pub struct TestBed {
     ebpf: Ebpf,
-    /// `xlb_services`: VIP:port:proto -> service.
-    pub services: HashMap<MapData, ServiceKey, Service>,
+    /// `xlb_services4`: IPv4 VIP:port:proto -> service.
+    pub services: HashMap<MapData, ServiceKey4, Service>,
     /// `xlb_maglev`: table id -> inner array (see [`TestBed::set_table`]).
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, SlotPair>>,
     /// `xlb_backends`: backend id -> address.
     pub backends: HashMap<MapData, u32, Backend>,
-    /// `xlb_conntrack` (LRU): client flow -> chosen backend.
-    pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// `xlb_conntrack4` (LRU): client flow -> chosen backend.
+    pub conntrack: HashMap<MapData, FlowKey4, CtEntry>,
     /// `xlb_config`: node settings (`xlb_common::config`).
     pub config: Array<MapData, u64>,
-    service_stats: PerCpuHashMap<MapData, u32, Counter>,
-    backend_stats: PerCpuHashMap<MapData, u32, Counter>,
+    service_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
     reasons: PerCpuArray<MapData, u64>,
     ncpus: usize,
 }
@@ -58,6 +62,9 @@ pub struct RunResult {
     pub retval: u32,
     /// The packet as the program left it (after the last repetition).
     pub data: Vec<u8>,
+    /// XDP metadata the program put in front of the packet (`bpf_xdp_adjust_meta`),
+    /// e.g. the `xlb_common::ResolveMeta` for `xlb_tc_ingress`; empty for TC.
+    pub meta: Vec<u8>,
     /// Average time per repetition as the kernel measured it, in nanoseconds.
     pub duration_ns: u64,
 }
@@ -81,10 +88,10 @@ impl TestBed {
                 source,
             })?;
         }
-        let services = take_map(&mut ebpf, names::SERVICES)?;
+        let services = take_map(&mut ebpf, names::SERVICES4)?;
         let maglev = take_map(&mut ebpf, names::MAGLEV)?;
         let backends = take_map(&mut ebpf, names::BACKENDS)?;
-        let conntrack = take_map(&mut ebpf, names::CONNTRACK)?;
+        let conntrack = take_map(&mut ebpf, names::CONNTRACK4)?;
         let config = take_map(&mut ebpf, names::CONFIG)?;
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
@@ -114,16 +121,27 @@ impl TestBed {
         repeat: u32,
     ) -> Result<RunResult, DataplaneError> {
         let mut out = vec![0u8; OUT_BUF.max(packet.len())];
-        let opts = TestRunOptions {
+        // struct xdp_md comes back with `data` = the metadata's length (the kernel
+        // copies the output from data_meta on). Going in, the kernel wants
+        // `data_end` = the packet's length and the rest zero.
+        let mut md_in = [0u8; XDP_MD_LEN];
+        md_in[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        let mut md = [0u8; XDP_MD_LEN];
+        let program = self
+            .ebpf
+            .program(prog)
+            .ok_or(DataplaneError::Missing(prog))?;
+        let xdp = matches!(program, Program::Xdp(_));
+        let mut opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
             repeat,
             ..TestRunOptions::default()
         };
-        let program = self
-            .ebpf
-            .program(prog)
-            .ok_or(DataplaneError::Missing(prog))?;
+        if xdp {
+            opts.ctx_in = Some(&md_in);
+            opts.ctx_out = Some(&mut md);
+        }
         let res = match program {
             Program::Xdp(p) => p.test_run(opts),
             Program::SchedClassifier(p) => p.test_run(opts),
@@ -131,9 +149,16 @@ impl TestBed {
         }
         .map_err(|source| DataplaneError::Program { name: prog, source })?;
         out.truncate((res.data_size_out as usize).min(out.len()));
+        let meta_len = if xdp {
+            (u32::from_ne_bytes([md[0], md[1], md[2], md[3]]) as usize).min(out.len())
+        } else {
+            0
+        };
+        let data = out.split_off(meta_len);
         Ok(RunResult {
             retval: res.return_value,
-            data: out,
+            data,
+            meta: out,
             duration_ns: u64::try_from(res.duration.as_nanos()).unwrap_or(u64::MAX),
         })
     }
@@ -147,8 +172,8 @@ impl TestBed {
             .map_err(map_err(names::MAGLEV))
     }
 
-    /// Creates zeroed traffic counters for a service id and backend ids, as the agent
-    /// does for everything it programs (the programs only count into existing ones).
+    /// Zeroes the traffic counters of a service id and backend ids, as the agent does
+    /// for every id it allocates.
     pub fn create_counters(
         &mut self,
         service: u32,
@@ -159,11 +184,11 @@ impl TestBed {
                 .map_err(DataplaneError::Cpus)
         };
         self.service_stats
-            .insert(service, zero()?, 0)
+            .set(service_slot(service), zero()?, 0)
             .map_err(map_err(names::SERVICE_STATS))?;
         for id in backends {
             self.backend_stats
-                .insert(id, zero()?, 0)
+                .set(backend_slot(*id), zero()?, 0)
                 .map_err(map_err(names::BACKEND_STATS))?;
         }
         Ok(())
@@ -199,21 +224,32 @@ impl TestBed {
             affinity_secs: 0,
             pad: 0,
         };
+        let key = super::state::service_key(vip)
+            .v4()
+            .ok_or(DataplaneError::Missing(
+                "an IPv4 VIP (the test bed runs IPv4 only)",
+            ))?;
         self.services
-            .insert(super::state::service_key(vip), svc, 0)
-            .map_err(map_err(names::SERVICES))?;
+            .insert(key, svc, 0)
+            .map_err(map_err(names::SERVICES4))?;
         self.create_counters(id, &ids)?;
         Ok(ids)
     }
 
-    /// A service's traffic counter summed over CPUs (`None` if it was never created).
+    /// A service's traffic counter summed over CPUs.
     pub fn service_counter(&self, service: u32) -> Result<Option<Counter>, DataplaneError> {
-        sum_counter(self.service_stats.get(&service, 0), names::SERVICE_STATS)
+        sum_counter(
+            self.service_stats.get(&service_slot(service), 0),
+            names::SERVICE_STATS,
+        )
     }
 
-    /// A backend's traffic counter summed over CPUs (`None` if it was never created).
+    /// A backend's traffic counter summed over CPUs.
     pub fn backend_counter(&self, backend: u32) -> Result<Option<Counter>, DataplaneError> {
-        sum_counter(self.backend_stats.get(&backend, 0), names::BACKEND_STATS)
+        sum_counter(
+            self.backend_stats.get(&backend_slot(backend), 0),
+            names::BACKEND_STATS,
+        )
     }
 
     /// How many packets the programs counted for `reason`, summed over CPUs.

@@ -11,19 +11,22 @@
 /// Pin names (also the BPF object names, which the kernel caps at 15 characters) of
 /// every map, under `--pin-path`.
 pub mod names {
-    /// VIP:port:proto -> [`super::Service`].
-    pub const SERVICES: &str = "xlb_services";
+    /// IPv4 VIP:port:proto ([`super::ServiceKey4`]) -> [`super::Service`].
+    pub const SERVICES4: &str = "xlb_services4";
+    /// IPv6 VIP:port:proto ([`super::ServiceKey6`]) -> [`super::Service`]. Programmed
+    /// by the agent; read by the programs once they parse IPv6.
+    pub const SERVICES6: &str = "xlb_services6";
     /// Maglev tables: table id -> inner array of backend-id pairs (map of maps).
     pub const MAGLEV: &str = "xlb_maglev";
     /// backend id -> [`super::Backend`].
     pub const BACKENDS: &str = "xlb_backends";
-    /// Connection tracking: client flow -> [`super::CtEntry`].
-    pub const CONNTRACK: &str = "xlb_conntrack";
-    /// Reverse NAT: reply flow (backend -> client) -> [`super::RevNat`].
-    pub const REVNAT: &str = "xlb_revnat";
-    /// Per-CPU packet/byte counters per service id.
+    /// IPv4 connection tracking: client flow ([`super::FlowKey4`]) -> [`super::CtEntry`].
+    pub const CONNTRACK4: &str = "xlb_conntrack4";
+    /// IPv4 reverse NAT: reply flow (backend -> client) -> [`super::RevNat`].
+    pub const REVNAT4: &str = "xlb_revnat4";
+    /// Per-CPU packet/byte counters per service, indexed by [`super::service_slot`].
     pub const SERVICE_STATS: &str = "xlb_svc_stats";
-    /// Per-CPU packet/byte counters per backend id.
+    /// Per-CPU packet/byte counters per backend, indexed by [`super::backend_slot`].
     pub const BACKEND_STATS: &str = "xlb_be_stats";
     /// Per-CPU counters per [`super::Reason`].
     pub const REASONS: &str = "xlb_reasons";
@@ -33,8 +36,8 @@ pub mod names {
     pub const SOURCE_RANGES: &str = "xlb_src_ranges";
     /// sessionAffinity ClientIP: (client address, service id) -> backend (LRU).
     pub const AFFINITY: &str = "xlb_affinity";
-    /// `--cluster-mode snat`: reply flow (pod -> this node:port) -> client and VIP.
-    pub const SNAT: &str = "xlb_snat";
+    /// `--cluster-mode snat`, IPv4: reply flow (pod -> this node:port) -> client and VIP.
+    pub const SNAT4: &str = "xlb_snat4";
     /// Tail-call targets of `xlb_xdp` (the SNAT programs). Pinned because the kernel
     /// empties a program array once no file refers to it.
     pub const PROGS: &str = "xlb_progs";
@@ -45,23 +48,29 @@ pub mod names {
     /// Never read by the programs; kept next to the pins so that a restarted agent
     /// keeps a contested VIP with the Service that had it, and tools can show names.
     pub const OWNERS: &str = "xlb_owners";
+    /// ifindex -> 1 for the veth/netkit devices of this network namespace whose peer
+    /// lives in another one (a pod): where `xlb_tc_ingress` may deliver with
+    /// `bpf_redirect_peer`. Written by the agent from the kernel's link list.
+    pub const PEER_DEVS: &str = "xlb_peer_devs";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 15] = [
-        SERVICES,
+    pub const ALL_MAPS: [&str; 17] = [
+        SERVICES4,
+        SERVICES6,
         MAGLEV,
         BACKENDS,
-        CONNTRACK,
-        REVNAT,
+        CONNTRACK4,
+        REVNAT4,
         SERVICE_STATS,
         BACKEND_STATS,
         REASONS,
         CONFIG,
         SOURCE_RANGES,
         AFFINITY,
-        SNAT,
+        SNAT4,
         PROGS,
         HANDOFF,
         OWNERS,
+        PEER_DEVS,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -94,6 +103,8 @@ pub mod limits {
     pub const MAX_SOURCE_RANGES: u32 = 65_536;
     /// Session-affinity entries (LRU).
     pub const AFFINITY_ENTRIES: u32 = 65_536;
+    /// Pod-facing devices (`xlb_peer_devs`).
+    pub const MAX_PEER_DEVS: u32 = 16_384;
 }
 
 /// Address family, as stored in keys (`AF_INET`/`AF_INET6` values are not used so
@@ -106,7 +117,7 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 /// UDP.
 pub const PROTO_UDP: u8 = 17;
-/// IP protocol number of ICMP. `xlb_services` holds one `(VIP, port 0, ICMP)` key per
+/// IP protocol number of ICMP. `xlb_services4` holds one `(VIP, port 0, ICMP)` key per
 /// VIP address (a [`Service`] with id 0 and no backends), so ICMP to a VIP is known
 /// as such without a map of its own.
 pub const PROTO_ICMP: u8 = 1;
@@ -114,7 +125,9 @@ pub const PROTO_ICMP: u8 = 1;
 /// An IPv4 or IPv6 address; IPv4 uses the first four bytes, the rest are zero.
 pub type Addr = [u8; 16];
 
-/// Key of `xlb_services`: a VIP, port and protocol.
+/// A VIP, port and protocol of either family: the agent's view of a service key,
+/// stored as [`ServiceKey4`] in `xlb_services4` or [`ServiceKey6`] in
+/// `xlb_services6` (see [`ServiceKey::v4`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
@@ -126,6 +139,95 @@ pub struct ServiceKey {
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+}
+
+impl ServiceKey {
+    /// The `xlb_services4` key, for an IPv4 key.
+    pub fn v4(&self) -> Option<ServiceKey4> {
+        (self.family == FAMILY_V4).then(|| ServiceKey4 {
+            addr: [self.addr[0], self.addr[1], self.addr[2], self.addr[3]],
+            port: self.port,
+            proto: self.proto,
+            pad: 0,
+        })
+    }
+
+    /// The `xlb_services6` key, for an IPv6 key.
+    pub fn v6(&self) -> Option<ServiceKey6> {
+        (self.family == FAMILY_V6).then_some(ServiceKey6 {
+            addr: self.addr,
+            port: self.port,
+            proto: self.proto,
+            pad: 0,
+        })
+    }
+}
+
+impl From<ServiceKey4> for ServiceKey {
+    fn from(k: ServiceKey4) -> Self {
+        let mut addr = [0; 16];
+        addr[..4].copy_from_slice(&k.addr);
+        ServiceKey {
+            addr,
+            port: k.port,
+            proto: k.proto,
+            family: FAMILY_V4,
+        }
+    }
+}
+
+impl From<ServiceKey6> for ServiceKey {
+    fn from(k: ServiceKey6) -> Self {
+        ServiceKey {
+            addr: k.addr,
+            port: k.port,
+            proto: k.proto,
+            family: FAMILY_V6,
+        }
+    }
+}
+
+/// Key of `xlb_services4`: eight bytes, so the lookup every IPv4 packet pays hashes
+/// and compares one word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey4 {
+    /// Destination address, network order.
+    pub addr: [u8; 4],
+    /// Destination port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_ICMP`].
+    pub proto: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Key of `xlb_services6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey6 {
+    /// Destination address, network order.
+    pub addr: [u8; 16],
+    /// Destination port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_ICMP`].
+    pub proto: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Index of a service's counters in `xlb_svc_stats`. The agent never gives two live
+/// services ids with the same slot (it skips such ids when allocating), so the
+/// counters are a per-CPU array read at a fixed index, not a hash lookup.
+#[inline(always)]
+pub const fn service_slot(id: u32) -> u32 {
+    id & (limits::MAX_SERVICES - 1)
+}
+
+/// Index of a backend's counters in `xlb_be_stats`, as [`service_slot`].
+#[inline(always)]
+pub const fn backend_slot(id: u32) -> u32 {
+    id & (limits::MAX_BACKENDS - 1)
 }
 
 /// Service flag: externalTrafficPolicy Local (only this node's endpoints).
@@ -145,7 +247,7 @@ pub const SVC_F_AFFINITY: u32 = 1 << 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// Stable id, key of `xlb_svc_stats`.
+    /// Stable id; its counters are at [`service_slot`] in `xlb_svc_stats`.
     pub id: u32,
     /// Active table id: `id * 2 + generation`, the key of `xlb_maglev`.
     pub table: u32,
@@ -219,27 +321,26 @@ pub struct Backend {
 /// replies straight to the client (direct server return).
 pub const BACKEND_F_REMOTE: u8 = 1 << 0;
 
-/// Key of the connection-tracking and reverse-NAT maps: one direction of a flow.
+/// Key of the IPv4 connection-tracking, reverse-NAT and SNAT maps: one direction of
+/// a flow in 16 bytes (IPv6 flows get their own maps and key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey {
+pub struct FlowKey4 {
     /// Source address, network order.
-    pub src: Addr,
+    pub src: [u8; 4],
     /// Destination address, network order.
-    pub dst: Addr,
+    pub dst: [u8; 4],
     /// Source port, network order.
     pub sport: u16,
     /// Destination port, network order.
     pub dport: u16,
     /// IP protocol.
     pub proto: u8,
-    /// Address family.
-    pub family: u8,
     /// Zero; part of the hashed key, so it must always be written as zero.
-    pub pad: [u8; 2],
+    pub pad: [u8; 3],
 }
 
-/// Value of `xlb_conntrack`, keyed by the client's flow (client -> VIP:port).
+/// Value of `xlb_conntrack4`, keyed by the client's flow (client -> VIP:port).
 ///
 /// It carries the backend's address itself, so an established TCP flow keeps going
 /// to its backend even after the backend left the service (as kube-proxy's conntrack
@@ -249,7 +350,7 @@ pub struct FlowKey {
 pub struct CtEntry {
     /// The backend's address and port.
     pub backend: Backend,
-    /// Backend id (key of `xlb_backends` and `xlb_be_stats`).
+    /// Backend id (key of `xlb_backends`; counters at [`backend_slot`] in `xlb_be_stats`).
     pub backend_id: u32,
     /// CLOCK_MONOTONIC time (`bpf_ktime_get_coarse_ns()`) after which the entry is dead.
     pub expires: u64,
@@ -264,7 +365,7 @@ pub struct CtEntry {
     pub pad: [u8; 6],
 }
 
-/// Value of `xlb_snat`, keyed by the reply flow (backend -> this node:snat port): how
+/// Value of `xlb_snat4`, keyed by the reply flow (backend -> this node:snat port): how
 /// to turn the backend's reply back into one from the VIP to the client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -321,7 +422,7 @@ pub mod timeouts {
     pub const REFRESH: u64 = S;
 }
 
-/// Value of `xlb_revnat`, keyed by the reply flow (backend -> client): what the reply's
+/// Value of `xlb_revnat4`, keyed by the reply flow (backend -> client): what the reply's
 /// source must be rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -465,25 +566,36 @@ pub enum Reason {
     /// Passed: ICMP to a VIP that xlb does not translate (echo, or an error quoting a
     /// flow it does not track here).
     PassIcmpVip = 24,
+    /// A DNATed packet for a local backend delivered by `xlb_tc_ingress` straight into
+    /// the pod's network namespace (`bpf_redirect_peer`), without the kernel's
+    /// forwarding path. Local backends the FIB does not lead to a pod's veth (or
+    /// whose neighbour entry is not resolved yet) are routed by the kernel instead.
+    FwdPeer = 25,
 }
 
-/// XDP metadata (`bpf_xdp_adjust_meta`) that `xlb_xdp` puts in front of an
-/// encapsulated packet whose next hop is not resolved yet, for `xlb_tc_ingress`.
+/// XDP metadata (`bpf_xdp_adjust_meta`) by which `xlb_xdp` hands a packet it passes
+/// to `xlb_tc_ingress`: an encapsulated packet whose next hop is not resolved yet
+/// ([`RESOLVE_MAGIC`]), or a DNATed one for a local backend ([`DELIVER_MAGIC`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResolveMeta {
-    /// [`RESOLVE_MAGIC`]: metadata only XDP can write, checked all the same.
+    /// What to do: [`RESOLVE_MAGIC`] or [`DELIVER_MAGIC`]; only XDP can write
+    /// metadata, checked all the same.
     pub magic: u32,
-    /// The egress interface the FIB lookup chose.
+    /// For [`RESOLVE_MAGIC`], the egress interface the FIB lookup chose; else 0.
     pub ifindex: u32,
 }
 
-/// [`ResolveMeta::magic`].
+/// [`ResolveMeta::magic`]: send with `bpf_redirect_neigh` to `ifindex`.
 pub const RESOLVE_MAGIC: u32 = 0x786c_6231;
+
+/// [`ResolveMeta::magic`]: a DNATed packet for a local backend; see
+/// [`Reason::FwdPeer`].
+pub const DELIVER_MAGIC: u32 = 0x786c_6232;
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -511,6 +623,7 @@ impl Reason {
         Reason::DropMalformedIp,
         Reason::IcmpErrorNat,
         Reason::PassIcmpVip,
+        Reason::FwdPeer,
     ];
 
     /// The label value exported in metrics.
@@ -541,6 +654,7 @@ impl Reason {
             Reason::DropMalformedIp => "drop_malformed_ip",
             Reason::IcmpErrorNat => "icmp_error_nat",
             Reason::PassIcmpVip => "pass_icmp_vip",
+            Reason::FwdPeer => "fwd_peer",
         }
     }
 }
@@ -585,9 +699,11 @@ mod pod {
     // and have explicit padding fields, so every bit pattern is valid and no byte is
     // uninitialised.
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceKey4 {}
+    unsafe impl aya::Pod for super::ServiceKey6 {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::Counter {}
@@ -634,14 +750,28 @@ mod layout {
 
     #[test]
     fn flow_key_layout_has_no_implicit_padding() {
-        assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(offset_of!(FlowKey, dst), 16);
-        assert_eq!(offset_of!(FlowKey, sport), 32);
-        assert_eq!(offset_of!(FlowKey, dport), 34);
-        assert_eq!(offset_of!(FlowKey, proto), 36);
-        assert_eq!(offset_of!(FlowKey, family), 37);
-        assert_eq!(offset_of!(FlowKey, pad), 38);
-        assert_eq!(align_of::<FlowKey>(), 2);
+        assert_eq!(size_of::<FlowKey4>(), 16);
+        assert_eq!(offset_of!(FlowKey4, dst), 4);
+        assert_eq!(offset_of!(FlowKey4, sport), 8);
+        assert_eq!(offset_of!(FlowKey4, dport), 10);
+        assert_eq!(offset_of!(FlowKey4, proto), 12);
+        assert_eq!(offset_of!(FlowKey4, pad), 13);
+        assert_eq!(align_of::<FlowKey4>(), 2);
+    }
+
+    #[test]
+    fn narrow_service_keys() {
+        assert_eq!(size_of::<ServiceKey4>(), 8);
+        assert_eq!(offset_of!(ServiceKey4, port), 4);
+        assert_eq!(size_of::<ServiceKey6>(), 20);
+        let k = ServiceKey {
+            addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+        };
+        assert_eq!(k.v6(), None);
+        assert_eq!(ServiceKey::from(k.v4().unwrap()), k);
     }
 
     #[test]

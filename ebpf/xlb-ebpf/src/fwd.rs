@@ -6,25 +6,97 @@
 //! which xlb cannot know under an arbitrary CNI, so it is opt-in and anything the FIB
 //! cannot resolve completely still goes the XDP_PASS way.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    programs::XdpContext,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
+    programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{csum, maps::CONFIG, packet::{IP_OFF, ptr_at}};
+use crate::{
+    csum,
+    maps::{CONFIG, PEER_DEVS, count},
+    packet::{IP_CSUM_OFF, IP_OFF, IP_TTL_OFF, ptr_at},
+};
 
 /// `xlb_config[FORWARD_MODE]` value selecting FIB lookup + redirect.
 pub const FORWARD_REDIRECT: u64 = 1;
 const AF_INET: u8 = 2;
 
-/// The XDP action that forwards an already DNATed IPv4 packet.
+/// The XDP action that forwards an already DNATed IPv4 packet. By default it goes
+/// to the kernel marked for `xlb_tc_ingress`, which delivers it into the pod's
+/// namespace when it can (see [`deliver`]) and lets the kernel route it otherwise.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> u32 {
     match CONFIG.get(xlb_common::config::FORWARD_MODE) {
         Some(m) if *m == FORWARD_REDIRECT => redirect(ctx).unwrap_or(xdp_action::XDP_PASS),
-        _ => xdp_action::XDP_PASS,
+        _ => {
+            // Without room for metadata the kernel routes it: slower, still right.
+            let _ = crate::tunnel::set_tc_meta(ctx, xlb_common::DELIVER_MAGIC, 0);
+            xdp_action::XDP_PASS
+        }
     }
+}
+
+/// TC ingress, for a packet `xlb_xdp` DNATed to a local backend: when the FIB
+/// leads to a pod-facing veth/netkit (`xlb_peer_devs`) with a resolved neighbour, does
+/// the router's work (TTL, MACs) and hands the packet to the device's peer in the
+/// pod's namespace with `bpf_redirect_peer`, which re-enters the receive path there at
+/// once (kernel `skb_do_redirect`, BPF_F_PEER: no backlog queue, no second softirq,
+/// no forwarding path, no netfilter). Anything else goes on unchanged (`TC_ACT_OK`):
+/// the kernel's routing still delivers it.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext) -> i32 {
+    try_deliver(ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
+#[inline(always)]
+fn try_deliver(ctx: &TcContext) -> Option<i32> {
+    let ip: Ipv4Hdr = ctx.load(IP_OFF).ok()?;
+    // Let the kernel answer with ICMP time exceeded (RFC 1812 section 5.3.1).
+    if ip.ttl <= 1 {
+        return None;
+    }
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = ip.proto;
+    p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+    // SAFETY: reading a field of our own __sk_buff context.
+    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    p.__bindgen_anon_2.tos = ip.tos;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    // SAFETY: the helper reads and writes only `p`, sized by the third argument.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    // NO_NEIGH included: the kernel's path resolves the pod's neighbour entry.
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    // SAFETY: plain data lookup.
+    unsafe { PEER_DEVS.get(&p.ifindex) }?;
+    // TTL shares a 16-bit word with the protocol.
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
+    ctx.l3_csum_replace(
+        IP_OFF + IP_CSUM_OFF,
+        u64::from(old.to_be()),
+        u64::from(new.to_be()),
+        2,
+    )
+    .ok()?;
+    ctx.store(IP_OFF + IP_TTL_OFF, &(ip.ttl - 1), 0).ok()?;
+    ctx.store(0, &p.dmac, 0).ok()?;
+    ctx.store(6, &p.smac, 0).ok()?;
+    count(xlb_common::Reason::FwdPeer);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect_peer(p.ifindex, 0) } as i32)
 }
 
 /// Forwards the packet itself: FIB lookup, TTL, MACs, then a redirect (or XDP_TX).

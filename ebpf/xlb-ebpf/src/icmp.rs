@@ -21,13 +21,13 @@ use aya_ebpf::{
 };
 use network_types::ip::Ipv4Hdr;
 use xlb_common::{
-    BACKEND_F_REMOTE, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
+    BACKEND_F_REMOTE, FlowKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason, ServiceKey4,
 };
 
 use crate::{
     csum,
-    maps::{CONNTRACK, REVNAT, SERVICES, count},
-    packet::{IP_OFF, L4_OFF, addr16, ptr_at},
+    maps::{CONNTRACK4, REVNAT4, SERVICES4, count},
+    packet::{IP_OFF, L4_OFF, ptr_at},
 };
 
 const ECHO_REQUEST: u8 = 8;
@@ -58,15 +58,14 @@ impl Quote {
     /// reply (VIP -> client), the reverse-NAT key of a quoted request (client ->
     /// backend).
     #[inline(always)]
-    fn reversed(&self) -> FlowKey {
-        FlowKey {
-            src: addr16(self.ip.dst_addr),
-            dst: addr16(self.ip.src_addr),
+    fn reversed(&self) -> FlowKey4 {
+        FlowKey4 {
+            src: self.ip.dst_addr,
+            dst: self.ip.src_addr,
             sport: u16::from_ne_bytes(self.dport),
             dport: u16::from_ne_bytes(self.sport),
             proto: self.ip.proto,
-            family: FAMILY_V4,
-            pad: [0; 2],
+            pad: [0; 3],
         }
     }
 }
@@ -158,20 +157,20 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     // The quoted packet went from the VIP (its source) to the client.
-    let svc = ServiceKey {
-        addr: addr16(q.ip.src_addr),
+    let svc = ServiceKey4 {
+        addr: q.ip.src_addr,
         port: u16::from_ne_bytes(q.sport),
         proto: q.ip.proto,
-        family: FAMILY_V4,
+        pad: 0,
     };
     // The cheap test first: an error about a VIP flow is addressed to the VIP.
     // SAFETY: plain data lookup.
-    if q.ip.src_addr != dst || unsafe { SERVICES.get(&svc) }.is_none() {
+    if q.ip.src_addr != dst || unsafe { SERVICES4.get(&svc) }.is_none() {
         return xdp_action::XDP_PASS;
     }
     let flow = q.reversed();
     // SAFETY: plain data copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(&flow) }).copied() else {
+    let Some(ct) = (unsafe { CONNTRACK4.get(&flow) }).copied() else {
         count(Reason::PassIcmpVip);
         return xdp_action::XDP_PASS;
     };
@@ -199,14 +198,14 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
 /// Whether `addr` is a VIP (its `(addr, 0, ICMP)` key exists).
 #[inline(always)]
 fn is_vip(addr: [u8; 4]) -> bool {
-    let key = ServiceKey {
-        addr: addr16(addr),
+    let key = ServiceKey4 {
+        addr,
         port: 0,
         proto: PROTO_ICMP,
-        family: FAMILY_V4,
+        pad: 0,
     };
     // SAFETY: plain data lookup.
-    unsafe { SERVICES.get(&key) }.is_some()
+    unsafe { SERVICES4.get(&key) }.is_some()
 }
 
 /// TC egress: an ICMP error from a local pod about a DNATed request goes back to
@@ -233,7 +232,7 @@ fn egress_nat(ctx: &TcContext) -> Option<()> {
     }
     let reply = q.reversed();
     // SAFETY: plain data copied out at once.
-    let rn = *unsafe { REVNAT.get(&reply) }?;
+    let rn = *unsafe { REVNAT4.get(&reply) }?;
     let vip = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];
     let vport = u16::to_ne_bytes(rn.port);
     let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;

@@ -8,13 +8,13 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use xlb_common::{
-    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey, PROTO_TCP, Reason,
+    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey4, PROTO_TCP, Reason,
     SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, timeouts,
 };
 
 use crate::{
     maps::{
-        AFFINITY, BACKENDS, CONNTRACK, MAGLEV, REVNAT, RangeKey, SCRATCH, SOURCE_RANGES, count,
+        AFFINITY, BACKENDS, CONNTRACK4, MAGLEV, REVNAT4, RangeKey, SCRATCH, SOURCE_RANGES, count,
     },
     packet::{Flow4, addr16},
 };
@@ -22,7 +22,7 @@ use crate::{
 /// loadBalancerSourceRanges: whether the client may reach the service (always, when
 /// the service lists no ranges).
 #[inline(always)]
-pub fn admitted(svc: &Service, key: &FlowKey) -> bool {
+pub fn admitted(svc: &Service, key: &FlowKey4) -> bool {
     if svc.flags & SVC_F_SOURCE_RANGES == 0 {
         return true;
     }
@@ -30,7 +30,7 @@ pub fn admitted(svc: &Service, key: &FlowKey) -> bool {
         32 + 128,
         SourceRange {
             service_id: svc.id.to_be_bytes(),
-            addr: key.src,
+            addr: addr16(key.src),
         },
     );
     SOURCE_RANGES.get(&k).is_some()
@@ -47,15 +47,14 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// The client-side conntrack key of an IPv4 flow.
 #[inline(always)]
-pub fn flow_key(f: &Flow4) -> FlowKey {
-    FlowKey {
-        src: addr16(f.src),
-        dst: addr16(f.dst),
+pub fn flow_key(f: &Flow4) -> FlowKey4 {
+    FlowKey4 {
+        src: f.src,
+        dst: f.dst,
         sport: u16::from_ne_bytes(f.sport),
         dport: u16::from_ne_bytes(f.dport),
         proto: f.proto,
-        family: FAMILY_V4,
-        pad: [0; 2],
+        pad: [0; 3],
     }
 }
 
@@ -80,7 +79,7 @@ fn lifetime(proto: u8, tcp_flags: u8, flags: u32) -> u64 {
 pub fn select(
     svc: &Service,
     flow: &Flow4,
-    key: &FlowKey,
+    key: &FlowKey4,
     tcp_flags: u8,
 ) -> Result<(u32, Backend, u16), Reason> {
     // CLOCK_MONOTONIC_COARSE: the same clock as CLOCK_MONOTONIC (the agent's sweeper
@@ -90,7 +89,7 @@ pub fn select(
     // SAFETY: bpf_ktime_get_coarse_ns (kernel 5.11+) has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let new_flow = flow.proto != PROTO_TCP || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0);
-    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+    if let Some(ct) = CONNTRACK4.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; a racing update of the same flow on another
         // CPU can at worst make us read a mix of two valid entries for this flow.
         let ct = unsafe { &mut *ct };
@@ -124,7 +123,7 @@ pub fn select(
     }
     // sessionAffinity ClientIP: a client's new flows follow its live binding.
     let affinity = AffinityKey {
-        client: key.src,
+        client: addr16(key.src),
         service_id: svc.id,
     };
     let affinity_ttl = svc.affinity_secs as u64 * 1_000_000_000;
@@ -167,7 +166,7 @@ pub fn select(
 
 /// Records a new flow's choice in conntrack and reverse NAT.
 #[inline(always)]
-fn record(svc: &Service, key: &FlowKey, tcp_flags: u8, now: u64, id: u32, backend: Backend) {
+fn record(svc: &Service, key: &FlowKey4, tcp_flags: u8, now: u64, id: u32, backend: Backend) {
     // Built in per-CPU scratch memory rather than on the stack: the BPF stack (512
     // bytes for the whole program) cannot hold these next to the rest of the path.
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
@@ -183,30 +182,29 @@ fn record(svc: &Service, key: &FlowKey, tcp_flags: u8, now: u64, id: u32, backen
     s.ct.flags = 0;
     s.ct.snat_port = 0;
     s.ct.pad = [0; 6];
-    s.reply.src = backend.addr;
+    s.reply.src = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
     s.reply.dst = key.src;
     s.reply.sport = backend.port;
     s.reply.dport = key.sport;
     s.reply.proto = key.proto;
-    s.reply.family = key.family;
-    s.reply.pad = [0; 2];
-    s.rev.addr = key.dst;
+    s.reply.pad = [0; 3];
+    s.rev.addr = addr16(key.dst);
     s.rev.port = key.dport;
-    s.rev.family = key.family;
+    s.rev.family = FAMILY_V4;
     s.rev.pad = 0;
     // Reverse NAT first: once conntrack names the backend, replies must already map
     // back to the VIP. A remote backend's replies leave from its own node, which
     // records its own reverse NAT.
     let rev_ok =
-        backend.flags & BACKEND_F_REMOTE != 0 || REVNAT.insert(&s.reply, &s.rev, 0).is_ok();
+        backend.flags & BACKEND_F_REMOTE != 0 || REVNAT4.insert(&s.reply, &s.rev, 0).is_ok();
     if !rev_ok {
         count(Reason::CtInsertFailed);
     }
     // A new key is counted, so that evictions (the LRU's only way out: the agent never
     // deletes entries) are created - present; a stale entry is replaced in place.
-    if CONNTRACK.insert(key, &s.ct, BPF_NOEXIST as u64).is_ok() {
+    if CONNTRACK4.insert(key, &s.ct, BPF_NOEXIST as u64).is_ok() {
         count(Reason::CtCreated);
-    } else if CONNTRACK.insert(key, &s.ct, 0).is_err() {
+    } else if CONNTRACK4.insert(key, &s.ct, 0).is_err() {
         count(Reason::CtInsertFailed);
     }
 }

@@ -5,6 +5,9 @@
 //!   it to the kernel's routing (XDP_PASS) which delivers it to the pod, or redirect
 //!   it after a FIB lookup when configured (`fwd`). Everything else passes after one
 //!   map lookup.
+//! - `xlb_tc_ingress` (TC ingress, same interface): delivers what XDP DNATed to a
+//!   local pod straight into the pod's namespace (`bpf_redirect_peer`), and sends
+//!   encapsulated packets whose next hop is unresolved (`bpf_redirect_neigh`).
 //! - `xlb_tc_egress` (TC egress, same interface): a reply from a backend gets its
 //!   source rewritten back to VIP:port (`revnat` map), so the client only ever talks
 //!   to the VIP while the pod sees the client's real address.
@@ -28,13 +31,15 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use xlb_common::{BACKEND_F_REMOTE, FAMILY_V4, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey};
+use xlb_common::{
+    BACKEND_F_REMOTE, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey4, backend_slot, service_slot,
+};
 
 use crate::{
-    maps::{BACKEND_STATS, REVNAT, SERVICE_STATS, SERVICES, add, count},
+    maps::{BACKEND_STATS, REVNAT4, SERVICE_STATS, SERVICES4, add, count},
     packet::{
         IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, NotFlow, TCP_CSUM_OFF, UDP_CSUM_OFF,
-        addr16, parse4, ptr_at,
+        parse4, ptr_at,
     },
 };
 
@@ -69,14 +74,14 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         Err(e) => return Ok(not_balanced(e)),
     };
     let (start, end) = (ctx.data(), ctx.data_end());
-    let vip = ServiceKey {
-        addr: addr16(flow.dst),
+    let vip = ServiceKey4 {
+        addr: flow.dst,
         port: u16::from_ne_bytes(flow.dport),
         proto: flow.proto,
-        family: FAMILY_V4,
+        pad: 0,
     };
     // SAFETY: plain data copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&vip) }) else {
+    let Some(svc) = (unsafe { SERVICES4.get(&vip) }) else {
         // Not a VIP. A reply to a flow this node source-NATed comes to a port of the
         // SNAT range: only those pay for the (tail-called) lookup.
         if u16::from_be_bytes(flow.dport) >= SNAT_PORT_MIN {
@@ -90,7 +95,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         return Ok(xdp_action::XDP_PASS);
     }
     let bytes = (end - start) as u64;
-    add(&SERVICE_STATS, svc.id, bytes);
+    add(&SERVICE_STATS, service_slot(svc.id), bytes);
 
     // Validate the lengths, the IP header checksum and the whole L4 header before
     // rewriting anything: what the kernel's ip_rcv/tcp_v4_rcv/udp_rcv would drop is
@@ -132,7 +137,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         return Err(Reason::DropSourceRange);
     }
     let (backend_id, backend, snat_port) = lb::select(&svc, &flow, &key, tcp_flags)?;
-    add(&BACKEND_STATS, backend_id, bytes);
+    add(&BACKEND_STATS, backend_slot(backend_id), bytes);
     if backend.flags & BACKEND_F_REMOTE != 0 {
         // A tunnelled packet is never sent on again: that could loop between nodes.
         if from_tunnel {
@@ -218,10 +223,12 @@ pub fn xlb_snat_rev(ctx: XdpContext) -> u32 {
     snat::reply(&ctx)
 }
 
-/// TC ingress entry: sends what `xlb_xdp` encapsulated for another node but could not
-/// address (no neighbour entry for the next hop yet) with `bpf_redirect_neigh`, which
-/// resolves the neighbour (queueing the packet meanwhile). Everything else goes on
-/// after one comparison: only XDP can write the metadata this looks for.
+/// TC ingress entry, for what `xlb_xdp` passed with metadata: a packet DNATed to a
+/// local backend is delivered into the pod's namespace (`fwd::deliver`); one
+/// encapsulated for another node but not addressable yet (no neighbour entry for the
+/// next hop) is sent with `bpf_redirect_neigh`, which resolves the neighbour
+/// (queueing the packet meanwhile). Everything else goes on after one comparison:
+/// only XDP can write the metadata this looks for.
 #[classifier]
 pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
@@ -232,6 +239,9 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     }
     // SAFETY: [meta, data) holds a ResolveMeta, bounds checked just above.
     let m = unsafe { *(meta as *const xlb_common::ResolveMeta) };
+    if m.magic == xlb_common::DELIVER_MAGIC {
+        return fwd::deliver(&ctx);
+    }
     if m.magic != xlb_common::RESOLVE_MAGIC {
         return TC_ACT_OK as i32;
     }
@@ -259,10 +269,9 @@ pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
 /// checksum helpers, which also handle CHECKSUM_PARTIAL skbs from local pods.
 #[inline(always)]
 fn rev_nat(ctx: &TcContext, flow: &packet::Flow4) -> Option<()> {
-    let mut key = lb::flow_key(flow);
-    key.pad = [0; 2];
+    let key = lb::flow_key(flow);
     // SAFETY: plain data copied out at once.
-    let rn = *unsafe { REVNAT.get(&key) }?;
+    let rn = *unsafe { REVNAT4.get(&key) }?;
     let new_src = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];
     let new_port = u16::to_ne_bytes(rn.port);
     let (csum_off, mangled) = if flow.proto == PROTO_TCP {

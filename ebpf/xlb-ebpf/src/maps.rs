@@ -4,19 +4,26 @@
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
     btf_maps::{
-        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
     },
     maps::lpm_trie::Key,
     macros::btf_map,
 };
 use xlb_common::{
-    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey, Owner, Reason, RevNat, Service,
-    Handoff, ServiceKey, SlotPair, SnatRev, SourceRange, config, limits,
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
+    Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange, config, limits,
 };
 
-/// VIP:port:proto -> service. The only lookup non-VIP traffic pays.
-#[btf_map(name = "xlb_services")]
-pub static SERVICES: HashMap<ServiceKey, Service, { limits::MAX_SERVICES as usize }> =
+/// IPv4 VIP:port:proto -> service. The only lookup non-VIP IPv4 traffic pays, with
+/// an 8-byte key.
+#[btf_map(name = "xlb_services4")]
+pub static SERVICES4: HashMap<ServiceKey4, Service, { limits::MAX_SERVICES as usize }> =
+    HashMap::new();
+
+/// IPv6 VIP:port:proto -> service. The agent programs it; the programs read it once
+/// they parse IPv6. Defined here so it is pinned and BTF-described like the others.
+#[btf_map(name = "xlb_services6")]
+pub static SERVICES6: HashMap<ServiceKey6, Service, { limits::MAX_SERVICES as usize }> =
     HashMap::new();
 
 /// Inner Maglev table: slot pairs. `BPF_F_INNER_MAP` lets the agent insert arrays of
@@ -37,24 +44,25 @@ pub static BACKENDS: HashMap<u32, Backend, { limits::MAX_BACKENDS as usize }> = 
 
 /// Client flow -> chosen backend. LRU: the kernel evicts the least recently used
 /// entry when full, so a burst of new flows cannot wedge the table.
-#[btf_map(name = "xlb_conntrack")]
-pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { limits::CONNTRACK_ENTRIES as usize }> =
+#[btf_map(name = "xlb_conntrack4")]
+pub static CONNTRACK4: LruHashMap<FlowKey4, CtEntry, { limits::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Reply flow (backend -> client) -> VIP:port to restore as the reply's source.
-#[btf_map(name = "xlb_revnat")]
-pub static REVNAT: LruHashMap<FlowKey, RevNat, { limits::CONNTRACK_ENTRIES as usize }> =
+#[btf_map(name = "xlb_revnat4")]
+pub static REVNAT4: LruHashMap<FlowKey4, RevNat, { limits::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
 
-/// Per-CPU traffic per service id (entries created by the agent).
+/// Per-CPU traffic per service, at `xlb_common::service_slot(id)`: an array, so the
+/// lookup is a bounds check and an offset (the JIT inlines it), not a hash.
 #[btf_map(name = "xlb_svc_stats")]
-pub static SERVICE_STATS: PerCpuHashMap<u32, Counter, { limits::MAX_SERVICES as usize }> =
-    PerCpuHashMap::new();
+pub static SERVICE_STATS: PerCpuArray<Counter, { limits::MAX_SERVICES as usize }> =
+    PerCpuArray::new();
 
-/// Per-CPU traffic per backend id (entries created by the agent).
+/// Per-CPU traffic per backend, at `xlb_common::backend_slot(id)`.
 #[btf_map(name = "xlb_be_stats")]
-pub static BACKEND_STATS: PerCpuHashMap<u32, Counter, { limits::MAX_BACKENDS as usize }> =
-    PerCpuHashMap::new();
+pub static BACKEND_STATS: PerCpuArray<Counter, { limits::MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
 
 /// Per-CPU packets per [`Reason`].
 #[btf_map(name = "xlb_reasons")]
@@ -80,8 +88,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { limits::AFFINITY_ENTRIE
     LruHashMap::new();
 
 /// `--cluster-mode snat`: reply flow (backend -> this node:port) -> client and VIP.
-#[btf_map(name = "xlb_snat")]
-pub static SNAT: LruHashMap<FlowKey, SnatRev, { limits::CONNTRACK_ENTRIES as usize }> =
+#[btf_map(name = "xlb_snat4")]
+pub static SNAT4: LruHashMap<FlowKey4, SnatRev, { limits::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Tail-call targets (`xlb_common::names::PROG_SNAT_*`).
@@ -94,7 +102,7 @@ pub struct Scratch {
     /// The conntrack entry.
     pub ct: CtEntry,
     /// The reverse-NAT key.
-    pub reply: FlowKey,
+    pub reply: FlowKey4,
     /// The reverse-NAT value.
     pub rev: RevNat,
 }
@@ -119,10 +127,10 @@ pub fn count(reason: Reason) {
     }
 }
 
-/// Adds one packet of `bytes` to a per-CPU counter map entry, if the agent made one.
+/// Adds one packet of `bytes` to a per-CPU counter array at `slot`.
 #[inline(always)]
-pub fn add<const N: usize>(map: &PerCpuHashMap<u32, Counter, N>, id: u32, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(id) {
+pub fn add<const N: usize>(map: &PerCpuArray<Counter, N>, slot: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, see `count`.
         unsafe {
             (*c).packets += 1;
@@ -130,6 +138,10 @@ pub fn add<const N: usize>(map: &PerCpuHashMap<u32, Counter, N>, id: u32, bytes:
         }
     }
 }
+
+/// ifindex -> 1: pod-facing veth/netkit devices (see `xlb_common::names::PEER_DEVS`).
+#[btf_map(name = "xlb_peer_devs")]
+pub static PEER_DEVS: HashMap<u32, u32, { limits::MAX_PEER_DEVS as usize }> = HashMap::new();
 
 /// service id -> the Service port that owns it. Written by the agent, never read here:
 /// defined with the others so it is pinned, sized and BTF-described like them.

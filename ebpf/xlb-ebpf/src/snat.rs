@@ -13,12 +13,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use xlb_common::{
-    FlowKey, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev,
+    FlowKey4, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev,
 };
 
 use crate::{
     fwd, lb,
-    maps::{CONNTRACK, HANDOFF, SNAT, count},
+    maps::{CONNTRACK4, HANDOFF, SNAT4, count},
     nat::rewrite4,
     packet::{
         IP_DST_OFF, IP_SRC_OFF, L4_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, addr16, parse4,
@@ -67,8 +67,8 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
     let mut port = h.snat_port;
     if port == 0 {
         let rev = SnatRev {
-            client: key.src,
-            vip: key.dst,
+            client: addr16(key.src),
+            vip: addr16(key.dst),
             client_port: key.sport,
             vip_port: key.dport,
             pad: 0,
@@ -77,16 +77,15 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         for i in 0..PORT_TRIES {
             let cand =
                 (SNAT_PORT_MIN + (hash.wrapping_add(i) % SNAT_PORTS as u32) as u16).to_be();
-            let reply = FlowKey {
-                src: backend.addr,
-                dst: addr16(me),
+            let reply = FlowKey4 {
+                src: [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]],
+                dst: me,
                 sport: backend.port,
                 dport: cand,
                 proto: key.proto,
-                family: key.family,
-                pad: [0; 2],
+                pad: [0; 3],
             };
-            if SNAT.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
+            if SNAT4.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
                 port = cand;
                 break;
             }
@@ -94,7 +93,7 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         if port == 0 {
             return Err(Reason::DropSnat);
         }
-        if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        if let Some(ct) = CONNTRACK4.get_ptr_mut(&key) {
             // SAFETY: a valid map value pointer.
             unsafe { (*ct).snat_port = port };
         }
@@ -124,7 +123,7 @@ fn try_reply(ctx: &XdpContext) -> Option<u32> {
     let flow = parse4(ctx.data(), ctx.data_end()).ok()?;
     let key = lb::flow_key(&flow);
     // SAFETY: plain data copied out at once.
-    let rev = *unsafe { SNAT.get(&key) }?;
+    let rev = *unsafe { SNAT4.get(&key) }?;
     let (start, end) = (ctx.data(), ctx.data_end());
     let vip = [rev.vip[0], rev.vip[1], rev.vip[2], rev.vip[3]];
     let client = [rev.client[0], rev.client[1], rev.client[2], rev.client[3]];

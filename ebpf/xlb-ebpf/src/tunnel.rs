@@ -188,25 +188,30 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
 /// is dropped, counted as having no route.
 #[inline(always)]
 fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
+    if !set_tc_meta(ctx, RESOLVE_MAGIC, ifindex) {
+        return Err(Reason::DropEncapNoRoute);
+    }
+    count(Reason::FwdEncapResolve);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Puts a [`ResolveMeta`] in front of the frame for `xlb_tc_ingress`; false when the
+/// driver has no room for metadata.
+#[inline(always)]
+pub fn set_tc_meta(ctx: &XdpContext, magic: u32, ifindex: u32) -> bool {
     const LEN: i32 = core::mem::size_of::<ResolveMeta>() as i32;
     // SAFETY: grows the metadata area in front of the frame (<= 32 bytes, 4-aligned).
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -LEN) } != 0 {
-        return Err(Reason::DropEncapNoRoute);
+        return false;
     }
     // SAFETY: reading our own context's fields.
     let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
     if meta + LEN as usize > data {
-        return Err(Reason::DropEncapNoRoute);
+        return false;
     }
     // SAFETY: the metadata area [meta, data) was bounds checked just above.
-    unsafe {
-        *(meta as *mut ResolveMeta) = ResolveMeta {
-            magic: RESOLVE_MAGIC,
-            ifindex,
-        }
-    };
-    count(Reason::FwdEncapResolve);
-    Ok(xdp_action::XDP_PASS)
+    unsafe { *(meta as *mut ResolveMeta) = ResolveMeta { magic, ifindex } };
+    true
 }
 
 /// Turns the packet into an ICMP destination-unreachable / fragmentation-needed

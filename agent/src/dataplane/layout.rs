@@ -1,0 +1,215 @@
+//! Every map's kind and sizes as the agent expects them, in one table: checked
+//! against the eBPF object by the `layouts` test, and against pinned maps before the
+//! programs load, so that a map an older agent pinned with another layout is
+//! replaced instead of making the new programs fail to load (aya reuses a pin by
+//! name without comparing it; the verifier then refuses the program, or worse,
+//! accepts keys of the wrong size).
+use std::{io, mem::size_of, path::Path};
+
+use aya::maps::{MapInfo, MapType};
+use xlb_common::{
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
+    Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
+};
+
+/// One map as the programs define it.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Pin (and object) name.
+    pub name: &'static str,
+    /// Kernel map type.
+    pub kind: MapType,
+    /// Key size in bytes.
+    pub key: usize,
+    /// Value size in bytes.
+    pub value: usize,
+    /// Capacity in the object (`--conntrack-size` overrides the conntrack maps').
+    pub max_entries: u32,
+}
+
+const U32: usize = size_of::<u32>();
+
+const fn layout(
+    name: &'static str,
+    kind: MapType,
+    key: usize,
+    value: usize,
+    max_entries: u32,
+) -> Layout {
+    Layout {
+        name,
+        kind,
+        key,
+        value,
+        max_entries,
+    }
+}
+
+/// Every map in `names::ALL_MAPS`, with its layout.
+pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
+    layout(
+        names::SERVICES4,
+        MapType::Hash,
+        size_of::<ServiceKey4>(),
+        size_of::<Service>(),
+        limits::MAX_SERVICES,
+    ),
+    layout(
+        names::SERVICES6,
+        MapType::Hash,
+        size_of::<ServiceKey6>(),
+        size_of::<Service>(),
+        limits::MAX_SERVICES,
+    ),
+    layout(
+        names::MAGLEV,
+        MapType::HashOfMaps,
+        U32,
+        U32,
+        limits::MAX_TABLES,
+    ),
+    layout(
+        names::BACKENDS,
+        MapType::Hash,
+        U32,
+        size_of::<Backend>(),
+        limits::MAX_BACKENDS,
+    ),
+    layout(
+        names::CONNTRACK4,
+        MapType::LruHash,
+        size_of::<FlowKey4>(),
+        size_of::<CtEntry>(),
+        limits::CONNTRACK_ENTRIES,
+    ),
+    layout(
+        names::REVNAT4,
+        MapType::LruHash,
+        size_of::<FlowKey4>(),
+        size_of::<RevNat>(),
+        limits::CONNTRACK_ENTRIES,
+    ),
+    layout(
+        names::SERVICE_STATS,
+        MapType::PerCpuArray,
+        U32,
+        size_of::<Counter>(),
+        limits::MAX_SERVICES,
+    ),
+    layout(
+        names::BACKEND_STATS,
+        MapType::PerCpuArray,
+        U32,
+        size_of::<Counter>(),
+        limits::MAX_BACKENDS,
+    ),
+    layout(
+        names::REASONS,
+        MapType::PerCpuArray,
+        U32,
+        size_of::<u64>(),
+        Reason::COUNT,
+    ),
+    layout(
+        names::CONFIG,
+        MapType::Array,
+        U32,
+        size_of::<u64>(),
+        config::LEN,
+    ),
+    // LPM keys are the 32-bit prefix length followed by the data.
+    layout(
+        names::SOURCE_RANGES,
+        MapType::LpmTrie,
+        U32 + size_of::<SourceRange>(),
+        1,
+        limits::MAX_SOURCE_RANGES,
+    ),
+    layout(
+        names::AFFINITY,
+        MapType::LruHash,
+        size_of::<AffinityKey>(),
+        size_of::<Affinity>(),
+        limits::AFFINITY_ENTRIES,
+    ),
+    layout(
+        names::SNAT4,
+        MapType::LruHash,
+        size_of::<FlowKey4>(),
+        size_of::<SnatRev>(),
+        limits::CONNTRACK_ENTRIES,
+    ),
+    layout(
+        names::PROGS,
+        MapType::ProgramArray,
+        U32,
+        U32,
+        names::TAIL_PROGS.len() as u32,
+    ),
+    layout(
+        names::HANDOFF,
+        MapType::PerCpuArray,
+        U32,
+        size_of::<Handoff>(),
+        1,
+    ),
+    layout(
+        names::OWNERS,
+        MapType::Hash,
+        U32,
+        size_of::<Owner>(),
+        limits::MAX_SERVICES,
+    ),
+    layout(
+        names::PEER_DEVS,
+        MapType::Hash,
+        U32,
+        U32,
+        limits::MAX_PEER_DEVS,
+    ),
+];
+
+/// Pins of maps older agents made that no program uses any more (renamed when their
+/// layout changed); removed once the new programs are attached.
+pub const RETIRED: [&str; 4] = ["xlb_services", "xlb_conntrack", "xlb_revnat", "xlb_snat"];
+
+/// Whether a pinned map matches `l` (type, key and value size; capacity may differ).
+fn matches(info: &MapInfo, l: &Layout) -> bool {
+    matches!(info.map_type(), Ok(t) if t == l.kind)
+        && info.key_size() as usize == l.key
+        && info.value_size() as usize == l.value
+}
+
+/// Unpins every map under `pin_path` whose layout is not the one these programs use,
+/// so loading creates it afresh (its contents are lost: counters restart, tracked
+/// flows pick a backend again). Returns the names replaced.
+pub fn unpin_incompatible(pin_path: &Path) -> io::Result<Vec<&'static str>> {
+    let mut replaced = Vec::new();
+    for l in &LAYOUTS {
+        let path = pin_path.join(l.name);
+        if !path.exists() {
+            continue;
+        }
+        let ok = MapInfo::from_pin(&path)
+            .map(|info| matches(&info, l))
+            .unwrap_or(false);
+        if !ok {
+            std::fs::remove_file(&path)?;
+            replaced.push(l.name);
+        }
+    }
+    Ok(replaced)
+}
+
+/// Removes the pins in [`RETIRED`] (absent ones are fine); returns those removed.
+pub fn unpin_retired(pin_path: &Path) -> io::Result<Vec<&'static str>> {
+    let mut removed = Vec::new();
+    for name in RETIRED {
+        match std::fs::remove_file(pin_path.join(name)) {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}

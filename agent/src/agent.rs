@@ -136,6 +136,7 @@ impl Reconciler {
     fn sync(&mut self, source: &mut ManifestSource) -> Result<(), DataplaneError> {
         let started = Instant::now();
         let loaded = source.load();
+        let t_load = started.elapsed();
         self.metrics.files_parsed.inc_by(loaded.parsed as u64);
         self.recheck = loaded.recheck;
         // Before the first apply, the maps' recorded owners stand in for `previous`.
@@ -149,6 +150,7 @@ impl Reconciler {
             self.previous.as_ref(),
             &restored,
         );
+        let t_desired = started.elapsed();
         let mut errors = loaded.errors;
         errors.extend(desired.errors.iter().cloned());
         self.report(&errors);
@@ -173,7 +175,9 @@ impl Reconciler {
                 return Ok(());
             }
         };
+        let t_target = started.elapsed();
         let writes = state::diff(&self.applied, &target.state);
+        let t_diff = started.elapsed();
         if let Err(e) = self.dp.apply(&writes) {
             // Start the next attempt from what the maps really hold.
             self.applied = self.dp.read_state()?;
@@ -183,6 +187,7 @@ impl Reconciler {
                 .inc();
             return Err(e);
         }
+        let t_apply = started.elapsed();
         let id_writes = self.dp.write_ids(self.ids, target.ids)?;
         self.metrics
             .map_updates
@@ -201,9 +206,23 @@ impl Reconciler {
             .syncs
             .get_or_create(&vec![("result", "ok".to_string())])
             .inc();
-        self.metrics
-            .sync_duration
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.metrics.sync_duration.observe(took.as_secs_f64());
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let level_info = !writes.is_empty() || loaded.parsed > 0;
+        if level_info {
+            info!(
+                files_parsed = loaded.parsed,
+                writes = writes.len(),
+                load_ms = ms(t_load),
+                desired_ms = ms(t_desired - t_load),
+                target_ms = ms(t_target - t_desired),
+                diff_ms = ms(t_diff - t_target),
+                apply_ms = ms(t_apply - t_diff),
+                total_ms = ms(took),
+                "sync"
+            );
+        }
         self.metrics.ready.store(true, Ordering::Relaxed);
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! the pinned maps (aya's `map_pin_path`) and swaps its programs into the pinned links
 //! with `BPF_LINK_UPDATE`, which the kernel does atomically: every packet runs either
 //! the old or the new program, never neither.
+pub mod batch;
 pub mod conntrack;
 pub mod maglev;
 pub mod pin;
@@ -15,13 +16,14 @@ pub mod testrun;
 
 use std::{
     io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, MapData, MapError, PerCpuHashMap, PerCpuValues,
+        Array, HashMap, HashOfMaps, IterableMap, MapData, MapError, PerCpuHashMap, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -86,6 +88,22 @@ pub enum DataplaneError {
     /// The number of possible CPUs (per-CPU values) could not be used.
     #[error("per-CPU values: {0}")]
     Cpus(io::Error),
+    /// A map's fd could not be duplicated (fd limit).
+    #[error("map {map}: duplicating its fd: {source}")]
+    Dup {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A batch of map writes failed part-way.
+    #[error("map {map}: {source}")]
+    Batch {
+        /// Map name.
+        map: &'static str,
+        /// How far it got, and why it stopped.
+        source: batch::BatchError,
+    },
     /// A map read or write failed.
     #[error("map {map}: {source}")]
     Map {
@@ -103,6 +121,42 @@ where
 {
     let map = ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?;
     T::try_from(map).map_err(map_err(name))
+}
+
+/// A second fd of map `name` of the loaded object, for the raw batch calls.
+fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DataplaneError> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name).ok_or(DataplaneError::Missing(name))? {
+        Map::HashMap(d) | Map::PerCpuHashMap(d) | Map::HashOfMaps(d) => d,
+        _ => return Err(DataplaneError::Missing(name)),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::Dup { map: name, source })
+}
+
+/// The maps [`Dataplane::apply`] writes in batches, by fd.
+struct RawMaps {
+    services: OwnedFd,
+    maglev: OwnedFd,
+    backends: OwnedFd,
+    service_stats: OwnedFd,
+    backend_stats: OwnedFd,
+    owners: OwnedFd,
+}
+
+impl RawMaps {
+    fn dup(ebpf: &Ebpf) -> Result<Self, DataplaneError> {
+        Ok(RawMaps {
+            services: dup_map_fd(ebpf, names::SERVICES)?,
+            maglev: dup_map_fd(ebpf, names::MAGLEV)?,
+            backends: dup_map_fd(ebpf, names::BACKENDS)?,
+            service_stats: dup_map_fd(ebpf, names::SERVICE_STATS)?,
+            backend_stats: dup_map_fd(ebpf, names::BACKEND_STATS)?,
+            owners: dup_map_fd(ebpf, names::OWNERS)?,
+        })
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -159,6 +213,7 @@ pub struct Dataplane {
     owners: HashMap<MapData, u32, xlb_common::Owner>,
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
+    raw: RawMaps,
     ncpus: usize,
     /// The interface index the programs were attached to.
     ifindex: u32,
@@ -221,6 +276,8 @@ impl Dataplane {
         attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Egress)?;
 
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        raise_nofile();
+        let raw = RawMaps::dup(&ebpf)?;
         let services = take_map(&mut ebpf, names::SERVICES)?;
         let maglev = take_map(&mut ebpf, names::MAGLEV)?;
         let backends = take_map(&mut ebpf, names::BACKENDS)?;
@@ -239,6 +296,7 @@ impl Dataplane {
             ranges,
             owners,
             _tail_progs: tail_progs,
+            raw,
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
         };
@@ -379,82 +437,247 @@ impl Dataplane {
 
     /// Applies writes in order; stops at the first failure (the caller re-reads the
     /// maps and retries, so a partial apply is never mistaken for the target).
+    ///
+    /// Consecutive writes of one kind go to the kernel as one batch ([`batch`]), which
+    /// the kernel applies element by element in order: the order of the writes, and
+    /// with it what packets can see between them, is the same as one call per write.
     pub fn apply(&mut self, writes: &[Write]) -> Result<(), DataplaneError> {
-        let zero = || PerCpuValues::try_from(vec![Counter::default(); self.ncpus]);
-        for w in writes {
-            match w {
-                Write::PutTable(id, slots) => debug!(table = id, slots = slots.len(), "map write"),
-                w => debug!(?w, "map write"),
+        let mut rest = writes;
+        while let Some(first) = rest.first() {
+            let kind = std::mem::discriminant(first);
+            let n = rest
+                .iter()
+                .position(|w| std::mem::discriminant(w) != kind)
+                .unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(n);
+            debug!(writes = run.len(), kind = first.kind(), "map writes");
+            self.apply_run(run)?;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Applies `run`, writes of one kind, in as few calls as possible.
+    fn apply_run(&mut self, run: &[Write]) -> Result<(), DataplaneError> {
+        let Some(first) = run.first() else {
+            return Ok(());
+        };
+        match first {
+            Write::PutBackend(..) => {
+                let (k, v): (Vec<u32>, Vec<Backend>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutBackend(id, b) => Some((*id, *b)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch::update(self.raw.backends.as_fd(), &k, &v).map_err(batch_err(names::BACKENDS))
             }
-            match *w {
-                Write::PutBackend(id, b) => self
-                    .backends
-                    .insert(id, b, 0)
-                    .map_err(map_err(names::BACKENDS))?,
-                Write::PutBackendStats(id) => {
-                    let z = zero().map_err(DataplaneError::Cpus)?;
-                    self.backend_stats
-                        .insert(id, z, 0)
-                        .map_err(map_err(names::BACKEND_STATS))?
-                }
-                Write::PutTable(id, ref slots) => {
-                    let table = new_table(slots).map_err(map_err(names::MAGLEV))?;
-                    self.maglev
-                        .insert(id, &table, 0)
-                        .map_err(map_err(names::MAGLEV))?
-                }
-                Write::PutServiceStats(id) => {
-                    let z = zero().map_err(DataplaneError::Cpus)?;
-                    self.service_stats
-                        .insert(id, z, 0)
-                        .map_err(map_err(names::SERVICE_STATS))?
-                }
-                Write::PutService(k, v) => self
-                    .services
-                    .insert(k, v, 0)
-                    .map_err(map_err(names::SERVICES))?,
-                Write::DelService(k) => {
-                    ignore_missing(self.services.remove(&k)).map_err(map_err(names::SERVICES))?
-                }
-                Write::DelServiceStats(id) => ignore_missing(self.service_stats.remove(&id))
-                    .map_err(map_err(names::SERVICE_STATS))?,
-                Write::PutRange(len, r) => self
-                    .ranges
-                    .insert(&LpmKey::new(len, r), 1, 0)
-                    .map_err(map_err(names::SOURCE_RANGES))?,
-                Write::DelRange(len, r) => ignore_missing(self.ranges.remove(&LpmKey::new(len, r)))
-                    .map_err(map_err(names::SOURCE_RANGES))?,
-                Write::DelTable(id) => {
-                    ignore_missing(self.maglev.remove(&id)).map_err(map_err(names::MAGLEV))?
-                }
-                Write::DelBackend(id) => {
-                    ignore_missing(self.backends.remove(&id)).map_err(map_err(names::BACKENDS))?
-                }
-                Write::DelBackendStats(id) => ignore_missing(self.backend_stats.remove(&id))
-                    .map_err(map_err(names::BACKEND_STATS))?,
-                Write::PutOwner(id, ref o) => self
-                    .owners
-                    .insert(id, **o, 0)
-                    .map_err(map_err(names::OWNERS))?,
-                Write::DelOwner(id) => {
-                    ignore_missing(self.owners.remove(&id)).map_err(map_err(names::OWNERS))?
-                }
+            Write::PutBackendStats(_) => {
+                let k = ids_of(run);
+                let zeros = vec![Counter::default(); k.len() * self.ncpus];
+                batch::update(self.raw.backend_stats.as_fd(), &k, &zeros)
+                    .map_err(batch_err(names::BACKEND_STATS))
             }
+            Write::PutServiceStats(_) => {
+                let k = ids_of(run);
+                let zeros = vec![Counter::default(); k.len() * self.ncpus];
+                batch::update(self.raw.service_stats.as_fd(), &k, &zeros)
+                    .map_err(batch_err(names::SERVICE_STATS))
+            }
+            Write::PutTable(..) => {
+                let tables: Vec<(u32, &[u32])> = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutTable(id, slots) => Some((*id, &slots[..])),
+                        _ => None,
+                    })
+                    .collect();
+                self.put_tables(&tables)
+            }
+            Write::PutOwner(..) => {
+                let (k, v): (Vec<u32>, Vec<xlb_common::Owner>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutOwner(id, o) => Some((*id, **o)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch::update(self.raw.owners.as_fd(), &k, &v).map_err(batch_err(names::OWNERS))
+            }
+            Write::PutService(..) => {
+                let (k, v): (Vec<ServiceKey>, Vec<Service>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutService(k, v) => Some((*k, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch::update(self.raw.services.as_fd(), &k, &v).map_err(batch_err(names::SERVICES))
+            }
+            Write::DelService(_) => {
+                let k: Vec<ServiceKey> = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::DelService(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                batch::delete(self.raw.services.as_fd(), &k).map_err(batch_err(names::SERVICES))
+            }
+            Write::DelServiceStats(_) => {
+                batch::delete(self.raw.service_stats.as_fd(), &ids_of(run))
+                    .map_err(batch_err(names::SERVICE_STATS))
+            }
+            Write::DelOwner(_) => batch::delete(self.raw.owners.as_fd(), &ids_of(run))
+                .map_err(batch_err(names::OWNERS)),
+            // One RCU grace period for the whole run (see `batch`).
+            Write::DelTable(_) => batch::delete(self.raw.maglev.as_fd(), &ids_of(run))
+                .map_err(batch_err(names::MAGLEV)),
+            Write::DelBackend(_) => batch::delete(self.raw.backends.as_fd(), &ids_of(run))
+                .map_err(batch_err(names::BACKENDS)),
+            Write::DelBackendStats(_) => {
+                batch::delete(self.raw.backend_stats.as_fd(), &ids_of(run))
+                    .map_err(batch_err(names::BACKEND_STATS))
+            }
+            // Source ranges are few; the LPM trie is written one prefix at a time.
+            Write::PutRange(..) | Write::DelRange(..) => {
+                for w in run {
+                    match *w {
+                        Write::PutRange(len, r) => self
+                            .ranges
+                            .insert(&LpmKey::new(len, r), 1, 0)
+                            .map_err(map_err(names::SOURCE_RANGES))?,
+                        Write::DelRange(len, r) => {
+                            ignore_missing(self.ranges.remove(&LpmKey::new(len, r)))
+                                .map_err(map_err(names::SOURCE_RANGES))?
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates and fills a fresh inner map per table, then puts them into `xlb_maglev`
+    /// a chunk at a time: one `BPF_MAP_UPDATE_BATCH` (one RCU grace period) per chunk,
+    /// chunks sized so that the open inner-map fds stay well under `RLIMIT_NOFILE`.
+    fn put_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), DataplaneError> {
+        let chunk = table_chunk();
+        let mut scratch = Vec::new();
+        for part in tables.chunks(chunk) {
+            let mut inner = Vec::with_capacity(part.len());
+            for (_, slots) in part {
+                inner.push(new_table_with(slots, &mut scratch).map_err(batch_err(names::MAGLEV))?);
+            }
+            let keys: Vec<u32> = part.iter().map(|(id, _)| *id).collect();
+            let fds: Vec<u32> = inner
+                .iter()
+                .map(|t| IterableMap::map(t).fd().as_fd().as_raw_fd() as u32)
+                .collect();
+            batch::update(self.raw.maglev.as_fd(), &keys, &fds)
+                .map_err(batch_err(names::MAGLEV))?;
         }
         Ok(())
     }
 }
 
+/// The u32 ids of a run of id-keyed writes.
+fn ids_of(run: &[Write]) -> Vec<u32> {
+    run.iter()
+        .filter_map(|w| match *w {
+            Write::PutBackendStats(id)
+            | Write::PutServiceStats(id)
+            | Write::DelServiceStats(id)
+            | Write::DelOwner(id)
+            | Write::DelTable(id)
+            | Write::DelBackend(id)
+            | Write::DelBackendStats(id) => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn batch_err(map: &'static str) -> impl FnOnce(batch::BatchError) -> DataplaneError {
+    move |source| DataplaneError::Batch { map, source }
+}
+
+/// Inner maps created before one batch into `xlb_maglev`: a quarter of the soft
+/// `RLIMIT_NOFILE` (raised to the hard limit at start, see [`raise_nofile`]), at least
+/// 64 and at most 8192.
+fn table_chunk() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (soft / 4).clamp(64, 8192)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (best effort, as Go's runtime does
+/// at start): programming many Maglev tables holds one fd per table until their batch
+/// is in the kernel.
+pub fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The indices of the slot pairs of the largest table, the keys of every fill.
+fn pair_indices() -> &'static [u32] {
+    static KEYS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let largest = maglev::PRIMES.last().copied().unwrap_or(0);
+        (0..largest.div_ceil(2)).collect()
+    })
+}
+
 /// A new inner Maglev array holding `slots` in pairs. `BPF_F_INNER_MAP` lets arrays of
 /// any size stand in for the program's template (kernel `bpf_map_meta_equal`).
-pub(crate) fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, MapError> {
+pub(crate) fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, DataplaneError> {
+    new_table_with(slots, &mut Vec::new()).map_err(batch_err(names::MAGLEV))
+}
+
+/// [`new_table`], filled with one `BPF_MAP_UPDATE_BATCH`, `scratch` reused for the
+/// padded copy (tables have an odd number of slots).
+fn new_table_with(
+    slots: &[u32],
+    scratch: &mut Vec<u32>,
+) -> Result<Array<MapData, SlotPair>, batch::BatchError> {
     const BPF_F_INNER_MAP: u32 = 1 << 12;
-    let len = slots.len().div_ceil(2) as u32;
-    let mut table = Array::<MapData, SlotPair>::create(len, BPF_F_INNER_MAP)?;
-    for (i, pair) in slots.chunks(2).enumerate() {
-        let v = [pair[0], pair.get(1).copied().unwrap_or(0)];
-        table.set(i as u32, v, 0)?;
-    }
+    let pairs = slots.len().div_ceil(2);
+    let failed = |error| batch::BatchError {
+        done: 0,
+        total: pairs,
+        error,
+    };
+    let table = Array::<MapData, SlotPair>::create(pairs as u32, BPF_F_INNER_MAP).map_err(|e| {
+        failed(match e {
+            MapError::CreateError { io_error, .. } => io_error,
+            other => io::Error::other(other.to_string()),
+        })
+    })?;
+    let keys = pair_indices()
+        .get(..pairs)
+        .ok_or_else(|| failed(io::Error::from_raw_os_error(libc::E2BIG)))?;
+    scratch.clear();
+    scratch.extend_from_slice(slots);
+    scratch.resize(pairs * 2, 0);
+    batch::update(IterableMap::map(&table).fd().as_fd(), keys, scratch)?;
     Ok(table)
 }
 

@@ -458,6 +458,28 @@ pub enum Write {
     DelBackendStats(u32),
 }
 
+impl Write {
+    /// The kind of write, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Write::PutBackend(..) => "put_backend",
+            Write::PutBackendStats(_) => "put_backend_stats",
+            Write::PutTable(..) => "put_table",
+            Write::PutServiceStats(_) => "put_service_stats",
+            Write::PutOwner(..) => "put_owner",
+            Write::PutRange(..) => "put_range",
+            Write::PutService(..) => "put_service",
+            Write::DelService(_) => "del_service",
+            Write::DelServiceStats(_) => "del_service_stats",
+            Write::DelOwner(_) => "del_owner",
+            Write::DelRange(..) => "del_range",
+            Write::DelTable(_) => "del_table",
+            Write::DelBackend(_) => "del_backend",
+            Write::DelBackendStats(_) => "del_backend_stats",
+        }
+    }
+}
+
 /// The writes that turn `current` into `target`, in an order where packets only ever
 /// see a complete old or a complete new service (see the module docs).
 pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {

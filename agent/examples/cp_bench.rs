@@ -8,9 +8,11 @@
 //! Reported: agent start to the last sync's id write (`xlb_config[NEXT_SERVICE_ID]`,
 //! written after every map write of a sync), agent RSS (now and peak), map memory
 //! (bytes_memlock of the pinned maps and every inner Maglev table), and the latency from
-//! an atomic rename of a manifest file to `xlb_config[NEXT_BACKEND_ID]` changing (each
-//! change brings a new endpoint address, so a new backend id): for a small file holding
-//! one Service and its slice, and for one of the 1,000-Service files.
+//! an atomic rename of a manifest file (one endpoint address changed) until the maps
+//! serve it: for a small file holding
+//! one Service and its slice, and for one of the 1,000-Service files. The latency
+//! ends at the flip: the changed Service's `xlb_services` value pointing to its new
+//! table, the moment packets see the change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{
     fmt::Write as _,
@@ -21,7 +23,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
+use xlb::{dataplane::state::service_key, desired::VipKey, model::Protocol};
 use xlb_common::{config, names};
 use xlb_lab::{
     manifests::{EndpointSpec, PortSpec, endpointslice_yaml, service_yaml, write_atomic},
@@ -95,6 +98,21 @@ impl Drop for Agent {
 fn config_map(pin: &Path) -> Result<Array<MapData, u64>> {
     let data = MapData::from_pin(pin.join(names::CONFIG))?;
     Ok(Array::try_from(Map::Array(data))?)
+}
+
+fn services_map(
+    pin: &Path,
+) -> Result<HashMap<MapData, xlb_common::ServiceKey, xlb_common::Service>> {
+    let data = MapData::from_pin(pin.join(names::SERVICES))?;
+    Ok(HashMap::try_from(Map::HashMap(data))?)
+}
+
+fn key_of(i: usize) -> xlb_common::ServiceKey {
+    service_key(&VipKey {
+        addr: vip_of(i).into(),
+        port: 53,
+        protocol: Protocol::Udp,
+    })
 }
 
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Option<()>) -> Result<Duration> {
@@ -245,10 +263,12 @@ fn main() -> Result<()> {
     let rss = status_kib(agent_pid, "VmRSS:");
     let hwm = status_kib(agent_pid, "VmHWM:");
     println!(
-        "programmed after {:.2} s; agent RSS {} MiB (peak {} MiB)",
+        "programmed after {:.2} s; agent RSS {} MiB (peak {} MiB; anon {} MiB, file {} MiB)",
         programmed.as_secs_f64(),
         rss / 1024,
-        hwm / 1024
+        hwm / 1024,
+        status_kib(agent_pid, "RssAnon:") / 1024,
+        status_kib(agent_pid, "RssFile:") / 1024,
     );
     match map_memory(&pin) {
         Ok((p, i)) => println!(
@@ -259,6 +279,7 @@ fn main() -> Result<()> {
         Err(e) => println!("map memory: {e:#}"),
     }
 
+    let services_m = services_map(&pin)?;
     let mut report = String::new();
     for (label, big) in [
         ("small file (1 Service)", false),
@@ -267,7 +288,9 @@ fn main() -> Result<()> {
         let mut lat = Vec::new();
         for r in 1..=rounds {
             let salt = r + if big { 1000 } else { 0 };
-            let before = cfg.get(&config::NEXT_BACKEND_ID, 0)?;
+            let key = key_of(if big { 0 } else { small });
+            let before = services_m.get(&key, 0)?.table;
+            let ids_before = cfg.get(&config::NEXT_BACKEND_ID, 0)?;
             let (name, text) = if big {
                 ("services-00.yaml", big_file(0, salt))
             } else {
@@ -277,10 +300,15 @@ fn main() -> Result<()> {
             std::fs::write(&tmp, text)?;
             let t = Instant::now();
             std::fs::rename(&tmp, dir.join(name))?;
+            // The flip: the service now points to its other table generation.
             wait_for("the change", Duration::from_secs(60), || {
-                (cfg.get(&config::NEXT_BACKEND_ID, 0).ok()? != before).then_some(())
+                (services_m.get(&key, 0).ok()?.table != before).then_some(())
             })?;
             let d = t.elapsed();
+            // And the sync is over (ids are written last) before the next round.
+            wait_for("the sync's end", Duration::from_secs(60), || {
+                (cfg.get(&config::NEXT_BACKEND_ID, 0).ok()? != ids_before).then_some(())
+            })?;
             lat.push(d);
             std::thread::sleep(Duration::from_millis(100));
         }

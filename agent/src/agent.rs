@@ -59,6 +59,20 @@ pub struct Config {
 /// to the shortest lifetime (10 s after FIN/RST), so the map holds little dead state.
 const CT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 
+/// How long changes that arrive together are coalesced into one sync.
+const SETTLE: Duration = Duration::from_millis(2);
+
+/// Returns freed heap to the kernel (glibc keeps it otherwise): a sync that parsed
+/// manifests or wrote many maps leaves tens of MiB of freed parse trees and
+/// intermediate states behind, which would stay in the agent's RSS.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -107,6 +121,8 @@ struct Reconciler {
     /// The source asked to be loaded again after this long (a file that emptied).
     recheck: Option<Duration>,
     applied: MapState,
+    /// Maglev tables by their inputs, from the last target (see [`state::TableCache`]).
+    tables: state::TableCache,
     ids: Ids,
     bounds: state::TableBounds,
     previous: Option<Desired>,
@@ -164,7 +180,13 @@ impl Reconciler {
             }
         }
 
-        let target = match state::target(&desired, &self.applied, self.ids, self.bounds) {
+        let target = match state::target_cached(
+            &desired,
+            &self.applied,
+            self.ids,
+            self.bounds,
+            &self.tables,
+        ) {
             Ok(t) => t,
             Err(e) => {
                 error!(error = %e, "desired state does not fit the maps; keeping the current one");
@@ -199,6 +221,7 @@ impl Reconciler {
             .services
             .set(target.state.services.values().filter(|s| s.id != 0).count() as i64);
         self.applied = target.state;
+        self.tables = target.tables_built;
         self.ids = target.ids;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
@@ -206,6 +229,9 @@ impl Reconciler {
             .syncs
             .get_or_create(&vec![("result", "ok".to_string())])
             .inc();
+        if writes.len() > 1000 || loaded.parsed > 0 {
+            trim_heap();
+        }
         let took = started.elapsed();
         self.metrics.sync_duration.observe(took.as_secs_f64());
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -444,6 +470,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         neighbours: BTreeSet::new(),
         recheck: None,
         applied,
+        tables: state::TableCache::new(),
         ids,
         bounds: state::TableBounds::default(),
         previous: None,
@@ -489,8 +516,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 return Err(AgentError::Metrics { addr: cfg.metrics_addr, source: e });
             }
             Some(()) = changes.recv() => {
-                // Editors write a file in several steps: coalesce what arrives together.
-                let settle = tokio::time::sleep(Duration::from_millis(50));
+                // Coalesce what arrives together (several files written by one tool),
+                // briefly: this wait is part of every change's latency. A file is read
+                // when its writer closes it, and a truncated one is not believed at
+                // once (the source's grace), so no longer wait is needed for those.
+                let settle = tokio::time::sleep(SETTLE);
                 tokio::pin!(settle);
                 loop {
                     tokio::select! {

@@ -16,7 +16,8 @@ pub mod testrun;
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    mem::size_of_val,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -214,6 +215,9 @@ pub struct Dataplane {
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
     raw: RawMaps,
+    /// Maglev tables are created mmapable (false once the pinned `xlb_maglev`
+    /// turned out to predate that).
+    mmap_tables: bool,
     ncpus: usize,
     /// The interface index the programs were attached to.
     ifindex: u32,
@@ -297,6 +301,7 @@ impl Dataplane {
             owners,
             _tail_progs: tail_progs,
             raw,
+            mmap_tables: true,
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
         };
@@ -349,7 +354,7 @@ impl Dataplane {
             }
             // Table sizes are odd primes: the last pair's second lane is padding.
             slots.pop();
-            s.tables.insert(k, slots);
+            s.tables.insert(k, slots.into());
         }
         for kv in self.backends.iter() {
             let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
@@ -450,8 +455,14 @@ impl Dataplane {
                 .position(|w| std::mem::discriminant(w) != kind)
                 .unwrap_or(rest.len());
             let (run, tail) = rest.split_at(n);
-            debug!(writes = run.len(), kind = first.kind(), "map writes");
+            let started = std::time::Instant::now();
             self.apply_run(run)?;
+            debug!(
+                writes = run.len(),
+                kind = first.kind(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "map writes"
+            );
             rest = tail;
         }
         Ok(())
@@ -567,17 +578,39 @@ impl Dataplane {
         let chunk = table_chunk();
         let mut scratch = Vec::new();
         for part in tables.chunks(chunk) {
-            let mut inner = Vec::with_capacity(part.len());
-            for (_, slots) in part {
-                inner.push(new_table_with(slots, &mut scratch).map_err(batch_err(names::MAGLEV))?);
-            }
             let keys: Vec<u32> = part.iter().map(|(id, _)| *id).collect();
-            let fds: Vec<u32> = inner
-                .iter()
-                .map(|t| IterableMap::map(t).fd().as_fd().as_raw_fd() as u32)
-                .collect();
-            batch::update(self.raw.maglev.as_fd(), &keys, &fds)
-                .map_err(batch_err(names::MAGLEV))?;
+            let mut mmapable = self.mmap_tables;
+            loop {
+                let mut inner = Vec::with_capacity(part.len());
+                for (_, slots) in part {
+                    inner.push(
+                        new_table_with(slots, mmapable, &mut scratch)
+                            .map_err(batch_err(names::MAGLEV))?,
+                    );
+                }
+                let fds: Vec<u32> = inner
+                    .iter()
+                    .map(|t| IterableMap::map(t).fd().as_fd().as_raw_fd() as u32)
+                    .collect();
+                match batch::update(self.raw.maglev.as_fd(), &keys, &fds) {
+                    Ok(()) => break,
+                    // A pinned xlb_maglev created by an agent whose template was not
+                    // mmapable refuses mmapable tables (flags must match): fill them
+                    // the old way from now on.
+                    Err(e)
+                        if mmapable
+                            && e.done == 0
+                            && e.error.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        tracing::warn!(
+                            "xlb_maglev predates mmapable tables; filling tables with batch writes (xlb cleanup and a restart recreate it)"
+                        );
+                        mmapable = false;
+                        self.mmap_tables = false;
+                    }
+                    Err(e) => return Err(batch_err(names::MAGLEV)(e)),
+                }
+            }
         }
         Ok(())
     }
@@ -646,39 +679,91 @@ fn pair_indices() -> &'static [u32] {
     })
 }
 
-/// A new inner Maglev array holding `slots` in pairs. `BPF_F_INNER_MAP` lets arrays of
-/// any size stand in for the program's template (kernel `bpf_map_meta_equal`).
+/// A new inner Maglev array holding `slots` in pairs, mmapable (see [`new_table_with`]).
 pub(crate) fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, DataplaneError> {
-    new_table_with(slots, &mut Vec::new()).map_err(batch_err(names::MAGLEV))
+    new_table_with(slots, true, &mut Vec::new()).map_err(batch_err(names::MAGLEV))
 }
 
-/// [`new_table`], filled with one `BPF_MAP_UPDATE_BATCH`, `scratch` reused for the
-/// padded copy (tables have an odd number of slots).
+/// A new inner Maglev array holding `slots` in pairs. `BPF_F_INNER_MAP` lets arrays of
+/// any size stand in for the program's template (kernel `bpf_map_meta_equal`, which
+/// also requires equal flags: the template in `xlb-ebpf` is `BPF_F_MMAPABLE` too).
+///
+/// `mmapable`: the array is created with `BPF_F_MMAPABLE` and filled through a shared
+/// mapping of its data (kernel `array_map_mmap`; a new array is zeroed, so the padding
+/// lane of the last pair stays 0), one copy instead of a kernel write per pair.
+/// Otherwise it is filled with one `BPF_MAP_UPDATE_BATCH` (`scratch` holds the padded
+/// copy). Either way the table is complete before anything can point to it.
 fn new_table_with(
     slots: &[u32],
+    mmapable: bool,
     scratch: &mut Vec<u32>,
 ) -> Result<Array<MapData, SlotPair>, batch::BatchError> {
     const BPF_F_INNER_MAP: u32 = 1 << 12;
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
     let pairs = slots.len().div_ceil(2);
     let failed = |error| batch::BatchError {
         done: 0,
         total: pairs,
         error,
     };
-    let table = Array::<MapData, SlotPair>::create(pairs as u32, BPF_F_INNER_MAP).map_err(|e| {
+    let flags = BPF_F_INNER_MAP | if mmapable { BPF_F_MMAPABLE } else { 0 };
+    let table = Array::<MapData, SlotPair>::create(pairs as u32, flags).map_err(|e| {
         failed(match e {
             MapError::CreateError { io_error, .. } => io_error,
             other => io::Error::other(other.to_string()),
         })
     })?;
+    let fd = IterableMap::map(&table).fd().as_fd();
+    if mmapable {
+        fill_mapped(fd, slots).map_err(failed)?;
+        return Ok(table);
+    }
     let keys = pair_indices()
         .get(..pairs)
         .ok_or_else(|| failed(io::Error::from_raw_os_error(libc::E2BIG)))?;
     scratch.clear();
     scratch.extend_from_slice(slots);
     scratch.resize(pairs * 2, 0);
-    batch::update(IterableMap::map(&table).fd().as_fd(), keys, scratch)?;
+    batch::update(fd, keys, scratch)?;
     Ok(table)
+}
+
+/// Copies `slots` to the start of the mmapable array `fd` (8-byte elements, so the
+/// slots lie back to back from offset 0).
+fn fill_mapped(fd: BorrowedFd<'_>, slots: &[u32]) -> io::Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let bytes = size_of_val(slots);
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| *p > 0)
+        .unwrap_or(4096);
+    // The kernel maps whole pages of the array's data (its size rounded up).
+    let len = bytes.div_ceil(page) * page;
+    // SAFETY: a fresh shared mapping of the map's data, which the kernel allows up to
+    // the data size rounded up to pages; nothing else refers to this memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p` is valid for `len >= bytes` bytes and does not overlap `slots`; it is
+    // unmapped right after and never used again.
+    unsafe {
+        std::ptr::copy_nonoverlapping(slots.as_ptr(), p.cast::<u32>(), slots.len());
+        libc::munmap(p, len);
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

@@ -6,8 +6,10 @@
 //! Maglev table (a fresh inner map under the idle generation's id) are written first,
 //! then one service-value update flips to them, and only then is anything old deleted.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    ops::Deref,
+    sync::Arc,
 };
 
 use xlb_common::{
@@ -41,13 +43,60 @@ impl Default for TableBounds {
     }
 }
 
+/// A Maglev table: backend id per slot. Shared, not copied, between the applied
+/// state, a target, its writes and the [`TableCache`] (10,000 tables of 1,021 slots
+/// are 40 MiB each time); equal tables that share their storage compare in O(1).
+#[derive(Clone, Default)]
+pub struct Slots(Arc<[u32]>);
+
+impl Deref for Slots {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl PartialEq for Slots {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0[..] == other.0[..]
+    }
+}
+
+impl Eq for Slots {}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<Vec<u32>> for Slots {
+    fn from(v: Vec<u32>) -> Self {
+        Slots(v.into())
+    }
+}
+
+impl<'a> IntoIterator for &'a Slots {
+    type Item = &'a u32;
+    type IntoIter = std::slice::Iter<'a, u32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// Maglev tables by what they are built from: the table size and the members'
+/// (address, backend id) in address order. A table is a pure function of these, so a
+/// sync reuses the table of every service whose backends did not change instead of
+/// building it again (a change to one EndpointSlice builds one table, not 10,000).
+pub type TableCache = HashMap<(u32, Vec<(SocketAddr, u32)>), Slots>;
+
 /// Exactly what the configuration maps hold, plus which stats entries exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     /// `xlb_services`.
     pub services: BTreeMap<ServiceKey, Service>,
     /// `xlb_maglev`: table id -> backend id per slot.
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub tables: BTreeMap<u32, Slots>,
     /// `xlb_backends`.
     pub backends: BTreeMap<u32, Backend>,
     /// Keys of `xlb_svc_stats`.
@@ -163,6 +212,8 @@ pub struct Target {
     pub services: BTreeMap<u32, ServiceLabels>,
     /// Address per backend id, for metrics.
     pub backends: BTreeMap<u32, SocketAddr>,
+    /// The tables of this target by their inputs, for the next [`target_cached`].
+    pub tables_built: TableCache,
 }
 
 /// Why a desired state cannot be programmed.
@@ -249,7 +300,20 @@ pub fn target(
     ids: Ids,
     bounds: TableBounds,
 ) -> Result<Target, StateError> {
+    target_cached(desired, current, ids, bounds, &TableCache::new())
+}
+
+/// [`target`], taking Maglev tables from `cache` (the previous target's
+/// [`Target::tables_built`]) where their inputs are unchanged.
+pub fn target_cached(
+    desired: &Desired,
+    current: &MapState,
+    ids: Ids,
+    bounds: TableBounds,
+    cache: &TableCache,
+) -> Result<Target, StateError> {
     let mut ids = ids;
+    let mut built = TableCache::with_capacity(cache.len());
     let mut state = MapState::default();
     let mut labels = BTreeMap::new();
     let mut backend_addrs = BTreeMap::new();
@@ -304,7 +368,22 @@ pub fn target(
             backend_addrs.insert(bid, *sa);
             backend_ids.push(bid);
         }
-        let slots = maglev_slots(&addrs, &backend_ids, bounds);
+        let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
+        let inputs = (
+            size,
+            addrs
+                .iter()
+                .copied()
+                .zip(backend_ids.iter().copied())
+                .collect(),
+        );
+        let slots = match cache.get(&inputs).or_else(|| built.get(&inputs)) {
+            Some(s) => s.clone(),
+            None => Slots::from(maglev_slots(&addrs, &backend_ids, size)),
+        };
+        if !slots.is_empty() {
+            built.insert(inputs, slots.clone());
+        }
         let mut flags = if ds.local { SVC_F_LOCAL } else { 0 };
         if !ds.source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;
@@ -393,6 +472,7 @@ pub fn target(
         ids,
         services: labels,
         backends: backend_addrs,
+        tables_built: built,
     })
 }
 
@@ -406,7 +486,7 @@ fn check_capacity(what: &'static str, needed: usize, max: u32) -> Result<(), Sta
 /// The Maglev table of a service: backend id per slot, sized from the backend count.
 /// Built from the backends' addresses (the same on every node), not from node-local
 /// ids, so every node computes the same table.
-fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], bounds: TableBounds) -> Vec<u32> {
+fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], size: u32) -> Vec<u32> {
     if addrs.is_empty() {
         return Vec::new();
     }
@@ -418,7 +498,6 @@ fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], bounds: TableBounds) -> Vec<u
             weight: 1,
         })
         .collect();
-    let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
     maglev::build(&backends, size)
         .into_iter()
         .map(|i| ids[i as usize])
@@ -433,7 +512,7 @@ pub enum Write {
     /// Create a zeroed backend counter.
     PutBackendStats(u32),
     /// Insert a Maglev table (a new inner map; tables are never edited in place).
-    PutTable(u32, Vec<u32>),
+    PutTable(u32, Slots),
     /// Create a zeroed service counter.
     PutServiceStats(u32),
     /// Record which Service port owns a service id (boxed: 256 bytes).

@@ -70,6 +70,8 @@ const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Most documents (or `List` items) read from one file.
 pub const MAX_DOCUMENTS: usize = 100_000;
+/// Most threads parsing files at once.
+const PARSE_THREADS: usize = 8;
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORTS: RangeInclusive<u16> = 30000..=32767;
 /// How long a file that emptied must stay empty before its objects are removed.
@@ -134,10 +136,23 @@ impl ManifestSource {
         let mut recheck = None;
         match manifest_files(&self.dir) {
             Ok(paths) => {
+                let mut work: Vec<(PathBuf, FileState)> = paths
+                    .into_iter()
+                    .map(|path| {
+                        let state = self.files.remove(&path).unwrap_or_default();
+                        (path, state)
+                    })
+                    .collect();
+                let outcomes = self.refresh_all(&mut work);
                 let mut files = BTreeMap::new();
-                for path in paths {
-                    let mut state = self.files.remove(&path).unwrap_or_default();
-                    match self.refresh(&path, &mut state) {
+                for ((path, mut state), outcome) in work.into_iter().zip(outcomes) {
+                    if matches!(outcome, Refresh::Parsed) {
+                        // Copied on this thread, compactly: the parse left the kept
+                        // objects scattered between its freed garbage on the parsing
+                        // thread's heap pages, which then could not be returned.
+                        state.objects = state.objects.clone();
+                    }
+                    match outcome {
                         Refresh::Gone => continue,
                         Refresh::Kept => {}
                         Refresh::Parsed => parsed += 1,
@@ -162,6 +177,46 @@ impl ManifestSource {
             parsed,
             recheck,
         }
+    }
+
+    /// [`refresh`](Self::refresh) for every file, on up to one thread per CPU (at
+    /// most [`PARSE_THREADS`]): parsing YAML is the bulk of a cold start (about
+    /// 10 MB/s per core), and files are independent until [`assemble`].
+    fn refresh_all(&self, work: &mut [(PathBuf, FileState)]) -> Vec<Refresh> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(PARSE_THREADS)
+            .min(work.len());
+        if threads <= 1 {
+            return work
+                .iter_mut()
+                .map(|(path, state)| self.refresh(path, state))
+                .collect();
+        }
+        let mut outcomes: Vec<Option<Refresh>> = work.iter().map(|_| None).collect();
+        // A shared queue, so that one large file does not hold up a whole share.
+        let queue = std::sync::Mutex::new(work.iter_mut().zip(outcomes.iter_mut()));
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    loop {
+                        let next = match queue.lock() {
+                            Ok(mut q) => q.next(),
+                            Err(_) => None,
+                        };
+                        let Some(((path, state), out)) = next else {
+                            break;
+                        };
+                        *out = Some(self.refresh(path, state));
+                    }
+                });
+            }
+        });
+        // Every slot is filled: the scope re-raises a worker's panic.
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Refresh::Gone))
+            .collect()
     }
 
     /// Brings one file's state up to date.

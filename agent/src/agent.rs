@@ -121,6 +121,11 @@ struct Reconciler {
     /// The source asked to be loaded again after this long (a file that emptied).
     recheck: Option<Duration>,
     applied: MapState,
+    /// The maps hold what the last load asked for (the last sync succeeded and the
+    /// datapath was not re-attached since).
+    in_sync: bool,
+    /// The first load, made while the programs were loading; used by the first sync.
+    preloaded: Option<manifests::Loaded>,
     /// Maglev tables by their inputs, from the last target (see [`state::TableCache`]).
     tables: state::TableCache,
     ids: Ids,
@@ -151,7 +156,17 @@ impl Reconciler {
 
     fn sync(&mut self, source: &mut ManifestSource) -> Result<(), DataplaneError> {
         let started = Instant::now();
-        let loaded = source.load();
+        let loaded = match self.preloaded.take() {
+            Some(l) => l,
+            None if self.in_sync => match source.load_if_changed() {
+                Some(l) => l,
+                // Nothing new since the last sync that reached the maps (an event
+                // for a file that is not a manifest, an unchanged file rewritten, a
+                // periodic resync): the desired state is the same, nothing to do.
+                None => return Ok(()),
+            },
+            None => source.load(),
+        };
         let t_load = started.elapsed();
         self.metrics.files_parsed.inc_by(loaded.parsed as u64);
         self.recheck = loaded.recheck;
@@ -200,6 +215,7 @@ impl Reconciler {
         let t_target = started.elapsed();
         let writes = state::diff(&self.applied, &target.state);
         let t_diff = started.elapsed();
+        self.in_sync = false;
         if let Err(e) = self.dp.apply(&writes) {
             // Start the next attempt from what the maps really hold.
             self.applied = self.dp.read_state()?;
@@ -225,6 +241,7 @@ impl Reconciler {
         self.ids = target.ids;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
+        self.in_sync = true;
         self.metrics
             .syncs
             .get_or_create(&vec![("result", "ok".to_string())])
@@ -266,6 +283,7 @@ impl Reconciler {
             cfg.conntrack_size,
         )?;
         dp.set_node(&node_config(cfg))?;
+        self.in_sync = false;
         self.applied = dp.read_state()?;
         self.ids = Ids::after(&self.applied, dp.read_ids()?);
         self.dp = dp;
@@ -405,6 +423,16 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // would fight over the maps.
     let _lock = pin::lock(&cfg.pin_path).map_err(pin_err)?;
 
+    // The first load (parsing every manifest, the bulk of a cold start) runs while
+    // the kernel verifies and attaches the programs; changes from now on are seen by
+    // the watcher set up above, and trigger a load of their own.
+    let manifests_dir = cfg.manifests.clone();
+    let node_ports = cfg.node_ports.clone();
+    let first_load = std::thread::spawn(move || {
+        let mut source = ManifestSource::new(manifests_dir).with_node_ports(node_ports);
+        let loaded = source.load();
+        (source, loaded)
+    });
     let (mut dp, xdp) = Dataplane::open(
         &cfg.interface,
         &cfg.pin_path,
@@ -461,8 +489,14 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     });
 
-    let mut source =
-        ManifestSource::new(cfg.manifests.clone()).with_node_ports(cfg.node_ports.clone());
+    let (mut source, preloaded) = match first_load.join() {
+        Ok((source, loaded)) => (source, Some(loaded)),
+        // The loading thread panicked: load again here.
+        Err(_) => (
+            ManifestSource::new(cfg.manifests.clone()).with_node_ports(cfg.node_ports.clone()),
+            None,
+        ),
+    };
     let mut rec = Reconciler {
         dp,
         node_name: cfg.node_name.clone(),
@@ -470,6 +504,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         neighbours: BTreeSet::new(),
         recheck: None,
         applied,
+        in_sync: false,
+        preloaded,
         tables: state::TableCache::new(),
         ids,
         bounds: state::TableBounds::default(),

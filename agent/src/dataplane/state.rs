@@ -562,70 +562,103 @@ impl Write {
 /// The writes that turn `current` into `target`, in an order where packets only ever
 /// see a complete old or a complete new service (see the module docs).
 pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
+    let (put_backends, del_backends) = changes(&current.backends, &target.backends);
+    let (put_tables, del_tables) = changes(&current.tables, &target.tables);
+    let (put_owners, del_owners) = changes(&current.owners, &target.owners);
+    let (put_services, del_services) = changes(&current.services, &target.services);
     let mut w = Vec::new();
-    for (id, b) in &target.backends {
-        if current.backends.get(id) != Some(b) {
-            w.push(Write::PutBackend(*id, *b));
-        }
-    }
+    w.extend(
+        put_backends
+            .into_iter()
+            .map(|(id, b)| Write::PutBackend(*id, *b)),
+    );
     for id in target.backend_stats.difference(&current.backend_stats) {
         w.push(Write::PutBackendStats(*id));
     }
-    for (k, v) in &target.tables {
-        if current.tables.get(k) != Some(v) {
-            w.push(Write::PutTable(*k, v.clone()));
-        }
-    }
+    w.extend(
+        put_tables
+            .into_iter()
+            .map(|(k, v)| Write::PutTable(*k, v.clone())),
+    );
     for id in target.service_stats.difference(&current.service_stats) {
         w.push(Write::PutServiceStats(*id));
     }
     // The owner is recorded before the key is served, so a crash in between never
     // leaves a served key whose owner a restarted agent cannot tell.
-    for (id, o) in &target.owners {
-        if current.owners.get(id) != Some(o) {
-            w.push(Write::PutOwner(*id, Box::new(*o)));
-        }
-    }
+    w.extend(
+        put_owners
+            .into_iter()
+            .map(|(id, o)| Write::PutOwner(*id, Box::new(*o))),
+    );
     // New ranges before the flag that enforces them; old ones after the flip, so a
     // change never admits nobody and never admits everybody.
     for (len, r) in target.ranges.difference(&current.ranges) {
         w.push(Write::PutRange(*len, *r));
     }
-    for (k, v) in &target.services {
-        if current.services.get(k) != Some(v) {
-            w.push(Write::PutService(*k, *v));
-        }
-    }
-    for k in current.services.keys() {
-        if !target.services.contains_key(k) {
-            w.push(Write::DelService(*k));
-        }
-    }
+    w.extend(
+        put_services
+            .into_iter()
+            .map(|(k, v)| Write::PutService(*k, *v)),
+    );
+    w.extend(del_services.into_iter().map(|k| Write::DelService(*k)));
     for id in current.service_stats.difference(&target.service_stats) {
         w.push(Write::DelServiceStats(*id));
     }
-    for id in current.owners.keys() {
-        if !target.owners.contains_key(id) {
-            w.push(Write::DelOwner(*id));
-        }
-    }
+    w.extend(del_owners.into_iter().map(|id| Write::DelOwner(*id)));
     for (len, r) in current.ranges.difference(&target.ranges) {
         w.push(Write::DelRange(*len, *r));
     }
-    for k in current.tables.keys() {
-        if !target.tables.contains_key(k) {
-            w.push(Write::DelTable(*k));
-        }
-    }
-    for id in current.backends.keys() {
-        if !target.backends.contains_key(id) {
-            w.push(Write::DelBackend(*id));
-        }
-    }
+    w.extend(del_tables.into_iter().map(|k| Write::DelTable(*k)));
+    w.extend(del_backends.into_iter().map(|id| Write::DelBackend(*id)));
     for id in current.backend_stats.difference(&target.backend_stats) {
         w.push(Write::DelBackendStats(*id));
     }
     w
+}
+
+/// What differs between two maps, in key order: entries of `target` that `current`
+/// lacks or holds otherwise, and keys of `current` that `target` lacks. One merge
+/// walk over both (they iterate sorted), not a lookup per key.
+#[allow(clippy::type_complexity)]
+fn changes<'a, K: Ord, V: PartialEq>(
+    current: &'a BTreeMap<K, V>,
+    target: &'a BTreeMap<K, V>,
+) -> (Vec<(&'a K, &'a V)>, Vec<&'a K>) {
+    use std::cmp::Ordering;
+    let (mut puts, mut dels) = (Vec::new(), Vec::new());
+    let mut cur = current.iter().peekable();
+    let mut tgt = target.iter().peekable();
+    loop {
+        match (cur.peek(), tgt.peek()) {
+            (None, None) => break,
+            (Some((ck, _)), None) => {
+                dels.push(*ck);
+                cur.next();
+            }
+            (None, Some(&(tk, tv))) => {
+                puts.push((tk, tv));
+                tgt.next();
+            }
+            (Some(&(ck, cv)), Some(&(tk, tv))) => match ck.cmp(tk) {
+                Ordering::Less => {
+                    dels.push(ck);
+                    cur.next();
+                }
+                Ordering::Greater => {
+                    puts.push((tk, tv));
+                    tgt.next();
+                }
+                Ordering::Equal => {
+                    if cv != tv {
+                        puts.push((tk, tv));
+                    }
+                    cur.next();
+                    tgt.next();
+                }
+            },
+        }
+    }
+    (puts, dels)
 }
 
 #[cfg(test)]

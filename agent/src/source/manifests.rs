@@ -87,6 +87,8 @@ pub struct ManifestSource {
     empty_grace: Duration,
     /// Last good state per file, by path; files iterate in name order.
     files: BTreeMap<PathBuf, FileState>,
+    /// Whether the last load found anything different from the one before.
+    changed: bool,
 }
 
 /// What one file gave at its last parse.
@@ -110,6 +112,7 @@ impl ManifestSource {
             node_ports: DEFAULT_NODE_PORTS,
             empty_grace: EMPTY_GRACE,
             files: BTreeMap::new(),
+            changed: true,
         }
     }
 
@@ -131,11 +134,23 @@ impl ManifestSource {
     /// hidden files and editor temp files are skipped) that changed since the last
     /// load, and returns the model and the errors of the current input.
     pub fn load(&mut self) -> Loaded {
+        self.load_inner(false).unwrap_or_default()
+    }
+
+    /// [`load`](Self::load), or `None` when nothing changed since the last load (no
+    /// file read, dropped or suspect, listing worked): then the result would equal
+    /// the last one, and the model is not even assembled.
+    pub fn load_if_changed(&mut self) -> Option<Loaded> {
+        self.load_inner(true)
+    }
+
+    fn load_inner(&mut self, only_if_changed: bool) -> Option<Loaded> {
         let mut errors = Vec::new();
         let mut parsed = 0;
         let mut recheck = None;
         match manifest_files(&self.dir) {
             Ok(paths) => {
+                let before: Vec<PathBuf> = self.files.keys().cloned().collect();
                 let mut work: Vec<(PathBuf, FileState)> = paths
                     .into_iter()
                     .map(|path| {
@@ -162,21 +177,28 @@ impl ManifestSource {
                     files.insert(path, state);
                 }
                 // Files not listed any more are dropped with their objects.
+                let same_files =
+                    files.len() == before.len() && files.keys().zip(&before).all(|(a, b)| a == b);
+                self.changed = parsed > 0 || !same_files;
                 self.files = files;
             }
             Err(e) => {
+                self.changed = true;
                 let origin = self.dir.display().to_string();
                 errors.push(file_error(&origin, ErrorKind::Io, e.to_string()));
             }
         }
+        if only_if_changed && !self.changed && recheck.is_none() {
+            return None;
+        }
         let by_file = self.files.iter().map(|(p, s)| (p, s.objects.as_slice()));
         let snapshot = assemble(by_file, &mut errors);
-        Loaded {
+        Some(Loaded {
             snapshot,
             errors,
             parsed,
             recheck,
-        }
+        })
     }
 
     /// [`refresh`](Self::refresh) for every file, on up to one thread per CPU (at

@@ -77,7 +77,7 @@ fn zeroed_attr() -> bpf_attr {
 }
 
 /// Writes `keys[i] -> value i` for every `i`, in order. `values` holds `keys.len()`
-/// values back to back, each `values_bytes / keys.len()` bytes (for per-CPU maps: one
+/// values back to back, each `size_of_val(values) / keys.len()` bytes (for per-CPU maps: one
 /// value per possible CPU, each rounded up to 8 bytes, as the kernel expects).
 pub fn update<K: Copy, V: Copy>(
     map: BorrowedFd<'_>,

@@ -321,6 +321,9 @@ pub fn target_cached(
         current.backends.iter().map(|(id, b)| (*b, *id)).collect();
     let mut chosen_backends: BTreeMap<Backend, u32> = BTreeMap::new();
 
+    // First every service's ids and table inputs (in order: ids are allocated here),
+    // then the tables not built before, in parallel, then the services.
+    let mut pending = Vec::with_capacity(desired.services.len());
     for (vip, ds) in &desired.services {
         let key = service_key(vip);
         let old = current.services.get(&key);
@@ -369,7 +372,7 @@ pub fn target_cached(
             backend_ids.push(bid);
         }
         let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
-        let inputs = (
+        let inputs: (u32, Vec<(SocketAddr, u32)>) = (
             size,
             addrs
                 .iter()
@@ -377,9 +380,19 @@ pub fn target_cached(
                 .zip(backend_ids.iter().copied())
                 .collect(),
         );
+        pending.push((vip, ds, key, old, id, inputs));
+    }
+    build_tables(
+        pending
+            .iter()
+            .map(|p| &p.5)
+            .filter(|i| !i.1.is_empty() && !cache.contains_key(*i)),
+        &mut built,
+    );
+    for (vip, ds, key, old, id, inputs) in pending {
         let slots = match cache.get(&inputs).or_else(|| built.get(&inputs)) {
             Some(s) => s.clone(),
-            None => Slots::from(maglev_slots(&addrs, &backend_ids, size)),
+            None => Slots::default(),
         };
         if !slots.is_empty() {
             built.insert(inputs, slots.clone());
@@ -481,6 +494,50 @@ fn check_capacity(what: &'static str, needed: usize, max: u32) -> Result<(), Sta
         return Err(StateError::TooLarge { what, needed, max });
     }
     Ok(())
+}
+
+/// Builds the table of each of `inputs` (deduplicated) into `built`, on up to one
+/// thread per CPU when there are many (a cold start builds 10,000).
+fn build_tables<'a>(
+    inputs: impl Iterator<Item = &'a (u32, Vec<(SocketAddr, u32)>)>,
+    built: &mut TableCache,
+) {
+    let mut todo: Vec<&(u32, Vec<(SocketAddr, u32)>)> = inputs.collect();
+    todo.sort_unstable();
+    todo.dedup();
+    let build = |i: &(u32, Vec<(SocketAddr, u32)>)| {
+        let (addrs, ids): (Vec<SocketAddr>, Vec<u32>) = i.1.iter().copied().unzip();
+        Slots::from(maglev_slots(&addrs, &ids, i.0))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    if threads <= 1 || todo.len() < 256 {
+        for i in todo {
+            let slots = build(i);
+            built.insert(i.clone(), slots);
+        }
+        return;
+    }
+    let per = todo.len().div_ceil(threads);
+    let results: Vec<Vec<Slots>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = todo
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().map(|i| build(i)).collect::<Vec<_>>()))
+            .collect();
+        // A worker that panicked leaves its tables unbuilt; they are built below.
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    for (part, slots) in todo.chunks(per).zip(results) {
+        let mut slots = slots.into_iter();
+        for i in part {
+            let s = slots.next().unwrap_or_else(|| build(i));
+            built.insert((*i).clone(), s);
+        }
+    }
 }
 
 /// The Maglev table of a service: backend id per slot, sized from the backend count.

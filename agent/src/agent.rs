@@ -59,6 +59,20 @@ pub struct Config {
 /// to the shortest lifetime (10 s after FIN/RST), so the map holds little dead state.
 const CT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 
+/// How long changes that arrive together are coalesced into one sync.
+const SETTLE: Duration = Duration::from_millis(2);
+
+/// Returns freed heap to the kernel (glibc keeps it otherwise): a sync that parsed
+/// manifests or wrote many maps leaves tens of MiB of freed parse trees and
+/// intermediate states behind, which would stay in the agent's RSS.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -107,6 +121,13 @@ struct Reconciler {
     /// The source asked to be loaded again after this long (a file that emptied).
     recheck: Option<Duration>,
     applied: MapState,
+    /// The maps hold what the last load asked for (the last sync succeeded and the
+    /// datapath was not re-attached since).
+    in_sync: bool,
+    /// The first load, made while the programs were loading; used by the first sync.
+    preloaded: Option<manifests::Loaded>,
+    /// Maglev tables by their inputs, from the last target (see [`state::TableCache`]).
+    tables: state::TableCache,
     ids: Ids,
     bounds: state::TableBounds,
     previous: Option<Desired>,
@@ -135,7 +156,18 @@ impl Reconciler {
 
     fn sync(&mut self, source: &mut ManifestSource) -> Result<(), DataplaneError> {
         let started = Instant::now();
-        let loaded = source.load();
+        let loaded = match self.preloaded.take() {
+            Some(l) => l,
+            None if self.in_sync => match source.load_if_changed() {
+                Some(l) => l,
+                // Nothing new since the last sync that reached the maps (an event
+                // for a file that is not a manifest, an unchanged file rewritten, a
+                // periodic resync): the desired state is the same, nothing to do.
+                None => return Ok(()),
+            },
+            None => source.load(),
+        };
+        let t_load = started.elapsed();
         self.metrics.files_parsed.inc_by(loaded.parsed as u64);
         self.recheck = loaded.recheck;
         // Before the first apply, the maps' recorded owners stand in for `previous`.
@@ -149,6 +181,7 @@ impl Reconciler {
             self.previous.as_ref(),
             &restored,
         );
+        let t_desired = started.elapsed();
         let mut errors = loaded.errors;
         errors.extend(desired.errors.iter().cloned());
         self.report(&errors);
@@ -162,7 +195,13 @@ impl Reconciler {
             }
         }
 
-        let target = match state::target(&desired, &self.applied, self.ids, self.bounds) {
+        let target = match state::target_cached(
+            &desired,
+            &self.applied,
+            self.ids,
+            self.bounds,
+            &self.tables,
+        ) {
             Ok(t) => t,
             Err(e) => {
                 error!(error = %e, "desired state does not fit the maps; keeping the current one");
@@ -173,7 +212,10 @@ impl Reconciler {
                 return Ok(());
             }
         };
+        let t_target = started.elapsed();
         let writes = state::diff(&self.applied, &target.state);
+        let t_diff = started.elapsed();
+        self.in_sync = false;
         if let Err(e) = self.dp.apply(&writes) {
             // Start the next attempt from what the maps really hold.
             self.applied = self.dp.read_state()?;
@@ -183,6 +225,7 @@ impl Reconciler {
                 .inc();
             return Err(e);
         }
+        let t_apply = started.elapsed();
         let id_writes = self.dp.write_ids(self.ids, target.ids)?;
         self.metrics
             .map_updates
@@ -194,16 +237,35 @@ impl Reconciler {
             .services
             .set(target.state.services.values().filter(|s| s.id != 0).count() as i64);
         self.applied = target.state;
+        self.tables = target.tables_built;
         self.ids = target.ids;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
+        self.in_sync = true;
         self.metrics
             .syncs
             .get_or_create(&vec![("result", "ok".to_string())])
             .inc();
-        self.metrics
-            .sync_duration
-            .observe(started.elapsed().as_secs_f64());
+        if writes.len() > 1000 || loaded.parsed > 0 {
+            trim_heap();
+        }
+        let took = started.elapsed();
+        self.metrics.sync_duration.observe(took.as_secs_f64());
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let level_info = !writes.is_empty() || loaded.parsed > 0;
+        if level_info {
+            info!(
+                files_parsed = loaded.parsed,
+                writes = writes.len(),
+                load_ms = ms(t_load),
+                desired_ms = ms(t_desired - t_load),
+                target_ms = ms(t_target - t_desired),
+                diff_ms = ms(t_diff - t_target),
+                apply_ms = ms(t_apply - t_diff),
+                total_ms = ms(took),
+                "sync"
+            );
+        }
         self.metrics.ready.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -237,6 +299,7 @@ impl Reconciler {
             cfg.conntrack_size,
         )?;
         dp.set_node(&node_config(cfg))?;
+        self.in_sync = false;
         self.applied = dp.read_state()?;
         self.ids = Ids::after(&self.applied, dp.read_ids()?);
         self.dp = dp;
@@ -376,6 +439,16 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // would fight over the maps.
     let _lock = pin::lock(&cfg.pin_path).map_err(pin_err)?;
 
+    // The first load (parsing every manifest, the bulk of a cold start) runs while
+    // the kernel verifies and attaches the programs; changes from now on are seen by
+    // the watcher set up above, and trigger a load of their own.
+    let manifests_dir = cfg.manifests.clone();
+    let node_ports = cfg.node_ports.clone();
+    let first_load = std::thread::spawn(move || {
+        let mut source = ManifestSource::new(manifests_dir).with_node_ports(node_ports);
+        let loaded = source.load();
+        (source, loaded)
+    });
     let (mut dp, xdp) = Dataplane::open(
         &cfg.interface,
         &cfg.pin_path,
@@ -432,8 +505,14 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     });
 
-    let mut source =
-        ManifestSource::new(cfg.manifests.clone()).with_node_ports(cfg.node_ports.clone());
+    let (mut source, preloaded) = match first_load.join() {
+        Ok((source, loaded)) => (source, Some(loaded)),
+        // The loading thread panicked: load again here.
+        Err(_) => (
+            ManifestSource::new(cfg.manifests.clone()).with_node_ports(cfg.node_ports.clone()),
+            None,
+        ),
+    };
     let mut rec = Reconciler {
         dp,
         node_name: cfg.node_name.clone(),
@@ -441,6 +520,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         neighbours: BTreeSet::new(),
         recheck: None,
         applied,
+        in_sync: false,
+        preloaded,
+        tables: state::TableCache::new(),
         ids,
         bounds: state::TableBounds::default(),
         previous: None,
@@ -487,8 +569,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 return Err(AgentError::Metrics { addr: cfg.metrics_addr, source: e });
             }
             Some(()) = changes.recv() => {
-                // Editors write a file in several steps: coalesce what arrives together.
-                let settle = tokio::time::sleep(Duration::from_millis(50));
+                // Coalesce what arrives together (several files written by one tool),
+                // briefly: this wait is part of every change's latency. A file is read
+                // when its writer closes it, and a truncated one is not believed at
+                // once (the source's grace), so no longer wait is needed for those.
+                let settle = tokio::time::sleep(SETTLE);
                 tokio::pin!(settle);
                 loop {
                     tokio::select! {

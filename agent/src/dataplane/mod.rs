@@ -7,6 +7,7 @@
 //! the pinned maps (aya's `map_pin_path`) and swaps its programs into the pinned links
 //! with `BPF_LINK_UPDATE`, which the kernel does atomically: every packet runs either
 //! the old or the new program, never neither.
+pub mod batch;
 pub mod conntrack;
 pub mod layout;
 pub mod maglev;
@@ -16,13 +17,15 @@ pub mod testrun;
 
 use std::{
     io,
+    mem::size_of_val,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, HashOfMaps, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -34,8 +37,8 @@ use aya::{
 };
 use tracing::{debug, info};
 use xlb_common::{
-    Backend, Counter, Service, ServiceKey, ServiceKey4, ServiceKey6, SlotPair, SourceRange,
-    backend_slot, config, names, service_slot,
+    Backend, Counter, Service, ServiceKey4, ServiceKey6, SlotPair, SourceRange, backend_slot,
+    config, names, service_slot,
 };
 
 use self::state::{Ids, MapState, Write};
@@ -90,6 +93,22 @@ pub enum DataplaneError {
     /// The number of possible CPUs (per-CPU values) could not be used.
     #[error("per-CPU values: {0}")]
     Cpus(io::Error),
+    /// A map's fd could not be duplicated (fd limit).
+    #[error("map {map}: duplicating its fd: {source}")]
+    Dup {
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A batch of map writes failed part-way.
+    #[error("map {map}: {source}")]
+    Batch {
+        /// Map name.
+        map: &'static str,
+        /// How far it got, and why it stopped.
+        source: batch::BatchError,
+    },
     /// A map read or write failed.
     #[error("map {map}: {source}")]
     Map {
@@ -107,6 +126,44 @@ where
 {
     let map = ebpf.take_map(name).ok_or(DataplaneError::Missing(name))?;
     T::try_from(map).map_err(map_err(name))
+}
+
+/// A second fd of map `name` of the loaded object, for the raw batch calls.
+fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DataplaneError> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name).ok_or(DataplaneError::Missing(name))? {
+        Map::HashMap(d) | Map::PerCpuHashMap(d) | Map::HashOfMaps(d) => d,
+        _ => return Err(DataplaneError::Missing(name)),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::Dup { map: name, source })
+}
+
+/// The maps [`Dataplane::apply`] writes in batches, by fd.
+struct RawMaps {
+    services4: OwnedFd,
+    services6: OwnedFd,
+    maglev: OwnedFd,
+    backends: OwnedFd,
+    service_stats: OwnedFd,
+    backend_stats: OwnedFd,
+    owners: OwnedFd,
+}
+
+impl RawMaps {
+    fn dup(ebpf: &Ebpf) -> Result<Self, DataplaneError> {
+        Ok(RawMaps {
+            services4: dup_map_fd(ebpf, names::SERVICES4)?,
+            services6: dup_map_fd(ebpf, names::SERVICES6)?,
+            maglev: dup_map_fd(ebpf, names::MAGLEV)?,
+            backends: dup_map_fd(ebpf, names::BACKENDS)?,
+            service_stats: dup_map_fd(ebpf, names::SERVICE_STATS)?,
+            backend_stats: dup_map_fd(ebpf, names::BACKEND_STATS)?,
+            owners: dup_map_fd(ebpf, names::OWNERS)?,
+        })
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -157,14 +214,16 @@ pub struct Dataplane {
     services6: HashMap<MapData, ServiceKey6, Service>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, SlotPair>>,
     backends: HashMap<MapData, u32, Backend>,
-    service_stats: PerCpuArray<MapData, Counter>,
-    backend_stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, u64>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
     owners: HashMap<MapData, u32, xlb_common::Owner>,
     peer_devs: HashMap<MapData, u32, u32>,
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
+    raw: RawMaps,
+    /// Maglev tables are created mmapable (false once the pinned `xlb_maglev`
+    /// turned out to predate that).
+    mmap_tables: bool,
     ncpus: usize,
     /// The interface index the programs were attached to.
     ifindex: u32,
@@ -244,12 +303,12 @@ impl Dataplane {
         }
 
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        raise_nofile();
+        let raw = RawMaps::dup(&ebpf)?;
         let services4 = take_map(&mut ebpf, names::SERVICES4)?;
         let services6 = take_map(&mut ebpf, names::SERVICES6)?;
         let maglev = take_map(&mut ebpf, names::MAGLEV)?;
         let backends = take_map(&mut ebpf, names::BACKENDS)?;
-        let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
-        let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let ranges = take_map(&mut ebpf, names::SOURCE_RANGES)?;
         let owners = take_map(&mut ebpf, names::OWNERS)?;
         let peer_devs = take_map(&mut ebpf, names::PEER_DEVS)?;
@@ -259,13 +318,13 @@ impl Dataplane {
             services6,
             maglev,
             backends,
-            service_stats,
-            backend_stats,
             config,
             ranges,
             owners,
             peer_devs,
             _tail_progs: tail_progs,
+            raw,
+            mmap_tables: true,
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
         };
@@ -322,7 +381,7 @@ impl Dataplane {
             }
             // Table sizes are odd primes: the last pair's second lane is padding.
             slots.pop();
-            s.tables.insert(k, slots);
+            s.tables.insert(k, slots.into());
         }
         for kv in self.backends.iter() {
             let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
@@ -410,59 +469,181 @@ impl Dataplane {
 
     /// Applies writes in order; stops at the first failure (the caller re-reads the
     /// maps and retries, so a partial apply is never mistaken for the target).
+    ///
+    /// Consecutive writes of one kind go to the kernel as one batch ([`batch`]), which
+    /// the kernel applies element by element in order: the order of the writes, and
+    /// with it what packets can see between them, is the same as one call per write.
     pub fn apply(&mut self, writes: &[Write]) -> Result<(), DataplaneError> {
-        let ncpus = self.ncpus;
-        let zero = || PerCpuValues::try_from(vec![Counter::default(); ncpus]);
-        for w in writes {
-            match w {
-                Write::PutTable(id, slots) => debug!(table = id, slots = slots.len(), "map write"),
-                w => debug!(?w, "map write"),
+        let mut rest = writes;
+        while let Some(first) = rest.first() {
+            let kind = std::mem::discriminant(first);
+            let n = rest
+                .iter()
+                .position(|w| std::mem::discriminant(w) != kind)
+                .unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(n);
+            let started = std::time::Instant::now();
+            self.apply_run(run)?;
+            debug!(
+                writes = run.len(),
+                kind = first.kind(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "map writes"
+            );
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Applies `run`, writes of one kind, in as few calls as possible.
+    fn apply_run(&mut self, run: &[Write]) -> Result<(), DataplaneError> {
+        let Some(first) = run.first() else {
+            return Ok(());
+        };
+        match first {
+            Write::PutBackend(..) => {
+                let (k, v): (Vec<u32>, Vec<Backend>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutBackend(id, b) => Some((*id, *b)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch::update(self.raw.backends.as_fd(), &k, &v).map_err(batch_err(names::BACKENDS))
             }
-            match *w {
-                Write::PutBackend(id, b) => self
-                    .backends
-                    .insert(id, b, 0)
-                    .map_err(map_err(names::BACKENDS))?,
-                Write::PutBackendStats(id) => {
-                    let z = zero().map_err(DataplaneError::Cpus)?;
-                    self.backend_stats
-                        .set(backend_slot(id), z, 0)
-                        .map_err(map_err(names::BACKEND_STATS))?
+            Write::PutBackendStats(_) => {
+                let k: Vec<u32> = ids_of(run).into_iter().map(backend_slot).collect();
+                let zeros = vec![Counter::default(); k.len() * self.ncpus];
+                batch::update(self.raw.backend_stats.as_fd(), &k, &zeros)
+                    .map_err(batch_err(names::BACKEND_STATS))
+            }
+            Write::PutServiceStats(_) => {
+                let k: Vec<u32> = ids_of(run).into_iter().map(service_slot).collect();
+                let zeros = vec![Counter::default(); k.len() * self.ncpus];
+                batch::update(self.raw.service_stats.as_fd(), &k, &zeros)
+                    .map_err(batch_err(names::SERVICE_STATS))
+            }
+            Write::PutTable(..) => {
+                let tables: Vec<(u32, &[u32])> = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutTable(id, slots) => Some((*id, &slots[..])),
+                        _ => None,
+                    })
+                    .collect();
+                self.put_tables(&tables)
+            }
+            Write::PutOwner(..) => {
+                let (k, v): (Vec<u32>, Vec<xlb_common::Owner>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutOwner(id, o) => Some((*id, **o)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch::update(self.raw.owners.as_fd(), &k, &v).map_err(batch_err(names::OWNERS))
+            }
+            Write::PutService(..) => {
+                let (mut k4, mut v4, mut k6, mut v6) = (vec![], vec![], vec![], vec![]);
+                for w in run {
+                    if let Write::PutService(k, v) = w {
+                        if let Some(k) = k.v4() {
+                            k4.push(k);
+                            v4.push(*v);
+                        } else if let Some(k) = k.v6() {
+                            k6.push(k);
+                            v6.push(*v);
+                        }
+                    }
                 }
-                Write::PutTable(id, ref slots) => {
-                    let table = new_table(slots).map_err(map_err(names::MAGLEV))?;
-                    self.maglev
-                        .insert(id, &table, 0)
-                        .map_err(map_err(names::MAGLEV))?
+                batch::update(self.raw.services4.as_fd(), &k4, &v4)
+                    .map_err(batch_err(names::SERVICES4))?;
+                batch::update(self.raw.services6.as_fd(), &k6, &v6)
+                    .map_err(batch_err(names::SERVICES6))
+            }
+            Write::DelService(_) => {
+                let (mut k4, mut k6) = (vec![], vec![]);
+                for w in run {
+                    if let Write::DelService(k) = w {
+                        if let Some(k) = k.v4() {
+                            k4.push(k);
+                        } else if let Some(k) = k.v6() {
+                            k6.push(k);
+                        }
+                    }
                 }
-                Write::PutServiceStats(id) => {
-                    let z = zero().map_err(DataplaneError::Cpus)?;
-                    self.service_stats
-                        .set(service_slot(id), z, 0)
-                        .map_err(map_err(names::SERVICE_STATS))?
+                batch::delete(self.raw.services4.as_fd(), &k4)
+                    .map_err(batch_err(names::SERVICES4))?;
+                batch::delete(self.raw.services6.as_fd(), &k6).map_err(batch_err(names::SERVICES6))
+            }
+            // Counter arrays cannot delete: a freed slot is zeroed when an id takes it
+            // again (Put*Stats).
+            Write::DelServiceStats(_) | Write::DelBackendStats(_) => Ok(()),
+            Write::DelOwner(_) => batch::delete(self.raw.owners.as_fd(), &ids_of(run))
+                .map_err(batch_err(names::OWNERS)),
+            // One RCU grace period for the whole run (see `batch`).
+            Write::DelTable(_) => batch::delete(self.raw.maglev.as_fd(), &ids_of(run))
+                .map_err(batch_err(names::MAGLEV)),
+            Write::DelBackend(_) => batch::delete(self.raw.backends.as_fd(), &ids_of(run))
+                .map_err(batch_err(names::BACKENDS)),
+            // Source ranges are few; the LPM trie is written one prefix at a time.
+            Write::PutRange(..) | Write::DelRange(..) => {
+                for w in run {
+                    match *w {
+                        Write::PutRange(len, r) => self
+                            .ranges
+                            .insert(&LpmKey::new(len, r), 1, 0)
+                            .map_err(map_err(names::SOURCE_RANGES))?,
+                        Write::DelRange(len, r) => {
+                            ignore_missing(self.ranges.remove(&LpmKey::new(len, r)))
+                                .map_err(map_err(names::SOURCE_RANGES))?
+                        }
+                        _ => {}
+                    }
                 }
-                Write::PutService(k, v) => self.put_service(&k, v)?,
-                Write::DelService(k) => self.del_service(&k)?,
-                // A freed slot is zeroed when an id takes it again (Put*Stats).
-                Write::DelServiceStats(_) | Write::DelBackendStats(_) => {}
-                Write::PutRange(len, r) => self
-                    .ranges
-                    .insert(&LpmKey::new(len, r), 1, 0)
-                    .map_err(map_err(names::SOURCE_RANGES))?,
-                Write::DelRange(len, r) => ignore_missing(self.ranges.remove(&LpmKey::new(len, r)))
-                    .map_err(map_err(names::SOURCE_RANGES))?,
-                Write::DelTable(id) => {
-                    ignore_missing(self.maglev.remove(&id)).map_err(map_err(names::MAGLEV))?
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates and fills a fresh inner map per table, then puts them into `xlb_maglev`
+    /// a chunk at a time: one `BPF_MAP_UPDATE_BATCH` (one RCU grace period) per chunk,
+    /// chunks sized so that the open inner-map fds stay well under `RLIMIT_NOFILE`.
+    fn put_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), DataplaneError> {
+        let chunk = table_chunk();
+        let mut scratch = Vec::new();
+        for part in tables.chunks(chunk) {
+            let keys: Vec<u32> = part.iter().map(|(id, _)| *id).collect();
+            let mut mmapable = self.mmap_tables;
+            loop {
+                let mut inner = Vec::with_capacity(part.len());
+                for (_, slots) in part {
+                    inner.push(
+                        new_table_with(slots, mmapable, &mut scratch)
+                            .map_err(batch_err(names::MAGLEV))?,
+                    );
                 }
-                Write::DelBackend(id) => {
-                    ignore_missing(self.backends.remove(&id)).map_err(map_err(names::BACKENDS))?
-                }
-                Write::PutOwner(id, ref o) => self
-                    .owners
-                    .insert(id, **o, 0)
-                    .map_err(map_err(names::OWNERS))?,
-                Write::DelOwner(id) => {
-                    ignore_missing(self.owners.remove(&id)).map_err(map_err(names::OWNERS))?
+                let fds: Vec<u32> = inner
+                    .iter()
+                    .map(|t| IterableMap::map(t).fd().as_fd().as_raw_fd() as u32)
+                    .collect();
+                match batch::update(self.raw.maglev.as_fd(), &keys, &fds) {
+                    Ok(()) => break,
+                    // A pinned xlb_maglev created by an agent whose template was not
+                    // mmapable refuses mmapable tables (flags must match): fill them
+                    // the old way from now on.
+                    Err(e)
+                        if mmapable
+                            && e.done == 0
+                            && e.error.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        tracing::warn!(
+                            "xlb_maglev predates mmapable tables; filling tables with batch writes (xlb cleanup and a restart recreate it)"
+                        );
+                        mmapable = false;
+                        self.mmap_tables = false;
+                    }
+                    Err(e) => return Err(batch_err(names::MAGLEV)(e)),
                 }
             }
         }
@@ -495,45 +676,156 @@ impl Dataplane {
         }
         Ok(n)
     }
+}
 
-    /// Writes a service into the map of its family.
-    fn put_service(&mut self, k: &ServiceKey, v: Service) -> Result<(), DataplaneError> {
-        if let Some(k4) = k.v4() {
-            self.services4
-                .insert(k4, v, 0)
-                .map_err(map_err(names::SERVICES4))
-        } else if let Some(k6) = k.v6() {
-            self.services6
-                .insert(k6, v, 0)
-                .map_err(map_err(names::SERVICES6))
-        } else {
-            Ok(())
-        }
-    }
+/// The u32 ids of a run of id-keyed writes.
+fn ids_of(run: &[Write]) -> Vec<u32> {
+    run.iter()
+        .filter_map(|w| match *w {
+            Write::PutBackendStats(id)
+            | Write::PutServiceStats(id)
+            | Write::DelServiceStats(id)
+            | Write::DelOwner(id)
+            | Write::DelTable(id)
+            | Write::DelBackend(id)
+            | Write::DelBackendStats(id) => Some(id),
+            _ => None,
+        })
+        .collect()
+}
 
-    /// Removes a service from the map of its family (absent is fine).
-    fn del_service(&mut self, k: &ServiceKey) -> Result<(), DataplaneError> {
-        if let Some(k4) = k.v4() {
-            ignore_missing(self.services4.remove(&k4)).map_err(map_err(names::SERVICES4))
-        } else if let Some(k6) = k.v6() {
-            ignore_missing(self.services6.remove(&k6)).map_err(map_err(names::SERVICES6))
-        } else {
-            Ok(())
+fn batch_err(map: &'static str) -> impl FnOnce(batch::BatchError) -> DataplaneError {
+    move |source| DataplaneError::Batch { map, source }
+}
+
+/// Inner maps created before one batch into `xlb_maglev`: a quarter of the soft
+/// `RLIMIT_NOFILE` (raised to the hard limit at start, see [`raise_nofile`]), at least
+/// 64 and at most 8192.
+fn table_chunk() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (soft / 4).clamp(64, 8192)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (best effort, as Go's runtime does
+/// at start): programming many Maglev tables holds one fd per table until their batch
+/// is in the kernel.
+pub fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
 
+/// The indices of the slot pairs of the largest table, the keys of every fill.
+fn pair_indices() -> &'static [u32] {
+    static KEYS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let largest = maglev::PRIMES.last().copied().unwrap_or(0);
+        (0..largest.div_ceil(2)).collect()
+    })
+}
+
+/// A new inner Maglev array holding `slots` in pairs, mmapable (see [`new_table_with`]).
+pub(crate) fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, DataplaneError> {
+    new_table_with(slots, true, &mut Vec::new()).map_err(batch_err(names::MAGLEV))
+}
+
 /// A new inner Maglev array holding `slots` in pairs. `BPF_F_INNER_MAP` lets arrays of
-/// any size stand in for the program's template (kernel `bpf_map_meta_equal`).
-pub(crate) fn new_table(slots: &[u32]) -> Result<Array<MapData, SlotPair>, MapError> {
+/// any size stand in for the program's template (kernel `bpf_map_meta_equal`, which
+/// also requires equal flags: the template in `xlb-ebpf` is `BPF_F_MMAPABLE` too).
+///
+/// `mmapable`: the array is created with `BPF_F_MMAPABLE` and filled through a shared
+/// mapping of its data (kernel `array_map_mmap`; a new array is zeroed, so the padding
+/// lane of the last pair stays 0), one copy instead of a kernel write per pair.
+/// Otherwise it is filled with one `BPF_MAP_UPDATE_BATCH` (`scratch` holds the padded
+/// copy). Either way the table is complete before anything can point to it.
+fn new_table_with(
+    slots: &[u32],
+    mmapable: bool,
+    scratch: &mut Vec<u32>,
+) -> Result<Array<MapData, SlotPair>, batch::BatchError> {
     const BPF_F_INNER_MAP: u32 = 1 << 12;
-    let len = slots.len().div_ceil(2) as u32;
-    let mut table = Array::<MapData, SlotPair>::create(len, BPF_F_INNER_MAP)?;
-    for (i, pair) in slots.chunks(2).enumerate() {
-        let v = [pair[0], pair.get(1).copied().unwrap_or(0)];
-        table.set(i as u32, v, 0)?;
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
+    let pairs = slots.len().div_ceil(2);
+    let failed = |error| batch::BatchError {
+        done: 0,
+        total: pairs,
+        error,
+    };
+    let flags = BPF_F_INNER_MAP | if mmapable { BPF_F_MMAPABLE } else { 0 };
+    let table = Array::<MapData, SlotPair>::create(pairs as u32, flags).map_err(|e| {
+        failed(match e {
+            MapError::CreateError { io_error, .. } => io_error,
+            other => io::Error::other(other.to_string()),
+        })
+    })?;
+    let fd = IterableMap::map(&table).fd().as_fd();
+    if mmapable {
+        fill_mapped(fd, slots).map_err(failed)?;
+        return Ok(table);
     }
+    let keys = pair_indices()
+        .get(..pairs)
+        .ok_or_else(|| failed(io::Error::from_raw_os_error(libc::E2BIG)))?;
+    scratch.clear();
+    scratch.extend_from_slice(slots);
+    scratch.resize(pairs * 2, 0);
+    batch::update(fd, keys, scratch)?;
     Ok(table)
+}
+
+/// Copies `slots` to the start of the mmapable array `fd` (8-byte elements, so the
+/// slots lie back to back from offset 0).
+fn fill_mapped(fd: BorrowedFd<'_>, slots: &[u32]) -> io::Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let bytes = size_of_val(slots);
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| *p > 0)
+        .unwrap_or(4096);
+    // The kernel maps whole pages of the array's data (its size rounded up).
+    let len = bytes.div_ceil(page) * page;
+    // SAFETY: a fresh shared mapping of the map's data, which the kernel allows up to
+    // the data size rounded up to pages; nothing else refers to this memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `p` is valid for `len >= bytes` bytes and does not overlap `slots`; it is
+    // unmapped right after and never used again.
+    unsafe {
+        std::ptr::copy_nonoverlapping(slots.as_ptr(), p.cast::<u32>(), slots.len());
+        libc::munmap(p, len);
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

@@ -6,8 +6,10 @@
 //! Maglev table (a fresh inner map under the idle generation's id) are written first,
 //! then one service-value update flips to them, and only then is anything old deleted.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    ops::Deref,
+    sync::Arc,
 };
 
 use xlb_common::{
@@ -41,13 +43,60 @@ impl Default for TableBounds {
     }
 }
 
+/// A Maglev table: backend id per slot. Shared, not copied, between the applied
+/// state, a target, its writes and the [`TableCache`] (10,000 tables of 1,021 slots
+/// are 40 MiB each time); equal tables that share their storage compare in O(1).
+#[derive(Clone, Default)]
+pub struct Slots(Arc<[u32]>);
+
+impl Deref for Slots {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl PartialEq for Slots {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0[..] == other.0[..]
+    }
+}
+
+impl Eq for Slots {}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<Vec<u32>> for Slots {
+    fn from(v: Vec<u32>) -> Self {
+        Slots(v.into())
+    }
+}
+
+impl<'a> IntoIterator for &'a Slots {
+    type Item = &'a u32;
+    type IntoIter = std::slice::Iter<'a, u32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// Maglev tables by what they are built from: the table size and the members'
+/// (address, backend id) in address order. A table is a pure function of these, so a
+/// sync reuses the table of every service whose backends did not change instead of
+/// building it again (a change to one EndpointSlice builds one table, not 10,000).
+pub type TableCache = HashMap<(u32, Vec<(SocketAddr, u32)>), Slots>;
+
 /// Exactly what the configuration maps hold, plus which stats entries exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     /// `xlb_services`.
     pub services: BTreeMap<ServiceKey, Service>,
     /// `xlb_maglev`: table id -> backend id per slot.
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub tables: BTreeMap<u32, Slots>,
     /// `xlb_backends`.
     pub backends: BTreeMap<u32, Backend>,
     /// Keys of `xlb_svc_stats`.
@@ -163,6 +212,8 @@ pub struct Target {
     pub services: BTreeMap<u32, ServiceLabels>,
     /// Address per backend id, for metrics.
     pub backends: BTreeMap<u32, SocketAddr>,
+    /// The tables of this target by their inputs, for the next [`target_cached`].
+    pub tables_built: TableCache,
 }
 
 /// Why a desired state cannot be programmed.
@@ -249,7 +300,20 @@ pub fn target(
     ids: Ids,
     bounds: TableBounds,
 ) -> Result<Target, StateError> {
+    target_cached(desired, current, ids, bounds, &TableCache::new())
+}
+
+/// [`target`], taking Maglev tables from `cache` (the previous target's
+/// [`Target::tables_built`]) where their inputs are unchanged.
+pub fn target_cached(
+    desired: &Desired,
+    current: &MapState,
+    ids: Ids,
+    bounds: TableBounds,
+    cache: &TableCache,
+) -> Result<Target, StateError> {
     let mut ids = ids;
+    let mut built = TableCache::with_capacity(cache.len());
     let mut state = MapState::default();
     let mut labels = BTreeMap::new();
     let mut backend_addrs = BTreeMap::new();
@@ -269,6 +333,9 @@ pub fn target(
         .map(|id| backend_slot(*id))
         .collect();
 
+    // First every service's ids and table inputs (in order: ids are allocated here),
+    // then the tables not built before, in parallel, then the services.
+    let mut pending = Vec::with_capacity(desired.services.len());
     for (vip, ds) in &desired.services {
         let key = service_key(vip);
         let old = current.services.get(&key);
@@ -318,7 +385,32 @@ pub fn target(
             backend_addrs.insert(bid, *sa);
             backend_ids.push(bid);
         }
-        let slots = maglev_slots(&addrs, &backend_ids, bounds);
+        let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
+        let inputs: (u32, Vec<(SocketAddr, u32)>) = (
+            size,
+            addrs
+                .iter()
+                .copied()
+                .zip(backend_ids.iter().copied())
+                .collect(),
+        );
+        pending.push((vip, ds, key, old, id, inputs));
+    }
+    build_tables(
+        pending
+            .iter()
+            .map(|p| &p.5)
+            .filter(|i| !i.1.is_empty() && !cache.contains_key(*i)),
+        &mut built,
+    );
+    for (vip, ds, key, old, id, inputs) in pending {
+        let slots = match cache.get(&inputs).or_else(|| built.get(&inputs)) {
+            Some(s) => s.clone(),
+            None => Slots::default(),
+        };
+        if !slots.is_empty() {
+            built.insert(inputs, slots.clone());
+        }
         let mut flags = if ds.local { SVC_F_LOCAL } else { 0 };
         if !ds.source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;
@@ -407,6 +499,7 @@ pub fn target(
         ids,
         services: labels,
         backends: backend_addrs,
+        tables_built: built,
     })
 }
 
@@ -434,10 +527,54 @@ fn check_capacity(what: &'static str, needed: usize, max: u32) -> Result<(), Sta
     Ok(())
 }
 
+/// Builds the table of each of `inputs` (deduplicated) into `built`, on up to one
+/// thread per CPU when there are many (a cold start builds 10,000).
+fn build_tables<'a>(
+    inputs: impl Iterator<Item = &'a (u32, Vec<(SocketAddr, u32)>)>,
+    built: &mut TableCache,
+) {
+    let mut todo: Vec<&(u32, Vec<(SocketAddr, u32)>)> = inputs.collect();
+    todo.sort_unstable();
+    todo.dedup();
+    let build = |i: &(u32, Vec<(SocketAddr, u32)>)| {
+        let (addrs, ids): (Vec<SocketAddr>, Vec<u32>) = i.1.iter().copied().unzip();
+        Slots::from(maglev_slots(&addrs, &ids, i.0))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    if threads <= 1 || todo.len() < 256 {
+        for i in todo {
+            let slots = build(i);
+            built.insert(i.clone(), slots);
+        }
+        return;
+    }
+    let per = todo.len().div_ceil(threads);
+    let results: Vec<Vec<Slots>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = todo
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().map(|i| build(i)).collect::<Vec<_>>()))
+            .collect();
+        // A worker that panicked leaves its tables unbuilt; they are built below.
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    for (part, slots) in todo.chunks(per).zip(results) {
+        let mut slots = slots.into_iter();
+        for i in part {
+            let s = slots.next().unwrap_or_else(|| build(i));
+            built.insert((*i).clone(), s);
+        }
+    }
+}
+
 /// The Maglev table of a service: backend id per slot, sized from the backend count.
 /// Built from the backends' addresses (the same on every node), not from node-local
 /// ids, so every node computes the same table.
-fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], bounds: TableBounds) -> Vec<u32> {
+fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], size: u32) -> Vec<u32> {
     if addrs.is_empty() {
         return Vec::new();
     }
@@ -449,7 +586,6 @@ fn maglev_slots(addrs: &[SocketAddr], ids: &[u32], bounds: TableBounds) -> Vec<u
             weight: 1,
         })
         .collect();
-    let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
     maglev::build(&backends, size)
         .into_iter()
         .map(|i| ids[i as usize])
@@ -464,7 +600,7 @@ pub enum Write {
     /// Create a zeroed backend counter.
     PutBackendStats(u32),
     /// Insert a Maglev table (a new inner map; tables are never edited in place).
-    PutTable(u32, Vec<u32>),
+    PutTable(u32, Slots),
     /// Create a zeroed service counter.
     PutServiceStats(u32),
     /// Record which Service port owns a service id (boxed: 256 bytes).
@@ -489,73 +625,128 @@ pub enum Write {
     DelBackendStats(u32),
 }
 
+impl Write {
+    /// The kind of write, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Write::PutBackend(..) => "put_backend",
+            Write::PutBackendStats(_) => "put_backend_stats",
+            Write::PutTable(..) => "put_table",
+            Write::PutServiceStats(_) => "put_service_stats",
+            Write::PutOwner(..) => "put_owner",
+            Write::PutRange(..) => "put_range",
+            Write::PutService(..) => "put_service",
+            Write::DelService(_) => "del_service",
+            Write::DelServiceStats(_) => "del_service_stats",
+            Write::DelOwner(_) => "del_owner",
+            Write::DelRange(..) => "del_range",
+            Write::DelTable(_) => "del_table",
+            Write::DelBackend(_) => "del_backend",
+            Write::DelBackendStats(_) => "del_backend_stats",
+        }
+    }
+}
+
 /// The writes that turn `current` into `target`, in an order where packets only ever
 /// see a complete old or a complete new service (see the module docs).
 pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
+    let (put_backends, del_backends) = changes(&current.backends, &target.backends);
+    let (put_tables, del_tables) = changes(&current.tables, &target.tables);
+    let (put_owners, del_owners) = changes(&current.owners, &target.owners);
+    let (put_services, del_services) = changes(&current.services, &target.services);
     let mut w = Vec::new();
-    for (id, b) in &target.backends {
-        if current.backends.get(id) != Some(b) {
-            w.push(Write::PutBackend(*id, *b));
-        }
-    }
+    w.extend(
+        put_backends
+            .into_iter()
+            .map(|(id, b)| Write::PutBackend(*id, *b)),
+    );
     for id in target.backend_stats.difference(&current.backend_stats) {
         w.push(Write::PutBackendStats(*id));
     }
-    for (k, v) in &target.tables {
-        if current.tables.get(k) != Some(v) {
-            w.push(Write::PutTable(*k, v.clone()));
-        }
-    }
+    w.extend(
+        put_tables
+            .into_iter()
+            .map(|(k, v)| Write::PutTable(*k, v.clone())),
+    );
     for id in target.service_stats.difference(&current.service_stats) {
         w.push(Write::PutServiceStats(*id));
     }
     // The owner is recorded before the key is served, so a crash in between never
     // leaves a served key whose owner a restarted agent cannot tell.
-    for (id, o) in &target.owners {
-        if current.owners.get(id) != Some(o) {
-            w.push(Write::PutOwner(*id, Box::new(*o)));
-        }
-    }
+    w.extend(
+        put_owners
+            .into_iter()
+            .map(|(id, o)| Write::PutOwner(*id, Box::new(*o))),
+    );
     // New ranges before the flag that enforces them; old ones after the flip, so a
     // change never admits nobody and never admits everybody.
     for (len, r) in target.ranges.difference(&current.ranges) {
         w.push(Write::PutRange(*len, *r));
     }
-    for (k, v) in &target.services {
-        if current.services.get(k) != Some(v) {
-            w.push(Write::PutService(*k, *v));
-        }
-    }
-    for k in current.services.keys() {
-        if !target.services.contains_key(k) {
-            w.push(Write::DelService(*k));
-        }
-    }
+    w.extend(
+        put_services
+            .into_iter()
+            .map(|(k, v)| Write::PutService(*k, *v)),
+    );
+    w.extend(del_services.into_iter().map(|k| Write::DelService(*k)));
     for id in current.service_stats.difference(&target.service_stats) {
         w.push(Write::DelServiceStats(*id));
     }
-    for id in current.owners.keys() {
-        if !target.owners.contains_key(id) {
-            w.push(Write::DelOwner(*id));
-        }
-    }
+    w.extend(del_owners.into_iter().map(|id| Write::DelOwner(*id)));
     for (len, r) in current.ranges.difference(&target.ranges) {
         w.push(Write::DelRange(*len, *r));
     }
-    for k in current.tables.keys() {
-        if !target.tables.contains_key(k) {
-            w.push(Write::DelTable(*k));
-        }
-    }
-    for id in current.backends.keys() {
-        if !target.backends.contains_key(id) {
-            w.push(Write::DelBackend(*id));
-        }
-    }
+    w.extend(del_tables.into_iter().map(|k| Write::DelTable(*k)));
+    w.extend(del_backends.into_iter().map(|id| Write::DelBackend(*id)));
     for id in current.backend_stats.difference(&target.backend_stats) {
         w.push(Write::DelBackendStats(*id));
     }
     w
+}
+
+/// What differs between two maps, in key order: entries of `target` that `current`
+/// lacks or holds otherwise, and keys of `current` that `target` lacks. One merge
+/// walk over both (they iterate sorted), not a lookup per key.
+#[allow(clippy::type_complexity)]
+fn changes<'a, K: Ord, V: PartialEq>(
+    current: &'a BTreeMap<K, V>,
+    target: &'a BTreeMap<K, V>,
+) -> (Vec<(&'a K, &'a V)>, Vec<&'a K>) {
+    use std::cmp::Ordering;
+    let (mut puts, mut dels) = (Vec::new(), Vec::new());
+    let mut cur = current.iter().peekable();
+    let mut tgt = target.iter().peekable();
+    loop {
+        match (cur.peek(), tgt.peek()) {
+            (None, None) => break,
+            (Some((ck, _)), None) => {
+                dels.push(*ck);
+                cur.next();
+            }
+            (None, Some(&(tk, tv))) => {
+                puts.push((tk, tv));
+                tgt.next();
+            }
+            (Some(&(ck, cv)), Some(&(tk, tv))) => match ck.cmp(tk) {
+                Ordering::Less => {
+                    dels.push(ck);
+                    cur.next();
+                }
+                Ordering::Greater => {
+                    puts.push((tk, tv));
+                    tgt.next();
+                }
+                Ordering::Equal => {
+                    if cv != tv {
+                        puts.push((tk, tv));
+                    }
+                    cur.next();
+                    tgt.next();
+                }
+            },
+        }
+    }
+    (puts, dels)
 }
 
 #[cfg(test)]

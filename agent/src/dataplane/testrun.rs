@@ -166,7 +166,7 @@ impl TestBed {
     /// Inserts (or replaces) table `table` holding backend id `slots[i]` in slot `i`,
     /// as the agent does (a fresh inner map).
     pub fn set_table(&mut self, table: u32, slots: &[u32]) -> Result<(), DataplaneError> {
-        let inner = new_table(slots).map_err(map_err(names::MAGLEV))?;
+        let inner = new_table(slots)?;
         self.maglev
             .insert(table, &inner, 0)
             .map_err(map_err(names::MAGLEV))

@@ -2,7 +2,7 @@
 //! values field by field; the agent pins each by name under `--pin-path` so the
 //! datapath (and its connection tracking) outlives the agent. Layouts: `xlb_common`.
 use aya_ebpf::{
-    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{
         Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
     },
@@ -28,8 +28,10 @@ pub static SERVICES6: HashMap<ServiceKey6, Service, { limits::MAX_SERVICES as us
 
 /// Inner Maglev table: slot pairs. `BPF_F_INNER_MAP` lets the agent insert arrays of
 /// any size (each sized for its service's backend count); this template's size is
-/// irrelevant.
-pub type MaglevTable = Array<SlotPair, 1, { BPF_F_INNER_MAP as usize }>;
+/// irrelevant. `BPF_F_MMAPABLE` lets the agent fill a new table with one memory copy
+/// instead of a write per slot pair; the kernel requires an inserted inner map's flags
+/// to equal the template's (`bpf_map_meta_equal`), so both sides set it.
+pub type MaglevTable = Array<SlotPair, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
 
 /// Table id (`Service::table`) -> Maglev table. Replacing an entry swaps a whole
 /// table atomically.

@@ -272,6 +272,23 @@ impl Reconciler {
 }
 
 impl Reconciler {
+    /// Publishes the maps' kernel memory (`xlb_map_memory_bytes`): a few fdinfo reads,
+    /// and the inner tables' from what was applied.
+    fn report_memory(&self, pin_path: &std::path::Path) {
+        for (name, bytes) in crate::dataplane::layout::pinned_memory(pin_path) {
+            self.metrics
+                .map_memory
+                .get_or_create(&vec![("map", name.to_string())])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        let tables =
+            crate::dataplane::layout::tables_memory(self.applied.tables.values().map(|t| t.len()));
+        self.metrics
+            .map_memory
+            .get_or_create(&vec![("map", "xlb_maglev_tables".to_string())])
+            .set(i64::try_from(tables).unwrap_or(i64::MAX));
+    }
+
     /// Points `xlb_peer_devs` at the pod-facing devices that exist now, so that new
     /// pods get the direct delivery and a deleted device's index is never used.
     fn refresh_peer_devices(&mut self) {
@@ -548,6 +565,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             match rec.sync(&mut source) {
                 Ok(()) => {
                     retry_soon = false;
+                    rec.report_memory(&cfg.pin_path);
                     if let Some(d) = &rec.previous {
                         health.apply(&d.health_checks).await;
                         rec.metrics.unwilling.set(d.unwilling.len() as i64);

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub datapath: Gauge,
     /// Times the datapath had to be rebuilt (`xlb_datapath_reattach_total`).
     pub reattached: Counter,
+    /// Kernel memory of each map, and of the inner Maglev tables as
+    /// `map="xlb_maglev_tables"` (`xlb_map_memory_bytes`).
+    pub map_memory: Family<Labels, Gauge>,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
     /// One scrape renders at a time (see `render`).
@@ -144,6 +147,12 @@ impl Metrics {
             "Times the agent found its datapath gone (detached, pins removed, interface recreated) and rebuilt it",
             reattached.clone(),
         );
+        let map_memory = Family::<Labels, Gauge>::default();
+        registry.register(
+            "xlb_map_memory_bytes",
+            "Kernel memory of each BPF map (memlock), and of the inner Maglev tables (map=xlb_maglev_tables), after the last sync",
+            map_memory.clone(),
+        );
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -157,6 +166,7 @@ impl Metrics {
             files_parsed,
             datapath,
             reattached,
+            map_memory,
             ready: AtomicBool::new(false),
             scrape: tokio::sync::Semaphore::new(1),
             registry: Mutex::new(registry),

@@ -179,6 +179,14 @@ fn tcp_and_udp_reach_every_ready_backend() -> Result<()> {
         peer >= packets / 2.0,
         "only {peer} of {packets} VIP packets were delivered with bpf_redirect_peer"
     );
+    // Map memory is reported: conntrack is preallocated, the service has a table.
+    for map in ["xlb_conntrack4", "xlb_maglev_tables"] {
+        let bytes = lab
+            .agent()?
+            .metric("xlb_map_memory_bytes", &[("map", map)])?;
+        println!("xlb_map_memory_bytes{{map=\"{map}\"}} = {bytes}");
+        ensure!(bytes >= 4096.0, "{map}: {bytes} bytes reported");
+    }
     Ok(())
 }
 

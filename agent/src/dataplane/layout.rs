@@ -213,3 +213,39 @@ pub fn unpin_retired(pin_path: &Path) -> io::Result<Vec<&'static str>> {
     }
     Ok(removed)
 }
+
+/// Kernel-accounted memory of each pinned map in [`LAYOUTS`] (the `memlock:` line of
+/// its fdinfo, what `bpftool map show` prints as memlock), for `xlb_map_memory_bytes`.
+/// Maps that cannot be opened are left out.
+pub fn pinned_memory(pin_path: &Path) -> Vec<(&'static str, u64)> {
+    use std::os::fd::{AsFd, AsRawFd};
+    LAYOUTS
+        .iter()
+        .filter_map(|l| {
+            let map = aya::maps::MapData::from_pin(pin_path.join(l.name)).ok()?;
+            let fd = map.fd().as_fd().as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            let bytes = info
+                .lines()
+                .find_map(|line| line.strip_prefix("memlock:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((l.name, bytes))
+        })
+        .collect()
+}
+
+/// Memory of the inner Maglev tables (they hang off `xlb_maglev`, unpinned), from
+/// their slot counts as the kernel sizes mmapable arrays: a page for the map, and the
+/// slot pairs rounded up to whole pages (kernel `array_map_alloc`).
+pub fn tables_memory(slot_counts: impl IntoIterator<Item = usize>) -> u64 {
+    const PAGE: u64 = 4096;
+    slot_counts
+        .into_iter()
+        .map(|slots| {
+            let data = (slots.div_ceil(2) as u64) * size_of::<xlb_common::SlotPair>() as u64;
+            PAGE + data.div_ceil(PAGE) * PAGE
+        })
+        .sum()
+}

@@ -132,7 +132,7 @@ where
 fn dup_map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DataplaneError> {
     use aya::maps::Map;
     let data = match ebpf.map(name).ok_or(DataplaneError::Missing(name))? {
-        Map::HashMap(d) | Map::PerCpuHashMap(d) | Map::HashOfMaps(d) => d,
+        Map::HashMap(d) | Map::PerCpuHashMap(d) | Map::PerCpuArray(d) | Map::HashOfMaps(d) => d,
         _ => return Err(DataplaneError::Missing(name)),
     };
     data.fd()

@@ -69,25 +69,33 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let want = |part: &str| only.as_deref().is_none_or(|o| o == part);
 
+    let load_before = sys::loadavg();
     let mut parts = serde_json::Map::new();
-    if want("prog") {
-        parts.insert("prog".into(), prog::run(&reference, scale)?);
-    }
-    if want("e2e") {
-        parts.insert("e2e".into(), e2e::run(scale)?);
-    }
-    if want("control") {
-        parts.insert("control".into(), control::run(scale)?);
-    }
-    if want("churn") {
-        parts.insert("churn".into(), churn::run(scale)?);
+    let mut took = serde_json::Map::new();
+    type Part<'a> = (&'a str, Box<dyn Fn() -> Result<Value> + 'a>);
+    let list: [Part<'_>; 4] = [
+        ("prog", Box::new(|| prog::run(&reference, scale))),
+        ("e2e", Box::new(|| e2e::run(scale))),
+        ("control", Box::new(|| control::run(scale))),
+        ("churn", Box::new(|| churn::run(scale))),
+    ];
+    for (name, part) in list.iter().filter(|(n, _)| want(n)) {
+        let t = Instant::now();
+        parts.insert(name.to_string(), part()?);
+        let secs = stats::round(t.elapsed().as_secs_f64(), 1);
+        println!("bench: {name} took {secs} s");
+        took.insert(name.to_string(), json!(secs));
     }
     let doc = json!({
         "date": sys::today()?,
         "mode": if quick { "quick" } else { "full" },
         "machine": sys::machine(),
         "kernel": sys::kernel(),
-        "took_s": started.elapsed().as_secs_f64(),
+        "took_s": stats::round(started.elapsed().as_secs_f64(), 1),
+        "part_took_s": Value::Object(took),
+        // The machines are shared: how busy this one was around the run.
+        "loadavg_before": load_before,
+        "loadavg_after": sys::loadavg(),
         "headline": report::headline(&parts),
         "parts": Value::Object(parts),
     });

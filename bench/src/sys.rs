@@ -33,6 +33,17 @@ pub fn machine() -> Value {
     json!({ "cpu_model": model, "cores": cores, "mem_kib": mem_kib })
 }
 
+/// The 1, 5 and 15-minute load averages (`/proc/loadavg`).
+pub fn loadavg() -> Value {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    json!(v)
+}
+
 /// `uname -r`.
 pub fn kernel() -> String {
     Command::new("uname")

@@ -310,7 +310,13 @@ fn bench() -> Result<()> {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = PathBuf::from(args.next().context("--out DIR")?),
-            other => bail!("cargo xtask bench: unknown argument {other:?} ([--quick] [--out DIR])"),
+            // Only checks an existing output directory (what `cargo xtask test` checks).
+            "--check" => {
+                return check_bench_output(Path::new(&args.next().context("--check DIR")?));
+            }
+            other => bail!(
+                "cargo xtask bench: unknown argument {other:?} ([--quick] [--out DIR] | --check DIR)"
+            ),
         }
     }
     run_bench(quick, &out)

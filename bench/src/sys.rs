@@ -53,17 +53,20 @@ pub fn kernel() -> String {
         .unwrap_or_default()
 }
 
-/// A process the bench started; SIGINT, then SIGKILL after a grace, on drop. Only ever
-/// signals its own child by PID.
+/// A process the bench started, in a process group of its own (trafgen forks its
+/// sender: stopping only the parent would leave the sender running). SIGINT to that
+/// group, then SIGKILL after a grace, on drop. Only ever signals the group it created.
 pub struct Proc {
     child: Option<Child>,
     what: String,
 }
 
 impl Proc {
-    /// Spawns `cmd`.
+    /// Spawns `cmd` as the leader of a new process group.
     pub fn spawn(cmd: &mut Command, what: &str) -> Result<Proc> {
+        use std::os::unix::process::CommandExt;
         let child = cmd
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {what} ({})", xlb_lab::netns::describe(cmd)))?;
         Ok(Proc {
@@ -82,23 +85,29 @@ impl Proc {
         Ok(())
     }
 
-    /// SIGINT, wait up to `grace`, then SIGKILL; reaps the child.
+    /// SIGINT to the group, wait up to `grace` for the leader, then SIGKILL to the group
+    /// (whatever it forked goes too); reaps the leader.
     pub fn stop(&mut self, grace: Duration) {
         let Some(mut c) = self.child.take() else {
             return;
         };
-        if let Ok(pid) = i32::try_from(c.id()) {
-            // SAFETY: signalling our own child by its PID.
-            unsafe { libc::kill(pid, libc::SIGINT) };
-        }
+        let Ok(pgid) = i32::try_from(c.id()) else {
+            let _ = c.kill();
+            let _ = c.wait();
+            return;
+        };
+        // SAFETY: signalling the process group this Proc created (leader = our child).
+        unsafe { libc::kill(-pgid, libc::SIGINT) };
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = c.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = c.kill();
+        // Forked members may outlive the leader: the group is ours, end all of it.
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = c.wait();
     }
 }

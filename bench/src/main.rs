@@ -59,6 +59,18 @@ fn main() -> Result<()> {
             "--reference" => reference = args.next().map(PathBuf::from),
             "--out" => out_dir = args.next().map(PathBuf::from).context("--out DIR")?,
             "--only" => only = Some(args.next().context("--only PART")?),
+            // Rewrites latest.md and the plots from an existing <date>.json (after a
+            // change to the report), without measuring anything.
+            "--render" => {
+                let path = PathBuf::from(args.next().context("--render JSON")?);
+                let doc: Value = serde_json::from_str(
+                    &std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                )?;
+                let dir = path.parent().context("--render JSON: no directory")?;
+                report::write(dir, &doc)?;
+                return plot::all(dir, &doc);
+            }
             other => bail!(
                 "unknown argument {other:?} (--reference OBJ [--out DIR] [--quick] [--only prog|e2e|control|churn])"
             ),

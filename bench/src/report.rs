@@ -119,19 +119,24 @@ pub fn write(out: &Path, doc: &Value) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     let h = &doc["headline"];
     let show = |k: &str, unit: &str| match h[k].as_f64() {
-        Some(x) if x.abs() >= 100.0 => format!("{x:.0}{unit}"),
+        Some(x) if x.abs() >= 100.0 || x.fract() == 0.0 => format!("{x:.0}{unit}"),
         Some(x) => format!("{x:.2}{unit}"),
         None => "not measured yet".to_string(),
     };
     let mut md = format!(
-        "# xlb bench, {date} ({} run)\n\n{} ({} cores), kernel {}. Written by `cargo xtask bench`; \
-         every raw number is in [`{date}.json`]({date}.json), definitions in [../README.md](../README.md).\n\n",
+        "# xlb bench, {date} ({} run)\n\n{} ({} cores), kernel {}, load average {} before and {} \
+         after (a shared machine: compare rows of one run, not runs). Written by `cargo xtask bench` \
+         in {} s; every raw number is in [`{date}.json`]({date}.json), definitions in \
+         [../README.md](../README.md).\n\n",
         doc["mode"].as_str().unwrap_or("?"),
         doc["machine"]["cpu_model"]
             .as_str()
             .unwrap_or("unknown CPU"),
         doc["machine"]["cores"],
         doc["kernel"].as_str().unwrap_or("?"),
+        doc["loadavg_before"],
+        doc["loadavg_after"],
+        doc["took_s"],
     );
     md.push_str("| headline | value |\n| --- | ---: |\n");
     let rows: [(&str, &str, &str); 19] = [

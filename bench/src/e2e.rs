@@ -26,12 +26,13 @@ use serde_json::{Value, json};
 use xlb_lab::Lab;
 use xlb_lab::lab::{CLIENT_ADDR, UPLINK};
 use xlb_lab::manifests::{
-    EndpointSpec, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, service_yaml, web_yaml,
+    EndpointSpec, WEB_TCP_PORT, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, service_yaml,
     write_atomic,
 };
-use xlb_lab::servers::{TCP_LINE_PORT, UDP_ECHO_PORT};
+use xlb_lab::servers::UDP_ECHO_PORT;
 
 use crate::Scale;
+use crate::server::{POOL_PORT, PoolServer};
 use crate::stats::{median, num, percentile, round, spread};
 use crate::sys::Proc;
 
@@ -40,7 +41,7 @@ const NEW_FLOW_NET: &str = "10.77.0.0/16";
 /// The e2e Services' ports: (protocol, VIP port, pod port), as in `web_ports()`.
 const E2E_PORTS: [(&str, u16, u16); 2] = [
     ("udp", WEB_UDP_PORT, UDP_ECHO_PORT),
-    ("tcp", WEB_TCP_PORT, TCP_LINE_PORT),
+    ("tcp", WEB_TCP_PORT, POOL_PORT),
 ];
 /// Upper bound on packets one trafgen run may send (it is stopped after the window).
 const TRAFGEN_MAX_PACKETS: u64 = 50_000_000;
@@ -93,6 +94,7 @@ struct System {
     sender_dev: String,
     confs: Vec<(Shape, PathBuf)>,
     _haproxy: Option<Proc>,
+    pool: PoolServer,
     /// Why the system never delivered, if it did not.
     broken: Option<String>,
 }
@@ -276,7 +278,14 @@ pub fn run(scale: Scale) -> Result<Value> {
             }
         }
     }
-    Ok(summarise(&udp_systems, &pps, &errors, &tcp, &plan))
+    Ok(summarise(
+        &systems,
+        &udp_systems,
+        &pps,
+        &errors,
+        &tcp,
+        &plan,
+    ))
 }
 
 /// Creates the lab for one system and configures its node.
@@ -298,6 +307,7 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
         UPLINK,
     ])?;
     let mut haproxy = None;
+    let pool = PoolServer::start(&lab.node().pods[0].host.ns)?;
     let scratch = lab.scratch().to_path_buf();
     match &kind {
         Kind::Direct | Kind::Route => {}
@@ -329,10 +339,7 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
                     &dummy_services(services - 1, &node_name),
                 )?;
             }
-            write_atomic(
-                &dir.join("web.yaml"),
-                &web_yaml(&[EndpointSpec::new(pod, true, &node_name)]),
-            )?;
+            write_atomic(&dir.join("web.yaml"), &web_yaml_pool(pod, &node_name))?;
             if *gro {
                 set_gro(&lab.node().pods[0].host.ns, "eth0")?;
             }
@@ -348,7 +355,7 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
                 format!(
                     "global\n  maxconn 4000\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
                      frontend vip\n  bind {WEB_VIP}:{WEB_TCP_PORT}\n  default_backend pods\n\
-                     backend pods\n  balance roundrobin\n  server pod1 {pod}:{TCP_LINE_PORT}\n"
+                     backend pods\n  balance roundrobin\n  server pod1 {pod}:{POOL_PORT}\n"
                 ),
             )?;
             let log = std::fs::File::create(scratch.join("haproxy.log"))?;
@@ -404,6 +411,7 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
         sender_dev,
         confs,
         _haproxy: haproxy,
+        pool,
         broken: None,
     })
 }
@@ -447,11 +455,7 @@ fn wait_ready(s: &mut System) -> Result<()> {
     ) {
         let t = SocketAddr::from((WEB_VIP, WEB_TCP_PORT));
         xlb_lab::poll(&format!("TCP {t} to answer"), soon, every, || {
-            Ok(s.lab
-                .client
-                .tcp_connect(t, Duration::from_millis(500))
-                .and_then(|mut c| c.ping())
-                .ok())
+            Ok(s.lab.client.ns.enter(|| request(t)).ok())
         })?;
     }
     Ok(())
@@ -709,9 +713,32 @@ fn other_endpoint(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8)
 }
 
+/// The target Service `demo/web` (UDP 53 → the lab's echo 5353, TCP 80 → the pool
+/// server) and its one-endpoint slice.
+fn web_yaml_pool(pod: Ipv4Addr, node: &str) -> String {
+    let ports = e2e_ports();
+    xlb_lab::manifests::multi_doc(&[
+        service_yaml("demo", "web", &WEB_VIP.to_string(), &ports, true),
+        endpointslice_yaml(
+            "demo",
+            "web-abc12",
+            "web",
+            &ports,
+            &[EndpointSpec::new(pod, true, node)],
+        ),
+    ])
+}
+
+fn e2e_ports() -> Vec<xlb_lab::manifests::PortSpec> {
+    vec![
+        xlb_lab::manifests::PortSpec::new("http", "TCP", WEB_TCP_PORT, POOL_PORT),
+        xlb_lab::manifests::PortSpec::new("dns", "UDP", WEB_UDP_PORT, UDP_ECHO_PORT),
+    ]
+}
+
 /// `n` other Services (one endpoint each, not reachable) in one manifests file.
 fn dummy_services(n: usize, node: &str) -> String {
-    let ports = xlb_lab::manifests::web_ports();
+    let ports = e2e_ports();
     let mut text = String::new();
     for i in 0..n {
         let name = format!("other-{i}");
@@ -854,6 +881,7 @@ fn set_gro(ns: &xlb_lab::Netns, ifname: &str) -> Result<()> {
 
 /// Medians, spreads, node-added costs and ratios, plus the Markdown table.
 fn summarise(
+    all: &[System],
     systems: &[&System],
     pps: &[Vec<Vec<f64>>],
     errors: &[Vec<Vec<String>>],
@@ -923,11 +951,12 @@ fn summarise(
         let lat: Vec<f64> = runs.iter().flat_map(|r| r.latencies_us.clone()).collect();
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         let failed: u64 = runs.iter().map(|r| r.failed).sum();
-        let label = systems
+        let label = all
             .iter()
             .find(|s| &s.key == key)
             .map(|s| s.label.clone())
-            .unwrap_or_else(|| "HAProxy (TCP mode)".into());
+            .unwrap_or_default();
+        let served = all.iter().find(|s| &s.key == key).map(|s| s.pool.served());
         let _ = writeln!(
             md,
             "| {label} | {:.0} | {p50:.0} | {p99:.0} | {failed} |",
@@ -939,6 +968,7 @@ fn summarise(
             "spread": num(round(spread(&cps), 3)),
             "latency_p50_us": num(round(p50, 1)), "latency_p99_us": num(round(p99, 1)),
             "requests": runs.iter().map(|r| r.ok).sum::<u64>(), "failed": failed,
+            "pod_served_connections": served,
         }));
     }
     println!("\n{md}");

@@ -25,6 +25,7 @@ mod e2e;
 mod plot;
 mod prog;
 mod report;
+mod server;
 mod stats;
 mod sys;
 

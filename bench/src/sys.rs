@@ -65,6 +65,14 @@ impl Proc {
     /// Spawns `cmd` as the leader of a new process group.
     pub fn spawn(cmd: &mut Command, what: &str) -> Result<Proc> {
         use std::os::unix::process::CommandExt;
+        // If the bench dies without unwinding, its children die with it.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd
             .process_group(0)
             .spawn()

@@ -66,6 +66,26 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
         "prometheus",
         "promtool check metrics, run on a real scrape by the tests",
     ),
+    (
+        "/usr/sbin/trafgen",
+        "netsniff-ng",
+        "the bench's packet generator (AF_PACKET, one core)",
+    ),
+    (
+        "/usr/sbin/nft",
+        "nftables",
+        "the bench: kube-proxy's nftables mode, and the pods' early drop",
+    ),
+    (
+        "/usr/sbin/iptables-restore",
+        "iptables",
+        "the bench: kube-proxy's iptables mode (DNAT, statistic random)",
+    ),
+    (
+        "/usr/sbin/haproxy",
+        "haproxy",
+        "the bench: HAProxy in TCP mode, the userspace proxy reference",
+    ),
 ];
 
 /// bpf-linker links the eBPF object; built against Debian's LLVM 22.
@@ -264,30 +284,130 @@ fn test() -> Result<()> {
         .current_dir(&root)
         .args(["test", "--release", "--workspace"])
         .env("XLB_BIN", &bin))?;
+    // Keeps the bench harness working: one quick run into a scratch directory (not the
+    // committed results), checked for well-formed output, never for speed.
+    let out = std::env::temp_dir().join(format!("xlbb{}-bench", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    eprintln!(
+        "xtask test: cargo xtask bench --quick --out {}",
+        out.display()
+    );
+    run_bench(true, &out)?;
+    check_bench_output(&out)?;
+    let _ = std::fs::remove_dir_all(&out);
     eprintln!("xtask test: all passed");
     Ok(())
 }
 
 /// Builds xlb and the reference program (`bench/reference`), then runs the bench
-/// harness (`bench/`), which writes `bench/results/`.
+/// harness (`bench/`): `cargo xtask bench [--quick] [--out DIR]` (default out:
+/// `bench/results/`, the committed results).
 fn bench() -> Result<()> {
+    let mut quick = false;
+    let mut out = root().join("bench/results");
+    let mut args = std::env::args().skip(2);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = PathBuf::from(args.next().context("--out DIR")?),
+            // Only checks an existing output directory (what `cargo xtask test` checks).
+            "--check" => {
+                return check_bench_output(Path::new(&args.next().context("--check DIR")?));
+            }
+            other => bail!(
+                "cargo xtask bench: unknown argument {other:?} ([--quick] [--out DIR] | --check DIR)"
+            ),
+        }
+    }
+    run_bench(quick, &out)
+}
+
+/// Runs the bench harness (as root), writing its results under `out`.
+fn run_bench(quick: bool, out: &Path) -> Result<()> {
     if is_not_root() {
-        bail!("the benchmarks load BPF programs: run as root");
+        bail!("the benchmarks load BPF programs and build netns labs: run as root");
     }
     let bin = build()?;
     let root = root();
     let reference = build_reference(&root)?;
     eprintln!(
-        "xtask bench: program cost (BPF_PROG_TEST_RUN), xlb next to the limit; health under scrape load"
+        "xtask bench: program cost, end to end in the netns lab, control plane, churn{}",
+        if quick { " (--quick)" } else { "" }
     );
-    sh(Command::new("cargo")
-        .current_dir(&root)
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
         .env("XLB_BIN", &bin)
         .args(["run", "--release", "-p", "xlb-bench", "--"])
         .arg("--reference")
         .arg(&reference)
         .arg("--out")
-        .arg(root.join("bench/results")))
+        .arg(out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    sh(&mut cmd)
+}
+
+/// Checks a quick bench run's output is there and well-formed (never that it is fast):
+/// the dated JSON parses, every headline key is present and a finite number or null,
+/// latest.md and the plots exist.
+fn check_bench_output(out: &Path) -> Result<()> {
+    let json = std::fs::read_dir(out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_stem().is_some_and(|s| s.len() == 10)
+        })
+        .with_context(|| format!("no <date>.json in {}", out.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)
+        .with_context(|| format!("{} does not parse", json.display()))?;
+    const KEYS: [&str; 19] = [
+        "fast_path_ns",
+        "floor_ns",
+        "reference_ns",
+        "miss_ns",
+        "node_added_ns",
+        "iptables_node_added_ns",
+        "route_node_added_ns",
+        "udp_pps_vs_iptables",
+        "udp_pps_vs_iptables_1k",
+        "udp_pps_vs_nftables",
+        "udp_pps_vs_ceiling",
+        "tcp_cps_vs_iptables",
+        "tcp_cps_vs_haproxy",
+        "sync_10k_services_s",
+        "endpoint_update_p99_ms",
+        "agent_rss_10k_mib",
+        "l2_failover_median_ms",
+        "keepalived_failover_median_ms",
+        "churn_broken_connections",
+    ];
+    let headline = doc["headline"].as_object().context("no headline object")?;
+    for k in KEYS {
+        match headline.get(k) {
+            None => bail!("headline key {k} missing"),
+            Some(serde_json::Value::Null) => {}
+            Some(v) if v.as_f64().is_some_and(f64::is_finite) => {}
+            Some(v) => bail!("headline {k} is {v}, not a finite number or null"),
+        }
+    }
+    if headline.len() != KEYS.len() {
+        bail!("headline has {} keys, not {}", headline.len(), KEYS.len());
+    }
+    for f in ["latest.md", "node_added.png", "endpoint_update.png"] {
+        let p = out.join(f);
+        let len = std::fs::metadata(&p)
+            .with_context(|| format!("{} missing", p.display()))?
+            .len();
+        if len == 0 {
+            bail!("{} is empty", p.display());
+        }
+    }
+    eprintln!(
+        "xtask test: quick bench output in {} is well-formed",
+        out.display()
+    );
+    Ok(())
 }
 
 /// Builds the reference XDP program the way agent/build.rs builds xlb's (Debian's

@@ -1,0 +1,250 @@
+//! The headline numbers (defined in bench/README.md), `<date>.json` and `latest.md`.
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value, json};
+
+use crate::stats::{num, round};
+
+/// Every headline key, in order (bench/README.md defines each).
+pub const HEADLINE_KEYS: [&str; 19] = [
+    "fast_path_ns",
+    "floor_ns",
+    "reference_ns",
+    "miss_ns",
+    "node_added_ns",
+    "iptables_node_added_ns",
+    "route_node_added_ns",
+    "udp_pps_vs_iptables",
+    "udp_pps_vs_iptables_1k",
+    "udp_pps_vs_nftables",
+    "udp_pps_vs_ceiling",
+    "tcp_cps_vs_iptables",
+    "tcp_cps_vs_haproxy",
+    "sync_10k_services_s",
+    "endpoint_update_p99_ms",
+    "agent_rss_10k_mib",
+    "l2_failover_median_ms",
+    "keepalived_failover_median_ms",
+    "churn_broken_connections",
+];
+
+/// xlb's attach/forward modes measured end to end.
+const XLB_MODES: [&str; 4] = ["generic", "native", "redirect", "redirect_generic"];
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// A UDP row's field for one shape.
+fn udp<'a>(parts: &'a Map<String, Value>, key: &str, shape: &str, field: &str) -> &'a Value {
+    parts
+        .get("e2e")
+        .and_then(|e| e["udp"].as_array())
+        .and_then(|rows| rows.iter().find(|r| r["key"] == key))
+        .map(|r| &r["shapes"][shape][field])
+        .unwrap_or(&Value::Null)
+}
+
+fn tcp_cps(parts: &Map<String, Value>, key: &str) -> f64 {
+    parts
+        .get("e2e")
+        .and_then(|e| e["tcp"].as_array())
+        .and_then(|rows| rows.iter().find(|r| r["key"] == key))
+        .map(|r| f(&r["cps_median"]))
+        .unwrap_or(f64::NAN)
+}
+
+/// xlb's best mode (highest median pps) for `services` and `shape`: (key, pps).
+fn best_xlb(parts: &Map<String, Value>, services: &str, shape: &str) -> (String, f64) {
+    XLB_MODES
+        .iter()
+        .map(|m| {
+            let k = format!("xlb_{m}_{services}");
+            let p = f(udp(parts, &k, shape, "pps_median"));
+            (k, p)
+        })
+        .filter(|(_, p)| p.is_finite())
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_default()
+}
+
+/// The headline object: exactly [`HEADLINE_KEYS`], null where a part did not run or has
+/// not landed.
+pub fn headline(parts: &Map<String, Value>) -> Value {
+    let prog = parts.get("prog").cloned().unwrap_or(Value::Null);
+    let control = parts.get("control").cloned().unwrap_or(Value::Null);
+    let many = parts
+        .get("e2e")
+        .and_then(|e| e["many_services"].as_u64())
+        .unwrap_or(1000)
+        .to_string();
+    let (best1, pps1) = best_xlb(parts, "1", "established");
+    let (_, pps_many_new) = best_xlb(parts, &many, "new_flows");
+    let pps = |k: &str, shape: &str| f(udp(parts, k, shape, "pps_median"));
+    let ratio = |a: f64, b: f64| num(round(a / b, 3));
+    let prog_ns = |k: &str| num(f(&prog["median_ns"][k]));
+    let p = &control["programming"];
+    let v = json!({
+        "fast_path_ns": prog_ns("xlb_hit"),
+        "floor_ns": num(f(&prog["floor_ns"])),
+        "reference_ns": prog_ns("ref_hit"),
+        "miss_ns": prog_ns("xlb_miss"),
+        "node_added_ns": num(f(udp(parts, &best1, "established", "node_added_ns"))),
+        "iptables_node_added_ns": num(f(udp(parts, "iptables_1", "established", "node_added_ns"))),
+        "route_node_added_ns": num(f(udp(parts, "route", "established", "node_added_ns"))),
+        "udp_pps_vs_iptables": ratio(pps1, pps("iptables_1", "established")),
+        "udp_pps_vs_iptables_1k": ratio(pps_many_new, pps(&format!("iptables_{many}"), "new_flows")),
+        "udp_pps_vs_nftables": ratio(pps1, pps("nftables_1", "established")),
+        "udp_pps_vs_ceiling": ratio(pps1, pps("direct", "established")),
+        "tcp_cps_vs_iptables": ratio(tcp_cps(parts, "xlb_generic_1"), tcp_cps(parts, "iptables_1")),
+        "tcp_cps_vs_haproxy": ratio(tcp_cps(parts, "xlb_generic_1"), tcp_cps(parts, "haproxy")),
+        "sync_10k_services_s": num(f(&p["last_vip_answered_s"])),
+        "endpoint_update_p99_ms": num(f(&p["endpoint_update"]["p99_ms"])),
+        "agent_rss_10k_mib": num(round(f(&p["agent_rss_kib"]) / 1024.0, 1)),
+        "l2_failover_median_ms": null,
+        "keepalived_failover_median_ms": null,
+        "churn_broken_connections": parts.get("churn").map(|c| c["broken"].clone()).unwrap_or(Value::Null),
+    });
+    debug_assert!(HEADLINE_KEYS.iter().all(|k| v.get(k).is_some()));
+    v
+}
+
+/// Writes `<date>.json` and `latest.md` under `out`.
+pub fn write(out: &Path, doc: &Value) -> Result<()> {
+    let date = doc["date"].as_str().context("date")?;
+    let json_path = out.join(format!("{date}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(doc)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let h = &doc["headline"];
+    let show = |k: &str, unit: &str| match h[k].as_f64() {
+        Some(x) if x.abs() >= 100.0 || x.fract() == 0.0 => format!("{x:.0}{unit}"),
+        Some(x) => format!("{x:.2}{unit}"),
+        None => "not measured yet".to_string(),
+    };
+    let mut md = format!(
+        "# xlb bench, {date} ({} run)\n\n{} ({} cores), kernel {}, load average {} before and {} \
+         after (a shared machine: compare rows of one run, not runs). Written by `cargo xtask bench` \
+         in {} s; every raw number is in [`{date}.json`]({date}.json), definitions in \
+         [../README.md](../README.md).\n\n",
+        doc["mode"].as_str().unwrap_or("?"),
+        doc["machine"]["cpu_model"]
+            .as_str()
+            .unwrap_or("unknown CPU"),
+        doc["machine"]["cores"],
+        doc["kernel"].as_str().unwrap_or("?"),
+        doc["loadavg_before"],
+        doc["loadavg_after"],
+        doc["took_s"],
+    );
+    md.push_str("| headline | value |\n| --- | ---: |\n");
+    let rows: [(&str, &str, &str); 19] = [
+        (
+            "xlb VIP conntrack hit, ns/packet (BPF_PROG_TEST_RUN)",
+            "fast_path_ns",
+            " ns",
+        ),
+        ("XDP_PASS floor", "floor_ns", " ns"),
+        ("minimal reference LB, same hit", "reference_ns", " ns"),
+        ("xlb non-VIP miss", "miss_ns", " ns"),
+        (
+            "node-added ns/packet, xlb (best mode, 256 flows, 1 svc)",
+            "node_added_ns",
+            " ns",
+        ),
+        (
+            "node-added ns/packet, iptables DNAT",
+            "iptables_node_added_ns",
+            " ns",
+        ),
+        (
+            "node-added ns/packet, plain routing",
+            "route_node_added_ns",
+            " ns",
+        ),
+        (
+            "UDP pps, xlb / iptables (256 flows, 1 svc)",
+            "udp_pps_vs_iptables",
+            "x",
+        ),
+        (
+            "UDP pps, xlb / iptables (new flows, many svcs)",
+            "udp_pps_vs_iptables_1k",
+            "x",
+        ),
+        (
+            "UDP pps, xlb / nftables (256 flows, 1 svc)",
+            "udp_pps_vs_nftables",
+            "x",
+        ),
+        (
+            "UDP pps, xlb / direct to pod (ceiling)",
+            "udp_pps_vs_ceiling",
+            "x",
+        ),
+        ("TCP conn/s, xlb / iptables", "tcp_cps_vs_iptables", "x"),
+        ("TCP conn/s, xlb / HAProxy", "tcp_cps_vs_haproxy", "x"),
+        (
+            "programming all Services from scratch",
+            "sync_10k_services_s",
+            " s",
+        ),
+        (
+            "EndpointSlice change → maps, p99",
+            "endpoint_update_p99_ms",
+            " ms",
+        ),
+        ("agent RSS with all Services", "agent_rss_10k_mib", " MiB"),
+        ("L2 failover, median", "l2_failover_median_ms", " ms"),
+        (
+            "Keepalived failover, median",
+            "keepalived_failover_median_ms",
+            " ms",
+        ),
+        (
+            "connections broken by backend churn",
+            "churn_broken_connections",
+            "",
+        ),
+    ];
+    for (what, k, unit) in rows {
+        let _ = writeln!(md, "| {what} (`{k}`) | {} |", show(k, unit));
+    }
+    let parts = &doc["parts"];
+    let section = |md: &mut String, title: &str, v: &Value| {
+        if let Some(t) = v["markdown"].as_str() {
+            let _ = write!(md, "\n## {title}\n\n{}", t);
+            if let Some(m) = v["method"].as_str() {
+                let _ = write!(md, "\n_{m}_\n");
+            }
+        }
+    };
+    section(
+        &mut md,
+        "End to end (veth lab, node-added ns/packet)",
+        &parts["e2e"],
+    );
+    if parts["e2e"].is_object() {
+        md.push_str("\n![node-added cost](node_added.png)\n");
+    }
+    section(&mut md, "Per-packet program cost", &parts["prog"]);
+    section(&mut md, "Control plane", &parts["control"]);
+    if parts["control"].is_object() {
+        md.push_str("\n![EndpointSlice change to map latency](endpoint_update.png)\n");
+    }
+    if let Some(c) = parts["churn"].as_object() {
+        let _ = write!(
+            md,
+            "\n## Backend churn\n\n{} of {} long-lived TCP connections broke over {} endpoint changes (goal: 0).\n",
+            c["broken"], c["connections"], c["changes"]
+        );
+    }
+    std::fs::write(out.join("latest.md"), &md)?;
+    println!(
+        "written: {} and {}/latest.md",
+        json_path.display(),
+        out.display()
+    );
+    Ok(())
+}

@@ -2,7 +2,6 @@
 //! while the Service's endpoints are replaced again and again (added, removed, marked
 //! terminating). Every connection is pinged after each change; one that fails or is
 //! answered by another pod counts as broken (should be 0). Reported, never asserted.
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -11,16 +10,13 @@ use aya::maps::{HashMap, Map, MapData};
 use serde_json::{Value, json};
 use xlb_common::{PROTO_TCP, Service, ServiceKey4, names};
 use xlb_lab::Lab;
-use xlb_lab::manifests::{WEB_TCP_PORT, WEB_VIP, multi_doc, web_service_yaml, write_atomic};
+use xlb_lab::manifests::{WEB_TCP_PORT, WEB_VIP, WebEndpoint, write_web};
 use xlb_lab::traffic::LineConn;
 
 use crate::Scale;
 
-/// (pod index 1-based, ready, serving, terminating)
-type Ep = (usize, bool, bool, bool);
-
 /// The endpoint sets the Service cycles through: each differs from the one before.
-const STEPS: [&[Ep]; 6] = [
+const STEPS: [&[WebEndpoint]; 6] = [
     &[
         (1, true, true, false),
         (2, true, true, false),
@@ -46,34 +42,13 @@ const STEPS: [&[Ep]; 6] = [
     ],
 ];
 
-fn slice(lab: &Lab, eps: &[Ep]) -> String {
-    let mut y = String::from(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  \
-         namespace: demo\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n\
-         - name: dns\n  protocol: UDP\n  port: 5353\n- name: http\n  protocol: TCP\n  port: 8080\nendpoints:\n",
-    );
-    for &(i, ready, serving, terminating) in eps {
-        let _ = write!(
-            y,
-            "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  nodeName: node-a\n",
-            lab.node().pods[i - 1].ip
-        );
-    }
-    y
-}
-
-fn apply(lab: &Lab, eps: &[Ep]) -> Result<()> {
-    let doc = multi_doc(&[web_service_yaml(), slice(lab, eps)]);
-    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &doc)
-}
-
 /// Runs the churn; returns the JSON part.
 pub fn run(scale: Scale) -> Result<Value> {
     let (connections, changes) = if scale.quick { (20, 4) } else { (100, 30) };
     println!("churn: {connections} TCP connections through xlb, {changes} endpoint changes");
     let t = Duration::from_secs(2);
     let mut lab = Lab::one_node(4)?;
-    apply(&lab, STEPS[STEPS.len() - 1])?;
+    write_web(&lab, STEPS[STEPS.len() - 1])?;
     lab.start_agent()?.wait_healthy(Duration::from_secs(30))?;
     let vip = SocketAddr::from((WEB_VIP, WEB_TCP_PORT));
     xlb_lab::poll(
@@ -111,7 +86,7 @@ pub fn run(scale: Scale) -> Result<Value> {
         let before = svc_map
             .get(&key, 0)
             .context("the web Service is not programmed")?;
-        apply(&lab, STEPS[c % STEPS.len()])?;
+        write_web(&lab, STEPS[c % STEPS.len()])?;
         xlb_lab::poll(
             "the endpoint change to reach xlb_services",
             Duration::from_secs(30),

@@ -60,6 +60,12 @@ fn main() -> Result<()> {
             "--reference" => reference = args.next().map(PathBuf::from),
             "--out" => out_dir = args.next().map(PathBuf::from).context("--out DIR")?,
             "--only" => only = Some(args.next().context("--only PART")?),
+            // Checks an output directory is complete and well-formed (what `cargo
+            // xtask test` checks after its quick run); never that it is fast.
+            "--check" => {
+                let dir = PathBuf::from(args.next().context("--check DIR")?);
+                return report::check(&dir);
+            }
             // Rewrites latest.md and the plots from an existing <date>.json (after a
             // change to the report), without measuring anything.
             "--render" => {

@@ -2,7 +2,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 use crate::stats::{num, round};
@@ -246,5 +246,47 @@ pub fn write(out: &Path, doc: &Value) -> Result<()> {
         json_path.display(),
         out.display()
     );
+    Ok(())
+}
+
+/// Checks a bench output directory: the dated JSON parses, every [`HEADLINE_KEYS`]
+/// entry (and nothing else) is in its headline as a finite number or null, and
+/// latest.md and the plots exist and are not empty. Never looks at speed.
+pub fn check(out: &Path) -> Result<()> {
+    let json = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_stem().is_some_and(|s| s.len() == 10)
+        })
+        .with_context(|| format!("no <date>.json in {}", out.display()))?;
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)
+        .with_context(|| format!("{} does not parse", json.display()))?;
+    let headline = doc["headline"].as_object().context("no headline object")?;
+    for k in HEADLINE_KEYS {
+        match headline.get(k) {
+            None => bail!("headline key {k} missing"),
+            Some(Value::Null) => {}
+            Some(v) if v.as_f64().is_some_and(f64::is_finite) => {}
+            Some(v) => bail!("headline {k} is {v}, not a finite number or null"),
+        }
+    }
+    if headline.len() != HEADLINE_KEYS.len() {
+        bail!(
+            "headline has {} keys, not {}",
+            headline.len(),
+            HEADLINE_KEYS.len()
+        );
+    }
+    for f in ["latest.md", "node_added.png", "endpoint_update.png"] {
+        let p = out.join(f);
+        let len = std::fs::metadata(&p)
+            .with_context(|| format!("{} missing", p.display()))?
+            .len();
+        if len == 0 {
+            bail!("{} is empty", p.display());
+        }
+    }
     Ok(())
 }

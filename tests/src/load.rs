@@ -10,8 +10,8 @@ use anyhow::Result;
 use crate::agent::http_get_within;
 use crate::lab::{Lab, METRICS_PORT, REPLY_TIMEOUT, SOON};
 use crate::manifests::{
-    EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
-    service_yaml, web_ports, with_health_check_node_port, write_atomic,
+    EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, multi_doc, service_yaml,
+    web_ports, web_slice_yaml, with_health_check_node_port, write_atomic,
 };
 
 /// The health check node port of the web Service in [`health_lab`].
@@ -22,10 +22,18 @@ pub const HC_PORT: u16 = 32100;
 pub fn health_lab(pods: usize) -> Result<Lab> {
     let mut lab = Lab::one_node(pods)?;
     let node = lab.node();
-    let eps: Vec<EndpointSpec> = node
-        .pods
+    let doc = web_health_yaml(&node.name, &node.pods, HC_PORT);
+    write_atomic(&node.manifests_dir.join("web.yaml"), &doc)?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    Ok(lab)
+}
+
+/// Service `demo/web` (Local policy, `healthCheckNodePort` `hc_port`) and its
+/// EndpointSlice with every one of `pods`, all ready on node `node`.
+pub fn web_health_yaml(node: &str, pods: &[crate::lab::Pod], hc_port: u16) -> String {
+    let eps: Vec<EndpointSpec> = pods
         .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &node.name))
+        .map(|p| EndpointSpec::new(p.ip, true, node))
         .collect();
     let service = with_health_check_node_port(
         &service_yaml(
@@ -35,15 +43,9 @@ pub fn health_lab(pods: usize) -> Result<Lab> {
             &web_ports(),
             true,
         ),
-        HC_PORT,
+        hc_port,
     );
-    let slice = endpointslice_yaml(WEB_NAMESPACE, "web-1", WEB_SERVICE, &web_ports(), &eps);
-    write_atomic(
-        &node.manifests_dir.join("web.yaml"),
-        &multi_doc(&[service, slice]),
-    )?;
-    lab.start_agent()?.wait_healthy(SOON)?;
-    Ok(lab)
+    multi_doc(&[service, web_slice_yaml(&eps)])
 }
 
 /// Fills the first node's conntrack map with `flows` live UDP flows to the web VIP

@@ -36,8 +36,12 @@ impl PortSpec {
 pub struct EndpointSpec {
     /// The pod's IP.
     pub ip: String,
-    /// `conditions.ready` (`serving` is written with the same value, `terminating: false`).
+    /// `conditions.ready`.
     pub ready: bool,
+    /// `conditions.serving` (as `ready` unless set with [`EndpointSpec::terminating`]).
+    pub serving: bool,
+    /// `conditions.terminating`.
+    pub terminating: bool,
     /// `nodeName`.
     pub node: String,
 }
@@ -48,8 +52,18 @@ impl EndpointSpec {
         EndpointSpec {
             ip: ip.to_string(),
             ready,
+            serving: ready,
+            terminating: false,
             node: node.to_string(),
         }
+    }
+
+    /// The same endpoint shutting down: not ready, terminating, still `serving`.
+    pub fn terminating(mut self, serving: bool) -> EndpointSpec {
+        self.ready = false;
+        self.serving = serving;
+        self.terminating = true;
+        self
     }
 }
 
@@ -114,10 +128,8 @@ pub fn endpointslice_yaml(
     for e in endpoints {
         let _ = write!(
             y,
-            "- addresses: [\"{}\"]\n  conditions:\n    ready: {r}\n    serving: {r}\n    terminating: false\n  nodeName: {}\n",
-            e.ip,
-            e.node,
-            r = e.ready
+            "- addresses: [\"{}\"]\n  conditions:\n    ready: {}\n    serving: {}\n    terminating: {}\n  nodeName: {}\n",
+            e.ip, e.ready, e.serving, e.terminating, e.node,
         );
     }
     y
@@ -215,6 +227,30 @@ pub fn write_atomic(path: &Path, content: &str) -> Result<()> {
 /// Removes `path` (a manifest) from the watched directory.
 pub fn remove(path: &Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+}
+
+/// One endpoint of the churn runs' `web` slice: (pod index 1-based on node-a, ready,
+/// serving, terminating).
+pub type WebEndpoint = (usize, bool, bool, bool);
+
+/// Writes Service `demo/web` with `eps` of the lab's node-a pods as node-a's
+/// `web.yaml`, atomically.
+pub fn write_web(lab: &crate::lab::Lab, eps: &[WebEndpoint]) -> Result<()> {
+    let specs: Vec<EndpointSpec> = eps
+        .iter()
+        .map(|&(i, ready, serving, terminating)| {
+            let e = EndpointSpec::new(lab.node().pods[i - 1].ip, ready, "node-a");
+            if terminating {
+                e.terminating(serving)
+            } else {
+                e
+            }
+        })
+        .collect();
+    write_atomic(
+        &lab.node().manifests_dir.join("web.yaml"),
+        &web_yaml(&specs),
+    )
 }
 
 #[cfg(test)]

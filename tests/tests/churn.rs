@@ -3,43 +3,18 @@
 //! flows stay on their backend, even one that left the service), and new connections
 //! never go to a removed or terminating backend.
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use xlb_lab::lab::Lab;
-use xlb_lab::manifests::{WEB_TCP_PORT, WEB_VIP, multi_doc, web_service_yaml, write_atomic};
+use xlb_lab::manifests::{WEB_TCP_PORT, WEB_VIP, write_web};
 use xlb_lab::poll;
 use xlb_lab::traffic::LineConn;
 
 const T: Duration = Duration::from_secs(2);
 const SOON: Duration = Duration::from_secs(30);
 const CONNECTIONS: usize = 100;
-
-/// (pod index 1-based, ready, serving, terminating)
-type Ep = (usize, bool, bool, bool);
-
-fn slice(lab: &Lab, eps: &[Ep]) -> String {
-    let mut y = String::from(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  \
-         namespace: demo\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n\
-         - name: dns\n  protocol: UDP\n  port: 5353\n- name: http\n  protocol: TCP\n  port: 8080\nendpoints:\n",
-    );
-    for &(i, ready, serving, terminating) in eps {
-        let _ = write!(
-            y,
-            "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  nodeName: node-a\n",
-            lab.node().pods[i - 1].ip
-        );
-    }
-    y
-}
-
-fn apply(lab: &Lab, eps: &[Ep]) -> Result<()> {
-    let doc = multi_doc(&[web_service_yaml(), slice(lab, eps)]);
-    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &doc)
-}
 
 /// Pings every connection once; all must answer, each from the pod it started on.
 fn ping_all(conns: &mut [(LineConn, String)], step: &str) -> Result<()> {
@@ -82,7 +57,7 @@ fn wait_applied(lab: &Lab, avoid: &[&str], require: Option<&str>, what: &str) ->
 #[test]
 fn churn_breaks_no_established_connection() -> Result<()> {
     let mut lab = Lab::one_node(4)?;
-    apply(
+    write_web(
         &lab,
         &[
             (1, true, true, false),
@@ -111,7 +86,7 @@ fn churn_breaks_no_established_connection() -> Result<()> {
     )?;
 
     // Add pod4: it gets new flows, nobody moves.
-    apply(
+    write_web(
         &lab,
         &[
             (1, true, true, false),
@@ -125,7 +100,7 @@ fn churn_breaks_no_established_connection() -> Result<()> {
 
     // Remove pod2 from the slice: its established connections keep going to it, new
     // ones never reach it.
-    apply(
+    write_web(
         &lab,
         &[
             (1, true, true, false),
@@ -148,7 +123,7 @@ fn churn_breaks_no_established_connection() -> Result<()> {
 
     // Mark pod3 terminating (serving, not ready): existing connections stay, new ones
     // go to the ready pods only.
-    apply(
+    write_web(
         &lab,
         &[
             (1, true, true, false),

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, ensure};
 use xlb_lab::lab::{CLIENT_ADDR, Lab, Links, ManifestsLayout, NodeSpec, REPLY_TIMEOUT, SOON};
 use xlb_lab::manifests::{
     EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_VIP, multi_doc, service_yaml,
-    web_ports, web_slice_yaml, web_tcp_vip, web_udp_vip, with_health_check_node_port, write_atomic,
+    web_ports, web_slice_yaml, web_tcp_vip, web_udp_vip, write_atomic,
 };
 use xlb_lab::poll;
 
@@ -336,27 +336,10 @@ fn local_health_check_node_port_says_which_nodes_serve() -> Result<()> {
     // L2/BGP later) sends traffic only where it can be served.
     let mut lab = Lab::multi_node(&[2, 1, 1].map(NodeSpec::with_pods))?;
     let a = lab.node_named("node-a")?;
-    let eps: Vec<EndpointSpec> = a
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &a.name))
-        .collect();
-    let service = with_health_check_node_port(
-        &service_yaml(
-            WEB_NAMESPACE,
-            WEB_SERVICE,
-            &WEB_VIP.to_string(),
-            &web_ports(),
-            true,
-        ),
-        32100,
-    );
+    let doc = xlb_lab::load::web_health_yaml(&a.name, &a.pods, 32100);
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
-    write_atomic(
-        &dir.join("web.yaml"),
-        &multi_doc(&[service, web_slice_yaml(&eps)]),
-    )?;
+    write_atomic(&dir.join("web.yaml"), &doc)?;
     lab.start_agents(ManifestsLayout::Shared, SOON)?;
     let client = lab.client.ns.name().to_string();
     for n in &lab.nodes {

@@ -348,65 +348,14 @@ fn run_bench(quick: bool, out: &Path) -> Result<()> {
     sh(&mut cmd)
 }
 
-/// Checks a quick bench run's output is there and well-formed (never that it is fast):
-/// the dated JSON parses, every headline key is present and a finite number or null,
-/// latest.md and the plots exist.
+/// Checks a bench output directory with the harness itself (`xlb-bench --check`),
+/// which owns the format: well-formed, never fast.
 fn check_bench_output(out: &Path) -> Result<()> {
-    let json = std::fs::read_dir(out)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.extension().is_some_and(|x| x == "json")
-                && p.file_stem().is_some_and(|s| s.len() == 10)
-        })
-        .with_context(|| format!("no <date>.json in {}", out.display()))?;
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)
-        .with_context(|| format!("{} does not parse", json.display()))?;
-    const KEYS: [&str; 19] = [
-        "fast_path_ns",
-        "floor_ns",
-        "reference_ns",
-        "miss_ns",
-        "node_added_ns",
-        "iptables_node_added_ns",
-        "route_node_added_ns",
-        "udp_pps_vs_iptables",
-        "udp_pps_vs_iptables_1k",
-        "udp_pps_vs_nftables",
-        "udp_pps_vs_ceiling",
-        "tcp_cps_vs_iptables",
-        "tcp_cps_vs_haproxy",
-        "sync_10k_services_s",
-        "endpoint_update_p99_ms",
-        "agent_rss_10k_mib",
-        "l2_failover_median_ms",
-        "keepalived_failover_median_ms",
-        "churn_broken_connections",
-    ];
-    let headline = doc["headline"].as_object().context("no headline object")?;
-    for k in KEYS {
-        match headline.get(k) {
-            None => bail!("headline key {k} missing"),
-            Some(serde_json::Value::Null) => {}
-            Some(v) if v.as_f64().is_some_and(f64::is_finite) => {}
-            Some(v) => bail!("headline {k} is {v}, not a finite number or null"),
-        }
-    }
-    if headline.len() != KEYS.len() {
-        bail!("headline has {} keys, not {}", headline.len(), KEYS.len());
-    }
-    for f in ["latest.md", "node_added.png", "endpoint_update.png"] {
-        let p = out.join(f);
-        let len = std::fs::metadata(&p)
-            .with_context(|| format!("{} missing", p.display()))?
-            .len();
-        if len == 0 {
-            bail!("{} is empty", p.display());
-        }
-    }
-    eprintln!(
-        "xtask test: quick bench output in {} is well-formed",
-        out.display()
-    );
+    sh(Command::new("cargo")
+        .current_dir(root())
+        .args(["run", "--release", "-q", "-p", "xlb-bench", "--", "--check"])
+        .arg(out))?;
+    eprintln!("xtask: bench output in {} is well-formed", out.display());
     Ok(())
 }
 

@@ -1,5 +1,7 @@
-//! Forwarding after DNAT. The default hands the packet to the kernel (XDP_PASS), which
-//! routes it to the pod. `FORWARD_REDIRECT` instead asks the kernel's FIB for the next
+//! Forwarding after DNAT. The default hands the packet to the kernel (XDP_PASS) marked
+//! for `xlb_tc_ingress`, which delivers it into the pod's namespace when the FIB leads
+//! to a pod's veth ([`deliver`]); the kernel routes everything else. `FORWARD_REDIRECT`
+//! instead asks the kernel's FIB for the next
 //! hop (`bpf_fib_lookup`) and redirects the frame straight out of the pod-facing
 //! device, doing the forwarding work itself (MACs, TTL). That only works when the
 //! target device accepts XDP frames (for a veth: an XDP program or GRO on its peer),
@@ -56,16 +58,8 @@ fn try_deliver(ctx: &TcContext) -> Option<i32> {
     if ip.ttl <= 1 {
         return None;
     }
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = ip.proto;
-    p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
     // SAFETY: reading a field of our own __sk_buff context.
-    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    p.__bindgen_anon_2.tos = ip.tos;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    let mut p = fib_params(&ip, unsafe { (*ctx.skb.skb).ingress_ifindex });
     // SAFETY: the helper reads and writes only `p`, sized by the third argument.
     let rc = unsafe {
         fib_lookup(
@@ -99,6 +93,22 @@ fn try_deliver(ctx: &TcContext) -> Option<i32> {
     Some(unsafe { bpf_redirect_peer(p.ifindex, 0) } as i32)
 }
 
+/// FIB lookup parameters for forwarding the IPv4 packet with header `ip` that came
+/// in on `ifindex` (route by source, destination, TOS; MTU checked against its length).
+#[inline(always)]
+fn fib_params(ip: &Ipv4Hdr, ifindex: u32) -> bpf_fib_lookup {
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = ip.proto;
+    p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+    p.ifindex = ifindex;
+    p.__bindgen_anon_2.tos = ip.tos;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    p
+}
+
 /// Forwards the packet itself: FIB lookup, TTL, MACs, then a redirect (or XDP_TX).
 /// `None` when the FIB cannot resolve the next hop completely.
 #[inline(always)]
@@ -112,15 +122,8 @@ pub fn redirect(ctx: &XdpContext) -> Option<u32> {
     if ip.ttl <= 1 {
         return None;
     }
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = ip.proto;
-    p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    p.__bindgen_anon_2.tos = ip.tos;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    // SAFETY: reading a field of our own xdp_md context.
+    let mut p = fib_params(ip, unsafe { (*ctx.ctx).ingress_ifindex });
     // SAFETY: the helper reads and writes only `p`, sized by the third argument.
     let rc = unsafe {
         fib_lookup(

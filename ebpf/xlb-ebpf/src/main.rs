@@ -1,9 +1,9 @@
 //! xlb's kernel programs.
 //!
 //! - `xlb_xdp` (XDP, on the node's uplink): for a packet to a VIP:port, pick a backend
-//!   (`lb`), DNAT destination address and port with incremental checksums, and hand
-//!   it to the kernel's routing (XDP_PASS) which delivers it to the pod, or redirect
-//!   it after a FIB lookup when configured (`fwd`). Everything else passes after one
+//!   (`lb`), DNAT destination address and port with incremental checksums, and pass
+//!   it on marked for `xlb_tc_ingress` (below), or redirect it after a FIB lookup when
+//!   configured (`fwd`). Everything else passes after one
 //!   map lookup.
 //! - `xlb_tc_ingress` (TC ingress, same interface): delivers what XDP DNATed to a
 //!   local pod straight into the pod's namespace (`bpf_redirect_peer`), and sends

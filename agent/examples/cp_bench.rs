@@ -242,6 +242,11 @@ fn main() -> Result<()> {
         .arg("--pin-path")
         .arg(&pin)
         .args(["--metrics-addr", "127.0.0.1:9464"])
+        .args(
+            std::env::var("CP_BENCH_LOG_LEVEL")
+                .map(|l| vec!["--log-level".to_string(), l])
+                .unwrap_or_default(),
+        )
         .env("XLB_LOG", std::env::var("XLB_LOG").unwrap_or("info".into()))
         .stdout(Stdio::null())
         .stderr(log)

@@ -128,6 +128,12 @@ struct Reconciler {
     preloaded: Option<manifests::Loaded>,
     /// Maglev tables by their inputs, from the last target (see [`state::TableCache`]).
     tables: state::TableCache,
+    /// Bookkeeping over `applied` for changing a few services alone; `None` until a
+    /// whole sync has succeeded (and after a failed one).
+    index: Option<state::Index>,
+    /// A sync parsed manifests without trimming the heap after (left to the
+    /// once-a-second tick, off the path of the next change).
+    heap_dirty: bool,
     ids: Ids,
     bounds: state::TableBounds,
     previous: Option<Desired>,
@@ -170,6 +176,11 @@ impl Reconciler {
         let t_load = started.elapsed();
         self.metrics.files_parsed.inc_by(loaded.parsed as u64);
         self.recheck = loaded.recheck;
+        if let (crate::source::Changed::Services(changed), true) =
+            (&loaded.changed, self.in_sync && self.index.is_some())
+        {
+            return self.sync_services(&loaded, changed, started, t_load);
+        }
         // Before the first apply, the maps' recorded owners stand in for `previous`.
         let restored = match self.previous {
             Some(_) => desired::Restored::new(),
@@ -216,6 +227,7 @@ impl Reconciler {
         let writes = state::diff(&self.applied, &target.state);
         let t_diff = started.elapsed();
         self.in_sync = false;
+        self.index = None;
         if let Err(e) = self.dp.apply(&writes) {
             // Start the next attempt from what the maps really hold.
             self.applied = self.dp.read_state()?;
@@ -230,7 +242,7 @@ impl Reconciler {
         self.metrics
             .map_updates
             .inc_by(writes.len() as u64 + id_writes);
-        log_changes(&writes, &target);
+        log_changes(&writes, |id| target.services.get(&id).cloned());
         self.collector.set_target(&target);
         // Not counting the per-VIP ICMP keys (id 0).
         self.metrics
@@ -238,6 +250,7 @@ impl Reconciler {
             .set(target.state.services.values().filter(|s| s.id != 0).count() as i64);
         self.applied = target.state;
         self.tables = target.tables_built;
+        self.index = Some(target.index);
         self.ids = target.ids;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
@@ -272,6 +285,106 @@ impl Reconciler {
 }
 
 impl Reconciler {
+    /// The sync of a load that changed only some Services: their desired entries, the
+    /// writes for the keys that changed, and nothing for the other Services (one
+    /// EndpointSlice among 10,000 Services costs what one Service costs).
+    fn sync_services(
+        &mut self,
+        loaded: &crate::source::Loaded,
+        changed: &BTreeSet<crate::model::ServiceRef>,
+        started: Instant,
+        t_load: Duration,
+    ) -> Result<(), DataplaneError> {
+        let (Some(mut desired), Some(index)) = (self.previous.take(), self.index.take()) else {
+            return Ok(());
+        };
+        let keys = desired::update(&mut desired, &loaded.snapshot, &self.node_name, changed);
+        let t_desired = started.elapsed();
+        let mut errors = loaded.errors.clone();
+        errors.extend(desired.errors.iter().cloned());
+        self.report(&errors);
+        let patch = match state::plan(
+            &desired,
+            &keys,
+            &self.applied,
+            &index,
+            self.ids,
+            self.bounds,
+            &self.tables,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                // Not applied; without the index the next sync is a whole one.
+                error!(error = %e, "desired state does not fit the maps; keeping the current one");
+                self.metrics
+                    .syncs
+                    .get_or_create(&vec![("result", "too_large".to_string())])
+                    .inc();
+                self.previous = Some(desired);
+                return Ok(());
+            }
+        };
+        let t_target = started.elapsed();
+        self.in_sync = false;
+        if let Err(e) = self.dp.apply(&patch.writes) {
+            self.applied = self.dp.read_state()?;
+            self.previous = Some(desired);
+            self.metrics
+                .syncs
+                .get_or_create(&vec![("result", "error".to_string())])
+                .inc();
+            return Err(e);
+        }
+        let t_apply = started.elapsed();
+        let id_writes = self.dp.write_ids(self.ids, patch.ids)?;
+        self.metrics
+            .map_updates
+            .inc_by(patch.writes.len() as u64 + id_writes);
+        self.collector
+            .patch_labels(&patch.services, &patch.backends);
+        log_changes(&patch.writes, |id| self.collector.service_labels(id));
+        let added: i64 = patch
+            .services
+            .values()
+            .map(|l| if l.is_some() { 1 } else { -1 })
+            .sum();
+        self.metrics
+            .services
+            .set(self.metrics.services.get() + added);
+        self.ids = patch.ids;
+        let writes = patch.writes.len();
+        let mut index = index;
+        patch.commit(&mut self.applied, &mut index, &mut self.tables);
+        self.index = Some(index);
+        self.heap_dirty |= loaded.parsed > 0;
+        self.keep_neighbours(&desired);
+        self.previous = Some(desired);
+        self.in_sync = true;
+        self.metrics
+            .syncs
+            .get_or_create(&vec![("result", "ok".to_string())])
+            .inc();
+        let took = started.elapsed();
+        self.metrics.sync_duration.observe(took.as_secs_f64());
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        if writes > 0 || loaded.parsed > 0 {
+            info!(
+                files_parsed = loaded.parsed,
+                services = changed.len(),
+                keys = keys.len(),
+                writes,
+                load_ms = ms(t_load),
+                desired_ms = ms(t_desired - t_load),
+                plan_ms = ms(t_target - t_desired),
+                apply_ms = ms(t_apply - t_target),
+                total_ms = ms(took),
+                "sync (changed services only)"
+            );
+        }
+        self.metrics.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Publishes the maps' kernel memory (`xlb_map_memory_bytes`): a few fdinfo reads,
     /// and the inner tables' from what was applied.
     fn report_memory(&self, pin_path: &std::path::Path) {
@@ -365,7 +478,7 @@ impl Reconciler {
 }
 
 /// One log line per changed service, none per packet or per unchanged sync.
-fn log_changes(writes: &[Write], target: &state::Target) {
+fn log_changes(writes: &[Write], labels: impl Fn(u32) -> Option<state::ServiceLabels>) {
     if writes.is_empty() {
         return;
     }
@@ -374,7 +487,7 @@ fn log_changes(writes: &[Write], target: &state::Target) {
             Write::PutService(_, svc) if svc.id == 0 => {}
             Write::DelService(k) if k.proto == xlb_common::PROTO_ICMP => {}
             Write::PutService(k, svc) => {
-                if let Some(l) = target.services.get(&svc.id) {
+                if let Some(l) = labels(svc.id) {
                     info!(
                         service = %l.owner, vip = %l.vip, port = l.port, protocol = l.protocol.as_str(),
                         backends = svc.count, local = svc.flags & xlb_common::SVC_F_LOCAL != 0,
@@ -540,6 +653,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         in_sync: false,
         preloaded,
         tables: state::TableCache::new(),
+        index: None,
+        heap_dirty: false,
         ids,
         bounds: state::TableBounds::default(),
         previous: None,
@@ -604,6 +719,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             _ = resync.tick() => { retry_soon = true; }
             _ = every_second.tick() => {
                 rec.refresh_peer_devices();
+                if std::mem::take(&mut rec.heap_dirty) {
+                    trim_heap();
+                }
                 // inotify watches an inode: a directory replaced under the same name
                 // (`rm -rf m; mkdir m`) is followed here, not at the next resync.
                 let now = dir_identity(&cfg.manifests);

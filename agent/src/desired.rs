@@ -119,6 +119,20 @@ pub struct Desired {
     /// Errors found by [`compute`] (address and health check port conflicts); the
     /// source's errors are separate.
     pub errors: Vec<ConfigError>,
+    /// Who claims what, so that [`update`] can recompute a few Services alone.
+    pub claims: Claims,
+}
+
+/// Every Service's claims, winning or not: the keys each Service claims, the Services
+/// claiming each key (in [`ServiceRef`] order), and the conflicts found per key.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Claims {
+    by_service: BTreeMap<ServiceRef, Vec<VipKey>>,
+    by_key: BTreeMap<VipKey, Vec<ServiceRef>>,
+    conflicts: BTreeMap<VipKey, Vec<ConfigError>>,
+    health_errors: Vec<ConfigError>,
+    /// The Services with a health check node port.
+    with_health_check: BTreeSet<ServiceRef>,
 }
 
 /// One Service's claim on a key, with the field to blame if it loses.
@@ -157,17 +171,7 @@ pub fn compute_with(
     previous: Option<&Desired>,
     restored: &Restored,
 ) -> Desired {
-    let node_ips: Vec<IpAddr> = snapshot
-        .nodes
-        .get(node_name)
-        .map(|n| {
-            n.internal_ips
-                .iter()
-                .copied()
-                .filter(IpAddr::is_ipv4)
-                .collect()
-        })
-        .unwrap_or_default();
+    let node_ips = node_ips(snapshot, node_name);
     let has_node_ports = snapshot
         .services
         .values()
@@ -180,48 +184,220 @@ pub fn compute_with(
     }
 
     // Claims per key, in ServiceRef order (the snapshot's order).
+    let mut out = Desired::default();
     let mut claims: BTreeMap<VipKey, Vec<Claim>> = BTreeMap::new();
     for (sref, svc) in &snapshot.services {
-        let local = svc.traffic_policy == TrafficPolicy::Local;
-        for port in &svc.ports {
-            let (backends, remote_backends) =
-                split(&port.endpoints, node_name, local, &snapshot.nodes);
-            let mut frontends: Vec<(IpAddr, u16, Frontend, String)> = Vec::new();
-            let port_field = format!("spec.ports[{}].port", port.index);
-            for &addr in &svc.vips {
-                frontends.push((addr, port.port, Frontend::LoadBalancer, port_field.clone()));
-            }
-            for &addr in &svc.external_ips {
-                let field = "spec.externalIPs".to_string();
-                frontends.push((addr, port.port, Frontend::ExternalIp, field));
-            }
-            if let Some(node_port) = port.node_port {
-                let field = format!("spec.ports[{}].nodePort", port.index);
-                for &addr in &node_ips {
-                    frontends.push((addr, node_port, Frontend::NodePort, field.clone()));
+        let mine = service_claims(sref, svc, node_name, &node_ips, snapshot);
+        let mut keys: Vec<VipKey> = mine.iter().map(|(k, _)| *k).collect();
+        keys.dedup();
+        for (key, claim) in mine {
+            let list = claims.entry(key).or_default();
+            list.push(claim);
+        }
+        out.claims.by_service.insert(sref.clone(), keys);
+        if svc.health_check_node_port.is_some() {
+            out.claims.with_health_check.insert(sref.clone());
+        }
+    }
+    for (key, claimants) in claims {
+        let mut refs: Vec<ServiceRef> = claimants.iter().map(|c| c.service.owner.clone()).collect();
+        refs.dedup();
+        out.claims.by_key.insert(key, refs);
+        let incumbent: Option<(&ServiceRef, &str)> = match previous {
+            Some(p) => p
+                .services
+                .get(&key)
+                .map(|d| (&d.owner, d.port_name.as_str())),
+            None => restored.get(&key).map(|(o, p)| (o, p.as_str())),
+        };
+        let (winner, errors) = resolve(snapshot, key, claimants, incumbent);
+        if !errors.is_empty() {
+            out.claims.conflicts.insert(key, errors);
+        }
+        out.services.insert(key, winner);
+    }
+    let previous_checks = previous.map_or(&[][..], |p| p.health_checks.as_slice());
+    finish(
+        &mut out,
+        snapshot,
+        node_name,
+        &node_ips,
+        previous_checks,
+        None,
+    );
+    out
+}
+
+/// Brings `desired`, computed from an earlier snapshot, up to date with `snapshot`, in
+/// which only the `changed` Services differ (no Node changed): recomputes the claims
+/// of those Services and who wins each key they claimed or claim now, and returns the
+/// keys whose entry changed. The result equals [`compute`] of `snapshot` with
+/// `desired` as the previous state.
+pub fn update(
+    desired: &mut Desired,
+    snapshot: &Snapshot,
+    node_name: &str,
+    changed: &BTreeSet<ServiceRef>,
+) -> BTreeSet<VipKey> {
+    let node_ips = node_ips(snapshot, node_name);
+    let claims = &mut desired.claims;
+    let mut affected: BTreeSet<VipKey> = BTreeSet::new();
+    let mut fresh: BTreeMap<&ServiceRef, Vec<(VipKey, Claim)>> = BTreeMap::new();
+    for sref in changed {
+        for key in claims.by_service.remove(sref).unwrap_or_default() {
+            if let Some(refs) = claims.by_key.get_mut(&key) {
+                refs.retain(|r| r != sref);
+                if refs.is_empty() {
+                    claims.by_key.remove(&key);
                 }
             }
-            for (addr, number, frontend, field) in frontends {
-                let key = VipKey {
-                    addr,
-                    port: number,
-                    protocol: port.protocol,
-                };
-                let list = claims.entry(key).or_default();
-                // The same port reached twice (a VIP also listed in externalIPs): the
-                // first frontend, the load balancer with its source ranges, keeps it.
-                if list
-                    .iter()
-                    .any(|c| c.service.owner == *sref && c.service.port_name == port.name)
-                {
-                    continue;
+            affected.insert(key);
+        }
+        claims.with_health_check.remove(sref);
+        let Some(svc) = snapshot.services.get(sref) else {
+            continue;
+        };
+        if svc.health_check_node_port.is_some() {
+            claims.with_health_check.insert(sref.clone());
+        }
+        let mine = service_claims(sref, svc, node_name, &node_ips, snapshot);
+        let mut keys: Vec<VipKey> = mine.iter().map(|(k, _)| *k).collect();
+        keys.dedup();
+        for key in &keys {
+            let refs = claims.by_key.entry(*key).or_default();
+            if let Err(at) = refs.binary_search(sref) {
+                refs.insert(at, sref.clone());
+            }
+            affected.insert(*key);
+        }
+        claims.by_service.insert(sref.clone(), keys);
+        fresh.insert(sref, mine);
+    }
+    let mut changed_keys = BTreeSet::new();
+    for key in affected {
+        let refs = claims.by_key.get(&key).cloned().unwrap_or_default();
+        let mut claimants = Vec::new();
+        for r in &refs {
+            match fresh.get_mut(r) {
+                Some(mine) => {
+                    claimants.extend(mine.iter_mut().filter(|(k, _)| *k == key).map(|(_, c)| {
+                        Claim {
+                            service: c.service.clone(),
+                            field: std::mem::take(&mut c.field),
+                        }
+                    }))
                 }
-                let source_ranges = if frontend == Frontend::LoadBalancer {
-                    svc.source_ranges.clone()
-                } else {
-                    Vec::new()
-                };
-                list.push(Claim {
+                None => {
+                    if let Some(svc) = snapshot.services.get(r) {
+                        claimants.extend(
+                            service_claims(r, svc, node_name, &node_ips, snapshot)
+                                .into_iter()
+                                .filter(|(k, _)| *k == key)
+                                .map(|(_, c)| c),
+                        );
+                    }
+                }
+            }
+        }
+        if claimants.is_empty() {
+            claims.conflicts.remove(&key);
+            if desired.services.remove(&key).is_some() {
+                changed_keys.insert(key);
+            }
+            continue;
+        }
+        let incumbent = desired
+            .services
+            .get(&key)
+            .map(|d| (&d.owner, d.port_name.as_str()));
+        let (winner, errors) = resolve(snapshot, key, claimants, incumbent);
+        if errors.is_empty() {
+            claims.conflicts.remove(&key);
+        } else {
+            claims.conflicts.insert(key, errors);
+        }
+        if desired.services.get(&key) != Some(&winner) {
+            desired.services.insert(key, winner);
+            changed_keys.insert(key);
+        }
+    }
+    let previous_checks = desired.health_checks.clone();
+    let addrs: BTreeSet<IpAddr> = changed_keys.iter().map(|k| k.addr).collect();
+    finish(
+        desired,
+        snapshot,
+        node_name,
+        &node_ips,
+        &previous_checks,
+        Some(&addrs),
+    );
+    changed_keys
+}
+
+/// This node's IPv4 InternalIPs, where its node ports are served.
+fn node_ips(snapshot: &Snapshot, node_name: &str) -> Vec<IpAddr> {
+    snapshot
+        .nodes
+        .get(node_name)
+        .map(|n| {
+            n.internal_ips
+                .iter()
+                .copied()
+                .filter(IpAddr::is_ipv4)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every key one Service claims, in port then frontend order, with its claim.
+fn service_claims(
+    sref: &ServiceRef,
+    svc: &crate::model::Service,
+    node_name: &str,
+    node_ips: &[IpAddr],
+    snapshot: &Snapshot,
+) -> Vec<(VipKey, Claim)> {
+    let mut out: Vec<(VipKey, Claim)> = Vec::new();
+    let local = svc.traffic_policy == TrafficPolicy::Local;
+    for port in &svc.ports {
+        let (backends, remote_backends) = split(&port.endpoints, node_name, local, &snapshot.nodes);
+        let mut frontends: Vec<(IpAddr, u16, Frontend, String)> = Vec::new();
+        let port_field = format!("spec.ports[{}].port", port.index);
+        for &addr in &svc.vips {
+            frontends.push((addr, port.port, Frontend::LoadBalancer, port_field.clone()));
+        }
+        for &addr in &svc.external_ips {
+            let field = "spec.externalIPs".to_string();
+            frontends.push((addr, port.port, Frontend::ExternalIp, field));
+        }
+        if let Some(node_port) = port.node_port {
+            let field = format!("spec.ports[{}].nodePort", port.index);
+            for &addr in node_ips {
+                frontends.push((addr, node_port, Frontend::NodePort, field.clone()));
+            }
+        }
+        for (addr, number, frontend, field) in frontends {
+            let key = VipKey {
+                addr,
+                port: number,
+                protocol: port.protocol,
+            };
+            // The same port reached twice (a VIP also listed in externalIPs): the
+            // first frontend, the load balancer with its source ranges, keeps it.
+            if out
+                .iter()
+                .any(|(k, c)| *k == key && c.service.port_name == port.name)
+            {
+                continue;
+            }
+            let source_ranges = if frontend == Frontend::LoadBalancer {
+                svc.source_ranges.clone()
+            } else {
+                Vec::new()
+            };
+            out.push((
+                key,
+                Claim {
                     service: DesiredService {
                         owner: sref.clone(),
                         port_name: port.name.clone(),
@@ -233,60 +409,119 @@ pub fn compute_with(
                         affinity_timeout: svc.affinity_timeout,
                     },
                     field,
-                });
+                },
+            ));
+        }
+    }
+    // Grouped by key (stable: a key's claims stay in port order).
+    out.sort_by_key(|(k, _)| *k);
+    out
+}
+
+/// Picks the winner among a key's claimants (in [`ServiceRef`] order; see [`compute`]
+/// for the rule) and reports the others.
+fn resolve(
+    snapshot: &Snapshot,
+    key: VipKey,
+    mut claimants: Vec<Claim>,
+    incumbent: Option<(&ServiceRef, &str)>,
+) -> (DesiredService, Vec<ConfigError>) {
+    let rank = |i: usize, c: &Claim| {
+        let created = snapshot
+            .services
+            .get(&c.service.owner)
+            .and_then(|s| s.created)
+            .unwrap_or(i64::MAX);
+        let is_incumbent = incumbent == Some((&c.service.owner, c.service.port_name.as_str()));
+        // Claims are in ServiceRef order, so the index breaks the last tie by name.
+        (created, !is_incumbent, i)
+    };
+    let best = claimants
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, c)| rank(*i, c))
+        .map_or(0, |(i, _)| i);
+    let winner = claimants.remove(best).service;
+    let mut errors = Vec::new();
+    for loser in claimants {
+        let loser_svc = &loser.service;
+        errors.push(ConfigError {
+            origin: origin(snapshot, &loser_svc.owner),
+            object: format!("Service {}", loser_svc.owner),
+            field: loser.field,
+            message: format!(
+                "{} {}:{}/{} (port {:?}) is already claimed by Service {} (port {:?}); skipped",
+                loser_svc.frontend.as_str(),
+                fmt_ip(key.addr),
+                key.port,
+                key.protocol,
+                loser_svc.port_name,
+                winner.owner,
+                winner.port_name,
+            ),
+            kind: ErrorKind::VipConflict,
+        });
+    }
+    (winner, errors)
+}
+
+/// What follows from the keys: health checks, the error list, unwilling addresses
+/// (all of them, or only those of `addrs` when only keys on those changed).
+fn finish(
+    out: &mut Desired,
+    snapshot: &Snapshot,
+    node_name: &str,
+    node_ips: &[IpAddr],
+    previous_checks: &[HealthCheck],
+    addrs: Option<&BTreeSet<IpAddr>>,
+) {
+    let mut health_errors = Vec::new();
+    out.health_checks = health_checks(
+        snapshot,
+        &out.claims.with_health_check,
+        node_name,
+        previous_checks,
+        &mut health_errors,
+    );
+    out.claims.health_errors = health_errors;
+    out.errors = out
+        .claims
+        .conflicts
+        .values()
+        .flatten()
+        .chain(&out.claims.health_errors)
+        .cloned()
+        .collect();
+
+    if let Some(addrs) = addrs {
+        for addr in addrs {
+            let (lo, hi) = (
+                VipKey {
+                    addr: *addr,
+                    port: 0,
+                    protocol: Protocol::Tcp,
+                },
+                VipKey {
+                    addr: *addr,
+                    port: u16::MAX,
+                    protocol: Protocol::Udp,
+                },
+            );
+            let mut willing = None;
+            for (_, ds) in out.services.range(lo..=hi) {
+                if ds.frontend == Frontend::NodePort || node_ips.contains(addr) {
+                    continue;
+                }
+                *willing.get_or_insert(false) |= !ds.local || !ds.backends.is_empty();
+            }
+            if willing == Some(false) {
+                out.unwilling.insert(*addr);
+            } else {
+                out.unwilling.remove(addr);
             }
         }
+        return;
     }
-
-    let mut out = Desired::default();
-    for (key, mut claimants) in claims {
-        let incumbent: Option<(&ServiceRef, &str)> = match previous {
-            Some(p) => p
-                .services
-                .get(&key)
-                .map(|d| (&d.owner, d.port_name.as_str())),
-            None => restored.get(&key).map(|(o, p)| (o, p.as_str())),
-        };
-        let rank = |i: usize, c: &Claim| {
-            let created = snapshot
-                .services
-                .get(&c.service.owner)
-                .and_then(|s| s.created)
-                .unwrap_or(i64::MAX);
-            let is_incumbent = incumbent == Some((&c.service.owner, c.service.port_name.as_str()));
-            // Claims are in ServiceRef order, so the index breaks the last tie by name.
-            (created, !is_incumbent, i)
-        };
-        let best = claimants
-            .iter()
-            .enumerate()
-            .min_by_key(|(i, c)| rank(*i, c))
-            .map_or(0, |(i, _)| i);
-        let winner = claimants.remove(best).service;
-        for loser in claimants {
-            let loser_svc = &loser.service;
-            out.errors.push(ConfigError {
-                origin: origin(snapshot, &loser_svc.owner),
-                object: format!("Service {}", loser_svc.owner),
-                field: loser.field,
-                message: format!(
-                    "{} {}:{}/{} (port {:?}) is already claimed by Service {} (port {:?}); skipped",
-                    loser_svc.frontend.as_str(),
-                    fmt_ip(key.addr),
-                    key.port,
-                    key.protocol,
-                    loser_svc.port_name,
-                    winner.owner,
-                    winner.port_name,
-                ),
-                kind: ErrorKind::VipConflict,
-            });
-        }
-        out.services.insert(key, winner);
-    }
-
-    out.health_checks = health_checks(snapshot, node_name, previous, &mut out.errors);
-
     // An address is willing as soon as one key on it can be served here.
     let mut willing: BTreeMap<IpAddr, bool> = BTreeMap::new();
     for (key, ds) in &out.services {
@@ -300,19 +535,22 @@ pub fn compute_with(
         .filter(|(_, w)| !w)
         .map(|(addr, _)| addr)
         .collect();
-    out
 }
 
 /// The health check node ports of LoadBalancer Services with Local policy, by port;
 /// a port claimed twice goes to the incumbent, else to the smallest [`ServiceRef`].
 fn health_checks(
     snapshot: &Snapshot,
+    with_health_check: &BTreeSet<ServiceRef>,
     node_name: &str,
-    previous: Option<&Desired>,
+    previous: &[HealthCheck],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<HealthCheck> {
     let mut by_port: BTreeMap<u16, Vec<HealthCheck>> = BTreeMap::new();
-    for (sref, svc) in &snapshot.services {
+    let services = with_health_check
+        .iter()
+        .filter_map(|r| Some((r, snapshot.services.get(r)?)));
+    for (sref, svc) in services {
         let Some(port) = svc.health_check_node_port else {
             continue;
         };
@@ -338,7 +576,8 @@ fn health_checks(
     let mut out = Vec::new();
     for (port, mut claimants) in by_port {
         let incumbent = previous
-            .and_then(|p| p.health_checks.iter().find(|h| h.port == port))
+            .iter()
+            .find(|h| h.port == port)
             .and_then(|p| claimants.iter().position(|c| c.service == p.service));
         let winner = claimants.remove(incumbent.unwrap_or(0));
         for loser in claimants {
@@ -660,6 +899,95 @@ mod tests {
         assert_eq!(d.errors.len(), 1);
     }
 
+    #[test]
+    fn updating_a_few_services_equals_computing_everything_again() {
+        // Random Services on three VIPs (so they conflict), with external IPs, node
+        // ports, both policies, creation times and endpoints on two nodes; a few
+        // change, appear or go each round. `update` must give what `compute` gives
+        // with the state before as `previous`, and name exactly the keys that changed.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let random_service = |next: &mut dyn FnMut(u64) -> u64| {
+            let policy = if next(2) == 0 {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            };
+            let endpoints = (0..next(4))
+                .map(|i| {
+                    let node = ["node-a", "node-b", ""][next(3) as usize];
+                    ep(
+                        &format!("10.1.0.{}", i + next(3)),
+                        node,
+                        next(4) != 0,
+                        true,
+                        next(5) == 0,
+                    )
+                })
+                .collect();
+            let mut s = svc(&format!("10.0.0.{}", next(3) + 1), policy, endpoints);
+            s.ports[0].port = [80, 443][next(2) as usize];
+            if next(3) == 0 {
+                s.external_ips = vec![format!("10.0.0.{}", next(3) + 1).parse().unwrap()];
+            }
+            if next(3) == 0 {
+                s.ports[0].node_port = Some(30000 + next(2) as u16);
+            }
+            if policy == TrafficPolicy::Local && next(2) == 0 {
+                s.health_check_node_port = Some(32000 + next(2) as u16);
+            }
+            s.created = (next(3) == 0).then(|| next(3) as i64);
+            s
+        };
+        let mut snap = Snapshot::default();
+        for name in ["node-a", "node-b"] {
+            snap.nodes.insert(
+                name.into(),
+                Node {
+                    name: name.into(),
+                    internal_ips: vec![format!("10.9.0.{}", name.len()).parse().unwrap()],
+                    origin: String::new(),
+                },
+            );
+        }
+        let mut desired = compute(&snap, "node-a", None);
+        let (mut conflicts, mut unwilling) = (0, 0);
+        for round in 0..400 {
+            let before = desired.clone();
+            let mut changed = BTreeSet::new();
+            for _ in 0..next(3) + 1 {
+                let sref = ServiceRef::new("default", format!("s{}", next(6)));
+                if next(4) == 0 {
+                    snap.services.remove(&sref);
+                } else {
+                    snap.services
+                        .insert(sref.clone(), random_service(&mut next));
+                }
+                changed.insert(sref);
+            }
+            let keys = update(&mut desired, &snap, "node-a", &changed);
+            let full = compute(&snap, "node-a", Some(&before));
+            assert_eq!(desired, full, "round {round}");
+            let differ: BTreeSet<VipKey> = before
+                .services
+                .keys()
+                .chain(full.services.keys())
+                .filter(|k| before.services.get(k) != full.services.get(k))
+                .copied()
+                .collect();
+            assert_eq!(keys, differ, "round {round}");
+            conflicts += usize::from(!full.errors.is_empty());
+            unwilling += usize::from(!full.unwilling.is_empty());
+        }
+        // The rounds did exercise contested keys and unwilling VIPs.
+        assert!(conflicts > 50 && unwilling > 50, "{conflicts} {unwilling}");
+    }
+
     /// The three-node lab (node-a/b/c at 10.0.0.11/12/13) through the manifest source.
     fn lab() -> Snapshot {
         let dir = tempfile::tempdir().unwrap();
@@ -667,7 +995,7 @@ mod tests {
         std::fs::write(dir.path().join("lab.yaml"), text).unwrap();
         let loaded = crate::source::manifests::ManifestSource::new(dir.path()).load();
         assert_eq!(loaded.errors, vec![]);
-        loaded.snapshot
+        (*loaded.snapshot).clone()
     }
 
     fn k(addr: &str, port: u16, protocol: Protocol) -> VipKey {

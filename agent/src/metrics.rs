@@ -233,6 +233,32 @@ impl BpfCollector {
             l.backends = t.backends.clone();
         }
     }
+
+    /// Takes the labels of ids a [`Patch`](crate::dataplane::state::Patch) added
+    /// (`Some`) or removed (`None`).
+    pub fn patch_labels(
+        &self,
+        services: &BTreeMap<u32, Option<ServiceLabels>>,
+        backends: &BTreeMap<u32, Option<SocketAddr>>,
+    ) {
+        fn patch<V: Clone>(map: &mut BTreeMap<u32, V>, changes: &BTreeMap<u32, Option<V>>) {
+            for (id, v) in changes {
+                match v {
+                    Some(v) => map.insert(*id, v.clone()),
+                    None => map.remove(id),
+                };
+            }
+        }
+        if let Ok(mut l) = self.labels.write() {
+            patch(&mut l.services, services);
+            patch(&mut l.backends, backends);
+        }
+    }
+
+    /// The labels of a service id, if it is programmed.
+    pub fn service_labels(&self, id: u32) -> Option<ServiceLabels> {
+        self.labels.read().ok()?.services.get(&id).cloned()
+    }
 }
 
 fn counter(

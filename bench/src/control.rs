@@ -140,6 +140,7 @@ fn programming(scale: Scale) -> Result<Value> {
         MapData::from_pin(pin_dir.join(names::SERVICES4)).context("opening xlb_services4")?,
     ))?;
     let mut latencies_ms = Vec::with_capacity(updates);
+    let mut old_ip = endpoint_of(0);
     for u in 0..updates {
         let before = svc_map.get(&key, 0).context("svc-0 is not programmed")?;
         let mut eps = endpoints_of(0);
@@ -157,6 +158,16 @@ fn programming(scale: Scale) -> Result<Value> {
             },
         )?;
         latencies_ms.push(took.as_secs_f64() * 1e3);
+        // One change at a time: the next starts once this one's sync is over (its
+        // last step deletes the endpoint that left, after a grace period), so each
+        // sample is one change reaching an idle agent, not a queue behind the last.
+        xlb_lab::poll(
+            "the replaced endpoint's backend to be deleted",
+            Duration::from_secs(60),
+            Duration::from_millis(2),
+            || Ok((!backend_present(&pin_dir, old_ip)?).then_some(())),
+        )?;
+        old_ip = new_ip;
         // Check once at each end that the flip carried the change (not timed).
         if u == 0 || u == updates - 1 {
             ensure!(
@@ -182,7 +193,7 @@ fn programming(scale: Scale) -> Result<Value> {
         "agent_rss_kib": rss_kib,
         "map_memory": memory,
         "endpoint_update": {
-            "method": "rewrite one EndpointSlice file (one endpoint changed, write + rename), poll xlb_services4 for the Service's entry to change (every 200 us)",
+            "method": "rewrite one EndpointSlice file (one endpoint changed, write + rename), poll xlb_services4 for the Service's entry to change (every 200 us); the next change only after the replaced endpoint's backend is deleted (the end of the sync)",
             "updates": updates,
             "samples_ms": latencies_ms.iter().map(|x| round(*x, 3)).collect::<Vec<_>>(),
             "p50_ms": num(round(p50, 3)), "p99_ms": num(round(p99, 3)),

@@ -224,6 +224,10 @@ pub struct Dataplane {
     /// Maglev tables are created mmapable (false once the pinned `xlb_maglev`
     /// turned out to predate that).
     mmap_tables: bool,
+    /// Whether a grace period has passed, in this process, since anything could
+    /// have flipped a service away from a table that a [`Write::FillTable`] rewrites
+    /// (a previous agent may have died right after a flip).
+    quiesced: bool,
     ncpus: usize,
     /// The interface index the programs were attached to.
     ifindex: u32,
@@ -325,6 +329,7 @@ impl Dataplane {
             _tail_progs: tail_progs,
             raw,
             mmap_tables: true,
+            quiesced: false,
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
         };
@@ -483,7 +488,16 @@ impl Dataplane {
                 .unwrap_or(rest.len());
             let (run, tail) = rest.split_at(n);
             let started = std::time::Instant::now();
+            if matches!(first, Write::FillTable(..)) && !self.quiesced {
+                self.quiesced = grace_period();
+            }
             self.apply_run(run)?;
+            // After a flip, one grace period before anything is deleted and before
+            // the table flipped away from may be filled again: a packet that read the
+            // service value before the flip may still be reading that table.
+            if matches!(first, Write::PutService(..)) {
+                self.quiesced = grace_period();
+            }
             debug!(
                 writes = run.len(),
                 kind = first.kind(),
@@ -532,6 +546,14 @@ impl Dataplane {
                     })
                     .collect();
                 self.put_tables(&tables)
+            }
+            Write::FillTable(..) => {
+                for w in run {
+                    if let Write::FillTable(id, slots) = w {
+                        self.fill_table(*id, slots)?;
+                    }
+                }
+                Ok(())
             }
             Write::PutOwner(..) => {
                 let (k, v): (Vec<u32>, Vec<xlb_common::Owner>) = run
@@ -604,6 +626,32 @@ impl Dataplane {
                 Ok(())
             }
         }
+    }
+
+    /// Rewrites table `id` in place (see [`Write::FillTable`]); without a grace
+    /// period to rely on (membarrier refused), or if the table is not the size the
+    /// state says, it is replaced by a new inner map instead.
+    fn fill_table(&mut self, id: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        let pairs = slots.len().div_ceil(2);
+        let inner = match self.maglev.get(&id, 0) {
+            Ok(inner) if self.quiesced && inner.len() as usize == pairs => inner,
+            _ => return self.put_tables(&[(id, slots)]),
+        };
+        let fd = IterableMap::map(&inner).fd().as_fd();
+        // A table created before tables were mmapable is written with one batch.
+        if fill_mapped(fd, slots).is_ok() {
+            return Ok(());
+        }
+        let keys = pair_indices().get(..pairs).ok_or_else(|| {
+            batch_err(names::MAGLEV)(batch::BatchError {
+                done: 0,
+                total: pairs,
+                error: io::Error::from_raw_os_error(libc::E2BIG),
+            })
+        })?;
+        let mut padded = slots.to_vec();
+        padded.resize(pairs * 2, 0);
+        batch::update(fd, keys, &padded).map_err(batch_err(names::MAGLEV))
     }
 
     /// Creates and fills a fresh inner map per table, then puts them into `xlb_maglev`
@@ -739,6 +787,20 @@ fn pair_indices() -> &'static [u32] {
         let largest = maglev::PRIMES.last().copied().unwrap_or(0);
         (0..largest.div_ceil(2)).collect()
     })
+}
+
+/// Waits for an RCU grace period (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which is
+/// `synchronize_rcu()` in the kernel): afterwards no XDP or TC program run that began
+/// before the call is still running. `false` if the kernel refuses (nohz_full CPUs),
+/// and then tables are never filled in place.
+fn grace_period() -> bool {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers; an unsupported command returns an error.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "membarrier: tables will be replaced, not filled in place");
+    }
+    r == 0
 }
 
 /// A new inner Maglev array holding `slots` in pairs, mmapable (see [`new_table_with`]).

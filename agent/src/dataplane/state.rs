@@ -3,8 +3,20 @@
 //! ([`diff`]). Pure: no syscalls here, so the whole reconciliation is unit tested.
 //!
 //! Ordering makes every service change atomic for packets: backends and the new
-//! Maglev table (a fresh inner map under the idle generation's id) are written first,
-//! then one service-value update flips to them, and only then is anything old deleted.
+//! Maglev table (under the idle one of the service's two generation ids) are written
+//! first, then one service-value update flips to them, and only then is anything old
+//! deleted.
+//!
+//! The table flipped away from stays as the service's spare: the dataplane waits one
+//! RCU grace period after every flip (so no packet still reads it), and the next
+//! change of the same size rewrites it in place ([`Write::FillTable`]) instead of
+//! inserting a new inner map, which costs a grace period of its own inside the
+//! kernel before the flip (`maybe_wait_bpf_programs`). A service costs two tables
+//! from its first change on.
+//!
+//! [`target`] computes every service; [`plan`] computes the same writes for a few
+//! changed keys from an [`Index`] over what the maps hold, so that one EndpointSlice
+//! among 10,000 Services costs what one Service costs.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
@@ -107,6 +119,58 @@ pub struct MapState {
     pub ranges: BTreeSet<(u32, SourceRange)>,
     /// `xlb_owners`: service id -> owning Service port.
     pub owners: BTreeMap<u32, Owner>,
+}
+
+impl MapState {
+    /// Records `writes` as applied: afterwards `self` is what the maps hold.
+    pub fn apply(&mut self, writes: &[Write]) {
+        for w in writes {
+            match w {
+                Write::PutBackend(id, b) => {
+                    self.backends.insert(*id, *b);
+                }
+                Write::PutBackendStats(id) => {
+                    self.backend_stats.insert(*id);
+                }
+                Write::PutTable(id, slots) | Write::FillTable(id, slots) => {
+                    self.tables.insert(*id, slots.clone());
+                }
+                Write::PutServiceStats(id) => {
+                    self.service_stats.insert(*id);
+                }
+                Write::PutOwner(id, o) => {
+                    self.owners.insert(*id, **o);
+                }
+                Write::PutRange(len, r) => {
+                    self.ranges.insert((*len, *r));
+                }
+                Write::DelRange(len, r) => {
+                    self.ranges.remove(&(*len, *r));
+                }
+                Write::PutService(k, v) => {
+                    self.services.insert(*k, *v);
+                }
+                Write::DelService(k) => {
+                    self.services.remove(k);
+                }
+                Write::DelServiceStats(id) => {
+                    self.service_stats.remove(id);
+                }
+                Write::DelOwner(id) => {
+                    self.owners.remove(id);
+                }
+                Write::DelTable(id) => {
+                    self.tables.remove(id);
+                }
+                Write::DelBackend(id) => {
+                    self.backends.remove(id);
+                }
+                Write::DelBackendStats(id) => {
+                    self.backend_stats.remove(id);
+                }
+            }
+        }
+    }
 }
 
 /// The `xlb_owners` value for a Service port.
@@ -214,6 +278,45 @@ pub struct Target {
     pub backends: BTreeMap<u32, SocketAddr>,
     /// The tables of this target by their inputs, for the next [`target_cached`].
     pub tables_built: TableCache,
+    /// What [`plan`] needs to change a few services of this target alone.
+    pub index: Index,
+}
+
+/// Bookkeeping over a [`MapState`] that lets [`plan`] change a few services without
+/// looking at the others: which backends each service uses, how many services use
+/// each backend, backend ids by value, and the counter slots live ids hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Index {
+    /// Backend ids of each service id's members, in address order.
+    members: BTreeMap<u32, Vec<u32>>,
+    /// How many services (keys) have each backend id among their members.
+    users: HashMap<u32, u32>,
+    /// Backend id by value.
+    by_value: HashMap<Backend, u32>,
+    /// Counter slots of live service ids (and slot 0, kept for the ICMP keys).
+    service_slots: BTreeSet<u32>,
+    /// Counter slots of live backend ids.
+    backend_slots: BTreeSet<u32>,
+}
+
+/// What a Maglev table is built from (see [`TableCache`]).
+type TableInputs = (u32, Vec<(SocketAddr, u32)>);
+
+/// The writes [`plan`] found for a few services, and what to record once they are
+/// applied ([`Patch::commit`]).
+#[derive(Debug)]
+pub struct Patch {
+    /// The writes, ordered as [`diff`] orders them.
+    pub writes: Vec<Write>,
+    /// Counters after the allocations this patch made.
+    pub ids: Ids,
+    /// Labels of service ids that appeared (`Some`) or went away (`None`).
+    pub services: BTreeMap<u32, Option<ServiceLabels>>,
+    /// Addresses of backend ids that appeared (`Some`) or went away (`None`).
+    pub backends: BTreeMap<u32, Option<SocketAddr>>,
+    members: BTreeMap<u32, Option<Vec<u32>>>,
+    tables_built: Vec<(TableInputs, Slots)>,
+    tables_dropped: Vec<TableInputs>,
 }
 
 /// Why a desired state cannot be programmed.
@@ -317,9 +420,9 @@ pub fn target_cached(
     let mut state = MapState::default();
     let mut labels = BTreeMap::new();
     let mut backend_addrs = BTreeMap::new();
-    let existing_backends: BTreeMap<Backend, u32> =
+    let mut index = Index::default();
+    let existing_backends: HashMap<Backend, u32> =
         current.backends.iter().map(|(id, b)| (*b, *id)).collect();
-    let mut chosen_backends: BTreeMap<Backend, u32> = BTreeMap::new();
     // Counter slots of live ids (slot 0 stays with the id-0 ICMP keys).
     let mut service_slots: BTreeSet<u32> = current
         .services
@@ -344,56 +447,32 @@ pub fn target_cached(
             None => new_id(
                 &mut ids.next_service,
                 &mut service_slots,
+                None,
                 service_slot,
                 limits::MAX_SERVICES,
             ),
         };
-        // Local policy: this node's endpoints only. Cluster: every node's, the remote
-        // ones through a tunnel to their node (skipped while that node's address is
-        // unknown). Sorted by address, so the table is the same on every node.
-        let mut members: Vec<(SocketAddr, Backend)> = ds
-            .backends
-            .iter()
-            .map(|sa| (*sa, backend_value(sa)))
-            .collect();
-        if !ds.local {
-            members.extend(ds.remote_backends.iter().filter_map(|r| {
-                r.node_ip
-                    .map(|ip| (r.addr, remote_backend_value(&r.addr, ip)))
-            }));
-        }
-        members.sort_by_key(|(sa, _)| *sa);
-        members.dedup_by_key(|(sa, _)| *sa);
-        let addrs: Vec<SocketAddr> = members.iter().map(|(sa, _)| *sa).collect();
+        let members = members_of(ds);
         let mut backend_ids = Vec::with_capacity(members.len());
         for (sa, b) in &members {
-            let b = *b;
-            let bid = match chosen_backends
-                .get(&b)
-                .or_else(|| existing_backends.get(&b))
-            {
+            let bid = match index.by_value.get(b).or_else(|| existing_backends.get(b)) {
                 Some(bid) => *bid,
                 None => new_id(
                     &mut ids.next_backend,
                     &mut backend_slots,
+                    None,
                     backend_slot,
                     limits::MAX_BACKENDS,
                 ),
             };
-            chosen_backends.insert(b, bid);
-            state.backends.insert(bid, b);
+            index.by_value.insert(*b, bid);
+            *index.users.entry(bid).or_default() += 1;
+            state.backends.insert(bid, *b);
             backend_addrs.insert(bid, *sa);
             backend_ids.push(bid);
         }
-        let size = maglev::table_size(addrs.len(), bounds.min, bounds.max);
-        let inputs: (u32, Vec<(SocketAddr, u32)>) = (
-            size,
-            addrs
-                .iter()
-                .copied()
-                .zip(backend_ids.iter().copied())
-                .collect(),
-        );
+        let inputs = table_inputs(&members, &backend_ids, bounds);
+        index.members.insert(id, backend_ids);
         pending.push((vip, ds, key, old, id, inputs));
     }
     build_tables(
@@ -411,57 +490,20 @@ pub fn target_cached(
         if !slots.is_empty() {
             built.insert(inputs, slots.clone());
         }
-        let mut flags = if ds.local { SVC_F_LOCAL } else { 0 };
-        if !ds.source_ranges.is_empty() {
-            flags |= SVC_F_SOURCE_RANGES;
-            for net in &ds.source_ranges {
-                // A client of the other family never matches, as in Kubernetes.
-                let (addr, _) = addr_bytes(net.network());
-                state.ranges.insert((
-                    32 + u32::from(net.prefix_len()),
-                    SourceRange {
-                        service_id: id.to_be_bytes(),
-                        addr,
-                    },
-                ));
-            }
+        let table = table_id(old, current, &slots, id);
+        let (value, ranges) = service_entry(ds, id, table, slots.len() as u32);
+        if let Some((spare, t)) = spare(current, id, table) {
+            state.tables.insert(spare, t.clone());
         }
-        if ds.affinity_timeout.is_some() {
-            flags |= SVC_F_AFFINITY;
-        }
-        let table = match old {
-            Some(o) if current.tables.get(&o.table) == Some(&slots) => o.table,
-            // The idle generation of this service's two tables.
-            Some(o) => id * 2 + (1 - o.table % 2),
-            None => id * 2,
-        };
-        let count = slots.len() as u32;
         if !slots.is_empty() {
             state.tables.insert(table, slots);
         }
-        state.services.insert(
-            key,
-            Service {
-                id,
-                table,
-                count,
-                flags,
-                affinity_secs: ds.affinity_timeout.unwrap_or(0),
-                pad: 0,
-            },
-        );
+        state.ranges.extend(ranges);
+        state.services.insert(key, value);
         state
             .owners
             .insert(id, owner_value(&ds.owner, &ds.port_name));
-        labels.insert(
-            id,
-            ServiceLabels {
-                owner: ds.owner.clone(),
-                vip: vip.addr,
-                port: vip.port,
-                protocol: vip.protocol,
-            },
-        );
+        labels.insert(id, service_labels(vip, ds));
     }
     // One (address, 0, ICMP) key per VIP and external IP, so XDP knows ICMP to a VIP
     // as such (see xlb_common::PROTO_ICMP). Node addresses are not VIPs.
@@ -469,16 +511,9 @@ pub fn target_cached(
         if ds.frontend == crate::desired::Frontend::NodePort {
             continue;
         }
-        let (addr, family) = addr_bytes(vip.addr);
-        state.services.insert(
-            ServiceKey {
-                addr,
-                port: 0,
-                proto: PROTO_ICMP,
-                family,
-            },
-            Service::default(),
-        );
+        state
+            .services
+            .insert(icmp_key(vip.addr), Service::default());
     }
     state.service_stats = state
         .services
@@ -487,6 +522,13 @@ pub fn target_cached(
         .filter(|id| *id != 0)
         .collect();
     state.backend_stats = state.backends.keys().copied().collect();
+    index.service_slots = state
+        .service_stats
+        .iter()
+        .map(|id| service_slot(*id))
+        .chain([0])
+        .collect();
+    index.backend_slots = state.backends.keys().map(|id| backend_slot(*id)).collect();
     check_capacity("services", state.services.len(), limits::MAX_SERVICES)?;
     check_capacity("backends", state.backends.len(), limits::MAX_BACKENDS)?;
     check_capacity(
@@ -500,17 +542,408 @@ pub fn target_cached(
         services: labels,
         backends: backend_addrs,
         tables_built: built,
+        index,
     })
 }
 
-/// The next id (ids only grow, see [`Ids`]) whose counter slot no live id holds,
-/// so the datapath's per-CPU counter arrays are indexed by id without collisions.
-/// Skips at most `slots` candidates; past that every slot is taken and the capacity
-/// check refuses the state anyway.
-fn new_id(next: &mut u32, used: &mut BTreeSet<u32>, slot: fn(u32) -> u32, slots: u32) -> u32 {
+/// The writes that take the maps from `current` (recorded in `index`) to what
+/// `desired` asks for, when only the entries of `keys` differ from what `current`
+/// was computed from: the same writes [`diff`] would find between `current` and a
+/// whole [`target_cached`], at the cost of those keys alone.
+pub fn plan(
+    desired: &Desired,
+    keys: &BTreeSet<VipKey>,
+    current: &MapState,
+    index: &Index,
+    ids: Ids,
+    bounds: TableBounds,
+    cache: &TableCache,
+) -> Result<Patch, StateError> {
+    let mut ids = ids;
+    // What the maps hold and should hold, restricted to the keys, their ids, tables
+    // and backends; `diff` of the two is the patch.
+    let (mut cur, mut tgt) = (MapState::default(), MapState::default());
+    let mut patch = Patch {
+        writes: Vec::new(),
+        ids,
+        services: BTreeMap::new(),
+        backends: BTreeMap::new(),
+        members: BTreeMap::new(),
+        tables_built: Vec::new(),
+        tables_dropped: Vec::new(),
+    };
+    let (mut new_service_slots, mut new_backend_slots) = (BTreeSet::new(), BTreeSet::new());
+    let mut chosen: HashMap<Backend, u32> = HashMap::new();
+    // Change in the number of users per touched backend id.
+    let mut users: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
+    for vip in keys {
+        addrs.insert(vip.addr);
+        let key = service_key(vip);
+        let old = current.services.get(&key);
+        let old_members = old.and_then(|o| index.members.get(&o.id));
+        if let Some(o) = old {
+            cur.services.insert(key, *o);
+            for table in [o.id * 2, o.id * 2 + 1] {
+                if let Some(t) = current.tables.get(&table) {
+                    cur.tables.insert(table, t.clone());
+                }
+            }
+            if let Some(owner) = current.owners.get(&o.id) {
+                cur.owners.insert(o.id, *owner);
+            }
+            let id = o.id.to_be_bytes();
+            cur.ranges
+                .extend(current.ranges.iter().filter(|(_, r)| r.service_id == id));
+            if current.service_stats.contains(&o.id) {
+                cur.service_stats.insert(o.id);
+            }
+            for b in old_members.into_iter().flatten() {
+                *users.entry(*b).or_default() -= 1;
+            }
+        }
+        let Some(ds) = desired.services.get(vip) else {
+            if let Some(o) = old {
+                patch.services.insert(o.id, None);
+                patch.members.insert(o.id, None);
+            }
+            continue;
+        };
+        let id = match old {
+            Some(s) => s.id,
+            None => new_id(
+                &mut ids.next_service,
+                &mut new_service_slots,
+                Some(&index.service_slots),
+                service_slot,
+                limits::MAX_SERVICES,
+            ),
+        };
+        let members = members_of(ds);
+        let mut backend_ids = Vec::with_capacity(members.len());
+        for (sa, b) in &members {
+            let bid = match chosen.get(b).or_else(|| index.by_value.get(b)) {
+                Some(bid) => *bid,
+                None => {
+                    let bid = new_id(
+                        &mut ids.next_backend,
+                        &mut new_backend_slots,
+                        Some(&index.backend_slots),
+                        backend_slot,
+                        limits::MAX_BACKENDS,
+                    );
+                    patch.backends.insert(bid, Some(*sa));
+                    bid
+                }
+            };
+            chosen.insert(*b, bid);
+            *users.entry(bid).or_default() += 1;
+            tgt.backends.insert(bid, *b);
+            backend_ids.push(bid);
+        }
+        let inputs = table_inputs(&members, &backend_ids, bounds);
+        let slots = match cache.get(&inputs) {
+            Some(s) => s.clone(),
+            None if inputs.1.is_empty() => Slots::default(),
+            None => {
+                let (a, i): (Vec<SocketAddr>, Vec<u32>) = inputs.1.iter().copied().unzip();
+                let slots = Slots::from(maglev_slots(&a, &i, inputs.0));
+                patch.tables_built.push((inputs.clone(), slots.clone()));
+                slots
+            }
+        };
+        if let (Some(o), Some(was)) = (old, old_members)
+            && *was != backend_ids
+        {
+            let was_inputs: Vec<(SocketAddr, u32)> = was
+                .iter()
+                .filter_map(|b| Some((backend_addr(current.backends.get(b)?), *b)))
+                .collect();
+            let size = current.tables.get(&o.table).map_or(0, |t| t.len() as u32);
+            patch.tables_dropped.push((size, was_inputs));
+        }
+        let table = table_id(old, current, &slots, id);
+        let (value, ranges) = service_entry(ds, id, table, slots.len() as u32);
+        if let Some((spare, t)) = spare(current, id, table) {
+            tgt.tables.insert(spare, t.clone());
+        }
+        if !slots.is_empty() {
+            tgt.tables.insert(table, slots);
+        }
+        tgt.ranges.extend(ranges);
+        tgt.services.insert(key, value);
+        tgt.owners.insert(id, owner_value(&ds.owner, &ds.port_name));
+        tgt.service_stats.insert(id);
+        if old.is_none() {
+            patch.services.insert(id, Some(service_labels(vip, ds)));
+        }
+        patch.members.insert(id, Some(backend_ids));
+    }
+    // The ICMP key of each address involved: there while any key on it is a VIP or
+    // external IP.
+    for addr in addrs {
+        let key = icmp_key(addr);
+        if let Some(v) = current.services.get(&key) {
+            cur.services.insert(key, *v);
+        }
+        let lo = VipKey {
+            addr,
+            port: 0,
+            protocol: Protocol::Tcp,
+        };
+        let hi = VipKey {
+            addr,
+            port: u16::MAX,
+            protocol: Protocol::Udp,
+        };
+        if desired
+            .services
+            .range(lo..=hi)
+            .any(|(_, ds)| ds.frontend != crate::desired::Frontend::NodePort)
+        {
+            tgt.services.insert(key, Service::default());
+        }
+    }
+    // A touched backend stays while any service still uses it.
+    for (bid, delta) in users {
+        if let Some(b) = current.backends.get(&bid) {
+            cur.backends.insert(bid, *b);
+        }
+        if current.backend_stats.contains(&bid) {
+            cur.backend_stats.insert(bid);
+        }
+        let after = i64::from(index.users.get(&bid).copied().unwrap_or(0)) + delta;
+        if after > 0 {
+            if let (None, Some(b)) = (tgt.backends.get(&bid), current.backends.get(&bid)) {
+                tgt.backends.insert(bid, *b);
+            }
+            tgt.backend_stats.insert(bid);
+        } else {
+            tgt.backends.remove(&bid);
+            patch.backends.insert(bid, None);
+        }
+    }
+    let grown = |what: &'static str, now: usize, cur: usize, tgt: usize, max: u32| {
+        check_capacity(what, (now + tgt).saturating_sub(cur), max)
+    };
+    grown(
+        "services",
+        current.services.len(),
+        cur.services.len(),
+        tgt.services.len(),
+        limits::MAX_SERVICES,
+    )?;
+    grown(
+        "backends",
+        current.backends.len(),
+        cur.backends.len(),
+        tgt.backends.len(),
+        limits::MAX_BACKENDS,
+    )?;
+    grown(
+        "source ranges",
+        current.ranges.len(),
+        cur.ranges.len(),
+        tgt.ranges.len(),
+        limits::MAX_SOURCE_RANGES,
+    )?;
+    patch.writes = diff(&cur, &tgt);
+    patch.ids = ids;
+    Ok(patch)
+}
+
+impl Patch {
+    /// Records the patch as applied: `state` becomes what the maps hold, and `index`
+    /// and `cache` follow it.
+    pub fn commit(self, state: &mut MapState, index: &mut Index, cache: &mut TableCache) {
+        for (id, members) in self.members {
+            let old = match members {
+                Some(m) => {
+                    for b in &m {
+                        *index.users.entry(*b).or_default() += 1;
+                    }
+                    index.members.insert(id, m)
+                }
+                None => index.members.remove(&id),
+            };
+            for b in old.into_iter().flatten() {
+                if let Some(n) = index.users.get_mut(&b) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        index.users.remove(&b);
+                    }
+                }
+            }
+        }
+        for w in &self.writes {
+            match w {
+                Write::PutBackend(id, b) => {
+                    if let Some(was) = state.backends.get(id) {
+                        index.by_value.remove(was);
+                    }
+                    index.by_value.insert(*b, *id);
+                }
+                Write::DelBackend(id) => {
+                    if let Some(was) = state.backends.get(id) {
+                        index.by_value.remove(was);
+                    }
+                }
+                Write::PutServiceStats(id) => {
+                    index.service_slots.insert(service_slot(*id));
+                }
+                Write::DelServiceStats(id) => {
+                    index.service_slots.remove(&service_slot(*id));
+                }
+                Write::PutBackendStats(id) => {
+                    index.backend_slots.insert(backend_slot(*id));
+                }
+                Write::DelBackendStats(id) => {
+                    index.backend_slots.remove(&backend_slot(*id));
+                }
+                _ => {}
+            }
+        }
+        state.apply(&self.writes);
+        for inputs in self.tables_dropped {
+            cache.remove(&inputs);
+        }
+        cache.extend(self.tables_built);
+    }
+}
+
+/// A service's members: this node's backends and, with Cluster policy, every other
+/// node's, the remote ones through a tunnel to their node (skipped while that node's
+/// address is unknown). Sorted by address, so the table is the same on every node.
+fn members_of(ds: &crate::desired::DesiredService) -> Vec<(SocketAddr, Backend)> {
+    let mut members: Vec<(SocketAddr, Backend)> = ds
+        .backends
+        .iter()
+        .map(|sa| (*sa, backend_value(sa)))
+        .collect();
+    if !ds.local {
+        members.extend(ds.remote_backends.iter().filter_map(|r| {
+            r.node_ip
+                .map(|ip| (r.addr, remote_backend_value(&r.addr, ip)))
+        }));
+    }
+    members.sort_by_key(|(sa, _)| *sa);
+    members.dedup_by_key(|(sa, _)| *sa);
+    members
+}
+
+/// The inputs of a service's Maglev table: its size (from the member count) and the
+/// members' addresses with their ids.
+fn table_inputs(
+    members: &[(SocketAddr, Backend)],
+    ids: &[u32],
+    bounds: TableBounds,
+) -> TableInputs {
+    let size = maglev::table_size(members.len(), bounds.min, bounds.max);
+    (
+        size,
+        members
+            .iter()
+            .map(|(sa, _)| *sa)
+            .zip(ids.iter().copied())
+            .collect(),
+    )
+}
+
+/// The table id a service's `slots` go under: the one in use if it holds them
+/// already, else the idle one of the service's two generations.
+fn table_id(old: Option<&Service>, current: &MapState, slots: &Slots, id: u32) -> u32 {
+    match old {
+        Some(o) if current.tables.get(&o.table) == Some(slots) => o.table,
+        // Empty then and now: no table either way (flipping would rewrite the
+        // service on every sync).
+        Some(o) if slots.is_empty() && o.count == 0 => o.table,
+        Some(o) => id * 2 + (1 - o.table % 2),
+        None => id * 2,
+    }
+}
+
+/// The table a service keeps under its other generation, if it has one: the spare
+/// that its next change fills in place ([`Write::FillTable`]), so that the change
+/// does not wait for the kernel's RCU grace period that inserting a new inner map
+/// costs (`maybe_wait_bpf_programs` on every map-in-map update).
+fn spare(current: &MapState, id: u32, live: u32) -> Option<(u32, &Slots)> {
+    let other = id * 2 + (1 - live % 2);
+    current.tables.get(&other).map(|t| (other, t))
+}
+
+/// The `xlb_services` value of a service and its `xlb_src_ranges` entries.
+fn service_entry(
+    ds: &crate::desired::DesiredService,
+    id: u32,
+    table: u32,
+    count: u32,
+) -> (Service, Vec<(u32, SourceRange)>) {
+    let mut flags = if ds.local { SVC_F_LOCAL } else { 0 };
+    let mut ranges = Vec::new();
+    if !ds.source_ranges.is_empty() {
+        flags |= SVC_F_SOURCE_RANGES;
+        for net in &ds.source_ranges {
+            // A client of the other family never matches, as in Kubernetes.
+            let (addr, _) = addr_bytes(net.network());
+            ranges.push((
+                32 + u32::from(net.prefix_len()),
+                SourceRange {
+                    service_id: id.to_be_bytes(),
+                    addr,
+                },
+            ));
+        }
+    }
+    if ds.affinity_timeout.is_some() {
+        flags |= SVC_F_AFFINITY;
+    }
+    let value = Service {
+        id,
+        table,
+        count,
+        flags,
+        affinity_secs: ds.affinity_timeout.unwrap_or(0),
+        pad: 0,
+    };
+    (value, ranges)
+}
+
+fn service_labels(vip: &VipKey, ds: &crate::desired::DesiredService) -> ServiceLabels {
+    ServiceLabels {
+        owner: ds.owner.clone(),
+        vip: vip.addr,
+        port: vip.port,
+        protocol: vip.protocol,
+    }
+}
+
+/// The (address, 0, ICMP) key of a VIP.
+fn icmp_key(addr: IpAddr) -> ServiceKey {
+    let (addr, family) = addr_bytes(addr);
+    ServiceKey {
+        addr,
+        port: 0,
+        proto: PROTO_ICMP,
+        family,
+    }
+}
+
+/// The next id (ids only grow, see [`Ids`]) whose counter slot no live id holds
+/// (neither in `used` nor in `base`), so the datapath's per-CPU counter arrays are
+/// indexed by id without collisions. Skips at most `slots` candidates; past that
+/// every slot is taken and the capacity check refuses the state anyway.
+fn new_id(
+    next: &mut u32,
+    used: &mut BTreeSet<u32>,
+    base: Option<&BTreeSet<u32>>,
+    slot: fn(u32) -> u32,
+    slots: u32,
+) -> u32 {
+    let taken =
+        |used: &BTreeSet<u32>, s: u32| used.contains(&s) || base.is_some_and(|b| b.contains(&s));
     let mut id = *next;
     for _ in 0..slots {
-        if !used.contains(&slot(id)) {
+        if !taken(used, slot(id)) {
             break;
         }
         id = id.wrapping_add(1).max(1);
@@ -599,8 +1032,12 @@ pub enum Write {
     PutBackend(u32, Backend),
     /// Create a zeroed backend counter.
     PutBackendStats(u32),
-    /// Insert a Maglev table (a new inner map; tables are never edited in place).
+    /// Insert a Maglev table as a new inner map (replacing one of another size).
     PutTable(u32, Slots),
+    /// Rewrite an existing table of the same size in place: only ever a service's
+    /// idle generation, which no packet has been able to reach since the grace
+    /// period that followed its last flip (see the module docs).
+    FillTable(u32, Slots),
     /// Create a zeroed service counter.
     PutServiceStats(u32),
     /// Record which Service port owns a service id (boxed: 256 bytes).
@@ -632,6 +1069,7 @@ impl Write {
             Write::PutBackend(..) => "put_backend",
             Write::PutBackendStats(_) => "put_backend_stats",
             Write::PutTable(..) => "put_table",
+            Write::FillTable(..) => "fill_table",
             Write::PutServiceStats(_) => "put_service_stats",
             Write::PutOwner(..) => "put_owner",
             Write::PutRange(..) => "put_range",
@@ -666,7 +1104,10 @@ pub fn diff(current: &MapState, target: &MapState) -> Vec<Write> {
     w.extend(
         put_tables
             .into_iter()
-            .map(|(k, v)| Write::PutTable(*k, v.clone())),
+            .map(|(k, v)| match current.tables.get(k) {
+                Some(was) if was.len() == v.len() => Write::FillTable(*k, v.clone()),
+                _ => Write::PutTable(*k, v.clone()),
+            }),
     );
     for id in target.service_stats.difference(&current.service_stats) {
         w.push(Write::PutServiceStats(*id));
@@ -826,53 +1267,118 @@ mod tests {
 
     fn apply(state: &MapState, writes: &[Write]) -> MapState {
         let mut s = state.clone();
-        for w in writes {
-            match w.clone() {
-                Write::PutBackend(id, b) => {
-                    s.backends.insert(id, b);
-                }
-                Write::PutBackendStats(id) => {
-                    s.backend_stats.insert(id);
-                }
-                Write::PutTable(k, v) => {
-                    s.tables.insert(k, v);
-                }
-                Write::PutRange(l, r) => {
-                    s.ranges.insert((l, r));
-                }
-                Write::DelRange(l, r) => {
-                    s.ranges.remove(&(l, r));
-                }
-                Write::PutServiceStats(id) => {
-                    s.service_stats.insert(id);
-                }
-                Write::PutService(k, v) => {
-                    s.services.insert(k, v);
-                }
-                Write::DelService(k) => {
-                    s.services.remove(&k);
-                }
-                Write::DelServiceStats(id) => {
-                    s.service_stats.remove(&id);
-                }
-                Write::PutOwner(id, o) => {
-                    s.owners.insert(id, *o);
-                }
-                Write::DelOwner(id) => {
-                    s.owners.remove(&id);
-                }
-                Write::DelTable(k) => {
-                    s.tables.remove(&k);
-                }
-                Write::DelBackend(id) => {
-                    s.backends.remove(&id);
-                }
-                Write::DelBackendStats(id) => {
-                    s.backend_stats.remove(&id);
-                }
-            }
-        }
+        s.apply(writes);
         s
+    }
+
+    #[test]
+    fn a_patch_for_a_few_keys_equals_the_whole_diff() {
+        // Random desired states over a few VIPs and ports, with backends shared
+        // between services, local and remote ones, source ranges and affinity; a few
+        // keys change each round. Planning only those keys must give the writes of
+        // the whole diff, and committing them the state and index of the whole target.
+        let mut seed: u64 = 0x1234_5678_9abc_def1;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let bounds = TableBounds { min: 7, max: 13 };
+        let random_entry = |next: &mut dyn FnMut(u64) -> u64, port: u16| {
+            let local = next(2) == 0;
+            DesiredService {
+                owner: ServiceRef::new("demo", format!("web{port}")),
+                port_name: String::new(),
+                frontend: if next(4) == 0 {
+                    Frontend::NodePort
+                } else {
+                    Frontend::LoadBalancer
+                },
+                local,
+                backends: (0..next(4))
+                    .map(|_| format!("10.0.1.{}:8080", next(6)).parse().unwrap())
+                    .collect::<BTreeSet<SocketAddr>>()
+                    .into_iter()
+                    .collect(),
+                remote_backends: (0..next(3))
+                    .map(|_| crate::desired::RemoteBackend {
+                        addr: format!("10.0.2.{}:8080", next(4)).parse().unwrap(),
+                        node: "node-b".into(),
+                        node_ip: (next(3) != 0).then(|| "10.9.0.2".parse().unwrap()),
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .fold(
+                        Vec::new(),
+                        |mut v: Vec<crate::desired::RemoteBackend>, r| {
+                            if !v.iter().any(|x| x.addr == r.addr) {
+                                v.push(r);
+                            }
+                            v
+                        },
+                    ),
+                source_ranges: (0..next(2))
+                    .map(|_| format!("192.168.{}.0/24", next(2)).parse().unwrap())
+                    .collect(),
+                affinity_timeout: (next(3) == 0).then_some(60),
+            }
+        };
+        let mut desired = Desired::default();
+        let mut t = target(&desired, &MapState::default(), START, bounds).unwrap();
+        let (mut flips, mut removals) = (0, 0);
+        for round in 0..300 {
+            let mut keys = BTreeSet::new();
+            for _ in 0..next(3) + 1 {
+                let key = VipKey {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 0, 100, 1 + next(3) as u8)),
+                    port: 80 + next(3) as u16,
+                    protocol: Protocol::Tcp,
+                };
+                if next(4) == 0 {
+                    desired.services.remove(&key);
+                } else {
+                    desired
+                        .services
+                        .insert(key, random_entry(&mut next, key.port));
+                }
+                keys.insert(key);
+            }
+            let whole = target_cached(&desired, &t.state, t.ids, bounds, &t.tables_built).unwrap();
+            let want = diff(&t.state, &whole.state);
+            let patch = plan(
+                &desired,
+                &keys,
+                &t.state,
+                &t.index,
+                t.ids,
+                bounds,
+                &t.tables_built,
+            )
+            .unwrap();
+            assert_eq!(patch.writes, want, "round {round}");
+            assert_eq!(patch.ids, whole.ids, "round {round}");
+            flips += want
+                .iter()
+                .filter(|w| matches!(w, Write::PutTable(..)))
+                .count();
+            removals += want
+                .iter()
+                .filter(|w| matches!(w, Write::DelBackend(..)))
+                .count();
+            let (mut state, mut index, mut cache) =
+                (t.state.clone(), t.index.clone(), t.tables_built.clone());
+            patch.commit(&mut state, &mut index, &mut cache);
+            assert_eq!(state, whole.state, "round {round}");
+            assert_eq!(index, whole.index, "round {round}");
+            t = Target {
+                state,
+                index,
+                tables_built: cache,
+                ..whole
+            };
+        }
+        assert!(flips > 100 && removals > 50, "{flips} {removals}");
     }
 
     /// Every prefix of the write sequence leaves each service pointing at a complete
@@ -934,7 +1440,10 @@ mod tests {
             .unwrap();
         assert!(writes[..flip].iter().all(|w| matches!(
             w,
-            Write::PutTable(..) | Write::PutBackend(..) | Write::PutBackendStats(..)
+            Write::PutTable(..)
+                | Write::FillTable(..)
+                | Write::PutBackend(..)
+                | Write::PutBackendStats(..)
         )));
         assert!(writes[flip + 1..].iter().all(|w| matches!(
             w,
@@ -942,6 +1451,41 @@ mod tests {
         )));
         assert_every_prefix_consistent(&t1.state, &writes);
         assert_eq!(apply(&t1.state, &writes), t2.state);
+        // The table flipped away from stays as the spare, and the next change of the
+        // same size fills it in place: no new inner map, nothing deleted but the
+        // backend that left.
+        assert!(!writes.iter().any(|w| matches!(w, Write::DelTable(..))));
+        assert_eq!(t2.state.tables.len(), 2);
+        let d3 = desired(&[(80, &["10.0.1.11:8080", "10.0.1.14:8080"])]);
+        let t3 = target(&d3, &t2.state, t2.ids, TableBounds::default()).unwrap();
+        let writes = diff(&t2.state, &t3.state);
+        let fills: Vec<u32> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::FillTable(id, _) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fills, vec![old.table]);
+        assert!(
+            !writes
+                .iter()
+                .any(|w| matches!(w, Write::PutTable(..) | Write::DelTable(..)))
+        );
+        assert_every_prefix_consistent(&t2.state, &writes);
+        // Removing the service removes both generations.
+        let t4 = target(
+            &Desired::default(),
+            &t3.state,
+            t3.ids,
+            TableBounds::default(),
+        )
+        .unwrap();
+        let dels = diff(&t3.state, &t4.state)
+            .iter()
+            .filter(|w| matches!(w, Write::DelTable(..)))
+            .count();
+        assert_eq!(dels, 2);
     }
 
     #[test]
@@ -1081,7 +1625,7 @@ mod tests {
         let mut used: BTreeSet<u32> = [1, 17, 5].iter().map(|id| slot(*id)).collect();
         let mut next = 32;
         let got: Vec<u32> = (0..4)
-            .map(|_| new_id(&mut next, &mut used, slot, 16))
+            .map(|_| new_id(&mut next, &mut used, None, slot, 16))
             .collect();
         assert_eq!(
             got,
@@ -1092,7 +1636,7 @@ mod tests {
         // With every slot taken the allocation still ends (the capacity check refuses).
         let mut full: BTreeSet<u32> = (0..16).collect();
         let mut next = 100;
-        assert_eq!(new_id(&mut next, &mut full, slot, 16), 116);
+        assert_eq!(new_id(&mut next, &mut full, None, slot, 16), 116);
     }
 
     #[test]

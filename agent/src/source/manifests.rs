@@ -26,13 +26,14 @@
 //! > f` truncate a file before writing it, so its objects stay until it has been
 //! empty for [`EMPTY_GRACE`].
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     io::{self, Read},
     net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -46,7 +47,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 pub use super::Loaded;
-use super::SourceError;
+use super::{Changed, SourceError};
 use crate::model::{
     self, ConfigError, DEFAULT_AFFINITY_TIMEOUT, Endpoint, ErrorKind, MAX_AFFINITY_TIMEOUT,
     Protocol, ServiceRef, ServiceType, Snapshot, TrafficPolicy,
@@ -89,6 +90,31 @@ pub struct ManifestSource {
     files: BTreeMap<PathBuf, FileState>,
     /// Whether the last load found anything different from the one before.
     changed: bool,
+    /// The files' objects joined into the model, kept up to date object by object.
+    index: Index,
+}
+
+/// The model assembled from every file's objects, with what it takes to update it
+/// when a few objects change instead of assembling it again: where each object is
+/// defined, which EndpointSlices belong to which Service, and the errors of the
+/// assembly by the object they concern.
+#[derive(Debug, Default)]
+struct Index {
+    /// Every definition of each object, in (path, position) order: the first is used,
+    /// the others are duplicates.
+    defs: BTreeMap<ObjectKey, Vec<(PathBuf, usize)>>,
+    /// The EndpointSlices (by key) whose used definition names each Service.
+    slices_of: BTreeMap<ServiceRef, BTreeSet<ObjectKey>>,
+    /// The Service each used EndpointSlice definition names.
+    slice_service: BTreeMap<ObjectKey, ServiceRef>,
+    /// `duplicate_object` errors, by the object defined more than once.
+    duplicates: BTreeMap<ObjectKey, Vec<ConfigError>>,
+    /// Errors joining slices to a Service (unknown port names), by Service.
+    join_errors: BTreeMap<ServiceRef, Vec<ConfigError>>,
+    /// The assembled model.
+    snapshot: Arc<Snapshot>,
+    /// Nothing assembled yet: the next update is a whole one.
+    empty: bool,
 }
 
 /// What one file gave at its last parse.
@@ -113,6 +139,10 @@ impl ManifestSource {
             empty_grace: EMPTY_GRACE,
             files: BTreeMap::new(),
             changed: true,
+            index: Index {
+                empty: true,
+                ..Index::default()
+            },
         }
     }
 
@@ -148,9 +178,11 @@ impl ManifestSource {
         let mut errors = Vec::new();
         let mut parsed = 0;
         let mut recheck = None;
+        // (file, its objects before) for every file whose objects may have changed.
+        let mut touched: Vec<(PathBuf, Vec<Object>)> = Vec::new();
         match manifest_files(&self.dir) {
             Ok(paths) => {
-                let before: Vec<PathBuf> = self.files.keys().cloned().collect();
+                let before = self.files.len();
                 let mut work: Vec<(PathBuf, FileState)> = paths
                     .into_iter()
                     .map(|path| {
@@ -158,28 +190,40 @@ impl ManifestSource {
                         (path, state)
                     })
                     .collect();
+                // Files not listed any more are dropped with their objects.
+                let mut dropped = 0;
+                for (path, state) in std::mem::take(&mut self.files) {
+                    touched.push((path, state.objects));
+                    dropped += 1;
+                }
                 let outcomes = self.refresh_all(&mut work);
                 let mut files = BTreeMap::new();
                 for ((path, mut state), outcome) in work.into_iter().zip(outcomes) {
-                    if matches!(outcome, Refresh::Parsed) {
-                        // Copied on this thread, compactly: the parse left the kept
-                        // objects scattered between its freed garbage on the parsing
-                        // thread's heap pages, which then could not be returned.
-                        state.objects = state.objects.clone();
-                    }
                     match outcome {
-                        Refresh::Gone => continue,
+                        Refresh::Gone => {
+                            touched.push((path, state.objects));
+                            dropped += 1;
+                            continue;
+                        }
                         Refresh::Kept => {}
-                        Refresh::Parsed => parsed += 1,
+                        Refresh::Parsed(old) => {
+                            parsed += 1;
+                            if let Some(old) = old {
+                                // Copied on this thread, compactly: the parse left the
+                                // kept objects scattered between its freed garbage on
+                                // the parsing thread's heap pages, which then could not
+                                // be returned.
+                                state.objects = state.objects.clone();
+                                touched.push((path.clone(), old));
+                            }
+                        }
                         Refresh::Suspect(wait) => recheck = Some(wait),
                     }
                     errors.extend(state.errors.iter().cloned());
                     files.insert(path, state);
                 }
-                // Files not listed any more are dropped with their objects.
-                let same_files =
-                    files.len() == before.len() && files.keys().zip(&before).all(|(a, b)| a == b);
-                self.changed = parsed > 0 || !same_files;
+                let added = files.len() + dropped - before;
+                self.changed = parsed > 0 || dropped > 0 || added > 0;
                 self.files = files;
             }
             Err(e) => {
@@ -188,13 +232,15 @@ impl ManifestSource {
                 errors.push(file_error(&origin, ErrorKind::Io, e.to_string()));
             }
         }
+        let changed = self.index.update(&self.files, touched);
         if only_if_changed && !self.changed && recheck.is_none() {
             return None;
         }
-        let by_file = self.files.iter().map(|(p, s)| (p, s.objects.as_slice()));
-        let snapshot = assemble(by_file, &mut errors);
+        errors.extend(self.index.duplicates.values().flatten().cloned());
+        errors.extend(self.index.join_errors.values().flatten().cloned());
         Some(Loaded {
-            snapshot,
+            snapshot: Arc::clone(&self.index.snapshot),
+            changed,
             errors,
             parsed,
             recheck,
@@ -249,7 +295,7 @@ impl ManifestSource {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Refresh::Gone,
             Err(e) => {
                 state.errors = vec![file_error(&origin, ErrorKind::Io, e.to_string())];
-                return Refresh::Parsed;
+                return Refresh::Parsed(None);
             }
             Ok(m) => m,
         };
@@ -279,7 +325,7 @@ impl ManifestSource {
                 meta.len()
             );
             state.errors = vec![file_error(&origin, ErrorKind::TooLarge, message)];
-            return Refresh::Parsed;
+            return Refresh::Parsed(None);
         }
         let mut text = String::new();
         // Bounded even if the file grows between stat and read.
@@ -301,12 +347,15 @@ impl ManifestSource {
                 &self.node_ports,
                 &mut errors,
             ) {
-                Ok(objects) => state.objects = objects,
+                Ok(objects) => {
+                    state.errors = errors;
+                    return Refresh::Parsed(Some(std::mem::replace(&mut state.objects, objects)));
+                }
                 Err(e) => errors.push(e),
             },
         }
         state.errors = errors;
-        Refresh::Parsed
+        Refresh::Parsed(None)
     }
 }
 
@@ -316,8 +365,9 @@ enum Refresh {
     Gone,
     /// Unchanged: nothing read.
     Kept,
-    /// Read (and parsed, or refused with an error).
-    Parsed,
+    /// Read (and parsed, or refused with an error); with the objects it had before
+    /// when the parse replaced them.
+    Parsed(Option<Vec<Object>>),
     /// Emptied recently: its objects kept; look again after the given time.
     Suspect(Duration),
 }
@@ -353,7 +403,7 @@ pub fn watch(dir: &Path) -> Result<(RecommendedWatcher, mpsc::Receiver<()>), Sou
 }
 
 /// A parsed object, kept as the last good version of itself.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Object {
     key: ObjectKey,
     body: Body,
@@ -401,7 +451,7 @@ impl Kind {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum Body {
     /// `None` for a Service of a type xlb does not serve (ClusterIP, ExternalName):
     /// ignored, but it still occupies its name.
@@ -411,14 +461,14 @@ enum Body {
 }
 
 /// A validated IPv4 EndpointSlice, not yet joined to its Service.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Slice {
     service: String,
     ports: Vec<SlicePort>,
     endpoints: Vec<SliceEndpoint>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct SlicePort {
     /// Index in `ports[]`, for error messages.
     index: usize,
@@ -427,7 +477,7 @@ struct SlicePort {
     protocol: Protocol,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct SliceEndpoint {
     addrs: Vec<IpAddr>,
     ready: bool,
@@ -1122,88 +1172,234 @@ fn slice(cx: &mut Cx<'_>, es: discovery::EndpointSlice) -> Result<Option<Slice>,
     }))
 }
 
-/// Builds the snapshot from every file's objects: the first definition of an object
-/// (in file-name order) wins, and slices are joined to their Services.
-fn assemble<'a>(
-    files: impl Iterator<Item = (&'a PathBuf, &'a [Object])>,
-    errors: &mut Vec<ConfigError>,
-) -> Snapshot {
-    let mut first_seen: BTreeMap<&ObjectKey, String> = BTreeMap::new();
-    let mut services = BTreeMap::new();
-    let mut slices = BTreeMap::new();
-    let mut nodes = BTreeMap::new();
-    for (path, objects) in files {
-        let origin = path.display().to_string();
-        for obj in objects {
-            if let Some(first) = first_seen.get(&obj.key) {
-                errors.push(ConfigError {
-                    origin: origin.clone(),
-                    object: obj.key.label(),
-                    field: String::new(),
-                    message: format!("already defined in {first}; this definition is ignored"),
-                    kind: ErrorKind::DuplicateObject,
-                });
-                continue;
+impl Index {
+    /// Brings the model up to date after the files in `touched` changed (each with its
+    /// objects before; its objects now are in `files`), and says what changed.
+    ///
+    /// Rules, as `kubectl apply` of the whole directory would see it: an object defined
+    /// twice is used from the first file (then the first position) and reported where
+    /// it is repeated; a slice joins the Service its `kubernetes.io/service-name` label
+    /// names, in slice-name order.
+    fn update(
+        &mut self,
+        files: &BTreeMap<PathBuf, FileState>,
+        touched: Vec<(PathBuf, Vec<Object>)>,
+    ) -> Changed {
+        let whole = std::mem::take(&mut self.empty);
+        let mut keys: BTreeSet<ObjectKey> = BTreeSet::new();
+        for (path, old) in touched {
+            let new = files.get(&path).map_or(&[][..], |f| f.objects.as_slice());
+            fn positions(objects: &[Object]) -> BTreeMap<&ObjectKey, Vec<usize>> {
+                let mut at: BTreeMap<&ObjectKey, Vec<usize>> = BTreeMap::new();
+                for (i, o) in objects.iter().enumerate() {
+                    at.entry(&o.key).or_default().push(i);
+                }
+                at
             }
-            first_seen.insert(&obj.key, origin.clone());
-            match &obj.body {
-                Body::Service(Some(svc)) => {
-                    let sref = ServiceRef::new(&obj.key.namespace, &obj.key.name);
-                    services.insert(sref, svc.clone());
+            let (was, now) = (positions(&old), positions(new));
+            for (key, at) in &was {
+                if now.get(key) != Some(at) || old[at[0]] != new[at[0]] {
+                    keys.insert((*key).clone());
                 }
-                Body::Service(None) => {}
-                Body::Slice(s) => {
-                    slices.insert(&obj.key, (origin.clone(), s));
-                }
-                Body::Node(n) => {
-                    nodes.insert(n.name.clone(), n.clone());
+                if let Some(defs) = self.defs.get_mut(*key) {
+                    defs.retain(|(p, _)| *p != path);
                 }
             }
+            for (key, at) in now {
+                if !was.contains_key(key) {
+                    keys.insert(key.clone());
+                }
+                let defs = self.defs.entry(key.clone()).or_default();
+                let from = defs.partition_point(|(p, _)| *p < path);
+                defs.splice(from..from, at.into_iter().map(|i| (path.clone(), i)));
+            }
+        }
+        if keys.is_empty() && !whole {
+            return Changed::Services(BTreeSet::new());
+        }
+        let mut services: BTreeSet<ServiceRef> = BTreeSet::new();
+        let mut all = whole;
+        for key in keys {
+            let used = self.used(files, &key);
+            match self.defs.get(&key) {
+                Some(defs) if defs.len() > 1 => {
+                    let first = defs[0].0.display().to_string();
+                    let errors = defs[1..]
+                        .iter()
+                        .map(|(p, _)| ConfigError {
+                            origin: p.display().to_string(),
+                            object: key.label(),
+                            field: String::new(),
+                            message: format!(
+                                "already defined in {first}; this definition is ignored"
+                            ),
+                            kind: ErrorKind::DuplicateObject,
+                        })
+                        .collect();
+                    self.duplicates.insert(key.clone(), errors);
+                }
+                _ => {
+                    self.duplicates.remove(&key);
+                }
+            }
+            match key.kind {
+                Kind::Service => {
+                    services.insert(ServiceRef::new(&key.namespace, &key.name));
+                }
+                Kind::EndpointSlice => {
+                    if let Some(was) = self.slice_service.remove(&key) {
+                        if let Some(set) = self.slices_of.get_mut(&was) {
+                            set.remove(&key);
+                            if set.is_empty() {
+                                self.slices_of.remove(&was);
+                            }
+                        }
+                        services.insert(was);
+                    }
+                    if let Some((
+                        _,
+                        Object {
+                            body: Body::Slice(slice),
+                            ..
+                        },
+                    )) = used
+                    {
+                        let sref = ServiceRef::new(&key.namespace, &slice.service);
+                        self.slices_of
+                            .entry(sref.clone())
+                            .or_default()
+                            .insert(key.clone());
+                        self.slice_service.insert(key.clone(), sref.clone());
+                        services.insert(sref);
+                    }
+                }
+                Kind::Node => {
+                    all = true;
+                    match used {
+                        Some((
+                            _,
+                            Object {
+                                body: Body::Node(n),
+                                ..
+                            },
+                        )) => {
+                            let nodes = &mut Arc::make_mut(&mut self.snapshot).nodes;
+                            nodes.insert(key.name.clone(), n.clone());
+                        }
+                        _ => {
+                            Arc::make_mut(&mut self.snapshot).nodes.remove(&key.name);
+                        }
+                    }
+                }
+            }
+            if self.defs.get(&key).is_some_and(Vec::is_empty) {
+                self.defs.remove(&key);
+            }
+        }
+        let joined: Vec<_> = services.iter().map(|s| self.join(files, s)).collect();
+        let snapshot = Arc::make_mut(&mut self.snapshot);
+        for (sref, (svc, errors)) in services.iter().zip(joined) {
+            match svc {
+                Some(svc) => snapshot.services.insert(sref.clone(), svc),
+                None => snapshot.services.remove(sref),
+            };
+            if errors.is_empty() {
+                self.join_errors.remove(sref);
+            } else {
+                self.join_errors.insert(sref.clone(), errors);
+            }
+        }
+        if all {
+            Changed::All
+        } else {
+            Changed::Services(services)
         }
     }
 
-    // Slices merge in name order, so endpoint order does not depend on file layout.
-    for (key, (origin, slice)) in slices {
-        let sref = ServiceRef::new(&key.namespace, &slice.service);
-        // A slice of a Service that is absent or of an ignored type is simply unused.
-        let Some(svc) = services.get_mut(&sref) else {
-            continue;
+    /// The used definition of `key`: its file and object.
+    fn used<'a>(
+        &self,
+        files: &'a BTreeMap<PathBuf, FileState>,
+        key: &ObjectKey,
+    ) -> Option<(&'a PathBuf, &'a Object)> {
+        let (path, i) = self.defs.get(key)?.first()?;
+        let (path, file) = files.get_key_value(path)?;
+        Some((path, file.objects.get(*i)?))
+    }
+
+    /// `sref`'s Service with the endpoints of its slices joined in (slices in name
+    /// order, so endpoint order does not depend on file layout), and the errors of the
+    /// join. `None` when there is no such Service of a type xlb serves; a slice of such
+    /// a Service is simply unused.
+    fn join(
+        &self,
+        files: &BTreeMap<PathBuf, FileState>,
+        sref: &ServiceRef,
+    ) -> (Option<model::Service>, Vec<ConfigError>) {
+        let mut errors = Vec::new();
+        let key = ObjectKey {
+            kind: Kind::Service,
+            namespace: sref.namespace.clone(),
+            name: sref.name.clone(),
         };
-        for sp in &slice.ports {
-            // Slice and Service ports match by name ("" for the unnamed port) and
-            // protocol, as the EndpointSlice controller pairs them.
-            let Some(target) = svc
-                .ports
-                .iter_mut()
-                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+        let Some((
+            _,
+            Object {
+                body: Body::Service(Some(svc)),
+                ..
+            },
+        )) = self.used(files, &key)
+        else {
+            return (None, errors);
+        };
+        let mut svc = svc.clone();
+        for slice_key in self.slices_of.get(sref).into_iter().flatten() {
+            let Some((
+                path,
+                Object {
+                    body: Body::Slice(slice),
+                    ..
+                },
+            )) = self.used(files, slice_key)
             else {
-                errors.push(ConfigError {
-                    origin: origin.clone(),
-                    object: key.label(),
-                    field: format!("ports[{}].name", sp.index),
-                    message: format!(
-                        "unknown port name: Service {sref} has no {} port named {:?}",
-                        sp.protocol, sp.name
-                    ),
-                    kind: ErrorKind::UnknownPortName,
-                });
                 continue;
             };
-            for ep in &slice.endpoints {
-                target
-                    .endpoints
-                    .extend(ep.addrs.iter().map(|&addr| Endpoint {
-                        addr,
-                        port: sp.port,
-                        ready: ep.ready,
-                        serving: ep.serving,
-                        terminating: ep.terminating,
-                        node_name: ep.node_name.clone(),
-                    }));
+            for sp in &slice.ports {
+                // Slice and Service ports match by name ("" for the unnamed port) and
+                // protocol, as the EndpointSlice controller pairs them.
+                let Some(target) = svc
+                    .ports
+                    .iter_mut()
+                    .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                else {
+                    errors.push(ConfigError {
+                        origin: path.display().to_string(),
+                        object: slice_key.label(),
+                        field: format!("ports[{}].name", sp.index),
+                        message: format!(
+                            "unknown port name: Service {sref} has no {} port named {:?}",
+                            sp.protocol, sp.name
+                        ),
+                        kind: ErrorKind::UnknownPortName,
+                    });
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    target
+                        .endpoints
+                        .extend(ep.addrs.iter().map(|&addr| Endpoint {
+                            addr,
+                            port: sp.port,
+                            ready: ep.ready,
+                            serving: ep.serving,
+                            terminating: ep.terminating,
+                            node_name: ep.node_name.clone(),
+                        }));
+                }
             }
         }
+        (Some(svc), errors)
     }
-    Snapshot { services, nodes }
 }
 
 fn file_error(origin: &str, kind: ErrorKind, message: String) -> ConfigError {
@@ -1246,6 +1442,108 @@ spec:
 status: {{ loadBalancer: {{ ingress: [{{ ip: \"{vip}\" }}] }} }}
 "
         )
+    }
+
+    /// An EndpointSlice `default/<name>` of Service `service` with one ready endpoint
+    /// per address on port `http` (8080).
+    fn slice_of(name: &str, service: &str, addrs: &[String]) -> String {
+        let endpoints: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                format!(
+                    "{{ addresses: [\"{a}\"], conditions: {{ ready: true }}, nodeName: node-a }}"
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{ name: {name}, labels: {{ kubernetes.io/service-name: {service} }} }}
+addressType: IPv4
+ports: [{{ name: http, port: 8080, protocol: TCP }}]
+endpoints: [{}]
+",
+            endpoints.join(", ")
+        )
+    }
+
+    #[test]
+    fn the_model_kept_up_to_date_equals_the_model_read_from_scratch() {
+        // Random edits of three files holding four Services, six slices (whose
+        // Service label moves) and a Node, with objects duplicated across files and
+        // ports that do not match: after every load, the model updated in place must
+        // be the one a fresh source reads, and every Service that differs must be
+        // named as changed.
+        let dir = tempfile::tempdir().unwrap();
+        // An emptied file is believed at once, as a fresh source would.
+        let mut source = ManifestSource::new(dir.path()).with_empty_grace(Duration::ZERO);
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut before = Snapshot::default();
+        for round in 0..300 {
+            let file = format!("f{}.yaml", next(3));
+            let mut docs = Vec::new();
+            for _ in 0..next(5) {
+                docs.push(match next(4) {
+                    0 | 1 => {
+                        let addrs: Vec<String> = (0..next(3))
+                            .map(|i| format!("10.1.{}.{i}", next(4)))
+                            .collect();
+                        slice_of(&format!("e{}", next(6)), &format!("s{}", next(4)), &addrs)
+                    }
+                    2 => lb_service(&format!("s{}", next(4)), &format!("10.0.0.{}", next(3) + 1)),
+                    _ => format!(
+                        "apiVersion: v1
+kind: Node
+metadata: {{ name: node-a }}
+status: {{ addresses: [{{ type: InternalIP, address: 10.9.0.{} }}] }}
+",
+                        next(2) + 1
+                    ),
+                });
+            }
+            if next(8) == 0 {
+                let _ = fs::remove_file(dir.path().join(&file));
+            } else {
+                let path = write(dir.path(), &file, &docs.join("---\n"));
+                // A distinct mtime per round: two writes of the same size within one
+                // tick of the kernel's coarse file clock would look unchanged.
+                let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_000 + round);
+                fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(mtime)
+                    .unwrap();
+            }
+            let loaded = source.load();
+            let fresh = ManifestSource::new(dir.path()).load();
+            assert_eq!(*loaded.snapshot, *fresh.snapshot, "round {round}");
+            let (mut got, mut want) = (loaded.errors.clone(), fresh.errors.clone());
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "round {round}");
+            if let Changed::Services(named) = &loaded.changed {
+                assert_eq!(loaded.snapshot.nodes, before.nodes, "round {round}");
+                let refs: BTreeSet<&ServiceRef> = loaded
+                    .snapshot
+                    .services
+                    .keys()
+                    .chain(before.services.keys())
+                    .collect();
+                for r in refs {
+                    if loaded.snapshot.services.get(r) != before.services.get(r) {
+                        assert!(named.contains(r), "round {round}: {r} changed unnamed");
+                    }
+                }
+            }
+            before = (*loaded.snapshot).clone();
+        }
     }
 
     fn only_kinds(errors: &[ConfigError]) -> Vec<&'static str> {

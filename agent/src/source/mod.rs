@@ -7,7 +7,23 @@
 //! - the Kubernetes API (kube watchers) comes later and produces the same model.
 pub mod manifests;
 
-use crate::model::{ConfigError, Snapshot};
+use std::{collections::BTreeSet, sync::Arc};
+
+use crate::model::{ConfigError, ServiceRef, Snapshot};
+
+/// What a load changed compared with the load before it, so that the reconciler can
+/// recompute only that part of the desired state (one EndpointSlice changing among
+/// 10,000 Services recomputes one Service, not 10,000).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Changed {
+    /// Anything may have changed (the first load, a Node, a kind with cluster-wide
+    /// effect): recompute everything.
+    #[default]
+    All,
+    /// Only these Services (added, removed, or their object or EndpointSlices
+    /// changed); the rest of the snapshot is as it was.
+    Services(BTreeSet<ServiceRef>),
+}
 
 /// The result of one load: the model and the errors of this load.
 ///
@@ -17,7 +33,10 @@ use crate::model::{ConfigError, Snapshot};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Loaded {
     /// Everything that could be used, with the last good version of what is broken.
-    pub snapshot: Snapshot,
+    /// Shared with the source, which keeps it up to date in place between loads.
+    pub snapshot: Arc<Snapshot>,
+    /// What differs from the previous load's snapshot.
+    pub changed: Changed,
     /// What was wrong, each naming file, object and field.
     pub errors: Vec<ConfigError>,
     /// Files parsed by this load (unchanged files are not parsed again).

@@ -122,8 +122,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_new(&cli.log_level)
-                .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?,
+            // netlink-packet-route warns on every link dump that a newer kernel's
+            // IFLA_INET6_CONF is longer than it knows (harmless; the pod-device
+            // refresh dumps links every second): quiet unless asked for by name.
+            EnvFilter::try_new(if cli.log_level.contains("netlink_packet_route") {
+                cli.log_level.clone()
+            } else {
+                format!("{},netlink_packet_route=error", cli.log_level)
+            })
+            .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?,
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

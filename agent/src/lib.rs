@@ -6,6 +6,7 @@
 //!   and applies the difference;
 //! - [`netdev`] reads and keeps what the datapath needs from the uplink (addresses,
 //!   driver and XDP mode, neighbour entries for other nodes);
+//! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
 //! - [`agent`] wires them into the running process.
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod dataplane;
 pub mod desired;
 pub mod health;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod netdev;

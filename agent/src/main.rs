@@ -69,6 +69,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Cluster::Dsr)]
         cluster_mode: Cluster,
     },
+    /// Show what the datapath holds, read from the pinned maps: works while the agent
+    /// is stopped or crash-looping.
+    Inspect {
+        /// bpffs directory the agent pinned to.
+        #[arg(long, default_value = "/sys/fs/bpf/xlb", global = true)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+        output: Output,
+        #[command(subcommand)]
+        what: Inspect,
+    },
     /// Detach xlb's programs from the interface and remove its pinned maps and links.
     /// Use it when uninstalling xlb from a node; a normal restart or upgrade must not
     /// run it (the datapath is meant to outlive the agent).
@@ -84,6 +96,25 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// What `xlb inspect` shows.
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum Inspect {
+    /// Every programmed frontend (VIP, external IP, node port): its Service, policy,
+    /// backends and packet count.
+    Services,
+    /// Every backend: address, node (for a backend on another node) and packet count.
+    Backends,
+}
+
+/// Output format of `xlb inspect`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    /// Columns for people.
+    Table,
+    /// A JSON array of rows, for scripts.
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -178,6 +209,19 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the tokio runtime")?;
             rt.block_on(xlb::agent::run(cfg)).context("xlb agent")?;
+        }
+        Command::Inspect {
+            pin_path,
+            output,
+            what,
+        } => {
+            let what = match what {
+                Inspect::Services => xlb::inspect::What::Services,
+                Inspect::Backends => xlb::inspect::What::Backends,
+            };
+            let json = matches!(output, Output::Json);
+            xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())
+                .with_context(|| format!("xlb inspect {}", pin_path.display()))?;
         }
         Command::Cleanup {
             interface,

@@ -367,48 +367,14 @@ impl Dataplane {
     /// Reads back what the configuration maps hold now (after a restart: what the
     /// previous agent programmed).
     pub fn read_state(&self) -> Result<MapState, DataplaneError> {
-        let mut s = MapState::default();
-        for kv in self.services4.iter() {
-            let (k, v) = kv.map_err(map_err(names::SERVICES4))?;
-            s.services.insert(k.into(), v);
-        }
-        for kv in self.services6.iter() {
-            let (k, v) = kv.map_err(map_err(names::SERVICES6))?;
-            s.services.insert(k.into(), v);
-        }
-        for k in self.maglev.keys() {
-            let k = k.map_err(map_err(names::MAGLEV))?;
-            let inner = self.maglev.get(&k, 0).map_err(map_err(names::MAGLEV))?;
-            let mut slots = Vec::with_capacity(inner.len() as usize * 2);
-            for pair in inner.iter() {
-                let pair = pair.map_err(map_err(names::MAGLEV))?;
-                slots.extend_from_slice(&pair);
-            }
-            // Table sizes are odd primes: the last pair's second lane is padding.
-            slots.pop();
-            s.tables.insert(k, slots.into());
-        }
-        for kv in self.backends.iter() {
-            let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
-            s.backends.insert(k, v);
-        }
-        // The counter arrays have every slot: those of the ids present are in use.
-        s.service_stats = s
-            .services
-            .values()
-            .map(|v| v.id)
-            .filter(|id| *id != 0)
-            .collect();
-        s.backend_stats = s.backends.keys().copied().collect();
-        for k in self.ranges.keys() {
-            let k = k.map_err(map_err(names::SOURCE_RANGES))?;
-            s.ranges.insert((k.prefix_len(), k.data()));
-        }
-        for kv in self.owners.iter() {
-            let (k, v) = kv.map_err(map_err(names::OWNERS))?;
-            s.owners.insert(k, v);
-        }
-        Ok(s)
+        read_maps(ConfigMaps {
+            services4: &self.services4,
+            services6: &self.services6,
+            maglev: &self.maglev,
+            backends: &self.backends,
+            ranges: &self.ranges,
+            owners: &self.owners,
+        })
     }
 
     /// The id counters persisted by a previous agent (zero on a fresh datapath).
@@ -801,6 +767,88 @@ fn grace_period() -> bool {
         tracing::debug!(error = %io::Error::last_os_error(), "membarrier: tables will be replaced, not filled in place");
     }
     r == 0
+}
+
+/// The configuration maps [`read_maps`] reads.
+struct ConfigMaps<'a> {
+    services4: &'a HashMap<MapData, ServiceKey4, Service>,
+    services6: &'a HashMap<MapData, ServiceKey6, Service>,
+    maglev: &'a HashOfMaps<MapData, u32, Array<MapData, SlotPair>>,
+    backends: &'a HashMap<MapData, u32, Backend>,
+    ranges: &'a LpmTrie<MapData, SourceRange, u8>,
+    owners: &'a HashMap<MapData, u32, xlb_common::Owner>,
+}
+
+/// What the configuration maps hold.
+fn read_maps(m: ConfigMaps<'_>) -> Result<MapState, DataplaneError> {
+    let mut s = MapState::default();
+    for kv in m.services4.iter() {
+        let (k, v) = kv.map_err(map_err(names::SERVICES4))?;
+        s.services.insert(k.into(), v);
+    }
+    for kv in m.services6.iter() {
+        let (k, v) = kv.map_err(map_err(names::SERVICES6))?;
+        s.services.insert(k.into(), v);
+    }
+    for k in m.maglev.keys() {
+        let k = k.map_err(map_err(names::MAGLEV))?;
+        let inner = m.maglev.get(&k, 0).map_err(map_err(names::MAGLEV))?;
+        let mut slots = Vec::with_capacity(inner.len() as usize * 2);
+        for pair in inner.iter() {
+            let pair = pair.map_err(map_err(names::MAGLEV))?;
+            slots.extend_from_slice(&pair);
+        }
+        // Table sizes are odd primes: the last pair's second lane is padding.
+        slots.pop();
+        s.tables.insert(k, slots.into());
+    }
+    for kv in m.backends.iter() {
+        let (k, v) = kv.map_err(map_err(names::BACKENDS))?;
+        s.backends.insert(k, v);
+    }
+    // The counter arrays have every slot: those of the ids present are in use.
+    s.service_stats = s
+        .services
+        .values()
+        .map(|v| v.id)
+        .filter(|id| *id != 0)
+        .collect();
+    s.backend_stats = s.backends.keys().copied().collect();
+    for k in m.ranges.keys() {
+        let k = k.map_err(map_err(names::SOURCE_RANGES))?;
+        s.ranges.insert((k.prefix_len(), k.data()));
+    }
+    for kv in m.owners.iter() {
+        let (k, v) = kv.map_err(map_err(names::OWNERS))?;
+        s.owners.insert(k, v);
+    }
+    Ok(s)
+}
+
+/// What the configuration maps pinned under `pin_path` hold, without loading any
+/// program: for `xlb inspect`, which must work while no agent runs.
+pub fn read_pinned_state(pin_path: &Path) -> Result<MapState, DataplaneError> {
+    let open = |name: &'static str| MapData::from_pin(pin_path.join(name)).map_err(map_err(name));
+    let services4 = HashMap::try_from(aya::maps::Map::HashMap(open(names::SERVICES4)?))
+        .map_err(map_err(names::SERVICES4))?;
+    let services6 = HashMap::try_from(aya::maps::Map::HashMap(open(names::SERVICES6)?))
+        .map_err(map_err(names::SERVICES6))?;
+    let maglev = HashOfMaps::try_from(aya::maps::Map::HashOfMaps(open(names::MAGLEV)?))
+        .map_err(map_err(names::MAGLEV))?;
+    let backends = HashMap::try_from(aya::maps::Map::HashMap(open(names::BACKENDS)?))
+        .map_err(map_err(names::BACKENDS))?;
+    let ranges = LpmTrie::try_from(aya::maps::Map::LpmTrie(open(names::SOURCE_RANGES)?))
+        .map_err(map_err(names::SOURCE_RANGES))?;
+    let owners = HashMap::try_from(aya::maps::Map::HashMap(open(names::OWNERS)?))
+        .map_err(map_err(names::OWNERS))?;
+    read_maps(ConfigMaps {
+        services4: &services4,
+        services6: &services6,
+        maglev: &maglev,
+        backends: &backends,
+        ranges: &ranges,
+        owners: &owners,
+    })
 }
 
 /// A new inner Maglev array holding `slots` in pairs, mmapable (see [`new_table_with`]).

@@ -1,0 +1,137 @@
+//! Privileged integration tests of `xlb inspect`: what it shows of a running lab agent's
+//! datapath, and of the pins a stopped agent left behind. Needs root and the built
+//! binary (`XLB_BIN`, else `target/release/xlb`).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use xlb_lab::agent::xlb_bin;
+use xlb_lab::lab::{Lab, REPLY_TIMEOUT, SOON};
+use xlb_lab::manifests::{EndpointSpec, web_tcp_vip, web_udp_vip, web_yaml, write_atomic};
+
+/// Runs `xlb inspect ARGS --pin-path PIN` and returns its stdout; fails on a non-zero exit.
+fn inspect(lab: &Lab, args: &[&str]) -> Result<String> {
+    let out = Command::new(xlb_bin()?)
+        .arg("inspect")
+        .args(args)
+        .arg("--pin-path")
+        .arg(&lab.node().pin_dir)
+        .output()
+        .context("running xlb inspect")?;
+    ensure!(
+        out.status.success(),
+        "xlb inspect {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The service rows as JSON, by frontend.
+fn services(lab: &Lab) -> Result<Vec<Value>> {
+    let v: Value = serde_json::from_str(&inspect(lab, &["services", "-o", "json"])?)?;
+    Ok(v.as_array().context("an array of rows")?.clone())
+}
+
+fn row<'a>(rows: &'a [Value], frontend: &str) -> Result<&'a Value> {
+    rows.iter()
+        .find(|r| r["frontend"] == frontend)
+        .with_context(|| format!("no row for {frontend} in {rows:?}"))
+}
+
+#[test]
+fn inspect_shows_services_and_backends_of_a_running_and_a_stopped_agent() -> Result<()> {
+    let mut lab = Lab::one_node(3)?;
+    let eps: Vec<EndpointSpec> = lab.node().pods[..2]
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
+        .collect();
+    let pods: BTreeSet<String> = lab.node().pods[..2]
+        .iter()
+        .map(|p| p.ip.to_string())
+        .collect();
+    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    let replies = lab.client.udp_flows(web_udp_vip(), 20, REPLY_TIMEOUT)?;
+    ensure!(
+        replies.len() == 20,
+        "{} of 20 UDP flows answered",
+        replies.len()
+    );
+
+    let check = |rows: &[Value], traffic: bool| -> Result<()> {
+        let udp = row(rows, &format!("{}/UDP", web_udp_vip()))?;
+        ensure!(
+            udp["service"] == "demo/web" && udp["port_name"] == "dns",
+            "{udp}"
+        );
+        ensure!(udp["policy"] == "Local", "{udp}");
+        let addrs: BTreeSet<String> = udp["backends"]
+            .as_array()
+            .context("backends")?
+            .iter()
+            .filter_map(|b| b["addr"].as_str())
+            .map(|a| a.rsplit_once(':').map_or(a, |(ip, _)| ip).to_string())
+            .collect();
+        ensure!(addrs == pods, "backends {addrs:?}, pods {pods:?}");
+        if traffic {
+            ensure!(udp["packets"].as_u64() >= Some(20), "{udp}");
+        }
+        let tcp = row(rows, &format!("{}/TCP", web_tcp_vip()))?;
+        ensure!(
+            tcp["service"] == "demo/web" && tcp["port_name"] == "http",
+            "{tcp}"
+        );
+        Ok(())
+    };
+    let running = services(&lab)?;
+    check(&running, true)?;
+    let table = inspect(&lab, &["services"])?;
+    println!("{table}");
+    ensure!(
+        table.starts_with("SERVICE") && table.contains("demo/web:dns"),
+        "{table}"
+    );
+    let backends: Value = serde_json::from_str(&inspect(&lab, &["backends", "-o", "json"])?)?;
+    // Two pods, each a backend of both ports.
+    ensure!(
+        backends.as_array().is_some_and(|b| b.len() == 4),
+        "{backends}"
+    );
+
+    // The agent stopped (SIGTERM): the datapath stays pinned, and inspect reads it.
+    lab.agent()?.stop()?;
+    let stopped = services(&lab)?;
+    check(&stopped, true)?;
+    ensure!(
+        stopped.len() == running.len(),
+        "{} rows while running, {} after the agent stopped",
+        running.len(),
+        stopped.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn inspect_without_a_datapath_says_so() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("xlb-inspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let out = Command::new(xlb_bin()?)
+        .args(["inspect", "services", "--pin-path"])
+        .arg(&dir)
+        .output();
+    std::fs::remove_dir(&dir)?;
+    let out = out?;
+    ensure!(
+        !out.status.success(),
+        "inspect of an empty directory succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("xlb_services4") && err.contains("--pin-path"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -21,6 +21,9 @@ pub enum What {
     Services,
     /// Every backend with its address, node and counters.
     Backends,
+    /// The tracked IPv4 flows (client -> frontend -> backend), optionally only those
+    /// to one frontend address.
+    Conntrack(Option<std::net::IpAddr>),
 }
 
 /// Why inspecting failed.
@@ -79,6 +82,26 @@ pub struct BackendRow {
     pub bytes: u64,
 }
 
+/// One tracked flow (`xlb_conntrack4`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlowRow {
+    /// The client's address and port.
+    pub client: String,
+    /// The frontend it reached, `address:port/PROTOCOL`.
+    pub frontend: String,
+    /// The backend the flow is pinned to.
+    pub backend: String,
+    /// The backend's id.
+    pub backend_id: u32,
+    /// The Service (`namespace/name:port`), if the owner is recorded.
+    pub service: Option<String>,
+    /// Seconds until the entry expires without traffic (negative: expired, not yet
+    /// swept).
+    pub expires_in_s: i64,
+    /// A FIN or RST was seen.
+    pub closing: bool,
+}
+
 /// Reads the maps pinned at `pin_path` and writes `what` to `out`: a table for
 /// people, or JSON (an array of rows) with `json`.
 pub fn run(
@@ -87,6 +110,16 @@ pub fn run(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), InspectError> {
+    if let What::Conntrack(vip) = what {
+        let rows = flow_rows(pin_path, vip)?;
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &rows)?;
+            writeln!(out)?;
+        } else {
+            print_flows(&rows, out)?;
+        }
+        return Ok(());
+    }
     let state = dataplane::read_pinned_state(pin_path)?;
     let stats = Stats::open(pin_path)?.read(
         state.services.values().map(|s| s.id).filter(|id| *id != 0),
@@ -112,8 +145,108 @@ pub fn run(
                 print_backends(&rows, out)?;
             }
         }
+        What::Conntrack(_) => {}
     }
     Ok(())
+}
+
+/// The flows of `xlb_conntrack4`, to `vip` only if given, sorted by frontend then client.
+fn flow_rows(pin_path: &Path, vip: Option<std::net::IpAddr>) -> Result<Vec<FlowRow>, InspectError> {
+    use aya::maps::{HashMap, Map, MapData};
+    use xlb_common::{CT_F_CLOSING, CtEntry, FlowKey4, names};
+    let open = |name: &'static str| {
+        MapData::from_pin(pin_path.join(name)).map_err(dataplane::map_err(name))
+    };
+    let ct: HashMap<MapData, FlowKey4, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(open(names::CONNTRACK4)?))
+            .map_err(dataplane::map_err(names::CONNTRACK4))?;
+    let owners: HashMap<MapData, u32, xlb_common::Owner> =
+        HashMap::try_from(Map::HashMap(open(names::OWNERS)?))
+            .map_err(dataplane::map_err(names::OWNERS))?;
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for kv in ct.iter() {
+        let Ok((k, v)) = kv else {
+            // An entry evicted while the LRU map is walked: skipped.
+            continue;
+        };
+        let dst = std::net::Ipv4Addr::from(k.dst);
+        if vip.is_some_and(|a| a != std::net::IpAddr::V4(dst)) {
+            continue;
+        }
+        let proto = match k.proto {
+            xlb_common::PROTO_TCP => "TCP",
+            xlb_common::PROTO_UDP => "UDP",
+            _ => "other",
+        };
+        let service = owners
+            .get(&v.service_id, 0)
+            .ok()
+            .and_then(|o| state::owner_of(&o))
+            .map(|(s, p)| {
+                if p.is_empty() {
+                    s.to_string()
+                } else {
+                    format!("{s}:{p}")
+                }
+            });
+        let left = (i128::from(v.expires) - i128::from(now)).div_euclid(1_000_000_000);
+        rows.push(FlowRow {
+            client: format!(
+                "{}:{}",
+                std::net::Ipv4Addr::from(k.src),
+                u16::from_be(k.sport)
+            ),
+            frontend: format!("{dst}:{}/{proto}", u16::from_be(k.dport)),
+            backend: state::backend_addr(&v.backend).to_string(),
+            backend_id: v.backend_id,
+            service,
+            expires_in_s: i64::try_from(left).unwrap_or(i64::MAX),
+            closing: v.flags & CT_F_CLOSING != 0,
+        });
+    }
+    rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+    Ok(rows)
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of the datapath's `bpf_ktime_get_coarse_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+fn print_flows(rows: &[FlowRow], out: &mut dyn Write) -> std::io::Result<()> {
+    let table: Vec<[String; 5]> = rows
+        .iter()
+        .map(|f| {
+            [
+                f.client.clone(),
+                f.frontend.clone(),
+                f.backend.clone(),
+                f.service
+                    .clone()
+                    .unwrap_or_else(|| "(no owner recorded)".into()),
+                format!(
+                    "{}s{}",
+                    f.expires_in_s,
+                    if f.closing { ", closing" } else { "" }
+                ),
+            ]
+        })
+        .collect();
+    print_table(
+        ["CLIENT", "FRONTEND", "BACKEND", "SERVICE", "EXPIRES IN"],
+        &table,
+        out,
+    )
 }
 
 fn backend_rows(state: &MapState, stats: &dataplane::StatsSnapshot) -> BTreeMap<u32, BackendRow> {

@@ -106,6 +106,12 @@ enum Inspect {
     Services,
     /// Every backend: address, node (for a backend on another node) and packet count.
     Backends,
+    /// The tracked IPv4 flows: client, frontend, backend, Service, time left.
+    Conntrack {
+        /// Only flows to this frontend address.
+        #[arg(long)]
+        vip: Option<std::net::IpAddr>,
+    },
 }
 
 /// Output format of `xlb inspect`.
@@ -218,6 +224,7 @@ fn main() -> anyhow::Result<()> {
             let what = match what {
                 Inspect::Services => xlb::inspect::What::Services,
                 Inspect::Backends => xlb::inspect::What::Backends,
+                Inspect::Conntrack { vip } => xlb::inspect::What::Conntrack(vip),
             };
             let json = matches!(output, Output::Json);
             xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())

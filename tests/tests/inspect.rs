@@ -101,6 +101,22 @@ fn inspect_shows_services_and_backends_of_a_running_and_a_stopped_agent() -> Res
         "{backends}"
     );
 
+    let vip = web_udp_vip().ip().to_string();
+    let flows: Value =
+        serde_json::from_str(&inspect(&lab, &["conntrack", "--vip", &vip, "-o", "json"])?)?;
+    let flows = flows.as_array().context("an array of flows")?;
+    let udp = format!("{}/UDP", web_udp_vip());
+    ensure!(
+        flows.iter().filter(|f| f["frontend"] == udp).count() == 20,
+        "{flows:?}"
+    );
+    for f in flows {
+        let backend = f["backend"].as_str().unwrap_or_default();
+        let ip = backend.rsplit_once(':').map_or(backend, |(ip, _)| ip);
+        ensure!(pods.contains(ip) && f["service"] == "demo/web:dns", "{f}");
+        ensure!(f["expires_in_s"].as_i64() > Some(0), "{f}");
+    }
+
     // The agent stopped (SIGTERM): the datapath stays pinned, and inspect reads it.
     lab.agent()?.stop()?;
     let stopped = services(&lab)?;

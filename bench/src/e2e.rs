@@ -179,18 +179,21 @@ pub fn run(scale: Scale) -> Result<Value> {
         ));
         v
     };
+    // XLBB_E2E_ONLY=key,...: only these systems (and the direct baseline) are built and
+    // run; XLBB_E2E_SHAPES=established|new_flows: only that shape is sent (the other's
+    // cells stay empty). For profiling one system by hand.
+    let mut specs = specs;
+    if let Ok(only) = std::env::var("XLBB_E2E_ONLY") {
+        let only: Vec<&str> = only.split(',').collect();
+        specs.retain(|(key, ..)| only.contains(&key.as_str()) || key == "direct");
+    }
+    let shapes_only = std::env::var("XLBB_E2E_SHAPES").ok();
     println!("e2e: building {} labs", specs.len());
     let mut systems = Vec::new();
     for (key, label, services, kind) in specs {
         let sys = build(&key, &label, services, kind)
             .with_context(|| format!("e2e: setting up {key}"))?;
         systems.push(sys);
-    }
-    let only: Option<Vec<String>> = std::env::var("XLBB_E2E_ONLY")
-        .ok()
-        .map(|v| v.split(',').map(str::to_string).collect());
-    if let Some(only) = &only {
-        systems.retain(|s| only.contains(&s.key) || s.key == "direct");
     }
     for s in systems.iter_mut() {
         // A system that does not deliver valid packets (the pod answers nothing) is a
@@ -222,7 +225,8 @@ pub fn run(scale: Scale) -> Result<Value> {
             for (j, shape) in Shape::ALL.iter().enumerate() {
                 // A system that stops delivering is a finding, not a reason to lose the
                 // rest of the run: recorded (and printed) next to its samples.
-                if s.broken.is_some() {
+                let skipped = shapes_only.as_deref().is_some_and(|o| o != shape.key());
+                if s.broken.is_some() || skipped {
                     pps[i][j].push(f64::NAN);
                     continue;
                 }

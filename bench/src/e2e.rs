@@ -75,9 +75,11 @@ enum Kind {
     Nftables,
     /// xlb with these extra agent flags; `gro`: GRO on the pod's veth (what `--forward
     /// redirect` needs from a veth pod).
+    /// `bin`: another `xlb` binary than the one under test (`XLBB_XLB_BEFORE`).
     Xlb {
         args: Vec<&'static str>,
         gro: bool,
+        bin: Option<PathBuf>,
     },
     Haproxy,
 }
@@ -167,7 +169,25 @@ pub fn run(scale: Scale) -> Result<Value> {
                     format!("xlb_{mode}_{n}"),
                     format!("xlb {}, {n} svc", args.join(" ")),
                     n,
-                    Kind::Xlb { args, gro },
+                    Kind::Xlb {
+                        args,
+                        gro,
+                        bin: None,
+                    },
+                ));
+            }
+            // XLBB_XLB_BEFORE=/path/to/older/xlb: the default mode again with that
+            // binary, interleaved with the rest, for a before/after in one run.
+            if let Some(bin) = std::env::var_os("XLBB_XLB_BEFORE") {
+                v.push((
+                    format!("xlb_before_generic_{n}"),
+                    format!("xlb (before) --xdp-mode generic, {n} svc"),
+                    n,
+                    Kind::Xlb {
+                        args: vec!["--xdp-mode", "generic"],
+                        gro: false,
+                        bin: Some(PathBuf::from(bin)),
+                    },
                 ));
             }
         }
@@ -334,7 +354,7 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
                 .run("nft", &["-f", &file.to_string_lossy()])?;
             udp_timeout(&lab)?;
         }
-        Kind::Xlb { args, gro } => {
+        Kind::Xlb { args, gro, bin } => {
             let node_name = lab.node().name.clone();
             let dir = lab.node().manifests_dir.clone();
             if services > 1 {
@@ -348,7 +368,14 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
                 set_gro(&lab.node().pods[0].host.ns, "eth0")?;
             }
             lab.node_mut().agent_args = args.iter().map(|a| a.to_string()).collect();
-            lab.start_agent()?;
+            match bin {
+                Some(bin) => {
+                    lab.node_mut().start_agent(bin, &dir)?;
+                }
+                None => {
+                    lab.start_agent()?;
+                }
+            }
         }
         Kind::Haproxy => {
             let ns = &lab.node().host.ns;

@@ -1017,3 +1017,56 @@ fn icmp_echo_to_a_vip_is_counted_and_passed() {
     assert_untouched("echo elsewhere", &other, &out);
     assert!(moved.is_empty());
 }
+
+// ---------------------------------------------------------------------------------
+// Replies (TC egress).
+
+/// `xlb_tc_egress` on `reply`: the packet as it leaves.
+fn egress(bed: &TestBed, reply: &[u8]) -> Vec<u8> {
+    let out = bed.run(names::TC_EGRESS_PROG, reply, 1).unwrap();
+    assert_eq!(out.retval, 0, "TC_ACT_OK");
+    out.data
+}
+
+/// Source address and port of frame `f`.
+fn source(f: &[u8]) -> ([u8; 4], u16) {
+    let a = &f[ETH_LEN + 12..ETH_LEN + 16];
+    (
+        [a[0], a[1], a[2], a[3]],
+        u16::from_be_bytes([f[L4], f[L4 + 1]]),
+    )
+}
+
+#[test]
+fn replies_come_from_the_vip_their_flow_was_sent_to() {
+    let mut bed = TestBed::load().expect("load the embedded object (needs root)");
+    // One backend behind two VIP:ports: the first to reach it becomes its reverse-NAT
+    // hint, flows through the other record their own reverse NAT.
+    program(&mut bed, 1, (VIP, 53, Protocol::Udp), &[(BE1, 5353)]);
+    program(&mut bed, 2, (OTHER, 54, Protocol::Udp), &[(BE1, 5353)]);
+    let send = |bed: &TestBed, dst: [u8; 4], sport: u16, dport: u16| {
+        let req = udp(CLIENT, dst, sport, dport, b"q");
+        let (out, _) = run(bed, &req);
+        assert_eq!(out.retval, XDP_PASS);
+        assert_eq!(assert_dnat(&req, &out, &[(BE1, 5353)]), (BE1, 5353));
+    };
+    send(&bed, VIP, 1000, 53);
+    send(&bed, OTHER, 1001, 54);
+    send(&bed, VIP, 1002, 53);
+    for (cport, from) in [(1000, (VIP, 53)), (1001, (OTHER, 54)), (1002, (VIP, 53))] {
+        let before = bed.reason_count(Reason::RevNat).unwrap();
+        let out = egress(&bed, &udp(BE1, CLIENT, 5353, cport, b"a"));
+        assert_eq!(source(&out), from, "reply to client port {cport}");
+        assert!(
+            ip_csum_ok(&out) && l4_csum_ok(&out),
+            "checksums of {}",
+            hex(&out)
+        );
+        assert_eq!(bed.reason_count(Reason::RevNat).unwrap(), before + 1);
+    }
+    // The backend talking to the client outside any DNATed flow: left alone.
+    let stray = udp(BE1, CLIENT, 5353, 1003, b"a");
+    assert_eq!(egress(&bed, &stray), stray);
+    let stray = udp(BE1, CLIENT, 5354, 1000, b"a");
+    assert_eq!(egress(&bed, &stray), stray);
+}

@@ -75,9 +75,11 @@ enum Kind {
     Nftables,
     /// xlb with these extra agent flags; `gro`: GRO on the pod's veth (what `--forward
     /// redirect` needs from a veth pod).
+    /// `bin`: another `xlb` binary than the one under test (`XLBB_XLB_BEFORE`).
     Xlb {
         args: Vec<&'static str>,
         gro: bool,
+        bin: Option<PathBuf>,
     },
     Haproxy,
 }
@@ -167,7 +169,25 @@ pub fn run(scale: Scale) -> Result<Value> {
                     format!("xlb_{mode}_{n}"),
                     format!("xlb {}, {n} svc", args.join(" ")),
                     n,
-                    Kind::Xlb { args, gro },
+                    Kind::Xlb {
+                        args,
+                        gro,
+                        bin: None,
+                    },
+                ));
+            }
+            // XLBB_XLB_BEFORE=/path/to/older/xlb: the default mode again with that
+            // binary, interleaved with the rest, for a before/after in one run.
+            if let Some(bin) = std::env::var_os("XLBB_XLB_BEFORE") {
+                v.push((
+                    format!("xlb_before_generic_{n}"),
+                    format!("xlb (before) --xdp-mode generic, {n} svc"),
+                    n,
+                    Kind::Xlb {
+                        args: vec!["--xdp-mode", "generic"],
+                        gro: false,
+                        bin: Some(PathBuf::from(bin)),
+                    },
                 ));
             }
         }
@@ -179,18 +199,21 @@ pub fn run(scale: Scale) -> Result<Value> {
         ));
         v
     };
+    // XLBB_E2E_ONLY=key,...: only these systems (and the direct baseline) are built and
+    // run; XLBB_E2E_SHAPES=established|new_flows: only that shape is sent (the other's
+    // cells stay empty). For profiling one system by hand.
+    let mut specs = specs;
+    if let Ok(only) = std::env::var("XLBB_E2E_ONLY") {
+        let only: Vec<&str> = only.split(',').collect();
+        specs.retain(|(key, ..)| only.contains(&key.as_str()) || key == "direct");
+    }
+    let shapes_only = std::env::var("XLBB_E2E_SHAPES").ok();
     println!("e2e: building {} labs", specs.len());
     let mut systems = Vec::new();
     for (key, label, services, kind) in specs {
         let sys = build(&key, &label, services, kind)
             .with_context(|| format!("e2e: setting up {key}"))?;
         systems.push(sys);
-    }
-    let only: Option<Vec<String>> = std::env::var("XLBB_E2E_ONLY")
-        .ok()
-        .map(|v| v.split(',').map(str::to_string).collect());
-    if let Some(only) = &only {
-        systems.retain(|s| only.contains(&s.key) || s.key == "direct");
     }
     for s in systems.iter_mut() {
         // A system that does not deliver valid packets (the pod answers nothing) is a
@@ -222,7 +245,8 @@ pub fn run(scale: Scale) -> Result<Value> {
             for (j, shape) in Shape::ALL.iter().enumerate() {
                 // A system that stops delivering is a finding, not a reason to lose the
                 // rest of the run: recorded (and printed) next to its samples.
-                if s.broken.is_some() {
+                let skipped = shapes_only.as_deref().is_some_and(|o| o != shape.key());
+                if s.broken.is_some() || skipped {
                     pps[i][j].push(f64::NAN);
                     continue;
                 }
@@ -330,7 +354,7 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
                 .run("nft", &["-f", &file.to_string_lossy()])?;
             udp_timeout(&lab)?;
         }
-        Kind::Xlb { args, gro } => {
+        Kind::Xlb { args, gro, bin } => {
             let node_name = lab.node().name.clone();
             let dir = lab.node().manifests_dir.clone();
             if services > 1 {
@@ -344,7 +368,14 @@ fn build(key: &str, label: &str, services: usize, kind: Kind) -> Result<System> 
                 set_gro(&lab.node().pods[0].host.ns, "eth0")?;
             }
             lab.node_mut().agent_args = args.iter().map(|a| a.to_string()).collect();
-            lab.start_agent()?;
+            match bin {
+                Some(bin) => {
+                    lab.node_mut().start_agent(bin, &dir)?;
+                }
+                None => {
+                    lab.start_agent()?;
+                }
+            }
         }
         Kind::Haproxy => {
             let ns = &lab.node().host.ns;

@@ -8,8 +8,8 @@ use std::{io, mem::size_of, path::Path};
 
 use aya::maps::{MapInfo, MapType};
 use xlb_common::{
-    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
-    Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
+    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, Owner,
+    Reason, RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
 };
 
 /// One map as the programs define it.
@@ -166,6 +166,13 @@ pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
         U32,
         U32,
         limits::MAX_PEER_DEVS,
+    ),
+    layout(
+        names::REVHINT4,
+        MapType::Hash,
+        size_of::<BackendKey4>(),
+        size_of::<RevNat>(),
+        limits::MAX_BACKENDS,
     ),
 ];
 

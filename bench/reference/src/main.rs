@@ -7,6 +7,10 @@
 //!   miss), one per-CPU counter, DNAT of address and port with RFC 1624 checksum
 //!   updates, XDP_PASS.
 //!
+//! - new flow: the hit path whose LRU lookup misses, so it inserts (the one insert a
+//!   minimal balancer pays per new flow);
+//! - `ref_tx`: MAC swap + XDP_TX, the floor of paths that send the frame back out.
+//!
 //! No conntrack lifetimes, no Maglev, no affinity, no source ranges, no per-service
 //! or per-backend statistics, no IPv6-wide keys: those are what xlb adds on top.
 #![no_std]
@@ -159,6 +163,21 @@ fn try_lb(ctx: &XdpContext) -> Option<u32> {
     }
     p[1] = to.port;
     Some(xdp_action::XDP_PASS)
+}
+
+/// The floor of a program that sends the frame back out (the `XDP_TX` every encap or
+/// hairpin path ends in): swap the Ethernet addresses, nothing else.
+#[xdp]
+pub fn ref_tx(ctx: XdpContext) -> u32 {
+    let Some(macs) = at::<[[u8; 6]; 2]>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by `at`.
+    unsafe {
+        let [dst, src] = *macs;
+        *macs = [src, dst];
+    }
+    xdp_action::XDP_TX
 }
 
 /// The floor under every XDP program: nothing but a verdict.

@@ -52,8 +52,12 @@ pub mod names {
     /// lives in another one (a pod): where `xlb_tc_ingress` may deliver with
     /// `bpf_redirect_peer`. Written by the agent from the kernel's link list.
     pub const PEER_DEVS: &str = "xlb_peer_devs";
+    /// IPv4 reverse-NAT hints: local backend ([`super::BackendKey4`]) -> the one VIP:port
+    /// ([`super::RevNat`]) whose flows to it need no `xlb_revnat4` entry of their own.
+    /// Written by the programs (first VIP to reach a backend), never by the agent.
+    pub const REVHINT4: &str = "xlb_revhint4";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 17] = [
+    pub const ALL_MAPS: [&str; 18] = [
         SERVICES4,
         SERVICES6,
         MAGLEV,
@@ -71,6 +75,7 @@ pub mod names {
         HANDOFF,
         OWNERS,
         PEER_DEVS,
+        REVHINT4,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -437,6 +442,21 @@ pub struct RevNat {
     pub pad: u8,
 }
 
+/// Key of `xlb_revhint4`: a local backend's IPv4 address, port and protocol, the
+/// source of its replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendKey4 {
+    /// Backend address, network order.
+    pub addr: [u8; 4],
+    /// Backend port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
 /// Bytes of [`Owner::text`].
 pub const OWNER_TEXT_LEN: usize = 252;
 
@@ -706,6 +726,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::BackendKey4 {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::AffinityKey {}
@@ -785,6 +806,7 @@ mod layout {
         assert_eq!(offset_of!(CtEntry, service_id), 48);
         assert_eq!(offset_of!(CtEntry, flags), 52);
         assert_eq!(size_of::<RevNat>(), 20);
+        assert_eq!(size_of::<BackendKey4>(), 8);
         assert_eq!(offset_of!(RevNat, port), 16);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(offset_of!(Counter, bytes), 8);

@@ -26,7 +26,7 @@ use xlb_common::{
 
 use crate::{
     csum,
-    maps::{CONNTRACK4, REVNAT4, SERVICES4, count},
+    maps::{CONNTRACK4, SERVICES4, count},
     packet::{IP_OFF, L4_OFF, ptr_at},
 };
 
@@ -231,8 +231,7 @@ fn egress_nat(ctx: &TcContext) -> Option<()> {
         return None;
     }
     let reply = q.reversed();
-    // SAFETY: plain data copied out at once.
-    let rn = *unsafe { REVNAT4.get(&reply) }?;
+    let rn = crate::lb::reverse(&reply)?;
     let vip = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];
     let vport = u16::to_ne_bytes(rn.port);
     let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;

@@ -8,13 +8,14 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use xlb_common::{
-    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, CT_F_CLOSING, FAMILY_V4, FlowKey4, PROTO_TCP, Reason,
+    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, BackendKey4, RevNat, CT_F_CLOSING, FAMILY_V4, FlowKey4, PROTO_TCP, Reason,
     SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, timeouts,
 };
 
 use crate::{
     maps::{
-        AFFINITY, BACKENDS, CONNTRACK4, MAGLEV, REVNAT4, RangeKey, SCRATCH, SOURCE_RANGES, count,
+        AFFINITY, BACKENDS, CONNTRACK4, MAGLEV, REVHINT4, REVNAT4, RangeKey, SCRATCH,
+        SOURCE_RANGES, count,
     },
     packet::{Flow4, addr16},
 };
@@ -194,9 +195,10 @@ fn record(svc: &Service, key: &FlowKey4, tcp_flags: u8, now: u64, id: u32, backe
     s.rev.pad = 0;
     // Reverse NAT first: once conntrack names the backend, replies must already map
     // back to the VIP. A remote backend's replies leave from its own node, which
-    // records its own reverse NAT.
-    let rev_ok =
-        backend.flags & BACKEND_F_REMOTE != 0 || REVNAT4.insert(&s.reply, &s.rev, 0).is_ok();
+    // records its own reverse NAT; a backend hinted to this VIP:port needs none.
+    let rev_ok = backend.flags & BACKEND_F_REMOTE != 0
+        || hinted(&s.reply, &s.rev)
+        || REVNAT4.insert(&s.reply, &s.rev, 0).is_ok();
     if !rev_ok {
         count(Reason::CtInsertFailed);
     }
@@ -207,4 +209,58 @@ fn record(svc: &Service, key: &FlowKey4, tcp_flags: u8, now: u64, id: u32, backe
     } else if CONNTRACK4.insert(key, &s.ct, 0).is_err() {
         count(Reason::CtInsertFailed);
     }
+}
+
+/// The `xlb_revhint4` key of a reply flow's source (the backend).
+#[inline(always)]
+fn hint_key(reply: &FlowKey4) -> BackendKey4 {
+    BackendKey4 {
+        addr: reply.src,
+        port: reply.sport,
+        proto: reply.proto,
+        pad: 0,
+    }
+}
+
+/// Whether replies of a new flow whose reply is `reply` will find `rev` through the
+/// backend's hint ([`crate::maps::REVHINT4`]), making the hint when the backend has
+/// none. A hint is only ever inserted (`BPF_NOEXIST`), never replaced: flows that
+/// rely on it keep working whatever other VIPs later reach the same backend.
+#[inline(always)]
+fn hinted(reply: &FlowKey4, rev: &RevNat) -> bool {
+    let k = hint_key(reply);
+    // SAFETY: plain data compared at once.
+    match unsafe { REVHINT4.get(&k) } {
+        Some(h) => h.addr == rev.addr && h.port == rev.port,
+        // Loses to another CPU's hint for the same backend: that one may name
+        // another VIP, so this flow records its own reverse NAT.
+        None => REVHINT4.insert(&k, rev, BPF_NOEXIST as u64).is_ok(),
+    }
+}
+
+/// The VIP:port a reply flow (backend -> client) of a DNATed flow must come from:
+/// its `xlb_revnat4` entry, else its backend's hint when the client's flow to that
+/// VIP:port is tracked to exactly this backend (so nothing a pod sends outside a
+/// DNATed flow is ever rewritten).
+#[inline(always)]
+pub fn reverse(reply: &FlowKey4) -> Option<RevNat> {
+    // SAFETY: plain data copied out at once.
+    if let Some(rn) = unsafe { REVNAT4.get(reply) } {
+        return Some(*rn);
+    }
+    // SAFETY: plain data copied out at once.
+    let h = *unsafe { REVHINT4.get(&hint_key(reply)) }?;
+    let fwd = FlowKey4 {
+        src: reply.dst,
+        dst: [h.addr[0], h.addr[1], h.addr[2], h.addr[3]],
+        sport: reply.dport,
+        dport: h.port,
+        proto: reply.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: plain data compared at once.
+    let ct = unsafe { CONNTRACK4.get(&fwd) }?;
+    let b = &ct.backend;
+    (b.flags & BACKEND_F_REMOTE == 0 && b.addr[..4] == reply.src && b.port == reply.sport)
+        .then_some(h)
 }

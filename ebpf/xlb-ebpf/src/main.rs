@@ -9,7 +9,7 @@
 //!   local pod straight into the pod's namespace (`bpf_redirect_peer`), and sends
 //!   encapsulated packets whose next hop is unresolved (`bpf_redirect_neigh`).
 //! - `xlb_tc_egress` (TC egress, same interface): a reply from a backend gets its
-//!   source rewritten back to VIP:port (`revnat` map), so the client only ever talks
+//!   source rewritten back to VIP:port (`lb::reverse`), so the client only ever talks
 //!   to the VIP while the pod sees the client's real address.
 #![no_std]
 #![no_main]
@@ -36,7 +36,7 @@ use xlb_common::{
 };
 
 use crate::{
-    maps::{BACKEND_STATS, REVNAT4, SERVICE_STATS, SERVICES4, add, count},
+    maps::{BACKEND_STATS, SERVICE_STATS, SERVICES4, add, count},
     packet::{
         IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, NotFlow, TCP_CSUM_OFF, UDP_CSUM_OFF,
         parse4, ptr_at,
@@ -269,9 +269,7 @@ pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
 /// checksum helpers, which also handle CHECKSUM_PARTIAL skbs from local pods.
 #[inline(always)]
 fn rev_nat(ctx: &TcContext, flow: &packet::Flow4) -> Option<()> {
-    let key = lb::flow_key(flow);
-    // SAFETY: plain data copied out at once.
-    let rn = *unsafe { REVNAT4.get(&key) }?;
+    let rn = lb::reverse(&lb::flow_key(flow))?;
     let new_src = [rn.addr[0], rn.addr[1], rn.addr[2], rn.addr[3]];
     let new_port = u16::to_ne_bytes(rn.port);
     let (csum_off, mangled) = if flow.proto == PROTO_TCP {

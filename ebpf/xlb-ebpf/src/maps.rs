@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xlb_common::{
-    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
+    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
     Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange, config, limits,
 };
 
@@ -50,10 +50,27 @@ pub static BACKENDS: HashMap<u32, Backend, { limits::MAX_BACKENDS as usize }> = 
 pub static CONNTRACK4: LruHashMap<FlowKey4, CtEntry, { limits::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
 
-/// Reply flow (backend -> client) -> VIP:port to restore as the reply's source.
+/// Reply flow (backend -> client) -> VIP:port to restore as the reply's source, for
+/// the flows [`REVHINT4`] does not cover.
 #[btf_map(name = "xlb_revnat4")]
 pub static REVNAT4: LruHashMap<FlowKey4, RevNat, { limits::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// Local backend -> the VIP:port of the first flow that reached it. A new flow through
+/// that VIP:port records no [`REVNAT4`] entry (an LRU insert, with an eviction once the
+/// map is full: about half of a new flow's cost): its replies find the VIP here and
+/// are confirmed by the flow's conntrack entry (`lb::reverse`). A backend reached
+/// through several VIPs keeps the first; flows through the others record their own
+/// reverse NAT as before. Never evicted or rewritten, so a hint never changes under
+/// a flow that relies on it; once full, new backends simply get no hint. Allocated on
+/// insert (one entry per backend address, not per flow).
+#[btf_map(name = "xlb_revhint4")]
+pub static REVHINT4: HashMap<
+    BackendKey4,
+    RevNat,
+    { limits::MAX_BACKENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Per-CPU traffic per service, at `xlb_common::service_slot(id)`: an array, so the
 /// lookup is a bounds check and an offset (the JIT inlines it), not a hash.

@@ -1,0 +1,111 @@
+//! The Grafana dashboard (`deploy/grafana/xlb.json`) cannot rot: every metric it queries
+//! must be in a real scrape of a lab agent that has served traffic. Needs root and the
+//! built binary (`XLB_BIN`, else `target/release/xlb`).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use xlb_lab::lab::{Lab, REPLY_TIMEOUT, SOON};
+use xlb_lab::manifests::{EndpointSpec, web_udp_vip, web_yaml, write_atomic};
+
+/// Every `expr` of every panel target and templating query, recursively.
+fn exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", Value::String(s)) => out.push(s.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The `xlb_*` identifiers of a PromQL expression.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("xlb_") {
+        let start = i + at;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(expr.len(), |n| start + n);
+        if boundary {
+            names.insert(expr[start..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/xlb.json");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let panels = dashboard["panels"].as_array().context("panels")?;
+    let ids: BTreeSet<u64> = panels.iter().filter_map(|p| p["id"].as_u64()).collect();
+    ensure!(
+        ids.len() == panels.len(),
+        "panel ids must be unique and present"
+    );
+    let mut all = Vec::new();
+    exprs(&dashboard, &mut all);
+    let wanted: BTreeSet<String> = all.iter().flat_map(|e| metric_names(e)).collect();
+    ensure!(wanted.len() >= 10, "the dashboard queries only {wanted:?}");
+
+    let mut lab = Lab::one_node(2)?;
+    let eps: Vec<EndpointSpec> = lab
+        .node()
+        .pods
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
+        .collect();
+    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    let replies = lab.client.udp_flows(web_udp_vip(), 10, REPLY_TIMEOUT)?;
+    ensure!(
+        replies.len() == 10,
+        "{} of 10 UDP flows answered",
+        replies.len()
+    );
+    // A broken manifest, so that the config-error series exists (it has no series
+    // until an error of some kind has been counted).
+    write_atomic(
+        &lab.node().manifests_dir.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: [not, a, map\n",
+    )?;
+    xlb_lab::poll(
+        "the broken manifest to be counted",
+        SOON,
+        std::time::Duration::from_millis(50),
+        || {
+            Ok(lab
+                .agent()?
+                .metric("xlb_config_errors_total", &[])
+                .ok()
+                .filter(|n| *n >= 1.0))
+        },
+    )?;
+    let samples = lab.agent()?.metrics()?;
+    let exported: BTreeSet<&str> = samples.iter().map(|s| s.name.as_str()).collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|m| !exported.contains(m.as_str()))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "the dashboard queries metrics no agent exports: {missing:?} (exported: {exported:?})"
+    );
+    Ok(())
+}

@@ -15,7 +15,7 @@ use crate::dataplane::{
 };
 
 /// What to show.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum What {
     /// Every programmed frontend with its Service, policy, backends and counters.
     Services,
@@ -24,6 +24,33 @@ pub enum What {
     /// The tracked IPv4 flows (client -> frontend -> backend), optionally only those
     /// to one frontend address.
     Conntrack(Option<std::net::IpAddr>),
+    /// How each Maglev table of a Service (`namespace/name`, or one port of it as
+    /// `namespace/name:port`) shares its slots among the backends.
+    Maglev(String),
+    /// The node settings the datapath runs with (`xlb_config`).
+    Config,
+}
+
+/// One backend's share of a Maglev table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShareRow {
+    /// The frontend whose table it is.
+    pub frontend: String,
+    /// The backend.
+    pub backend: String,
+    /// Its slots.
+    pub slots: u32,
+    /// Of how many.
+    pub of: u32,
+}
+
+/// One `xlb_config` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigRow {
+    /// What it is (`raw key N` for a key this build does not know).
+    pub key: String,
+    /// Its value, decoded where the meaning is known.
+    pub value: String,
 }
 
 /// Why inspecting failed.
@@ -38,6 +65,126 @@ pub enum InspectError {
     /// JSON encoding failed.
     #[error("encoding JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// No programmed frontend belongs to the named Service.
+    #[error(
+        "no programmed frontend belongs to Service {0:?} (namespace/name or namespace/name:port)"
+    )]
+    NoService(String),
+}
+
+/// Whether `row` is a frontend of `service` (`namespace/name` or `namespace/name:port`).
+fn matches_service(row: &ServiceRow, service: &str) -> bool {
+    let Some(name) = &row.service else {
+        return false;
+    };
+    match service.split_once(':') {
+        Some((svc, port)) => svc == name && row.port_name.as_deref() == Some(port),
+        None => service == name,
+    }
+}
+
+/// The slot share of each backend in the active table of each of `service`'s frontends.
+fn maglev_shares(state: &MapState, rows: &[ServiceRow], service: &str) -> Vec<ShareRow> {
+    let mut out = Vec::new();
+    for row in rows.iter().filter(|r| matches_service(r, service)) {
+        let Some(svc) = state.services.values().find(|s| s.id == row.id) else {
+            continue;
+        };
+        let Some(table) = state.tables.get(&svc.table) else {
+            continue;
+        };
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in table.iter() {
+            *counts.entry(*id).or_default() += 1;
+        }
+        for (id, n) in counts {
+            let backend = state.backends.get(&id).map_or_else(
+                || format!("id {id} (raw)"),
+                |b| state::backend_addr(b).to_string(),
+            );
+            out.push(ShareRow {
+                frontend: row.frontend.clone(),
+                backend,
+                slots: n,
+                of: table.len() as u32,
+            });
+        }
+    }
+    out
+}
+
+/// `xlb_config`, decoded.
+fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
+    use aya::maps::{Array, Map, MapData};
+    use xlb_common::{config, names};
+    let map: Array<MapData, u64> = Array::try_from(Map::Array(
+        MapData::from_pin(pin_path.join(names::CONFIG))
+            .map_err(dataplane::map_err(names::CONFIG))?,
+    ))
+    .map_err(dataplane::map_err(names::CONFIG))?;
+    let mut rows = Vec::new();
+    for key in 0..map.len() {
+        let v = map
+            .get(&key, 0)
+            .map_err(dataplane::map_err(names::CONFIG))?;
+        let (name, value) = match key {
+            config::FORWARD_MODE => (
+                "forward",
+                if v == 0 {
+                    "pass".into()
+                } else {
+                    format!("redirect ({v})")
+                },
+            ),
+            config::NEXT_SERVICE_ID => ("next service id", v.to_string()),
+            config::NEXT_BACKEND_ID => ("next backend id", v.to_string()),
+            config::NODE_IP => (
+                "node ip",
+                if v == 0 {
+                    "unset (no IPIP, no SNAT)".into()
+                } else {
+                    std::net::Ipv4Addr::from((v as u32).to_ne_bytes()).to_string()
+                },
+            ),
+            config::IFACE_MAC => (
+                "uplink mac",
+                if v == 0 {
+                    "unset (no check)".into()
+                } else {
+                    let b = v.to_ne_bytes();
+                    format!(
+                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        b[0], b[1], b[2], b[3], b[4], b[5]
+                    )
+                },
+            ),
+            config::CLUSTER_MODE => (
+                "cluster mode",
+                if v == 0 { "dsr".into() } else { "snat".into() },
+            ),
+            config::XDP_MODE => (
+                "xdp mode",
+                match v {
+                    1 => "native".into(),
+                    2 => "generic".into(),
+                    _ => "unknown".into(),
+                },
+            ),
+            _ => ("", v.to_string()),
+        };
+        if name.is_empty() && v == 0 {
+            continue;
+        }
+        rows.push(ConfigRow {
+            key: if name.is_empty() {
+                format!("raw key {key}")
+            } else {
+                name.to_string()
+            },
+            value,
+        });
+    }
+    Ok(rows)
 }
 
 /// One programmed frontend (`xlb_services` key other than the per-VIP ICMP keys).
@@ -120,6 +267,20 @@ pub fn run(
         }
         return Ok(());
     }
+    if let What::Config = what {
+        let rows = config_rows(pin_path)?;
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &rows)?;
+            writeln!(out)?;
+        } else {
+            let table: Vec<[String; 2]> = rows
+                .iter()
+                .map(|r| [r.key.clone(), r.value.clone()])
+                .collect();
+            print_table(["KEY", "VALUE"], &table, out)?;
+        }
+        return Ok(());
+    }
     let state = dataplane::read_pinned_state(pin_path)?;
     let stats = Stats::open(pin_path)?.read(
         state.services.values().map(|s| s.id).filter(|id| *id != 0),
@@ -145,7 +306,35 @@ pub fn run(
                 print_backends(&rows, out)?;
             }
         }
-        What::Conntrack(_) => {}
+        What::Maglev(service) => {
+            let rows = service_rows(&state, &stats, &backends);
+            let shares = maglev_shares(&state, &rows, &service);
+            if shares.is_empty() && !rows.iter().any(|r| matches_service(r, &service)) {
+                return Err(InspectError::NoService(service));
+            }
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &shares)?;
+                writeln!(out)?;
+            } else {
+                let table: Vec<[String; 3]> = shares
+                    .iter()
+                    .map(|r| {
+                        [
+                            r.frontend.clone(),
+                            r.backend.clone(),
+                            format!(
+                                "{} of {} ({:.1}%)",
+                                r.slots,
+                                r.of,
+                                100.0 * f64::from(r.slots) / f64::from(r.of.max(1))
+                            ),
+                        ]
+                    })
+                    .collect();
+                print_table(["FRONTEND", "BACKEND", "SLOTS"], &table, out)?;
+            }
+        }
+        What::Conntrack(_) | What::Config => {}
     }
     Ok(())
 }

@@ -99,7 +99,7 @@ enum Command {
 }
 
 /// What `xlb inspect` shows.
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Inspect {
     /// Every programmed frontend (VIP, external IP, node port): its Service, policy,
     /// backends and packet count.
@@ -112,6 +112,13 @@ enum Inspect {
         #[arg(long)]
         vip: Option<std::net::IpAddr>,
     },
+    /// How a Service's Maglev tables share their slots among its backends.
+    Maglev {
+        /// `namespace/name`, or `namespace/name:port` for one port.
+        service: String,
+    },
+    /// The node settings the datapath runs with.
+    Config,
 }
 
 /// Output format of `xlb inspect`.
@@ -225,6 +232,8 @@ fn main() -> anyhow::Result<()> {
                 Inspect::Services => xlb::inspect::What::Services,
                 Inspect::Backends => xlb::inspect::What::Backends,
                 Inspect::Conntrack { vip } => xlb::inspect::What::Conntrack(vip),
+                Inspect::Maglev { service } => xlb::inspect::What::Maglev(service),
+                Inspect::Config => xlb::inspect::What::Config,
             };
             let json = matches!(output, Output::Json);
             xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())

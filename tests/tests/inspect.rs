@@ -117,6 +117,33 @@ fn inspect_shows_services_and_backends_of_a_running_and_a_stopped_agent() -> Res
         ensure!(f["expires_in_s"].as_i64() > Some(0), "{f}");
     }
 
+    let shares: Value =
+        serde_json::from_str(&inspect(&lab, &["maglev", "demo/web:dns", "-o", "json"])?)?;
+    let shares = shares.as_array().context("an array of shares")?;
+    let slots: Vec<u64> = shares.iter().filter_map(|r| r["slots"].as_u64()).collect();
+    ensure!(
+        slots.len() == 2
+            && slots.iter().all(|n| *n > 0)
+            && shares
+                .iter()
+                .all(|r| r["of"].as_u64() == Some(slots.iter().sum())),
+        "two backends share the whole table: {shares:?}"
+    );
+    let config = inspect(&lab, &["config"])?;
+    ensure!(
+        config.contains("next service id") && config.contains("xdp mode"),
+        "{config}"
+    );
+    let unknown = Command::new(xlb_bin()?)
+        .args(["inspect", "maglev", "demo/nothing", "--pin-path"])
+        .arg(&lab.node().pin_dir)
+        .output()?;
+    ensure!(
+        !unknown.status.success()
+            && String::from_utf8_lossy(&unknown.stderr).contains("demo/nothing"),
+        "inspect maglev of an unknown Service: {unknown:?}"
+    );
+
     // The agent stopped (SIGTERM): the datapath stays pinned, and inspect reads it.
     lab.agent()?.stop()?;
     let stopped = services(&lab)?;

@@ -8,8 +8,8 @@ use std::{io, mem::size_of, path::Path};
 
 use aya::maps::{MapInfo, MapType};
 use xlb_common::{
-    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
-    Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
+    Affinity, AffinityKey, Backend, Counter, CtEntry, FlowKey4, Handoff, L2Vip, Owner, Reason,
+    RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
 };
 
 /// One map as the programs define it.
@@ -166,6 +166,20 @@ pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
         U32,
         U32,
         limits::MAX_PEER_DEVS,
+    ),
+    layout(
+        names::L2_VIPS4,
+        MapType::Hash,
+        U32,
+        size_of::<L2Vip>(),
+        limits::MAX_L2_VIPS,
+    ),
+    layout(
+        names::L2_STATS4,
+        MapType::PerCpuHash,
+        U32,
+        size_of::<u64>(),
+        limits::MAX_L2_VIPS,
     ),
 ];
 

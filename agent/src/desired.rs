@@ -451,6 +451,7 @@ mod tests {
             affinity_timeout: None,
             health_check_node_port: None,
             created: None,
+            labels: BTreeMap::new(),
             ports: vec![ServicePort {
                 index: 0,
                 name: "http".into(),
@@ -470,6 +471,7 @@ mod tests {
                 .map(|(name, s)| (ServiceRef::new("default", name), s))
                 .collect(),
             nodes: BTreeMap::new(),
+            l2_announcements: BTreeMap::new(),
         }
     }
 

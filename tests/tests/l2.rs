@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use xlb_lab::arp::{Mac, mac_of, neighbour, who_has};
-use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, SOON, UPLINK};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, POD_GATEWAY, SOON, UPLINK};
 use xlb_lab::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, multi_doc, service_yaml, web_ports,
     web_slice_yaml, write_atomic,
@@ -57,18 +57,37 @@ fn owners(lab: &mut Lab, skip: &BTreeSet<String>) -> Result<Vec<String>> {
 /// Polls until exactly one node (outside `skip`) owns the VIP other than `not`, and
 /// returns it.
 fn wait_owner(lab: &mut Lab, skip: &BTreeSet<String>, not: Option<&str>) -> Result<String> {
-    poll(
+    let found = poll(
         "one owner of the VIP",
         SOON,
         Duration::from_millis(10),
         || {
             let o = owners(lab, skip)?;
-            Ok(match &o[..] {
-                [one] if Some(one.as_str()) != not => Some(one.clone()),
-                _ => None,
-            })
+            match &o[..] {
+                [one] if Some(one.as_str()) != not => Ok(Some(one.clone())),
+                _ => Err(anyhow::anyhow!("owners {o:?}")),
+            }
         },
-    )
+    );
+    found.map_err(|e| {
+        let logs: Vec<String> = lab
+            .nodes
+            .iter_mut()
+            .map(|n| {
+                let name = n.name.clone();
+                let log = n.agent().map(|a| a.log()).unwrap_or_default();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("L2") || l.contains("member"))
+                    .collect();
+                format!(
+                    "{name}:\n{}",
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                )
+            })
+            .collect();
+        e.context(logs.join("\n"))
+    })
 }
 
 /// Polls until ARP for the VIP is answered by `mac` alone.
@@ -91,8 +110,9 @@ fn mac_named(macs: &[(String, Mac)], name: &str) -> Result<Mac> {
         .with_context(|| format!("no node {name}"))
 }
 
-#[test]
-fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
+/// Three nodes with one pod each, every pod an endpoint of the Local UDP/TCP
+/// Service on [`VIP`], one L2Announcement for everything; agents started.
+fn l2_lab() -> Result<Lab> {
     let mut lab = Lab::multi_node(&[1, 1, 1].map(NodeSpec::with_pods))?;
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
@@ -118,6 +138,12 @@ fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
     write_atomic(&dir.join("web.yaml"), &web)?;
     write_atomic(&dir.join("l2.yaml"), L2_ALL)?;
     lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    Ok(lab)
+}
+
+#[test]
+fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
+    let mut lab = l2_lab()?;
     let macs = macs(&lab)?;
     let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
 
@@ -229,5 +255,132 @@ fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
         report.by_server
     );
     wait_sole_answerer(&lab, mac_named(&macs, &third)?)?;
+    Ok(())
+}
+
+/// How an owner fails in [`failover_gap`].
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// Its agent is SIGKILLed (the datapath stays, pinned).
+    Sigkill,
+    /// Its uplink is set down.
+    LinkDown,
+}
+
+/// One failover: waits for a settled sole owner, starts the 10 ms UDP ticker, fails
+/// the owner, waits until another node owns the VIP and 50 more tickets came back,
+/// then repairs the failed node (agent restarted / link up) and waits for one sole
+/// answerer again. Returns the ticker's largest gap and the time to the new owner.
+fn failover_gap(lab: &mut Lab, how: Failure) -> Result<(Duration, Duration)> {
+    let macs = macs(lab)?;
+    let none = BTreeSet::new();
+    let owner = wait_owner(lab, &none, None)?;
+    wait_sole_answerer(lab, mac_named(&macs, &owner)?)?;
+    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
+    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
+    ticker.wait_received(20, SOON)?;
+    let failed_at = Instant::now();
+    match how {
+        Failure::Sigkill => {
+            lab.node_named_mut(&owner)?.agent()?.kill()?;
+        }
+        Failure::LinkDown => {
+            let ns = &lab.node_named(&owner)?.host.ns;
+            ns.ip(&["link", "set", UPLINK, "down"])?;
+        }
+    }
+    let failed = BTreeSet::from([owner.clone()]);
+    let next = wait_owner(lab, &failed, Some(&owner))?;
+    let takeover = failed_at.elapsed();
+    let n = ticker.received();
+    ticker.wait_received(n + 50, SOON)?;
+    let report = ticker.finish(Duration::from_millis(500))?;
+    ensure!(
+        report
+            .by_server
+            .keys()
+            .any(|s| s.starts_with(&format!("{next}-"))),
+        "traffic never reached {next}: {:?}",
+        report.by_server
+    );
+    match how {
+        Failure::Sigkill => {
+            let agent = lab.node_named_mut(&owner)?.agent()?;
+            agent.start_again()?;
+            agent.wait_healthy(SOON)?;
+        }
+        Failure::LinkDown => {
+            let ns = &lab.node_named(&owner)?.host.ns;
+            ns.ip(&["link", "set", UPLINK, "up"])?;
+            // Setting the link down took its routes with it; pods reach their gateway
+            // through this one (see the lab's proxy-ARP note).
+            ns.ip(&[
+                "route",
+                "replace",
+                &format!("{POD_GATEWAY}/32"),
+                "dev",
+                UPLINK,
+            ])?;
+        }
+    }
+    // Settled again: every agent sees all three alive (the repaired node has
+    // rejoined, and taken back what election gives it).
+    poll(
+        "membership settles",
+        SOON,
+        Duration::from_millis(20),
+        || {
+            for node in &mut lab.nodes {
+                let alive = node
+                    .agent()?
+                    .metric("xlb_l2_members", &[("state", "alive")])?;
+                if alive != 3.0 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )?;
+    Ok((report.max_gap, takeover))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median_ms(v: &[Duration]) -> f64 {
+    let mut v: Vec<f64> = v.iter().map(|d| ms(*d)).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Issue 17 test 2: five failovers of each kind, every one recovering; the gaps the
+/// client's 10 ms ticker saw are printed (not asserted: a shared CI machine is no
+/// stopwatch; the bench reports them).
+#[test]
+fn l2_failover_gaps_over_runs() -> Result<()> {
+    const RUNS: usize = 5;
+    let mut lab = l2_lab()?;
+    for how in [Failure::Sigkill, Failure::LinkDown] {
+        let mut gaps = Vec::new();
+        let mut takeovers = Vec::new();
+        for run in 1..=RUNS {
+            let (gap, takeover) =
+                failover_gap(&mut lab, how).with_context(|| format!("{how:?} run {run}"))?;
+            println!(
+                "{how:?} run {run}: ticker max gap {:.0} ms, new owner after {:.0} ms",
+                ms(gap),
+                ms(takeover)
+            );
+            gaps.push(gap);
+            takeovers.push(takeover);
+        }
+        println!(
+            "{how:?}: median max gap {:.0} ms (worst {:.0} ms), median takeover {:.0} ms over {RUNS} runs",
+            median_ms(&gaps),
+            gaps.iter().map(|d| ms(*d)).fold(0.0, f64::max),
+            median_ms(&takeovers)
+        );
+    }
     Ok(())
 }

@@ -29,8 +29,12 @@ pub const REFRESH: Duration = Duration::from_millis(100);
 /// How far ahead of now the deadline is set: a dead agent's datapath stops
 /// answering ARP at most this long after the agent's last refresh.
 pub const DEADMAN: Duration = Duration::from_millis(400);
-/// Gratuitous ARPs after a takeover: one at once, then these many one second apart.
-pub const GARP_REPEATS: u32 = 3;
+/// When gratuitous ARPs go out after a takeover, from the takeover. Linux ignores an
+/// ARP that would change a neighbour entry updated less than `locktime` ago (1 s by
+/// default, `arp_process` in net/ipv4/arp.c), so one GARP at once can be ignored by a
+/// client that just refreshed its entry: the first second is covered every 250 ms,
+/// then one a second for two more.
+pub const GARP_SCHEDULE_MS: [u64; 7] = [0, 250, 500, 750, 1000, 2000, 3000];
 /// After start or after the link comes back, VIPs are claimed only once every peer
 /// in the plan answered, or after this long: a node that has not heard its peers yet
 /// would otherwise claim every VIP for a moment.
@@ -126,8 +130,13 @@ struct L2 {
     timers: Vec<(Instant, Timer<NodeId>)>,
     /// VIPs programmed into `xlb_l2_vips4`.
     owned: BTreeSet<Ipv4Addr>,
-    /// Pending gratuitous ARPs: VIP -> (next send, repeats left).
-    garps: BTreeMap<Ipv4Addr, (Instant, u32)>,
+    /// VIPs a previous agent left in `xlb_l2_vips4`: kept while joining, and
+    /// announced again (GARP) if election gives them to this node, since another
+    /// node may have taken them over meanwhile.
+    inherited: BTreeSet<Ipv4Addr>,
+    /// Pending gratuitous ARPs: VIP -> (takeover time, next index in
+    /// [`GARP_SCHEDULE_MS`]).
+    garps: BTreeMap<Ipv4Addr, (Instant, usize)>,
     /// Per-VIP ARP replies already exported.
     replies: BTreeMap<Ipv4Addr, u64>,
     link_up: bool,
@@ -187,6 +196,7 @@ pub async fn start(
         maps,
         plan: plan.borrow().clone(),
         timers: Vec::new(),
+        inherited: owned.clone(),
         owned,
         garps: BTreeMap::new(),
         replies: BTreeMap::new(),
@@ -348,8 +358,11 @@ impl L2 {
             .map(|m| m.id().name.clone())
             .collect();
         live.insert(self.me.name.clone());
-        let peers_in = self.plan.peers.keys().all(|p| live.contains(p));
-        let want: BTreeSet<Ipv4Addr> = if !self.link_up || (now < self.claim_after && !peers_in) {
+        // No peers known yet (no plan before the first sync) counts as not joined.
+        let peers_in =
+            !self.plan.peers.is_empty() && self.plan.peers.keys().all(|p| live.contains(p));
+        let joining = self.link_up && now < self.claim_after && !peers_in;
+        let want: BTreeSet<Ipv4Addr> = if !self.link_up || joining {
             // Link down: give everything up at once. Still joining: claim nothing
             // new, keep what is held (a restarted agent keeps serving).
             if self.link_up {
@@ -367,10 +380,20 @@ impl L2 {
                 })
                 .collect()
         };
+        let l2 = self.metrics.l2.clone();
+        if !joining {
+            for vip in std::mem::take(&mut self.inherited) {
+                if want.contains(&vip) && self.owned.contains(&vip) {
+                    self.garps.insert(vip, (now, 0));
+                    info!(%vip, "L2: kept VIP a previous agent held; announcing it");
+                }
+            }
+        }
+        l2.owned.set(self.owned.len() as i64);
         if want == self.owned {
+            self.send_garps();
             return;
         }
-        let l2 = self.metrics.l2.clone();
         for vip in self.owned.difference(&want).copied().collect::<Vec<_>>() {
             let key = u32::from_ne_bytes(vip.octets());
             if let Err(e) = self.maps.vips.remove(&key) {
@@ -401,7 +424,7 @@ impl L2 {
                 continue;
             }
             self.owned.insert(vip);
-            self.garps.insert(vip, (now, GARP_REPEATS + 1));
+            self.garps.insert(vip, (now, 0));
             l2.changes
                 .get_or_create(&vec![("change", "acquired".into())])
                 .inc();
@@ -414,8 +437,11 @@ impl L2 {
     /// Sends the gratuitous ARPs that are due.
     fn send_garps(&mut self) {
         let now = Instant::now();
-        for (vip, (at, left)) in self.garps.iter_mut() {
-            if *at > now || *left == 0 {
+        for (vip, (since, next)) in self.garps.iter_mut() {
+            let due = GARP_SCHEDULE_MS
+                .get(*next)
+                .is_some_and(|ms| *since + Duration::from_millis(*ms) <= now);
+            if !due {
                 continue;
             }
             match self.garp.send(&announce::announcement(*vip, self.mac)) {
@@ -424,10 +450,10 @@ impl L2 {
                 }
                 Err(e) => warn!(%vip, error = %e, "sending a gratuitous ARP"),
             }
-            *left -= 1;
-            *at = now + Duration::from_secs(1);
+            *next += 1;
         }
-        self.garps.retain(|_, (_, left)| *left > 0);
+        self.garps
+            .retain(|_, (_, next)| *next < GARP_SCHEDULE_MS.len());
     }
 
     /// Pushes the datapath's dead-man deadline forward.

@@ -2112,7 +2112,7 @@ spec:
         let node = |name: &str, addrs: &[&str]| model::Node {
             name: name.into(),
             internal_ips: ips(addrs),
-            labels: BTreeMap::new(),
+            labels: BTreeMap::from([("kubernetes.io/hostname".into(), name.into())]),
             origin: path.display().to_string(),
         };
         assert_eq!(

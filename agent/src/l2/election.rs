@@ -85,20 +85,17 @@ impl Plan {
     }
 }
 
-/// Nodes hosting an endpoint the datapath would use for `svc`: ready ones, or, when
-/// a port has none, serving ones (kube-proxy's rule, as in `desired`).
+/// Nodes hosting an endpoint the datapath would use for `svc` there: ready and
+/// serving, or, as a node's fallback when it has no such endpoint, serving and
+/// terminating (`desired`'s rule, decided per node for Local policy). So a node is
+/// eligible exactly when it is not unwilling (`xlb_unwilling_vips`).
 fn local_endpoint_nodes(svc: &Service) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for port in &svc.ports {
-        let ready = port.endpoints.iter().any(|e| e.ready);
-        out.extend(
-            port.endpoints
-                .iter()
-                .filter(|e| if ready { e.ready } else { e.serving })
-                .filter_map(|e| e.node_name.clone()),
-        );
-    }
-    out
+    svc.ports
+        .iter()
+        .flat_map(|p| &p.endpoints)
+        .filter(|e| e.serving && (e.ready || e.terminating))
+        .filter_map(|e| e.node_name.clone())
+        .collect()
 }
 
 /// The rendezvous weight of `node` for `vip`: FNV-1a over both, then a 64-bit
@@ -178,6 +175,98 @@ mod tests {
                 assert_eq!(before, after, "a live node's VIP moved");
             }
         }
+    }
+
+    /// The three-node lab (node-a/b/c; `web` Local with endpoints on node-a and
+    /// node-b, `admin` and `api` Cluster) with L2Announcements added.
+    fn lab_with(ads: &[(&str, crate::model::L2Announcement)]) -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../source/testdata/three-nodes.yaml");
+        std::fs::write(dir.path().join("lab.yaml"), text).unwrap();
+        let mut snap = crate::source::manifests::ManifestSource::new(dir.path())
+            .load()
+            .snapshot;
+        for (name, ad) in ads {
+            snap.l2_announcements.insert(name.to_string(), ad.clone());
+        }
+        snap
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn plan_follows_announcements_selectors_and_local_endpoints() {
+        use crate::model::{L2Announcement, LabelSelector, TrafficPolicy};
+        // No announcement: nothing is announced.
+        assert!(Plan::from_model(&lab_with(&[]), "eth0").vips.is_empty());
+        let every = L2Announcement::default();
+        let snap = lab_with(&[("x/all", every.clone())]);
+        let plan = Plan::from_model(&snap, "eth0");
+        assert_eq!(plan.peers.len(), 3);
+        assert_eq!(plan.peers["node-c"], "10.0.0.13".parse::<IpAddr>().unwrap());
+        for svc in snap.services.values() {
+            for vip in &svc.vips {
+                let want = if svc.traffic_policy == TrafficPolicy::Local {
+                    // Only nodes with a usable local endpoint.
+                    svc.ports
+                        .iter()
+                        .flat_map(|p| &p.endpoints)
+                        .filter(|e| e.serving && (e.ready || e.terminating))
+                        .filter_map(|e| e.node_name.clone())
+                        .collect()
+                } else {
+                    set(&["node-a", "node-b", "node-c"])
+                };
+                assert_eq!(plan.vips[vip], want, "{vip}");
+            }
+        }
+        // node-b has only a draining (serving, terminating) endpoint: still eligible,
+        // as it is not unwilling; node-c has none.
+        let local: IpAddr = "10.0.100.2".parse().unwrap();
+        assert_eq!(plan.vips[&local], set(&["node-a", "node-b"]));
+        // Another interface: not this node's announcement.
+        let other_if = L2Announcement {
+            interfaces: vec!["eth1".into()],
+            ..every.clone()
+        };
+        assert!(
+            Plan::from_model(&lab_with(&[("x/if", other_if)]), "eth0")
+                .vips
+                .is_empty()
+        );
+        // Node selector: only node-b may announce.
+        let only_b = L2Announcement {
+            node_selectors: vec![LabelSelector {
+                match_labels: BTreeMap::from([(
+                    "kubernetes.io/hostname".to_string(),
+                    "node-b".to_string(),
+                )]),
+                match_expressions: vec![],
+            }],
+            ..every.clone()
+        };
+        let plan = Plan::from_model(&lab_with(&[("x/b", only_b)]), "eth0");
+        assert!(!plan.vips.is_empty());
+        assert!(
+            plan.vips
+                .values()
+                .all(|c| c.is_empty() || *c == set(&["node-b"]))
+        );
+        // Service selector matching nothing: nothing announced.
+        let none = L2Announcement {
+            service_selectors: vec![LabelSelector {
+                match_labels: BTreeMap::from([("no".to_string(), "such".to_string())]),
+                match_expressions: vec![],
+            }],
+            ..every
+        };
+        assert!(
+            Plan::from_model(&lab_with(&[("x/none", none)]), "eth0")
+                .vips
+                .is_empty()
+        );
     }
 
     #[test]

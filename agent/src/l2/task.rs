@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues};
 use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
 use rand::{SeedableRng, rngs::SmallRng};
 use tokio::{net::UdpSocket, sync::watch, time::Instant};
@@ -91,6 +91,9 @@ pub struct L2Config {
 
 /// The pinned maps this task writes.
 struct Maps {
+    /// Kernel id of the `xlb_l2_vips4` these handles refer to: a datapath rebuilt
+    /// under the agent (`xlb cleanup --force`) pins new maps, which this detects.
+    id: u32,
     vips: HashMap<MapData, u32, L2Vip>,
     stats: PerCpuHashMap<MapData, u32, u64>,
     config: Array<MapData, u64>,
@@ -102,7 +105,11 @@ impl Maps {
             MapData::from_pin(pin_path.join(name)).map_err(|source| L2Error::Map { name, source })
         };
         let err = |name: &'static str| move |source| L2Error::Map { name, source };
+        let id = MapInfo::from_pin(pin_path.join(names::L2_VIPS4))
+            .map_err(err(names::L2_VIPS4))?
+            .id();
         Ok(Maps {
+            id,
             vips: HashMap::try_from(Map::HashMap(open(names::L2_VIPS4)?))
                 .map_err(err(names::L2_VIPS4))?,
             stats: PerCpuHashMap::try_from(Map::PerCpuHashMap(open(names::L2_STATS4)?))
@@ -124,7 +131,11 @@ struct L2 {
     rt: AccumulatingRuntime<NodeId>,
     socket: UdpSocket,
     garp: Sender,
+    /// The interface index `garp` sends on.
+    ifindex: u32,
     maps: Maps,
+    /// When [`L2::follow_datapath`] looks next.
+    next_follow: Instant,
     plan: Arc<Plan>,
     /// foca timers, by when they fire.
     timers: Vec<(Instant, Timer<NodeId>)>,
@@ -193,7 +204,9 @@ pub async fn start(
         rt: AccumulatingRuntime::new(),
         socket,
         garp,
+        ifindex,
         maps,
+        next_follow: now,
         plan: plan.borrow().clone(),
         timers: Vec::new(),
         inherited: owned.clone(),
@@ -251,6 +264,9 @@ impl L2 {
                             self.claim_after = Instant::now() + JOIN_WAIT;
                             self.next_announce = Instant::now();
                         }
+                    }
+                    if Instant::now() >= self.next_follow {
+                        self.follow_datapath();
                     }
                     self.send_garps();
                     self.count_replies();
@@ -454,6 +470,42 @@ impl L2 {
         }
         self.garps
             .retain(|_, (_, next)| *next < GARP_SCHEDULE_MS.len());
+    }
+
+    /// Follows an interface recreated under the same name (new index, maybe a new
+    /// MAC) and maps pinned afresh by a rebuilt datapath: reopens them and programs
+    /// every owned VIP again (with gratuitous ARPs, the MAC may have changed).
+    fn follow_datapath(&mut self) {
+        self.next_follow = Instant::now() + Duration::from_secs(1);
+        let mut again = false;
+        let iface = &self.cfg.interface;
+        if let Some(i) = crate::netdev::ifindex(iface).filter(|i| *i != self.ifindex) {
+            match (Sender::open(i), crate::netdev::interface_mac(iface)) {
+                (Ok(sender), Some(mac)) => {
+                    info!(%iface, ifindex = i, "announce interface recreated; following it");
+                    (self.garp, self.ifindex, self.mac) = (sender, i, mac);
+                    again = true;
+                }
+                (Err(e), _) => warn!(%iface, error = %e, "reopening the GARP socket"),
+                (_, None) => warn!(%iface, "recreated interface has no MAC yet"),
+            }
+        }
+        let pinned = MapInfo::from_pin(self.cfg.pin_path.join(names::L2_VIPS4)).map(|m| m.id());
+        if pinned.is_ok_and(|id| id != self.maps.id) {
+            match Maps::open(&self.cfg.pin_path) {
+                Ok(maps) => {
+                    info!("datapath maps pinned afresh; programming owned VIPs again");
+                    self.maps = maps;
+                    again = true;
+                }
+                Err(e) => warn!(error = %e, "reopening the L2 maps"),
+            }
+        }
+        if again {
+            self.refresh_deadline();
+            self.owned.clear();
+            self.replies.clear();
+        }
     }
 
     /// Pushes the datapath's dead-man deadline forward.

@@ -188,7 +188,8 @@ pub async fn start(
         generation,
     };
     let rng = SmallRng::seed_from_u64(generation ^ u64::from(std::process::id()));
-    let foca = Foca::new(me.clone(), membership::config(3), rng, PostcardCodec);
+    let cluster = plan.borrow().peers.len();
+    let foca = Foca::new(me.clone(), membership::config(cluster), rng, PostcardCodec);
     // VIPs a previous agent left programmed are ours until election says otherwise.
     let owned: BTreeSet<Ipv4Addr> = maps
         .vips
@@ -253,6 +254,12 @@ impl L2 {
                     }
                     self.plan = plan.borrow_and_update().clone();
                     self.next_announce = Instant::now();
+                    // How many times an update is gossiped grows with the cluster
+                    // (foca's LAN formula); the probe timing stays as it is.
+                    let config = membership::config(self.plan.peers.len());
+                    if let Err(e) = self.foca.set_config(config) {
+                        warn!(error = %e, "membership: resizing the configuration");
+                    }
                 }
                 _ = tick.tick() => {
                     self.refresh_deadline();

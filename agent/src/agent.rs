@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
 
@@ -53,6 +53,8 @@ pub struct Config {
     pub node_ip: Option<std::net::Ipv4Addr>,
     /// The cluster's node port range.
     pub node_ports: std::ops::RangeInclusive<u16>,
+    /// UDP port of the L2 membership protocol between agents (`--memberlist-port`).
+    pub memberlist_port: u16,
 }
 
 /// How often expired conntrack entries are removed and the rest counted. Short next
@@ -109,6 +111,9 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// L2 announcement could not start (memberlist port taken, no CAP_NET_RAW, ...).
+    #[error("L2 announcement: {0}")]
+    L2(#[from] crate::l2::task::L2Error),
 }
 
 /// The reconciler's memory: what it last applied and the errors already reported.
@@ -140,6 +145,8 @@ struct Reconciler {
     reported: BTreeSet<String>,
     metrics: Arc<Metrics>,
     collector: Arc<BpfCollector>,
+    /// What L2 announcement needs from each applied snapshot (see [`crate::l2`]).
+    l2_plan: watch::Sender<Arc<crate::l2::Plan>>,
 }
 
 impl Reconciler {
@@ -254,6 +261,7 @@ impl Reconciler {
         self.ids = target.ids;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
+        self.publish_l2_plan(&loaded.snapshot);
         self.in_sync = true;
         self.metrics
             .syncs
@@ -359,6 +367,7 @@ impl Reconciler {
         self.heap_dirty |= loaded.parsed > 0;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
+        self.publish_l2_plan(&loaded.snapshot);
         self.in_sync = true;
         self.metrics
             .syncs
@@ -383,6 +392,19 @@ impl Reconciler {
         }
         self.metrics.ready.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Hands L2 announcement the plan of `snapshot`, called once the services behind
+    /// the VIPs are in the maps (so a VIP is never announced before it is served).
+    fn publish_l2_plan(&self, snapshot: &crate::model::Snapshot) {
+        let plan = crate::l2::Plan::from_model(snapshot, &self.interface);
+        self.l2_plan.send_if_modified(|p| {
+            let changed = **p != plan;
+            if changed {
+                *p = Arc::new(plan);
+            }
+            changed
+        });
     }
 
     /// Publishes the maps' kernel memory (`xlb_map_memory_bytes`): a few fdinfo reads,
@@ -635,6 +657,24 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     });
 
+    let (l2_plan, l2_rx) = watch::channel(Arc::new(crate::l2::Plan::default()));
+    let _l2_task = match node.ip {
+        Some(ip) => {
+            let l2_cfg = crate::l2::task::L2Config {
+                interface: cfg.interface.clone(),
+                node_name: cfg.node_name.clone(),
+                node_ip: ip.into(),
+                port: cfg.memberlist_port,
+                pin_path: cfg.pin_path.clone(),
+            };
+            Some(crate::l2::task::start(l2_cfg, l2_rx, metrics.clone()).await?)
+        }
+        None => {
+            warn!("no node address: L2 announcement (ARP for VIPs) is off");
+            None
+        }
+    };
+
     let (mut source, preloaded) = match first_load.join() {
         Ok((source, loaded)) => (source, Some(loaded)),
         // The loading thread panicked: load again here.
@@ -661,6 +701,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         reported: BTreeSet::new(),
         metrics,
         collector,
+        l2_plan,
     };
 
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;

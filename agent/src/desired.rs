@@ -690,6 +690,7 @@ mod tests {
             affinity_timeout: None,
             health_check_node_port: None,
             created: None,
+            labels: BTreeMap::new(),
             ports: vec![ServicePort {
                 index: 0,
                 name: "http".into(),
@@ -709,6 +710,7 @@ mod tests {
                 .map(|(name, s)| (ServiceRef::new("default", name), s))
                 .collect(),
             nodes: BTreeMap::new(),
+            l2_announcements: BTreeMap::new(),
         }
     }
 
@@ -951,6 +953,7 @@ mod tests {
                 Node {
                     name: name.into(),
                     internal_ips: vec![format!("10.9.0.{}", name.len()).parse().unwrap()],
+                    labels: Default::default(),
                     origin: String::new(),
                 },
             );

@@ -170,6 +170,23 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
                     _ => "unknown".into(),
                 },
             ),
+            config::L2_DEADLINE => (
+                "l2 dead-man deadline",
+                match v {
+                    0 => "unset (ARP not answered)".into(),
+                    d => {
+                        let left = (i128::from(d) - i128::from(monotonic_ns())) as f64 / 1e9;
+                        if left > 0.0 {
+                            format!("in {left:.3} s (ARP answered)")
+                        } else {
+                            format!(
+                                "passed {:.3} s ago (ARP not answered: no live agent)",
+                                -left
+                            )
+                        }
+                    }
+                },
+            ),
             _ => ("", v.to_string()),
         };
         if name.is_empty() && v == 0 {

@@ -9,12 +9,14 @@
 //! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
+//! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
 pub mod dataplane;
 pub mod desired;
 pub mod health;
 pub mod inspect;
+pub mod l2;
 pub mod metrics;
 pub mod model;
 pub mod netdev;

@@ -68,6 +68,10 @@ enum Command {
         /// address) or `snat` (source NAT to this node; pods see this node's address).
         #[arg(long, value_enum, default_value_t = Cluster::Dsr)]
         cluster_mode: Cluster,
+        /// UDP port on which agents run their membership protocol (SWIM) for L2
+        /// announcement failover; the same on every node.
+        #[arg(long, default_value_t = 7946)]
+        memberlist_port: u16,
     },
     /// Show what the datapath holds, read from the pinned maps: works while the agent
     /// is stopped or crash-looping.
@@ -192,6 +196,7 @@ fn main() -> anyhow::Result<()> {
             node_ip,
             cluster_mode,
             node_port_range,
+            memberlist_port,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -211,6 +216,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 node_ip,
                 node_ports: node_port_range,
+                memberlist_port,
                 cluster: match cluster_mode {
                     Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,

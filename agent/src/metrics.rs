@@ -36,6 +36,52 @@ use crate::dataplane::{
 /// Labels as prometheus-client takes them.
 type Labels = Vec<(&'static str, String)>;
 
+/// Metrics of L2 announcement (`crate::l2`).
+#[derive(Debug, Default)]
+pub struct L2Metrics {
+    /// VIPs this node answers ARP for (`xlb_l2_owned_vips`).
+    pub owned: Gauge,
+    /// ARP replies the datapath sent, per owned VIP (`xlb_l2_arp_replies_total{vip}`).
+    pub arp_replies: Family<Labels, Counter>,
+    /// Gratuitous ARPs sent on takeover (`xlb_l2_garps_sent_total`).
+    pub garps: Counter,
+    /// Membership as this node sees it, by state: alive (this node included),
+    /// suspect, down (`xlb_l2_members{state}`).
+    pub members: Family<Labels, Gauge>,
+    /// VIPs acquired and released (`xlb_l2_ownership_changes_total{change}`).
+    pub changes: Family<Labels, Counter>,
+}
+
+impl L2Metrics {
+    fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "xlb_l2_owned_vips",
+            "VIPs this node answers ARP for",
+            self.owned.clone(),
+        );
+        registry.register(
+            "xlb_l2_arp_replies",
+            "ARP replies sent by the datapath, per owned VIP",
+            self.arp_replies.clone(),
+        );
+        registry.register(
+            "xlb_l2_garps_sent",
+            "Gratuitous ARPs sent on taking VIPs over",
+            self.garps.clone(),
+        );
+        registry.register(
+            "xlb_l2_members",
+            "Members of the L2 membership by state, as this node sees them",
+            self.members.clone(),
+        );
+        registry.register(
+            "xlb_l2_ownership_changes",
+            "VIPs this node acquired or released",
+            self.changes.clone(),
+        );
+    }
+}
+
 /// Metrics the agent updates as it works.
 #[derive(Debug)]
 pub struct Metrics {
@@ -68,6 +114,8 @@ pub struct Metrics {
     /// Kernel memory of each map, and of the inner Maglev tables as
     /// `map="xlb_maglev_tables"` (`xlb_map_memory_bytes`).
     pub map_memory: Family<Labels, Gauge>,
+    /// L2 announcement (`xlb_l2_*`).
+    pub l2: Arc<L2Metrics>,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
     /// One scrape renders at a time (see `render`).
@@ -153,6 +201,8 @@ impl Metrics {
             "Kernel memory of each BPF map (memlock), and of the inner Maglev tables (map=xlb_maglev_tables), after the last sync",
             map_memory.clone(),
         );
+        let l2 = Arc::new(L2Metrics::default());
+        l2.register(&mut registry);
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -167,6 +217,7 @@ impl Metrics {
             datapath,
             reattached,
             map_memory,
+            l2,
             ready: AtomicBool::new(false),
             scrape: tokio::sync::Semaphore::new(1),
             registry: Mutex::new(registry),

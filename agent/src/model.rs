@@ -16,6 +16,78 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceRef, Service>,
     /// `v1 Node` objects by `metadata.name`.
     pub nodes: BTreeMap<String, Node>,
+    /// `xlb.dev/v1alpha1 L2Announcement` objects by `namespace/name`: which VIPs are
+    /// announced on the LAN by ARP, from which nodes. None: no VIP is (routes to the
+    /// VIPs are the network's business, as before L2 mode existed).
+    pub l2_announcements: BTreeMap<String, L2Announcement>,
+}
+
+/// An `xlb.dev/v1alpha1 L2Announcement`: MetalLB's L2Advertisement with the same field
+/// names. A VIP is announced when some announcement selects both it (pools and
+/// service selectors) and the node (node selectors, interfaces); an empty spec
+/// selects every VIP on every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L2Announcement {
+    /// `spec.ipAddressPools`: names of the AddressPools whose addresses this
+    /// announces; empty means every pool. Pools arrive with AddressPool (issue 18);
+    /// until then the manifest source rejects a non-empty list (unknown pool).
+    pub ip_address_pools: Vec<String>,
+    /// `spec.serviceSelectors`: a Service is selected if any selector matches its
+    /// labels; empty selects every Service.
+    pub service_selectors: Vec<LabelSelector>,
+    /// `spec.nodeSelectors`: nodes that may announce, if any selector matches the
+    /// node's labels; empty means every node.
+    pub node_selectors: Vec<LabelSelector>,
+    /// `spec.interfaces`: the interfaces to announce from; empty means any. xlb
+    /// announces only from its uplink (`--interface`), so a non-empty list that does
+    /// not name it leaves this node out.
+    pub interfaces: Vec<String>,
+    /// Where the object came from (a file path), for error messages.
+    pub origin: String,
+}
+
+/// A Kubernetes label selector (`metav1.LabelSelector`): every `matchLabels` entry
+/// and every expression must hold. An empty selector matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    /// `matchLabels`.
+    pub match_labels: BTreeMap<String, String>,
+    /// `matchExpressions`.
+    pub match_expressions: Vec<LabelRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelRequirement {
+    /// `In`: the label is set to one of the values.
+    In(String, Vec<String>),
+    /// `NotIn`: the label is unset or set to none of the values.
+    NotIn(String, Vec<String>),
+    /// `Exists`.
+    Exists(String),
+    /// `DoesNotExist`.
+    DoesNotExist(String),
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy the selector (Kubernetes "Labels and Selectors").
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| match r {
+                LabelRequirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+                LabelRequirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+                LabelRequirement::Exists(k) => labels.contains_key(k),
+                LabelRequirement::DoesNotExist(k) => !labels.contains_key(k),
+            })
+    }
+}
+
+/// Whether any of `selectors` matches `labels`; an empty list matches everything
+/// (MetalLB's rule for `serviceSelectors` and `nodeSelectors`).
+pub fn any_selects(selectors: &[LabelSelector], labels: &BTreeMap<String, String>) -> bool {
+    selectors.is_empty() || selectors.iter().any(|s| s.matches(labels))
 }
 
 /// A `v1 Node`: what xlb needs to know about a cluster node.
@@ -26,6 +98,8 @@ pub struct Node {
     /// Every `status.addresses[]` entry of `type: InternalIP`, in manifest order,
     /// deduplicated; both families (a dual-stack node has one of each).
     pub internal_ips: Vec<IpAddr>,
+    /// `metadata.labels`, for L2Announcement `nodeSelectors`.
+    pub labels: BTreeMap<String, String>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
 }
@@ -101,6 +175,8 @@ pub struct Service {
     /// `metadata.creationTimestamp` in Unix seconds, when the object has one: the same
     /// on every node, so the oldest claimant of a contested address wins everywhere.
     pub created: Option<i64>,
+    /// `metadata.labels`, for L2Announcement `serviceSelectors`.
+    pub labels: BTreeMap<String, String>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
 }

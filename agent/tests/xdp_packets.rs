@@ -1070,3 +1070,142 @@ fn replies_come_from_the_vip_their_flow_was_sent_to() {
     let stray = udp(BE1, CLIENT, 5354, 1000, b"a");
     assert_eq!(egress(&bed, &stray), stray);
 }
+
+// ARP for owned VIPs (L2 announcement).
+
+const XDP_TX: u32 = 3;
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x02];
+const NODE_MAC: [u8; 6] = [0x02, 0x4e, 0, 0, 0, 0x01];
+
+/// An Ethernet/IPv4 ARP packet (RFC 826) from `sha`/`spa` about `tpa`, padded to
+/// Ethernet's 60-byte minimum as a NIC would deliver it.
+fn arp(
+    oper: u16,
+    eth_dst: [u8; 6],
+    sha: [u8; 6],
+    spa: [u8; 4],
+    tha: [u8; 6],
+    tpa: [u8; 4],
+) -> Vec<u8> {
+    let mut f = eth_dst.to_vec();
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4]);
+    f.extend_from_slice(&oper.to_be_bytes());
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&tha);
+    f.extend_from_slice(&tpa);
+    f.resize(60, 0);
+    f
+}
+
+fn who_has(vip: [u8; 4]) -> Vec<u8> {
+    arp(1, [0xff; 6], CLIENT_MAC, CLIENT, [0; 6], vip)
+}
+
+/// A test bed owning `VIP` with a dead-man deadline `ahead_ns` from now (0: expired).
+fn bed_owning_vip(ahead_ns: u64) -> TestBed {
+    let mut bed = TestBed::load().expect("load the embedded object (needs root)");
+    let key = u32::from_ne_bytes(VIP);
+    let value = xlb_common::L2Vip {
+        mac: NODE_MAC,
+        pad: [0; 2],
+    };
+    bed.l2_vips.insert(key, value, 0).unwrap();
+    let ncpus = aya::util::nr_cpus().unwrap();
+    bed.l2_stats
+        .insert(
+            key,
+            aya::maps::PerCpuValues::try_from(vec![0u64; ncpus]).unwrap(),
+            0,
+        )
+        .unwrap();
+    let deadline = if ahead_ns == 0 {
+        1
+    } else {
+        xlb::dataplane::conntrack::monotonic_ns() + ahead_ns
+    };
+    bed.config
+        .set(xlb_common::config::L2_DEADLINE, deadline, 0)
+        .unwrap();
+    bed
+}
+
+fn arp_replies(bed: &TestBed, vip: [u8; 4]) -> u64 {
+    bed.l2_stats
+        .get(&u32::from_ne_bytes(vip), 0)
+        .map(|v| v.iter().sum())
+        .unwrap_or(0)
+}
+
+#[test]
+fn arp_request_for_an_owned_vip_is_answered_in_place() {
+    let bed = bed_owning_vip(60_000_000_000);
+    let req = who_has(VIP);
+    let (out, moved) = run(&bed, &req);
+    assert_eq!(out.retval, XDP_TX, "verdict for {}", hex(&req));
+    // The reply RFC 826 prescribes, to the requester, padding kept.
+    let want = arp(2, CLIENT_MAC, NODE_MAC, VIP, CLIENT_MAC, CLIENT);
+    assert_eq!(
+        out.data,
+        want,
+        "\n got:  {}\n want: {}",
+        hex(&out.data),
+        hex(&want)
+    );
+    assert_eq!(moved, vec![(Reason::ArpReply, 1)]);
+    assert_eq!(arp_replies(&bed, VIP), 1);
+    // An RFC 5227 probe (sender 0.0.0.0) is answered too: that is how a host
+    // learns the address is taken.
+    let probe = arp(1, [0xff; 6], CLIENT_MAC, [0; 4], [0; 6], VIP);
+    let (out, _) = run(&bed, &probe);
+    assert_eq!(out.retval, XDP_TX);
+    assert_eq!(&out.data[28..32], &VIP, "sender protocol address");
+    assert_eq!(arp_replies(&bed, VIP), 2);
+}
+
+#[test]
+fn arp_not_for_an_owned_vip_goes_to_the_kernel_untouched() {
+    let bed = bed_owning_vip(60_000_000_000);
+    let cases = [
+        ("request for another address", who_has(OTHER)),
+        (
+            "reply about the VIP",
+            arp(2, NODE_MAC, CLIENT_MAC, CLIENT, NODE_MAC, VIP),
+        ),
+        (
+            "another node's announcement of the VIP",
+            arp(1, [0xff; 6], CLIENT_MAC, VIP, [0; 6], VIP),
+        ),
+        ("IPv4, not ARP", udp(CLIENT, OTHER, 1000, 53, b"x")),
+    ];
+    for (name, pkt) in cases {
+        let (out, moved) = run(&bed, &pkt);
+        assert_untouched(name, &pkt, &out);
+        assert!(moved.is_empty(), "{name}: {moved:?}");
+    }
+    let mut bad_hlen = who_has(VIP);
+    bad_hlen[18] = 8;
+    let (out, _) = run(&bed, &bad_hlen);
+    assert_untouched("hardware length 8", &bad_hlen, &out);
+    assert_eq!(arp_replies(&bed, VIP), 0);
+}
+
+#[test]
+fn arp_after_the_dead_man_deadline_goes_to_the_kernel() {
+    let bed = bed_owning_vip(0);
+    let req = who_has(VIP);
+    let (out, moved) = run(&bed, &req);
+    assert_untouched("request after the deadline", &req, &out);
+    assert_eq!(moved, vec![(Reason::PassArpDeadline, 1)]);
+    assert_eq!(arp_replies(&bed, VIP), 0);
+    // Refreshing the deadline, as a live agent does, brings the answers back.
+    let mut bed = bed;
+    let later = xlb::dataplane::conntrack::monotonic_ns() + 60_000_000_000;
+    bed.config
+        .set(xlb_common::config::L2_DEADLINE, later, 0)
+        .unwrap();
+    let (out, _) = run(&bed, &req);
+    assert_eq!(out.retval, XDP_TX);
+}

@@ -177,6 +177,17 @@ impl Agent {
         }
     }
 
+    /// SIGKILLs the agent (by PID, no chance to clean up: a crash) and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent is not running");
+        };
+        let pid = libc::pid_t::try_from(child.id())?;
+        // SAFETY: signalling our own, not yet reaped child by PID.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        Ok(child.wait()?)
+    }
+
     /// Waits up to `timeout` for the process to exit by itself (an agent expected to
     /// refuse to start) and returns its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {

@@ -15,6 +15,7 @@
 //! namespace. Everything a lab makes (namespaces, agent processes, pin directories) is
 //! removed when the [`Lab`] is dropped, including on panic.
 //!
+//! [`arp`]: raw ARP requests from a lab host (who answers for an address).
 //! [`bpf`]: writing straight into an agent's pinned maps (states too slow to build with traffic).
 //! [`load`]: health checks under scrape load (hardening test and bench).
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
@@ -22,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod arp;
 pub mod bpf;
 pub mod demo;
 pub mod lab;

@@ -8,7 +8,7 @@ use std::{io, mem::size_of, path::Path};
 
 use aya::maps::{MapInfo, MapType};
 use xlb_common::{
-    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, Owner,
+    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip, Owner,
     Reason, RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
 };
 
@@ -173,6 +173,20 @@ pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
         size_of::<BackendKey4>(),
         size_of::<RevNat>(),
         limits::MAX_BACKENDS,
+    ),
+    layout(
+        names::L2_VIPS4,
+        MapType::Hash,
+        U32,
+        size_of::<L2Vip>(),
+        limits::MAX_L2_VIPS,
+    ),
+    layout(
+        names::L2_STATS4,
+        MapType::PerCpuHash,
+        U32,
+        size_of::<u64>(),
+        limits::MAX_L2_VIPS,
     ),
 ];
 

@@ -15,12 +15,12 @@
 //!   packet whose rewrite is the identity, or with `repeat = 1`.
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{Program, ProgramError, TestRun, TestRunOptions},
 };
 use xlb_common::{
-    Backend, Counter, CtEntry, FlowKey4, Reason, Service, ServiceKey4, SlotPair, backend_slot,
-    names, service_slot,
+    Backend, Counter, CtEntry, FlowKey4, L2Vip, Reason, Service, ServiceKey4, SlotPair,
+    backend_slot, names, service_slot,
 };
 
 use super::{DataplaneError, OBJECT, map_err, new_table, take_map};
@@ -49,6 +49,10 @@ pub struct TestBed {
     pub conntrack: HashMap<MapData, FlowKey4, CtEntry>,
     /// `xlb_config`: node settings (`xlb_common::config`).
     pub config: Array<MapData, u64>,
+    /// `xlb_l2_vips4`: owned IPv4 VIP (wire bytes as a native u32) -> ARP reply data.
+    pub l2_vips: HashMap<MapData, u32, L2Vip>,
+    /// `xlb_l2_stats4`: ARP replies per owned IPv4 VIP, per CPU.
+    pub l2_stats: PerCpuHashMap<MapData, u32, u64>,
     service_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reasons: PerCpuArray<MapData, u64>,
@@ -93,6 +97,8 @@ impl TestBed {
         let backends = take_map(&mut ebpf, names::BACKENDS)?;
         let conntrack = take_map(&mut ebpf, names::CONNTRACK4)?;
         let config = take_map(&mut ebpf, names::CONFIG)?;
+        let l2_vips = take_map(&mut ebpf, names::L2_VIPS4)?;
+        let l2_stats = take_map(&mut ebpf, names::L2_STATS4)?;
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let reasons = take_map(&mut ebpf, names::REASONS)?;
@@ -104,6 +110,8 @@ impl TestBed {
             backends,
             conntrack,
             config,
+            l2_vips,
+            l2_stats,
             service_stats,
             backend_stats,
             reasons,

@@ -3,8 +3,8 @@
 //! k8s-openapi types and turned into the [`model`].
 //!
 //! Understood: `v1 Service` (`type: LoadBalancer` and `NodePort`; ClusterIP and
-//! ExternalName are ignored), `discovery.k8s.io/v1 EndpointSlice` and `v1 Node`; a
-//! `v1 List` is read as its items. Other kinds are ignored.
+//! ExternalName are ignored), `discovery.k8s.io/v1 EndpointSlice`, `v1 Node` and
+//! `xlb.dev/v1alpha1 L2Announcement`; a `v1 List` is read as its items. Other kinds are ignored.
 //!
 //! Bad input never takes down what works:
 //! - a file that does not parse at all keeps the objects of its last good parse;
@@ -37,7 +37,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
 use notify::{
     EventKind, RecommendedWatcher, RecursiveMode, Watcher,
     event::{AccessKind, AccessMode, ModifyKind},
@@ -434,6 +437,7 @@ enum Kind {
     Service,
     EndpointSlice,
     Node,
+    L2Announcement,
 }
 
 impl Kind {
@@ -442,6 +446,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::L2Announcement => "L2Announcement",
         }
     }
 
@@ -458,6 +463,7 @@ enum Body {
     Service(Option<model::Service>),
     Slice(Slice),
     Node(model::Node),
+    L2(model::L2Announcement),
 }
 
 /// A validated IPv4 EndpointSlice, not yet joined to its Service.
@@ -617,6 +623,7 @@ fn parse_object(
         ("v1", "Service") => Kind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "Node") => Kind::Node,
+        ("xlb.dev/v1alpha1", "L2Announcement") => Kind::L2Announcement,
         // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
         // business yet.
         _ => return None,
@@ -671,6 +678,10 @@ fn parse_object(
             .deserialize(doc)
             .and_then(|n| node(&mut cx, &key.name, n))
             .map(|n| Some(Body::Node(n))),
+        Kind::L2Announcement => cx
+            .deserialize(doc)
+            .and_then(|a| l2_announcement(&mut cx, a))
+            .map(|a| Some(Body::L2(a))),
     };
     match decoded {
         Ok(body) => body.map(|body| Object { key, body }),
@@ -803,6 +814,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         .creation_timestamp
         .as_ref()
         .map(|t| t.0.as_second());
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
     let annotations = svc.metadata.annotations.unwrap_or_default();
     let service_type = match spec.type_.as_deref() {
         Some("LoadBalancer") => ServiceType::LoadBalancer,
@@ -1014,6 +1026,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         health_check_node_port,
         ports,
         created,
+        labels,
         origin: cx.origin.to_string(),
     }))
 }
@@ -1075,8 +1088,142 @@ fn node(cx: &mut Cx<'_>, name: &str, n: core::Node) -> Result<model::Node, Inval
     Ok(model::Node {
         name: name.to_string(),
         internal_ips,
+        labels: n.metadata.labels.unwrap_or_default(),
         origin: cx.origin.to_string(),
     })
+}
+
+/// `xlb.dev/v1alpha1 L2Announcement` as written (MetalLB L2Advertisement field names).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct L2AnnouncementDoc {
+    #[serde(default)]
+    spec: L2AnnouncementSpec,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct L2AnnouncementSpec {
+    #[serde(default)]
+    ip_address_pools: Vec<String>,
+    /// MetalLB's `ipAddressPoolSelectors`: refused like a non-empty pool list.
+    #[serde(default)]
+    ip_address_pool_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    service_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    node_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    interfaces: Vec<String>,
+}
+
+/// Validates an L2Announcement. Pools are not known to xlb yet (AddressPool comes
+/// with issue 18): any pool named is unknown, and the object is refused rather than
+/// silently announcing nothing or everything.
+fn l2_announcement(
+    cx: &mut Cx<'_>,
+    doc: L2AnnouncementDoc,
+) -> Result<model::L2Announcement, Invalid> {
+    let spec = doc.spec;
+    let mut invalid = false;
+    if let Some(pool) = spec.ip_address_pools.first() {
+        let message = format!(
+            "unknown pool {pool:?}: AddressPool objects are not supported yet, so only an empty list (every VIP) is accepted"
+        );
+        cx.error("spec.ipAddressPools[0]", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
+    if !spec.ip_address_pool_selectors.is_empty() {
+        let message = "AddressPool objects are not supported yet; leave it empty";
+        cx.error(
+            "spec.ipAddressPoolSelectors",
+            ErrorKind::InvalidValue,
+            message,
+        );
+        invalid = true;
+    }
+    let mut selectors = |field: &str, list: Vec<LabelSelector>| {
+        list.into_iter()
+            .enumerate()
+            .map(|(i, sel)| label_selector(cx, &format!("spec.{field}[{i}]"), sel))
+            .collect::<Result<Vec<_>, Invalid>>()
+    };
+    let service_selectors = selectors("serviceSelectors", spec.service_selectors);
+    let node_selectors = selectors("nodeSelectors", spec.node_selectors);
+    for (i, name) in spec.interfaces.iter().enumerate() {
+        // IFNAMSIZ: 15 bytes and a NUL; no '/' or whitespace (dev_valid_name).
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ':'])
+            || name.chars().any(char::is_whitespace)
+        {
+            let message = format!("{name:?} is not a valid interface name");
+            cx.error(
+                format!("spec.interfaces[{i}]"),
+                ErrorKind::InvalidValue,
+                message,
+            );
+            invalid = true;
+        }
+    }
+    let (Ok(service_selectors), Ok(node_selectors)) = (service_selectors, node_selectors) else {
+        return Err(Invalid);
+    };
+    if invalid {
+        return Err(Invalid);
+    }
+    Ok(model::L2Announcement {
+        ip_address_pools: spec.ip_address_pools,
+        service_selectors,
+        node_selectors,
+        interfaces: spec.interfaces,
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// Checks a `metav1.LabelSelector` the way the API server's validation does
+/// (operators, and values required for In/NotIn and forbidden for the others).
+fn label_selector(
+    cx: &mut Cx<'_>,
+    field: &str,
+    sel: LabelSelector,
+) -> Result<model::LabelSelector, Invalid> {
+    let mut out = model::LabelSelector {
+        match_labels: sel.match_labels.unwrap_or_default(),
+        match_expressions: Vec::new(),
+    };
+    for (i, e) in sel
+        .match_expressions
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let values = e.values.unwrap_or_default();
+        let f = format!("{field}.matchExpressions[{i}]");
+        let needs_values = matches!(e.operator.as_str(), "In" | "NotIn");
+        if needs_values == values.is_empty() {
+            let message = if needs_values {
+                "In and NotIn need at least one value"
+            } else {
+                "Exists and DoesNotExist take no values"
+            };
+            cx.error(format!("{f}.values"), ErrorKind::InvalidValue, message);
+            return Err(Invalid);
+        }
+        out.match_expressions.push(match e.operator.as_str() {
+            "In" => model::LabelRequirement::In(e.key, values),
+            "NotIn" => model::LabelRequirement::NotIn(e.key, values),
+            "Exists" => model::LabelRequirement::Exists(e.key),
+            "DoesNotExist" => model::LabelRequirement::DoesNotExist(e.key),
+            other => {
+                let message =
+                    format!("{other:?} is not an operator (In, NotIn, Exists, DoesNotExist)");
+                cx.error(format!("{f}.operator"), ErrorKind::InvalidValue, message);
+                return Err(Invalid);
+            }
+        });
+    }
+    Ok(out)
 }
 
 /// Validates an EndpointSlice. `Ok(None)` for an address type xlb does not handle yet.
@@ -1271,6 +1418,26 @@ impl Index {
                             .insert(key.clone());
                         self.slice_service.insert(key.clone(), sref.clone());
                         services.insert(sref);
+                    }
+                }
+                Kind::L2Announcement => {
+                    // Which VIPs are announced where: not part of the desired maps,
+                    // but the whole model is handed on again.
+                    all = true;
+                    let name = format!("{}/{}", key.namespace, key.name);
+                    let l2 = &mut Arc::make_mut(&mut self.snapshot).l2_announcements;
+                    match used {
+                        Some((
+                            _,
+                            Object {
+                                body: Body::L2(a), ..
+                            },
+                        )) => {
+                            l2.insert(name, a.clone());
+                        }
+                        _ => {
+                            l2.remove(&name);
+                        }
                     }
                 }
                 Kind::Node => {
@@ -1665,6 +1832,7 @@ endpoints:
                     affinity_timeout: None,
                     health_check_node_port: None,
                     created: None,
+                    labels: BTreeMap::new(),
                     ports: vec![
                         model::ServicePort {
                             index: 0,
@@ -1687,6 +1855,7 @@ endpoints:
                 },
             )]),
             nodes: BTreeMap::new(),
+            l2_announcements: BTreeMap::new(),
         };
         // Services only: the lab file may describe its nodes too.
         assert_eq!(loaded.snapshot.services, expected.services);
@@ -2252,6 +2421,7 @@ spec:
         let node = |name: &str, addrs: &[&str]| model::Node {
             name: name.into(),
             internal_ips: ips(addrs),
+            labels: BTreeMap::from([("kubernetes.io/hostname".into(), name.into())]),
             origin: path.display().to_string(),
         };
         assert_eq!(

@@ -56,8 +56,14 @@ pub mod names {
     /// ([`super::RevNat`]) whose flows to it need no `xlb_revnat4` entry of their own.
     /// Written by the programs (first VIP to reach a backend), never by the agent.
     pub const REVHINT4: &str = "xlb_revhint4";
+    /// IPv4 VIPs this node owns in L2 mode (VIP, network order) -> [`super::L2Vip`]:
+    /// `xlb_xdp` answers ARP requests for them (RFC 826). IPv6/NDP gets its own map.
+    pub const L2_VIPS4: &str = "xlb_l2_vips4";
+    /// Per-CPU ARP replies sent per owned IPv4 VIP (VIP -> u64); the agent creates
+    /// an entry when it takes a VIP, the program only counts into existing ones.
+    pub const L2_STATS4: &str = "xlb_l2_stats4";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 18] = [
+    pub const ALL_MAPS: [&str; 20] = [
         SERVICES4,
         SERVICES6,
         MAGLEV,
@@ -76,6 +82,8 @@ pub mod names {
         OWNERS,
         PEER_DEVS,
         REVHINT4,
+        L2_VIPS4,
+        L2_STATS4,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -110,6 +118,18 @@ pub mod limits {
     pub const AFFINITY_ENTRIES: u32 = 65_536;
     /// Pod-facing devices (`xlb_peer_devs`).
     pub const MAX_PEER_DEVS: u32 = 16_384;
+    /// VIPs one node can own in L2 mode, per address family.
+    pub const MAX_L2_VIPS: u32 = 16_384;
+}
+
+/// Value of `xlb_l2_vips4`: what an ARP reply for an owned VIP needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct L2Vip {
+    /// The announce interface's MAC: the reply's sender hardware address.
+    pub mac: [u8; 6],
+    /// Zero.
+    pub pad: [u8; 2],
 }
 
 /// Address family, as stored in keys (`AF_INET`/`AF_INET6` values are not used so
@@ -513,6 +533,12 @@ pub mod config {
     /// (driver), 2 generic (skb); 0 unknown. Read back on takeover so that a changed
     /// `--xdp-mode` re-attaches instead of silently keeping the old mode.
     pub const XDP_MODE: u32 = 6;
+    /// L2 dead-man switch: `xlb_xdp` answers ARP for owned VIPs only while
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) is below this deadline, which a live
+    /// agent keeps pushing forward. An agent that dies (SIGKILL) leaves its pinned
+    /// program attached; past the deadline it stops answering, so peers that took
+    /// the VIP over are the only answerers. 0 = never answer.
+    pub const L2_DEADLINE: u32 = 7;
     /// Number of entries.
     pub const LEN: u32 = 8;
 }
@@ -591,6 +617,12 @@ pub enum Reason {
     /// forwarding path. Local backends the FIB does not lead to a pod's veth (or
     /// whose neighbour entry is not resolved yet) are routed by the kernel instead.
     FwdPeer = 25,
+    /// Answered in XDP (XDP_TX): an ARP request (RFC 826) for a VIP this node owns.
+    ArpReply = 26,
+    /// Passed to the kernel unanswered: an ARP request for an owned VIP that came
+    /// after the L2 dead-man deadline (`config::L2_DEADLINE`), i.e. while the agent
+    /// is dead or stopped refreshing.
+    PassArpDeadline = 27,
 }
 
 /// XDP metadata (`bpf_xdp_adjust_meta`) by which `xlb_xdp` hands a packet it passes
@@ -615,7 +647,7 @@ pub const DELIVER_MAGIC: u32 = 0x786c_6232;
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 28;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -644,6 +676,8 @@ impl Reason {
         Reason::IcmpErrorNat,
         Reason::PassIcmpVip,
         Reason::FwdPeer,
+        Reason::ArpReply,
+        Reason::PassArpDeadline,
     ];
 
     /// The label value exported in metrics.
@@ -675,6 +709,8 @@ impl Reason {
             Reason::IcmpErrorNat => "icmp_error_nat",
             Reason::PassIcmpVip => "pass_icmp_vip",
             Reason::FwdPeer => "fwd_peer",
+            Reason::ArpReply => "arp_reply",
+            Reason::PassArpDeadline => "pass_arp_deadline",
         }
     }
 }
@@ -734,6 +770,7 @@ mod pod {
     unsafe impl aya::Pod for super::SnatRev {}
     unsafe impl aya::Pod for super::Handoff {}
     unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::L2Vip {}
 }
 
 #[cfg(test)]
@@ -819,6 +856,11 @@ mod layout {
         assert_eq!(size_of::<AffinityKey>(), 20);
         assert_eq!(size_of::<Affinity>(), 16);
         assert_eq!(offset_of!(Affinity, expires), 8);
+    }
+
+    #[test]
+    fn l2_vip_layout() {
+        assert_eq!(size_of::<L2Vip>(), 8);
     }
 
     #[test]

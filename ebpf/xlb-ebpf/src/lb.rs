@@ -8,8 +8,9 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use xlb_common::{
-    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, BackendKey4, RevNat, CT_F_CLOSING, FAMILY_V4, FlowKey4, PROTO_TCP, Reason,
-    SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange, timeouts,
+    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, BackendKey4, CT_F_CLOSING, FAMILY_V4,
+    FlowKey4, PROTO_TCP, Reason, RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service,
+    SourceRange, timeouts,
 };
 
 use crate::{
@@ -89,7 +90,8 @@ pub fn select(
     // cost 30-40 ns of a VIP hit in `cargo xtask bench` on these VMs.
     // SAFETY: bpf_ktime_get_coarse_ns (kernel 5.11+) has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let new_flow = flow.proto != PROTO_TCP || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0);
+    let new_flow =
+        flow.proto != PROTO_TCP || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0);
     if let Some(ct) = CONNTRACK4.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; a racing update of the same flow on another
         // CPU can at worst make us read a mix of two valid entries for this flow.
@@ -97,8 +99,8 @@ pub fn select(
         // An established flow needs no backend lookup; a new one only takes an entry
         // whose backend still exists.
         // SAFETY: plain data lookup.
-        let usable = now < ct.expires
-            && (!new_flow || unsafe { BACKENDS.get(ct.backend_id) }.is_some());
+        let usable =
+            now < ct.expires && (!new_flow || unsafe { BACKENDS.get(ct.backend_id) }.is_some());
         if usable {
             let closing = if flow.proto == PROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 CT_F_CLOSING
@@ -108,7 +110,8 @@ pub fn select(
             let expires = now + lifetime(flow.proto, tcp_flags, ct.flags | closing);
             // Refresh at most once a second: a per-packet store would bounce the
             // entry's cache line between CPUs.
-            if closing & !ct.flags != 0 || expires > ct.expires + timeouts::REFRESH
+            if closing & !ct.flags != 0
+                || expires > ct.expires + timeouts::REFRESH
                 || expires < ct.expires
             {
                 ct.flags |= closing;
@@ -183,7 +186,12 @@ fn record(svc: &Service, key: &FlowKey4, tcp_flags: u8, now: u64, id: u32, backe
     s.ct.flags = 0;
     s.ct.snat_port = 0;
     s.ct.pad = [0; 6];
-    s.reply.src = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+    s.reply.src = [
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    ];
     s.reply.dst = key.src;
     s.reply.sport = backend.port;
     s.reply.dport = key.sport;

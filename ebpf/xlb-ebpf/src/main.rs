@@ -5,6 +5,7 @@
 //!   it on marked for `xlb_tc_ingress` (below), or redirect it after a FIB lookup when
 //!   configured (`fwd`). Everything else passes after one
 //!   map lookup.
+//!   ARP requests for the VIPs this node owns in L2 mode are answered here (`arp`).
 //! - `xlb_tc_ingress` (TC ingress, same interface): delivers what XDP DNATed to a
 //!   local pod straight into the pod's namespace (`bpf_redirect_peer`), and sends
 //!   encapsulated packets whose next hop is unresolved (`bpf_redirect_neigh`).
@@ -14,6 +15,7 @@
 #![no_std]
 #![no_main]
 
+mod arp;
 mod csum;
 mod fwd;
 mod icmp;
@@ -65,6 +67,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     let (flow, from_tunnel) = match parse4(ctx.data(), ctx.data_end()) {
         Ok(f) => (f, false),
         Err(NotFlow::Icmp) => return Ok(icmp::ingress(ctx)),
+        Err(NotFlow::Other) if arp::is_arp(ctx) => return Ok(arp::answer(ctx)),
         Err(NotFlow::Other) if tunnel::decap(ctx).is_some() => {
             match parse4(ctx.data(), ctx.data_end()) {
                 Ok(f) => (f, true),
@@ -159,7 +162,12 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         return tunnel::encap(ctx, &backend);
     }
 
-    let new_dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+    let new_dst = [
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    ];
     let new_port = u16::to_ne_bytes(backend.port);
     nat::rewrite4(
         start,
@@ -208,7 +216,9 @@ fn for_this_host(start: usize, end: usize) -> bool {
         .copied()
         .unwrap_or(0)
         .to_ne_bytes();
-    dst[0] & 1 != 0 || mine == [0; 8] || dst == [mine[0], mine[1], mine[2], mine[3], mine[4], mine[5]]
+    dst[0] & 1 != 0
+        || mine == [0; 8]
+        || dst == [mine[0], mine[1], mine[2], mine[3], mine[4], mine[5]]
 }
 
 /// Tail-called by `xlb_xdp` for `--cluster-mode snat` flows (see `snat`).
@@ -280,7 +290,8 @@ fn rev_nat(ctx: &TcContext, flow: &packet::Flow4) -> Option<()> {
     let old_src = u32::from_ne_bytes(flow.src) as u64;
     let new_src_v = u32::from_ne_bytes(new_src) as u64;
     let flags = BPF_F_PSEUDO_HDR as u64 | mangled;
-    ctx.l4_csum_replace(csum_off, old_src, new_src_v, flags | 4).ok()?;
+    ctx.l4_csum_replace(csum_off, old_src, new_src_v, flags | 4)
+        .ok()?;
     ctx.l4_csum_replace(
         csum_off,
         u16::from_ne_bytes(flow.sport) as u64,
@@ -288,7 +299,8 @@ fn rev_nat(ctx: &TcContext, flow: &packet::Flow4) -> Option<()> {
         mangled | 2,
     )
     .ok()?;
-    ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_src, new_src_v, 4).ok()?;
+    ctx.l3_csum_replace(IP_OFF + IP_CSUM_OFF, old_src, new_src_v, 4)
+        .ok()?;
     ctx.store(IP_OFF + IP_SRC_OFF, &new_src, 0).ok()?;
     ctx.store(L4_OFF, &new_port, 0).ok()?;
     count(Reason::RevNat);

@@ -4,14 +4,15 @@
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{
-        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
+        Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
     },
-    maps::lpm_trie::Key,
     macros::btf_map,
+    maps::lpm_trie::Key,
 };
 use xlb_common::{
-    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, Owner, Reason, RevNat,
-    Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange, config, limits,
+    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip,
+    Owner, Reason, RevNat, Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange,
+    config, limits,
 };
 
 /// IPv4 VIP:port:proto -> service. The only lookup non-VIP IPv4 traffic pays, with
@@ -171,3 +172,13 @@ pub static OWNERS: HashMap<
     { limits::MAX_SERVICES as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// Owned IPv4 VIP (network order, as the 4 wire bytes in a u32) -> [`L2Vip`]: ARP
+/// requests for these are answered here (see `arp`).
+#[btf_map(name = "xlb_l2_vips4")]
+pub static L2_VIPS4: HashMap<u32, L2Vip, { limits::MAX_L2_VIPS as usize }> = HashMap::new();
+
+/// Owned IPv4 VIP -> ARP replies sent, per CPU. Entries are the agent's to create.
+#[btf_map(name = "xlb_l2_stats4")]
+pub static L2_STATS4: PerCpuHashMap<u32, u64, { limits::MAX_L2_VIPS as usize }> =
+    PerCpuHashMap::new();

@@ -12,17 +12,13 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
     programs::XdpContext,
 };
-use xlb_common::{
-    FlowKey4, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev,
-};
+use xlb_common::{FlowKey4, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev};
 
 use crate::{
     fwd, lb,
     maps::{CONNTRACK4, HANDOFF, SNAT4, count},
     nat::rewrite4,
-    packet::{
-        IP_DST_OFF, IP_SRC_OFF, L4_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, addr16, parse4,
-    },
+    packet::{IP_DST_OFF, IP_SRC_OFF, L4_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, addr16, parse4},
     tunnel::node_ip,
 };
 
@@ -75,10 +71,14 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         };
         let hash = flow.hash();
         for i in 0..PORT_TRIES {
-            let cand =
-                (SNAT_PORT_MIN + (hash.wrapping_add(i) % SNAT_PORTS as u32) as u16).to_be();
+            let cand = (SNAT_PORT_MIN + (hash.wrapping_add(i) % SNAT_PORTS as u32) as u16).to_be();
             let reply = FlowKey4 {
-                src: [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]],
+                src: [
+                    backend.addr[0],
+                    backend.addr[1],
+                    backend.addr[2],
+                    backend.addr[3],
+                ],
                 dst: me,
                 sport: backend.port,
                 dport: cand,
@@ -99,12 +99,39 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         }
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    let pod = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+    let pod = [
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    ];
     let off = csum_off(flow.proto);
-    rewrite4(start, end, off, flow.proto, IP_DST_OFF, 2, &flow.dst, &pod, &flow.dport, &backend.port.to_ne_bytes())
-        .ok_or(Reason::DropMalformedL4)?;
-    rewrite4(start, end, off, flow.proto, IP_SRC_OFF, 0, &flow.src, &me, &flow.sport, &port.to_ne_bytes())
-        .ok_or(Reason::DropMalformedL4)?;
+    rewrite4(
+        start,
+        end,
+        off,
+        flow.proto,
+        IP_DST_OFF,
+        2,
+        &flow.dst,
+        &pod,
+        &flow.dport,
+        &backend.port.to_ne_bytes(),
+    )
+    .ok_or(Reason::DropMalformedL4)?;
+    rewrite4(
+        start,
+        end,
+        off,
+        flow.proto,
+        IP_SRC_OFF,
+        0,
+        &flow.src,
+        &me,
+        &flow.sport,
+        &port.to_ne_bytes(),
+    )
+    .ok_or(Reason::DropMalformedL4)?;
     let action = fwd::redirect(ctx).ok_or(Reason::DropSnat)?;
     count(Reason::FwdSnat);
     Ok(action)
@@ -128,8 +155,30 @@ fn try_reply(ctx: &XdpContext) -> Option<u32> {
     let vip = [rev.vip[0], rev.vip[1], rev.vip[2], rev.vip[3]];
     let client = [rev.client[0], rev.client[1], rev.client[2], rev.client[3]];
     let off = csum_off(flow.proto);
-    rewrite4(start, end, off, flow.proto, IP_SRC_OFF, 0, &flow.src, &vip, &flow.sport, &rev.vip_port.to_ne_bytes())?;
-    rewrite4(start, end, off, flow.proto, IP_DST_OFF, 2, &flow.dst, &client, &flow.dport, &rev.client_port.to_ne_bytes())?;
+    rewrite4(
+        start,
+        end,
+        off,
+        flow.proto,
+        IP_SRC_OFF,
+        0,
+        &flow.src,
+        &vip,
+        &flow.sport,
+        &rev.vip_port.to_ne_bytes(),
+    )?;
+    rewrite4(
+        start,
+        end,
+        off,
+        flow.proto,
+        IP_DST_OFF,
+        2,
+        &flow.dst,
+        &client,
+        &flow.dport,
+        &rev.client_port.to_ne_bytes(),
+    )?;
     count(Reason::RevSnat);
     Some(fwd::redirect(ctx).unwrap_or(xdp_action::XDP_PASS))
 }

@@ -90,7 +90,12 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     let inner = unsafe { *ip };
     let inner_len = u16::from_be_bytes(inner.tot_len);
     let me = node_ip();
-    let dst = [backend.node[0], backend.node[1], backend.node[2], backend.node[3]];
+    let dst = [
+        backend.node[0],
+        backend.node[1],
+        backend.node[2],
+        backend.node[3],
+    ];
     if me == [0; 4] {
         return Err(Reason::DropEncapNoRoute);
     }

@@ -1,0 +1,545 @@
+//! The L2 driver: one tokio task that runs membership (foca over UDP), recomputes
+//! ownership whenever membership, the plan or the link changes, programs the owned
+//! VIPs into `xlb_l2_vips4`, sends gratuitous ARPs on takeover and keeps the
+//! datapath's dead-man deadline fresh.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues};
+use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
+use rand::{SeedableRng, rngs::SmallRng};
+use tokio::{net::UdpSocket, sync::watch, time::Instant};
+use tracing::{debug, info, warn};
+use xlb_common::{L2Vip, config, names};
+
+use super::{
+    announce::{self, Sender},
+    election::{self, Plan},
+    membership::{self, NodeId},
+};
+use crate::{dataplane::conntrack::monotonic_ns, metrics::Metrics};
+
+/// How often the dead-man deadline is pushed forward and the link looked at.
+pub const REFRESH: Duration = Duration::from_millis(100);
+/// How far ahead of now the deadline is set: a dead agent's datapath stops
+/// answering ARP at most this long after the agent's last refresh.
+pub const DEADMAN: Duration = Duration::from_millis(400);
+/// When gratuitous ARPs go out after a takeover, from the takeover. Linux ignores an
+/// ARP that would change a neighbour entry updated less than `locktime` ago (1 s by
+/// default, `arp_process` in net/ipv4/arp.c), so one GARP at once can be ignored by a
+/// client that just refreshed its entry: the first second is covered every 250 ms,
+/// then one a second for two more.
+pub const GARP_SCHEDULE_MS: [u64; 7] = [0, 250, 500, 750, 1000, 2000, 3000];
+/// After start or after the link comes back, VIPs are claimed only once every peer
+/// in the plan answered, or after this long: a node that has not heard its peers yet
+/// would otherwise claim every VIP for a moment.
+pub const JOIN_WAIT: Duration = Duration::from_secs(1);
+/// Peers that are not members yet are announced to this often.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+
+/// Why the L2 task could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum L2Error {
+    /// The membership socket could not be bound.
+    #[error("binding the memberlist port {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A pinned map could not be opened.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Pin name.
+        name: &'static str,
+        /// Cause.
+        source: MapError,
+    },
+    /// The gratuitous-ARP socket could not be opened.
+    #[error("AF_PACKET socket on {iface}: {source}")]
+    Packet {
+        /// The interface.
+        iface: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The interface has no MAC address or index.
+    #[error("interface {0}: no such interface or no MAC address")]
+    Interface(String),
+}
+
+/// What the L2 task needs to start.
+#[derive(Clone, Debug)]
+pub struct L2Config {
+    /// Announce interface (the uplink).
+    pub interface: String,
+    /// This node's name.
+    pub node_name: String,
+    /// This node's address on the LAN: where peers reach its membership socket.
+    pub node_ip: IpAddr,
+    /// UDP port of the membership protocol (`--memberlist-port`).
+    pub port: u16,
+    /// bpffs directory of the pinned maps.
+    pub pin_path: std::path::PathBuf,
+}
+
+/// The pinned maps this task writes.
+struct Maps {
+    /// Kernel id of the `xlb_l2_vips4` these handles refer to: a datapath rebuilt
+    /// under the agent (`xlb cleanup --force`) pins new maps, which this detects.
+    id: u32,
+    vips: HashMap<MapData, u32, L2Vip>,
+    stats: PerCpuHashMap<MapData, u32, u64>,
+    config: Array<MapData, u64>,
+}
+
+impl Maps {
+    fn open(pin_path: &Path) -> Result<Self, L2Error> {
+        let open = |name: &'static str| {
+            MapData::from_pin(pin_path.join(name)).map_err(|source| L2Error::Map { name, source })
+        };
+        let err = |name: &'static str| move |source| L2Error::Map { name, source };
+        let id = MapInfo::from_pin(pin_path.join(names::L2_VIPS4))
+            .map_err(err(names::L2_VIPS4))?
+            .id();
+        Ok(Maps {
+            id,
+            vips: HashMap::try_from(Map::HashMap(open(names::L2_VIPS4)?))
+                .map_err(err(names::L2_VIPS4))?,
+            stats: PerCpuHashMap::try_from(Map::PerCpuHashMap(open(names::L2_STATS4)?))
+                .map_err(err(names::L2_STATS4))?,
+            config: Array::try_from(Map::Array(open(names::CONFIG)?))
+                .map_err(err(names::CONFIG))?,
+        })
+    }
+}
+
+type Swim = Foca<NodeId, PostcardCodec, SmallRng, NoCustomBroadcast>;
+
+/// The task's state.
+struct L2 {
+    cfg: L2Config,
+    me: NodeId,
+    mac: [u8; 6],
+    foca: Swim,
+    rt: AccumulatingRuntime<NodeId>,
+    socket: UdpSocket,
+    garp: Sender,
+    /// The interface index `garp` sends on.
+    ifindex: u32,
+    maps: Maps,
+    /// When [`L2::follow_datapath`] looks next.
+    next_follow: Instant,
+    plan: Arc<Plan>,
+    /// foca timers, by when they fire.
+    timers: Vec<(Instant, Timer<NodeId>)>,
+    /// VIPs programmed into `xlb_l2_vips4`.
+    owned: BTreeSet<Ipv4Addr>,
+    /// VIPs a previous agent left in `xlb_l2_vips4`: kept while joining, and
+    /// announced again (GARP) if election gives them to this node, since another
+    /// node may have taken them over meanwhile.
+    inherited: BTreeSet<Ipv4Addr>,
+    /// Pending gratuitous ARPs: VIP -> (takeover time, next index in
+    /// [`GARP_SCHEDULE_MS`]).
+    garps: BTreeMap<Ipv4Addr, (Instant, usize)>,
+    /// Per-VIP ARP replies already exported.
+    replies: BTreeMap<Ipv4Addr, u64>,
+    link_up: bool,
+    /// No VIP is claimed before this (see [`JOIN_WAIT`]).
+    claim_after: Instant,
+    next_announce: Instant,
+    metrics: Arc<Metrics>,
+}
+
+/// Binds the membership socket and opens maps and sockets (so a bad port or a
+/// missing capability fails the agent's start), then runs the task until the plan's
+/// sender is dropped.
+pub async fn start(
+    cfg: L2Config,
+    plan: watch::Receiver<Arc<Plan>>,
+    metrics: Arc<Metrics>,
+) -> Result<tokio::task::JoinHandle<()>, L2Error> {
+    let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cfg.port);
+    let socket = UdpSocket::bind(bind)
+        .await
+        .map_err(|source| L2Error::Bind { addr: bind, source })?;
+    let ifindex = crate::netdev::ifindex(&cfg.interface)
+        .ok_or_else(|| L2Error::Interface(cfg.interface.clone()))?;
+    let mac = crate::netdev::interface_mac(&cfg.interface)
+        .ok_or_else(|| L2Error::Interface(cfg.interface.clone()))?;
+    let garp = Sender::open(ifindex).map_err(|source| L2Error::Packet {
+        iface: cfg.interface.clone(),
+        source,
+    })?;
+    let maps = Maps::open(&cfg.pin_path)?;
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let me = NodeId {
+        name: cfg.node_name.clone(),
+        addr: SocketAddr::new(cfg.node_ip, cfg.port),
+        generation,
+    };
+    let rng = SmallRng::seed_from_u64(generation ^ u64::from(std::process::id()));
+    let cluster = plan.borrow().peers.len();
+    let foca = Foca::new(me.clone(), membership::config(cluster), rng, PostcardCodec);
+    // VIPs a previous agent left programmed are ours until election says otherwise.
+    let owned: BTreeSet<Ipv4Addr> = maps
+        .vips
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
+        .collect();
+    let now = Instant::now();
+    let mut l2 = L2 {
+        me,
+        mac,
+        foca,
+        rt: AccumulatingRuntime::new(),
+        socket,
+        garp,
+        ifindex,
+        maps,
+        next_follow: now,
+        plan: plan.borrow().clone(),
+        timers: Vec::new(),
+        inherited: owned.clone(),
+        owned,
+        garps: BTreeMap::new(),
+        replies: BTreeMap::new(),
+        link_up: announce::link_up(&cfg.interface),
+        claim_after: now + JOIN_WAIT,
+        next_announce: now,
+        metrics,
+        cfg,
+    };
+    l2.refresh_deadline();
+    info!(
+        port = l2.cfg.port, node = %l2.me.name, addr = %l2.me.addr,
+        "L2 announcement: membership listening"
+    );
+    Ok(tokio::spawn(async move { l2.run(plan).await }))
+}
+
+impl L2 {
+    async fn run(&mut self, mut plan: watch::Receiver<Arc<Plan>>) {
+        let mut buf = vec![0u8; 2048];
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.timers.iter().map(|(at, _)| *at).min();
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, _)) => {
+                        if let Err(e) = self.foca.handle_data(&buf[..n], &mut self.rt) {
+                            debug!(error = %e, "membership: bad datagram");
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "membership: receive"),
+                },
+                _ = tokio::time::sleep_until(next_timer.unwrap_or(far)), if next_timer.is_some() => {
+                    self.fire_timers();
+                }
+                changed = plan.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.plan = plan.borrow_and_update().clone();
+                    self.next_announce = Instant::now();
+                    // How many times an update is gossiped grows with the cluster
+                    // (foca's LAN formula); the probe timing stays as it is.
+                    let config = membership::config(self.plan.peers.len());
+                    if let Err(e) = self.foca.set_config(config) {
+                        warn!(error = %e, "membership: resizing the configuration");
+                    }
+                }
+                _ = tick.tick() => {
+                    self.refresh_deadline();
+                    let up = announce::link_up(&self.cfg.interface);
+                    if up != self.link_up {
+                        info!(iface = %self.cfg.interface, up, "announce interface link changed");
+                        self.link_up = up;
+                        if up {
+                            self.claim_after = Instant::now() + JOIN_WAIT;
+                            self.next_announce = Instant::now();
+                        }
+                    }
+                    if Instant::now() >= self.next_follow {
+                        self.follow_datapath();
+                    }
+                    self.send_garps();
+                    self.count_replies();
+                }
+            }
+            if Instant::now() >= self.next_announce {
+                self.announce_missing();
+            }
+            self.flush();
+            self.reconcile();
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.timers.drain(..).partition(|(at, _)| *at <= now);
+        self.timers = later;
+        for (_, t) in due {
+            if let Err(e) = self.foca.handle_timer(t, &mut self.rt) {
+                debug!(error = %e, "membership timer");
+            }
+        }
+    }
+
+    /// Announces this node to plan peers that are not members (new, or declared
+    /// down and maybe back).
+    fn announce_missing(&mut self) {
+        self.next_announce = Instant::now() + ANNOUNCE_EVERY;
+        let members: BTreeSet<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        let peers: Vec<_> = self
+            .plan
+            .peers
+            .iter()
+            .filter(|(name, _)| **name != self.me.name)
+            .map(|(name, ip)| (name.clone(), SocketAddr::new(*ip, self.cfg.port)))
+            .filter(|(_, addr)| !members.contains(addr))
+            .collect();
+        for (name, addr) in peers {
+            let to = NodeId {
+                name,
+                addr,
+                generation: 0,
+            };
+            if let Err(e) = self.foca.announce(to, &mut self.rt) {
+                debug!(error = %e, "membership: announce");
+            }
+        }
+    }
+
+    /// Sends what foca produced, schedules its timers, logs membership changes.
+    fn flush(&mut self) {
+        while let Some((to, data)) = self.rt.to_send() {
+            if let Err(e) = self.socket.try_send_to(&data, to.addr) {
+                debug!(error = %e, to = %to.addr, "membership: send");
+            }
+        }
+        let now = Instant::now();
+        while let Some((after, t)) = self.rt.to_schedule() {
+            self.timers.push((now + after, t));
+        }
+        while let Some(n) = self.rt.to_notify() {
+            match n {
+                OwnedNotification::MemberUp(id) => {
+                    info!(node = %id.name, addr = %id.addr, "member up")
+                }
+                OwnedNotification::MemberDown(id) => {
+                    info!(node = %id.name, addr = %id.addr, "member down")
+                }
+                OwnedNotification::Rename(a, b) => debug!(from = ?a, to = ?b, "member renamed"),
+                OwnedNotification::Defunct => {
+                    warn!("membership: this node was declared down; rejoining")
+                }
+                _ => {}
+            }
+        }
+        let mut alive = 0;
+        let mut suspect = 0;
+        let mut down = 0;
+        for m in self.foca.iter_membership_state() {
+            match m.state() {
+                foca::State::Alive => alive += 1,
+                foca::State::Suspect => suspect += 1,
+                foca::State::Down => down += 1,
+            }
+        }
+        let l2 = &self.metrics.l2;
+        // This node counts as alive.
+        l2.members
+            .get_or_create(&vec![("state", "alive".into())])
+            .set(alive + 1);
+        l2.members
+            .get_or_create(&vec![("state", "suspect".into())])
+            .set(suspect);
+        l2.members
+            .get_or_create(&vec![("state", "down".into())])
+            .set(down);
+    }
+
+    /// Recomputes the owned VIPs and programs the difference.
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        let mut live: BTreeSet<String> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id().name.clone())
+            .collect();
+        live.insert(self.me.name.clone());
+        // No peers known yet (no plan before the first sync) counts as not joined.
+        let peers_in =
+            !self.plan.peers.is_empty() && self.plan.peers.keys().all(|p| live.contains(p));
+        let joining = self.link_up && now < self.claim_after && !peers_in;
+        let want: BTreeSet<Ipv4Addr> = if !self.link_up || joining {
+            // Link down: give everything up at once. Still joining: claim nothing
+            // new, keep what is held (a restarted agent keeps serving).
+            if self.link_up {
+                self.owned.clone()
+            } else {
+                BTreeSet::new()
+            }
+        } else {
+            election::owned(&self.plan, &self.me.name, &live)
+                .into_iter()
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(a) => Some(a),
+                    // NDP for IPv6 VIPs comes with the IPv6 datapath.
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        };
+        let l2 = self.metrics.l2.clone();
+        if !joining {
+            for vip in std::mem::take(&mut self.inherited) {
+                if want.contains(&vip) && self.owned.contains(&vip) {
+                    self.garps.insert(vip, (now, 0));
+                    info!(%vip, "L2: kept VIP a previous agent held; announcing it");
+                }
+            }
+        }
+        l2.owned.set(self.owned.len() as i64);
+        if want == self.owned {
+            self.send_garps();
+            return;
+        }
+        for vip in self.owned.difference(&want).copied().collect::<Vec<_>>() {
+            let key = u32::from_ne_bytes(vip.octets());
+            if let Err(e) = self.maps.vips.remove(&key) {
+                warn!(%vip, error = %e, "removing an owned VIP from xlb_l2_vips4");
+                continue;
+            }
+            let _ = self.maps.stats.remove(&key);
+            self.replies.remove(&vip);
+            self.garps.remove(&vip);
+            self.owned.remove(&vip);
+            l2.changes
+                .get_or_create(&vec![("change", "released".into())])
+                .inc();
+            info!(%vip, "L2: released VIP");
+        }
+        for vip in want.difference(&self.owned).copied().collect::<Vec<_>>() {
+            let key = u32::from_ne_bytes(vip.octets());
+            let ncpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
+            if let Ok(zero) = PerCpuValues::try_from(vec![0u64; ncpus]) {
+                let _ = self.maps.stats.insert(key, zero, 0);
+            }
+            let value = L2Vip {
+                mac: self.mac,
+                pad: [0; 2],
+            };
+            if let Err(e) = self.maps.vips.insert(key, value, 0) {
+                warn!(%vip, error = %e, "adding an owned VIP to xlb_l2_vips4");
+                continue;
+            }
+            self.owned.insert(vip);
+            self.garps.insert(vip, (now, 0));
+            l2.changes
+                .get_or_create(&vec![("change", "acquired".into())])
+                .inc();
+            info!(%vip, "L2: took VIP over");
+        }
+        l2.owned.set(self.owned.len() as i64);
+        self.send_garps();
+    }
+
+    /// Sends the gratuitous ARPs that are due.
+    fn send_garps(&mut self) {
+        let now = Instant::now();
+        for (vip, (since, next)) in self.garps.iter_mut() {
+            let due = GARP_SCHEDULE_MS
+                .get(*next)
+                .is_some_and(|ms| *since + Duration::from_millis(*ms) <= now);
+            if !due {
+                continue;
+            }
+            match self.garp.send(&announce::announcement(*vip, self.mac)) {
+                Ok(()) => {
+                    self.metrics.l2.garps.inc();
+                }
+                Err(e) => warn!(%vip, error = %e, "sending a gratuitous ARP"),
+            }
+            *next += 1;
+        }
+        self.garps
+            .retain(|_, (_, next)| *next < GARP_SCHEDULE_MS.len());
+    }
+
+    /// Follows an interface recreated under the same name (new index, maybe a new
+    /// MAC) and maps pinned afresh by a rebuilt datapath: reopens them and programs
+    /// every owned VIP again (with gratuitous ARPs, the MAC may have changed).
+    fn follow_datapath(&mut self) {
+        self.next_follow = Instant::now() + Duration::from_secs(1);
+        let mut again = false;
+        let iface = &self.cfg.interface;
+        if let Some(i) = crate::netdev::ifindex(iface).filter(|i| *i != self.ifindex) {
+            match (Sender::open(i), crate::netdev::interface_mac(iface)) {
+                (Ok(sender), Some(mac)) => {
+                    info!(%iface, ifindex = i, "announce interface recreated; following it");
+                    (self.garp, self.ifindex, self.mac) = (sender, i, mac);
+                    again = true;
+                }
+                (Err(e), _) => warn!(%iface, error = %e, "reopening the GARP socket"),
+                (_, None) => warn!(%iface, "recreated interface has no MAC yet"),
+            }
+        }
+        let pinned = MapInfo::from_pin(self.cfg.pin_path.join(names::L2_VIPS4)).map(|m| m.id());
+        if pinned.is_ok_and(|id| id != self.maps.id) {
+            match Maps::open(&self.cfg.pin_path) {
+                Ok(maps) => {
+                    info!("datapath maps pinned afresh; programming owned VIPs again");
+                    self.maps = maps;
+                    again = true;
+                }
+                Err(e) => warn!(error = %e, "reopening the L2 maps"),
+            }
+        }
+        if again {
+            self.refresh_deadline();
+            self.owned.clear();
+            self.replies.clear();
+        }
+    }
+
+    /// Pushes the datapath's dead-man deadline forward.
+    fn refresh_deadline(&mut self) {
+        let deadline = monotonic_ns() + DEADMAN.as_nanos() as u64;
+        if let Err(e) = self.maps.config.set(config::L2_DEADLINE, deadline, 0) {
+            warn!(error = %e, "refreshing the L2 dead-man deadline");
+        }
+    }
+
+    /// Adds new ARP replies per owned VIP to `xlb_l2_arp_replies_total{vip}`.
+    fn count_replies(&mut self) {
+        for vip in &self.owned {
+            let key = u32::from_ne_bytes(vip.octets());
+            let Ok(v) = self.maps.stats.get(&key, 0) else {
+                continue;
+            };
+            let total: u64 = v.iter().sum();
+            let seen = self.replies.entry(*vip).or_default();
+            if total > *seen {
+                self.metrics
+                    .l2
+                    .arp_replies
+                    .get_or_create(&vec![("vip", vip.to_string())])
+                    .inc_by(total - *seen);
+                *seen = total;
+            }
+        }
+    }
+}

@@ -175,7 +175,10 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
                 match v {
                     0 => "unset (ARP not answered)".into(),
                     d => {
-                        let left = (i128::from(d) - i128::from(monotonic_ns())) as f64 / 1e9;
+                        let left = (i128::from(d)
+                            - i128::from(dataplane::conntrack::monotonic_ns()))
+                            as f64
+                            / 1e9;
                         if left > 0.0 {
                             format!("in {left:.3} s (ARP answered)")
                         } else {
@@ -369,7 +372,7 @@ fn flow_rows(pin_path: &Path, vip: Option<std::net::IpAddr>) -> Result<Vec<FlowR
     let owners: HashMap<MapData, u32, xlb_common::Owner> =
         HashMap::try_from(Map::HashMap(open(names::OWNERS)?))
             .map_err(dataplane::map_err(names::OWNERS))?;
-    let now = monotonic_ns();
+    let now = dataplane::conntrack::monotonic_ns();
     let mut rows = Vec::new();
     for kv in ct.iter() {
         let Ok((k, v)) = kv else {
@@ -413,20 +416,6 @@ fn flow_rows(pin_path: &Path, vip: Option<std::net::IpAddr>) -> Result<Vec<FlowR
     }
     rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
     Ok(rows)
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of the datapath's `bpf_ktime_get_coarse_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 fn print_flows(rows: &[FlowRow], out: &mut dyn Write) -> std::io::Result<()> {

@@ -384,3 +384,54 @@ fn l2_failover_gaps_over_runs() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_local_vip_follows_the_only_node_with_a_ready_endpoint() -> Result<()> {
+    // externalTrafficPolicy Local: only nodes with a usable local endpoint may own the
+    // VIP. Leaving one node's endpoint ready moves the VIP there; moving it again moves
+    // the VIP again, and ARP is answered by that node alone each time.
+    let mut lab = l2_lab()?;
+    let macs = macs(&lab)?;
+    let none = BTreeSet::new();
+    let first = wait_owner(&mut lab, &none, None)?;
+    let dir = lab.manifests_dir();
+    let mut previous = first;
+    for round in 0..2 {
+        // The next node after the current owner (in lab order) keeps the only ready
+        // endpoint; the others' endpoints become not ready.
+        let at = lab
+            .nodes
+            .iter()
+            .position(|n| n.name == previous)
+            .context("owner is a lab node")?;
+        let target = lab.nodes[(at + 1) % lab.nodes.len()].name.clone();
+        let eps: Vec<EndpointSpec> = lab
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.pods
+                    .iter()
+                    .map(|p| EndpointSpec::new(p.ip, n.name == target, &n.name))
+            })
+            .collect();
+        let web = multi_doc(&[
+            service_yaml(
+                WEB_NAMESPACE,
+                WEB_SERVICE,
+                &VIP.to_string(),
+                &web_ports(),
+                true,
+            ),
+            web_slice_yaml(&eps),
+        ]);
+        write_atomic(&dir.join("web.yaml"), &web)?;
+        let owner = wait_owner(&mut lab, &none, Some(&previous))?;
+        ensure!(
+            owner == target,
+            "round {round}: the VIP went to {owner}, but only {target} has a ready endpoint"
+        );
+        wait_sole_answerer(&lab, mac_named(&macs, &target)?)?;
+        previous = owner;
+    }
+    Ok(())
+}

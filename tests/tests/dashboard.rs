@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use xlb_lab::lab::{Lab, REPLY_TIMEOUT, SOON};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, REPLY_TIMEOUT, SOON, UPLINK};
 use xlb_lab::manifests::{EndpointSpec, web_udp_vip, web_yaml, write_atomic};
 
 /// Every `expr` of every panel target and templating query, recursively.
@@ -95,6 +95,44 @@ fn every_metric_the_dashboard_queries_is_exported() -> Result<()> {
                 .metric("xlb_config_errors_total", &[])
                 .ok()
                 .filter(|n| *n >= 1.0))
+        },
+    )?;
+    // L2 announcement of the VIP (the node described, so it is a candidate), and one
+    // ARP request for it, so that its series exist too (ownership, replies per VIP).
+    lab.write_nodes_yaml(&lab.node().manifests_dir)?;
+    write_atomic(
+        &lab.node().manifests_dir.join("l2.yaml"),
+        "apiVersion: xlb.dev/v1alpha1\nkind: L2Announcement\nmetadata: { name: lan, namespace: xlb-system }\n",
+    )?;
+    xlb_lab::poll(
+        "the VIP to be owned",
+        SOON,
+        std::time::Duration::from_millis(50),
+        || {
+            Ok(lab
+                .agent()?
+                .metric("xlb_l2_owned_vips", &[])
+                .ok()
+                .filter(|n| *n >= 1.0))
+        },
+    )?;
+    let vip = match web_udp_vip().ip() {
+        std::net::IpAddr::V4(v) => v,
+        other => anyhow::bail!("the lab VIP {other} is not IPv4"),
+    };
+    xlb_lab::poll(
+        "an ARP reply for the VIP",
+        SOON,
+        std::time::Duration::from_millis(50),
+        || {
+            let got = xlb_lab::arp::who_has(
+                &lab.client.ns,
+                UPLINK,
+                CLIENT_ADDR,
+                vip,
+                std::time::Duration::from_millis(200),
+            )?;
+            Ok((!got.is_empty()).then_some(()))
         },
     )?;
     let samples = lab.agent()?.metrics()?;

@@ -207,15 +207,19 @@ mod tests {
         let plan = Plan::from_model(&snap, "eth0");
         assert_eq!(plan.peers.len(), 3);
         assert_eq!(plan.peers["node-c"], "10.0.0.13".parse::<IpAddr>().unwrap());
+        // Eligible exactly where the desired state is not unwilling, computed by
+        // `desired` for each node independently of the plan.
         for svc in snap.services.values() {
             for vip in &svc.vips {
-                let want = if svc.traffic_policy == TrafficPolicy::Local {
-                    // Only nodes with a usable local endpoint.
-                    svc.ports
-                        .iter()
-                        .flat_map(|p| &p.endpoints)
-                        .filter(|e| e.serving && (e.ready || e.terminating))
-                        .filter_map(|e| e.node_name.clone())
+                let want: BTreeSet<String> = if svc.traffic_policy == TrafficPolicy::Local {
+                    ["node-a", "node-b", "node-c"]
+                        .into_iter()
+                        .filter(|n| {
+                            !crate::desired::compute(&snap, n, None)
+                                .unwilling
+                                .contains(vip)
+                        })
+                        .map(String::from)
                         .collect()
                 } else {
                     set(&["node-a", "node-b", "node-c"])

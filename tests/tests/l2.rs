@@ -110,6 +110,21 @@ fn mac_named(macs: &[(String, Mac)], name: &str) -> Result<Mac> {
         .with_context(|| format!("no node {name}"))
 }
 
+/// Writes `web.yaml` in `dir`: the Local UDP/TCP Service on [`VIP`] with `eps`.
+fn write_web(dir: &std::path::Path, eps: &[EndpointSpec]) -> Result<()> {
+    let web = multi_doc(&[
+        service_yaml(
+            WEB_NAMESPACE,
+            WEB_SERVICE,
+            &VIP.to_string(),
+            &web_ports(),
+            true,
+        ),
+        web_slice_yaml(eps),
+    ]);
+    write_atomic(&dir.join("web.yaml"), &web)
+}
+
 /// Three nodes with one pod each, every pod an endpoint of the Local UDP/TCP
 /// Service on [`VIP`], one L2Announcement for everything; agents started.
 fn l2_lab() -> Result<Lab> {
@@ -125,17 +140,7 @@ fn l2_lab() -> Result<Lab> {
                 .map(|p| EndpointSpec::new(p.ip, true, &n.name))
         })
         .collect();
-    let web = multi_doc(&[
-        service_yaml(
-            WEB_NAMESPACE,
-            WEB_SERVICE,
-            &VIP.to_string(),
-            &web_ports(),
-            true,
-        ),
-        web_slice_yaml(&eps),
-    ]);
-    write_atomic(&dir.join("web.yaml"), &web)?;
+    write_web(&dir, &eps)?;
     write_atomic(&dir.join("l2.yaml"), L2_ALL)?;
     lab.start_agents(ManifestsLayout::Shared, SOON)?;
     Ok(lab)
@@ -414,17 +419,7 @@ fn a_local_vip_follows_the_only_node_with_a_ready_endpoint() -> Result<()> {
                     .map(|p| EndpointSpec::new(p.ip, n.name == target, &n.name))
             })
             .collect();
-        let web = multi_doc(&[
-            service_yaml(
-                WEB_NAMESPACE,
-                WEB_SERVICE,
-                &VIP.to_string(),
-                &web_ports(),
-                true,
-            ),
-            web_slice_yaml(&eps),
-        ]);
-        write_atomic(&dir.join("web.yaml"), &web)?;
+        write_web(&dir, &eps)?;
         let owner = wait_owner(&mut lab, &none, Some(&previous))?;
         ensure!(
             owner == target,

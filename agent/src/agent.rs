@@ -223,10 +223,7 @@ impl Reconciler {
             Ok(t) => t,
             Err(e) => {
                 error!(error = %e, "desired state does not fit the maps; keeping the current one");
-                self.metrics
-                    .syncs
-                    .get_or_create(&vec![("result", "too_large".to_string())])
-                    .inc();
+                self.count_sync("too_large");
                 return Ok(());
             }
         };
@@ -238,10 +235,7 @@ impl Reconciler {
         if let Err(e) = self.dp.apply(&writes) {
             // Start the next attempt from what the maps really hold.
             self.applied = self.dp.read_state()?;
-            self.metrics
-                .syncs
-                .get_or_create(&vec![("result", "error".to_string())])
-                .inc();
+            self.count_sync("error");
             return Err(e);
         }
         let t_apply = started.elapsed();
@@ -263,10 +257,7 @@ impl Reconciler {
         self.previous = Some(desired);
         self.publish_l2_plan(&loaded.snapshot);
         self.in_sync = true;
-        self.metrics
-            .syncs
-            .get_or_create(&vec![("result", "ok".to_string())])
-            .inc();
+        self.count_sync("ok");
         if writes.len() > 1000 || loaded.parsed > 0 {
             trim_heap();
         }
@@ -324,10 +315,7 @@ impl Reconciler {
             Err(e) => {
                 // Not applied; without the index the next sync is a whole one.
                 error!(error = %e, "desired state does not fit the maps; keeping the current one");
-                self.metrics
-                    .syncs
-                    .get_or_create(&vec![("result", "too_large".to_string())])
-                    .inc();
+                self.count_sync("too_large");
                 self.previous = Some(desired);
                 return Ok(());
             }
@@ -337,10 +325,7 @@ impl Reconciler {
         if let Err(e) = self.dp.apply(&patch.writes) {
             self.applied = self.dp.read_state()?;
             self.previous = Some(desired);
-            self.metrics
-                .syncs
-                .get_or_create(&vec![("result", "error".to_string())])
-                .inc();
+            self.count_sync("error");
             return Err(e);
         }
         let t_apply = started.elapsed();
@@ -369,10 +354,7 @@ impl Reconciler {
         self.previous = Some(desired);
         self.publish_l2_plan(&loaded.snapshot);
         self.in_sync = true;
-        self.metrics
-            .syncs
-            .get_or_create(&vec![("result", "ok".to_string())])
-            .inc();
+        self.count_sync("ok");
         let took = started.elapsed();
         self.metrics.sync_duration.observe(took.as_secs_f64());
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -392,6 +374,14 @@ impl Reconciler {
         }
         self.metrics.ready.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Counts a sync by its result (`xlb_syncs_total{result}`).
+    fn count_sync(&self, result: &str) {
+        self.metrics
+            .syncs
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
     }
 
     /// Hands L2 announcement the plan of `snapshot`, called once the services behind

@@ -17,6 +17,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    checks::{self, Checker},
     dataplane::{
         ClusterMode, Dataplane, DataplaneError, ForwardMode, NodeConfig, Stats, conntrack, pin,
         state::{self, Ids, MapState, Write},
@@ -147,6 +148,8 @@ struct Reconciler {
     collector: Arc<BpfCollector>,
     /// What L2 announcement needs from each applied snapshot (see [`crate::l2`]).
     l2_plan: watch::Sender<Arc<crate::l2::Plan>>,
+    /// The model the maps were last brought to (what health checks are run for).
+    snapshot: Arc<crate::model::Snapshot>,
 }
 
 impl Reconciler {
@@ -255,7 +258,7 @@ impl Reconciler {
         self.ids = target.ids;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
-        self.publish_l2_plan(&loaded.snapshot);
+        self.publish(&loaded.snapshot);
         self.in_sync = true;
         self.count_sync("ok");
         if writes.len() > 1000 || loaded.parsed > 0 {
@@ -352,7 +355,7 @@ impl Reconciler {
         self.heap_dirty |= loaded.parsed > 0;
         self.keep_neighbours(&desired);
         self.previous = Some(desired);
-        self.publish_l2_plan(&loaded.snapshot);
+        self.publish(&loaded.snapshot);
         self.in_sync = true;
         self.count_sync("ok");
         let took = started.elapsed();
@@ -384,9 +387,11 @@ impl Reconciler {
             .inc();
     }
 
-    /// Hands L2 announcement the plan of `snapshot`, called once the services behind
-    /// the VIPs are in the maps (so a VIP is never announced before it is served).
-    fn publish_l2_plan(&self, snapshot: &crate::model::Snapshot) {
+    /// Keeps `snapshot` as the applied one and hands L2 announcement its plan, called
+    /// once the services behind the VIPs are in the maps (so a VIP is never announced
+    /// before it is served).
+    fn publish(&mut self, snapshot: &Arc<crate::model::Snapshot>) {
+        self.snapshot = Arc::clone(snapshot);
         let plan = crate::l2::Plan::from_model(snapshot, &self.interface);
         self.l2_plan.send_if_modified(|p| {
             let changed = **p != plan;
@@ -692,7 +697,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         metrics,
         collector,
         l2_plan,
+        snapshot: Arc::default(),
     };
+    let (mut checker, mut verdicts) = Checker::new(rec.metrics.checks.clone());
 
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
@@ -711,6 +718,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             match rec.sync(&mut source) {
                 Ok(()) => {
                     retry_soon = false;
+                    if checker.run(&checks::probes(&rec.snapshot)) {
+                        source.set_health(checker.verdicts().clone());
+                        retry_soon = true;
+                    }
                     rec.report_memory(&cfg.pin_path);
                     if let Some(d) = &rec.previous {
                         health.apply(&d.health_checks).await;
@@ -746,6 +757,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                     }
                 }
                 retry_soon = true;
+            }
+            Some(v) = verdicts.recv() => {
+                if checker.record(v) {
+                    source.set_health(checker.verdicts().clone());
+                    retry_soon = true;
+                }
             }
             _ = resync.tick() => { retry_soon = true; }
             _ = every_second.tick() => {

@@ -13,8 +13,8 @@ use std::{
 use ipnet::IpNet;
 
 use crate::model::{
-    ConfigError, Endpoint, ErrorKind, Node, Protocol, ServiceRef, ServiceType, Snapshot,
-    TrafficPolicy,
+    ConfigError, Endpoint, ErrorKind, Forwarding, Node, Protocol, ServiceRef, ServiceType,
+    Snapshot, TrafficPolicy,
 };
 
 /// What a packet is matched on: destination address, port and protocol.
@@ -63,6 +63,9 @@ pub struct RemoteBackend {
     /// First IPv4 InternalIP of that node's `v1 Node` object: where to tunnel to.
     /// `None` when the node is unknown, has no Node object or no IPv4 InternalIP.
     pub node_ip: Option<IpAddr>,
+    /// A StaticService backend on a machine that is not an xlb node (or with SNAT
+    /// forwarding): reached by source NAT through this node, not by the tunnel.
+    pub snat: bool,
 }
 
 /// One frontend address:port/protocol as this node should serve it.
@@ -79,6 +82,10 @@ pub struct DesiredService {
     pub local: bool,
     /// This node's usable endpoints, sorted and deduplicated.
     pub backends: Vec<SocketAddr>,
+    /// A StaticService with a backend on this node (at one of its InternalIPs): the
+    /// node attracts the VIP only while that backend is healthy (an API server VIP
+    /// leaves a node whose own API server is down), whatever the other backends do.
+    pub own_backend: bool,
     /// Usable endpoints on other nodes or with no `nodeName` (Cluster policy only;
     /// always empty for Local), sorted by address and deduplicated.
     pub remote_backends: Vec<RemoteBackend>,
@@ -360,7 +367,16 @@ fn service_claims(
     let mut out: Vec<(VipKey, Claim)> = Vec::new();
     let local = svc.traffic_policy == TrafficPolicy::Local;
     for port in &svc.ports {
-        let (backends, remote_backends) = split(&port.endpoints, node_name, local, &snapshot.nodes);
+        let ((backends, remote_backends), own_backend) = match &svc.static_service {
+            Some(s) => (
+                split_static(&port.endpoints, s.forwarding, node_ips, &snapshot.nodes),
+                port.endpoints.iter().any(|e| node_ips.contains(&e.addr)),
+            ),
+            None => (
+                split(&port.endpoints, node_name, local, &snapshot.nodes),
+                false,
+            ),
+        };
         let mut frontends: Vec<(IpAddr, u16, Frontend, String)> = Vec::new();
         let port_field = format!("spec.ports[{}].port", port.index);
         for &addr in &svc.vips {
@@ -404,6 +420,7 @@ fn service_claims(
                         frontend,
                         local,
                         backends: backends.clone(),
+                        own_backend,
                         remote_backends: remote_backends.clone(),
                         source_ranges,
                         affinity_timeout: svc.affinity_timeout,
@@ -512,7 +529,7 @@ fn finish(
                 if ds.frontend == Frontend::NodePort || node_ips.contains(addr) {
                     continue;
                 }
-                *willing.get_or_insert(false) |= !ds.local || !ds.backends.is_empty();
+                *willing.get_or_insert(false) |= willing_for(ds);
             }
             if willing == Some(false) {
                 out.unwilling.insert(*addr);
@@ -528,13 +545,20 @@ fn finish(
         if ds.frontend == Frontend::NodePort || node_ips.contains(&key.addr) {
             continue;
         }
-        *willing.entry(key.addr).or_default() |= !ds.local || !ds.backends.is_empty();
+        *willing.entry(key.addr).or_default() |= willing_for(ds);
     }
     out.unwilling = willing
         .into_iter()
         .filter(|(_, w)| !w)
         .map(|(addr, _)| addr)
         .collect();
+}
+
+/// Whether this node can serve `ds` (one willing key makes its address willing):
+/// always with Cluster policy, unless it needs a local backend (Local policy, or a
+/// StaticService with a backend here) and has no usable one.
+fn willing_for(ds: &DesiredService) -> bool {
+    !(ds.local || ds.own_backend) || !ds.backends.is_empty()
 }
 
 /// The health check node ports of LoadBalancer Services with Local policy, by port;
@@ -652,8 +676,51 @@ fn split(
                 addr,
                 node,
                 node_ip,
+                snat: false,
             });
         }
+    }
+    here.sort();
+    here.dedup();
+    there.sort();
+    there.dedup_by(|a, b| a.addr == b.addr);
+    (here, there)
+}
+
+/// [`split`] for a StaticService: its healthy backends (ready; there is no
+/// terminating state to drain through) at this node's `node_ips` are local, those at
+/// another node's InternalIP go through the tunnel with [`Forwarding::Dsr`], and the
+/// rest are reached by source NAT.
+fn split_static(
+    endpoints: &[Endpoint],
+    forwarding: Forwarding,
+    node_ips: &[IpAddr],
+    nodes: &BTreeMap<String, Node>,
+) -> (Vec<SocketAddr>, Vec<RemoteBackend>) {
+    let (mut here, mut there) = (Vec::new(), Vec::new());
+    for e in endpoints.iter().filter(|e| e.ready && e.serving) {
+        let addr = SocketAddr::new(e.addr, e.port);
+        if node_ips.contains(&e.addr) {
+            here.push(addr);
+            continue;
+        }
+        let node = (forwarding == Forwarding::Dsr)
+            .then(|| nodes.values().find(|n| n.internal_ips.contains(&e.addr)))
+            .flatten();
+        there.push(match node {
+            Some(n) => RemoteBackend {
+                addr,
+                node: n.name.clone(),
+                node_ip: n.ipv4(),
+                snat: false,
+            },
+            None => RemoteBackend {
+                addr,
+                node: String::new(),
+                node_ip: None,
+                snat: true,
+            },
+        });
     }
     here.sort();
     here.dedup();
@@ -665,7 +732,7 @@ fn split(
 #[cfg(test)]
 // Panicking on a broken fixture is what a test should do.
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Service, ServicePort};
 
@@ -689,6 +756,7 @@ mod tests {
             source_ranges: vec![],
             affinity_timeout: None,
             health_check_node_port: None,
+            static_service: None,
             created: None,
             labels: BTreeMap::new(),
             ports: vec![ServicePort {
@@ -712,6 +780,95 @@ mod tests {
             nodes: BTreeMap::new(),
             l2_announcements: BTreeMap::new(),
         }
+    }
+
+    /// Nodes a, b, c at 10.0.0.11-13 and a StaticService on 10.0.0.100:6443 with a
+    /// backend on node-a (failing its check), one on node-b and one on a machine
+    /// outside the cluster.
+    pub(crate) fn static_lab(forwarding: Forwarding) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (name, ip) in [
+            ("node-a", "10.0.0.11"),
+            ("node-b", "10.0.0.12"),
+            ("node-c", "10.0.0.13"),
+        ] {
+            let node = Node {
+                name: name.into(),
+                internal_ips: vec![ip.parse().unwrap()],
+                labels: Default::default(),
+                origin: String::new(),
+            };
+            snap.nodes.insert(name.into(), node);
+        }
+        let mut api = svc("10.0.0.100", TrafficPolicy::Cluster, vec![]);
+        api.ports[0].port = 6443;
+        api.ports[0].endpoints = [
+            ("10.0.0.11", false),
+            ("10.0.0.12", true),
+            ("10.0.0.50", true),
+        ]
+        .into_iter()
+        .map(|(addr, ready)| Endpoint {
+            port: 6443,
+            serving: ready,
+            ..ep(addr, "", ready, ready, false)
+        })
+        .collect();
+        api.static_service = Some(crate::model::Static {
+            forwarding,
+            health_check: None,
+        });
+        snap.services
+            .insert(ServiceRef::new("kube-system", "apiserver"), api);
+        snap
+    }
+
+    #[test]
+    fn static_backends_are_local_tunnelled_or_source_natted_and_the_own_one_decides() {
+        let at = |a: &str| -> SocketAddr { format!("{a}:6443").parse().unwrap() };
+        let snat = |a: &str| RemoteBackend {
+            addr: at(a),
+            node: String::new(),
+            node_ip: None,
+            snat: true,
+        };
+        let vip: IpAddr = "10.0.0.100".parse().unwrap();
+        let k = VipKey {
+            addr: vip,
+            port: 6443,
+            protocol: Protocol::Tcp,
+        };
+        let snap = static_lab(Forwarding::Snat);
+        let of = |node: &str| compute(&snap, node, None);
+        // node-a: its own backend fails, so it serves through the others but does
+        // not attract the VIP.
+        let a = of("node-a");
+        let s = &a.services[&k];
+        assert!(s.own_backend && s.backends.is_empty() && !s.local);
+        assert_eq!(s.remote_backends, [snat("10.0.0.12"), snat("10.0.0.50")]);
+        assert!(a.unwilling.contains(&vip));
+        // node-b: its own backend is local (plain DNAT), the outside one by SNAT.
+        let b = of("node-b");
+        assert_eq!(b.services[&k].backends, [at("10.0.0.12")]);
+        assert_eq!(b.services[&k].remote_backends, [snat("10.0.0.50")]);
+        assert!(!b.unwilling.contains(&vip));
+        // node-c has no backend of its own: willing.
+        let c = of("node-c");
+        assert!(!c.services[&k].own_backend && !c.unwilling.contains(&vip));
+        assert_eq!(
+            c.services[&k].remote_backends,
+            [snat("10.0.0.12"), snat("10.0.0.50")]
+        );
+        // DSR: node-b's backend through the tunnel; the outside machine still by SNAT.
+        let dsr = static_lab(Forwarding::Dsr);
+        let c = compute(&dsr, "node-c", None);
+        let tunnel = RemoteBackend {
+            addr: at("10.0.0.12"),
+            node: "node-b".into(),
+            node_ip: Some("10.0.0.12".parse().unwrap()),
+            snat: false,
+        };
+        assert_eq!(c.services[&k].remote_backends, [tunnel, snat("10.0.0.50")]);
     }
 
     fn key(vip: &str) -> VipKey {
@@ -1014,6 +1171,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             node: node.into(),
             node_ip: node_ip.map(|ip| ip.parse().unwrap()),
+            snat: false,
         }
     }
 

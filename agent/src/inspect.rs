@@ -7,7 +7,9 @@
 use std::{collections::BTreeMap, io::Write, net::SocketAddr, path::Path};
 
 use serde::Serialize;
-use xlb_common::{BACKEND_F_REMOTE, PROTO_ICMP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES};
+use xlb_common::{
+    BACKEND_F_REMOTE, BACKEND_F_SNAT, PROTO_ICMP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
+};
 
 use crate::dataplane::{
     self, DataplaneError, Stats,
@@ -241,7 +243,8 @@ pub struct BackendRow {
     pub id: u32,
     /// Pod address and port.
     pub addr: String,
-    /// For a backend on another node: that node's address (the tunnel endpoint).
+    /// For a backend on another node: that node's address (the tunnel endpoint);
+    /// `"snat"` for a StaticService backend reached by source NAT.
     pub remote_node: Option<String>,
     /// Packets sent to it.
     pub packets: u64,
@@ -450,14 +453,18 @@ fn backend_rows(state: &MapState, stats: &dataplane::StatsSnapshot) -> BTreeMap<
         .iter()
         .map(|(id, b)| {
             let counter = stats.backends.get(id).copied().unwrap_or_default();
-            let remote_node = (b.flags & BACKEND_F_REMOTE != 0).then(|| {
-                let node = xlb_common::Backend {
-                    addr: b.node,
-                    family: b.family,
-                    ..Default::default()
-                };
-                state::backend_addr(&node).ip().to_string()
-            });
+            let remote_node = if b.flags & BACKEND_F_SNAT != 0 {
+                Some("snat".to_string())
+            } else {
+                (b.flags & BACKEND_F_REMOTE != 0).then(|| {
+                    let node = xlb_common::Backend {
+                        addr: b.node,
+                        family: b.family,
+                        ..Default::default()
+                    };
+                    state::backend_addr(&node).ip().to_string()
+                })
+            };
             let row = BackendRow {
                 id: *id,
                 addr: state::backend_addr(b).to_string(),
@@ -546,6 +553,7 @@ fn print_services(rows: &[ServiceRow], out: &mut dyn Write) -> std::io::Result<(
                 r.backends
                     .iter()
                     .map(|b| match &b.remote_node {
+                        Some(n) if n == "snat" => format!("{} (snat)", b.addr),
                         Some(n) => format!("{} via {n}", b.addr),
                         None => b.addr.clone(),
                     })

@@ -9,9 +9,11 @@
 //! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
+//! - [`checks`] health-checks StaticService backends (verdicts go to the source);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
+pub mod checks;
 pub mod dataplane;
 pub mod desired;
 pub mod health;

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub map_memory: Family<Labels, Gauge>,
     /// L2 announcement (`xlb_l2_*`).
     pub l2: Arc<L2Metrics>,
+    /// StaticService health checks (`xlb_health_check_*`).
+    pub checks: Arc<crate::checks::CheckMetrics>,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
     /// One scrape renders at a time (see `render`).
@@ -203,6 +205,8 @@ impl Metrics {
         );
         let l2 = Arc::new(L2Metrics::default());
         l2.register(&mut registry);
+        let checks = Arc::new(crate::checks::CheckMetrics::default());
+        checks.register(&mut registry);
         registry.register_collector(Box::new(bpf));
         Arc::new(Metrics {
             config_errors,
@@ -218,6 +222,7 @@ impl Metrics {
             reattached,
             map_memory,
             l2,
+            checks,
             ready: AtomicBool::new(false),
             scrape: tokio::sync::Semaphore::new(1),
             registry: Mutex::new(registry),

@@ -177,8 +177,93 @@ pub struct Service {
     pub created: Option<i64>,
     /// `metadata.labels`, for L2Announcement `serviceSelectors`.
     pub labels: BTreeMap<String, String>,
+    /// Set for an `xlb.dev/v1alpha1 StaticService` (a VIP without Kubernetes, e.g. in
+    /// front of the kube-apiservers): how its backends are reached and checked. Its
+    /// endpoints are the listed backends, with `ready` the health check's verdict
+    /// and no `node_name`.
+    pub static_service: Option<Static>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
+}
+
+/// What a StaticService adds to a Service: its backends are arbitrary machines that
+/// need not run xlb (nor Kubernetes), so they are reached through the node that
+/// receives the traffic, and their health is checked actively, as HAProxy does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Static {
+    /// `spec.forwarding`.
+    pub forwarding: Forwarding,
+    /// `spec.healthCheck`; `None`: every backend is used.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// How a StaticService reaches a backend that is not on the receiving node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Forwarding {
+    /// Source NAT through the receiving node (HAProxy in TCP mode does the same): the
+    /// backend sees the node's address and replies through it. Works for any backend.
+    #[default]
+    Snat,
+    /// Direct server return through the IPIP tunnel, keeping the client's address,
+    /// for backends that are xlb nodes (an address that is some Node's InternalIP);
+    /// the others are still reached by source NAT.
+    Dsr,
+}
+
+/// An active health check of every backend of a StaticService (HAProxy's `check`
+/// with `inter`, `timeout check`, `rise` and `fall`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HealthCheck {
+    /// What is tried.
+    pub kind: CheckKind,
+    /// Port to check on each backend's address; `None`: the backend's own port.
+    pub port: Option<u16>,
+    /// Time between the starts of two checks of one backend.
+    pub interval: std::time::Duration,
+    /// How long one check may take.
+    pub timeout: std::time::Duration,
+    /// Consecutive passes that bring a failed backend back.
+    pub rise: u32,
+    /// Consecutive failures that take a backend out.
+    pub fall: u32,
+}
+
+/// One kind of check.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CheckKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// `GET path` over HTTP/1.1 answers 2xx or 3xx.
+    Http {
+        /// Request path, e.g. `/healthz`.
+        path: String,
+    },
+    /// The same over TLS. The certificate is not verified: the check asks whether the
+    /// server is up, not who it is (HAProxy's `check-ssl verify none`).
+    Https {
+        /// Request path, e.g. `/readyz`.
+        path: String,
+    },
+}
+
+impl HealthCheck {
+    /// The probe that checks the backend at `backend`.
+    pub fn probe(&self, backend: std::net::SocketAddr) -> Probe {
+        Probe {
+            target: std::net::SocketAddr::new(backend.ip(), self.port.unwrap_or(backend.port())),
+            check: self.clone(),
+        }
+    }
+}
+
+/// One health check of one address: what the checker runs, and what its verdicts
+/// are keyed by (two StaticServices checking one backend alike share the probe).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Probe {
+    /// Address and port checked.
+    pub target: std::net::SocketAddr,
+    /// How.
+    pub check: HealthCheck,
 }
 
 /// `spec.type`, for the types xlb serves (ClusterIP and ExternalName Services are

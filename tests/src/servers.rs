@@ -262,3 +262,89 @@ fn tcp_conn(
         }
     }
 }
+
+/// A backend's HTTP health endpoint (as an API server's `/readyz`): `GET` on any path
+/// answers `200 ok` while healthy and `503 down` otherwise; switched by the test.
+pub struct HealthEndpoint {
+    healthy: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HealthEndpoint {
+    /// Serves on `ip:port` inside `ns`, healthy.
+    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Result<HealthEndpoint> {
+        let listener = ns
+            .enter(|| Ok(TcpListener::bind((ip, port))?))
+            .with_context(|| format!("binding the health endpoint {ip}:{port} in {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (healthy.clone(), stop.clone());
+        let thread = std::thread::spawn(move || health_serve(listener, &h, &s));
+        Ok(HealthEndpoint {
+            healthy,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Makes the endpoint answer 200 (`true`) or 503 (`false`).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+}
+
+impl Drop for HealthEndpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers each connection's request on this thread (checks are small and rare).
+fn health_serve(listener: TcpListener, healthy: &AtomicBool, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as libc::c_int) };
+        if ready <= 0 {
+            continue;
+        }
+        let Ok((mut stream, _)) = listener.accept() else {
+            continue;
+        };
+        if stream.set_nonblocking(false).is_err()
+            || stream
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .is_err()
+        {
+            continue;
+        }
+        // Read the request head (bounded), then answer and close.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 512];
+        while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let (status, body) = if healthy.load(Ordering::SeqCst) {
+            ("200 OK", "ok")
+        } else {
+            ("503 Service Unavailable", "down")
+        };
+        let reply = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(reply.as_bytes());
+    }
+}

@@ -25,9 +25,9 @@ use std::{
 };
 
 use xlb_common::{
-    BACKEND_F_REMOTE, Backend, FAMILY_V4, FAMILY_V6, OWNER_TEXT_LEN, Owner, PROTO_ICMP, PROTO_TCP,
-    PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRange,
-    backend_slot, limits, service_slot,
+    BACKEND_F_REMOTE, BACKEND_F_SNAT, Backend, FAMILY_V4, FAMILY_V6, OWNER_TEXT_LEN, Owner,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service,
+    ServiceKey, SourceRange, backend_slot, limits, service_slot,
 };
 
 use super::maglev::{self, MaglevBackend};
@@ -363,6 +363,16 @@ pub fn remote_backend_value(sa: &SocketAddr, node: IpAddr) -> Backend {
     Backend {
         flags: BACKEND_F_REMOTE,
         node: addr_bytes(node).0,
+        ..backend_value(sa)
+    }
+}
+
+/// The map value of a StaticService backend that is not an xlb node, reached by
+/// source NAT through this node (remote, so that no reverse NAT is recorded for it:
+/// its replies come back to this node's SNAT port).
+pub fn snat_backend_value(sa: &SocketAddr) -> Backend {
+    Backend {
+        flags: BACKEND_F_REMOTE | BACKEND_F_SNAT,
         ..backend_value(sa)
     }
 }
@@ -822,6 +832,9 @@ fn members_of(ds: &crate::desired::DesiredService) -> Vec<(SocketAddr, Backend)>
         .collect();
     if !ds.local {
         members.extend(ds.remote_backends.iter().filter_map(|r| {
+            if r.snat {
+                return Some((r.addr, snat_backend_value(&r.addr)));
+            }
             r.node_ip
                 .map(|ip| (r.addr, remote_backend_value(&r.addr, ip)))
         }));
@@ -1219,6 +1232,7 @@ mod tests {
                     frontend: Frontend::LoadBalancer,
                     local: true,
                     backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+                    own_backend: false,
                     remote_backends: vec![],
                     source_ranges: vec![],
                     affinity_timeout: None,
@@ -1296,16 +1310,21 @@ mod tests {
                     Frontend::LoadBalancer
                 },
                 local,
+                own_backend: false,
                 backends: (0..next(4))
                     .map(|_| format!("10.0.1.{}:8080", next(6)).parse().unwrap())
                     .collect::<BTreeSet<SocketAddr>>()
                     .into_iter()
                     .collect(),
                 remote_backends: (0..next(3))
-                    .map(|_| crate::desired::RemoteBackend {
-                        addr: format!("10.0.2.{}:8080", next(4)).parse().unwrap(),
-                        node: "node-b".into(),
-                        node_ip: (next(3) != 0).then(|| "10.9.0.2".parse().unwrap()),
+                    .map(|_| {
+                        let snat = next(4) == 0;
+                        crate::desired::RemoteBackend {
+                            addr: format!("10.0.2.{}:8080", next(4)).parse().unwrap(),
+                            node: "node-b".into(),
+                            node_ip: (!snat && next(3) != 0).then(|| "10.9.0.2".parse().unwrap()),
+                            snat,
+                        }
                     })
                     .collect::<Vec<_>>()
                     .into_iter()

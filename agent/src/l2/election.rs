@@ -12,7 +12,7 @@ use std::{
     net::IpAddr,
 };
 
-use crate::model::{Service, ServiceType, Snapshot, TrafficPolicy, any_selects};
+use crate::model::{Node, Service, ServiceType, Snapshot, TrafficPolicy, any_selects};
 
 /// What election needs from the model: candidates per VIP, peers' addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,6 +63,7 @@ impl Plan {
                 let nodes = snapshot.nodes.values().filter(|n| {
                     any_selects(&ad.node_selectors, &n.labels)
                         && with_endpoints.as_ref().is_none_or(|w| w.contains(&n.name))
+                        && (svc.static_service.is_none() || own_backend_healthy(svc, n))
                 });
                 for vip in &svc.vips {
                     vips.entry(*vip)
@@ -96,6 +97,28 @@ fn local_endpoint_nodes(svc: &Service) -> BTreeSet<String> {
         .filter(|e| e.serving && (e.ready || e.terminating))
         .filter_map(|e| e.node_name.clone())
         .collect()
+}
+
+/// For a StaticService: whether `node` may attract its VIPs, i.e. on some port it
+/// has no backend of its own (at one of its IPv4 InternalIPs) or a healthy one. An
+/// API server VIP thus leaves a node whose own API server fails its check, whatever
+/// the others do (`desired`'s rule for this node's unwilling set).
+fn own_backend_healthy(svc: &Service, node: &Node) -> bool {
+    let ips: Vec<IpAddr> = node
+        .internal_ips
+        .iter()
+        .copied()
+        .filter(IpAddr::is_ipv4)
+        .collect();
+    svc.ports.is_empty()
+        || svc.ports.iter().any(|p| {
+            let mut own = p
+                .endpoints
+                .iter()
+                .filter(|e| ips.contains(&e.addr))
+                .peekable();
+            own.peek().is_none() || own.any(|e| e.ready && e.serving)
+        })
 }
 
 /// The rendezvous weight of `node` for `vip`: FNV-1a over both, then a 64-bit
@@ -195,6 +218,32 @@ mod tests {
 
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_static_vip_is_not_announced_by_a_node_whose_own_backend_fails() {
+        for forwarding in [
+            crate::model::Forwarding::Snat,
+            crate::model::Forwarding::Dsr,
+        ] {
+            let mut snap = crate::desired::tests::static_lab(forwarding);
+            snap.l2_announcements
+                .insert("x/all".into(), crate::model::L2Announcement::default());
+            let vip: IpAddr = "10.0.0.100".parse().unwrap();
+            let plan = Plan::from_model(&snap, "eth0");
+            // The same verdict as each node's own desired state.
+            let willing: BTreeSet<String> = ["node-a", "node-b", "node-c"]
+                .into_iter()
+                .filter(|n| {
+                    !crate::desired::compute(&snap, n, None)
+                        .unwilling
+                        .contains(&vip)
+                })
+                .map(String::from)
+                .collect();
+            assert_eq!(willing, set(&["node-b", "node-c"]));
+            assert_eq!(plan.vips[&vip], willing);
+        }
     }
 
     #[test]

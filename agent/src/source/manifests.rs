@@ -4,7 +4,8 @@
 //!
 //! Understood: `v1 Service` (`type: LoadBalancer` and `NodePort`; ClusterIP and
 //! ExternalName are ignored), `discovery.k8s.io/v1 EndpointSlice`, `v1 Node` and
-//! `xlb.dev/v1alpha1 L2Announcement`; a `v1 List` is read as its items. Other kinds are ignored.
+//! `xlb.dev/v1alpha1 L2Announcement` and `StaticService` (see [`static_service`]); a
+//! `v1 List` is read as its items. Other kinds are ignored.
 //!
 //! Bad input never takes down what works:
 //! - a file that does not parse at all keeps the objects of its last good parse;
@@ -52,7 +53,7 @@ use tokio::sync::mpsc;
 pub use super::Loaded;
 use super::{Changed, SourceError};
 use crate::model::{
-    self, ConfigError, DEFAULT_AFFINITY_TIMEOUT, Endpoint, ErrorKind, MAX_AFFINITY_TIMEOUT,
+    self, ConfigError, DEFAULT_AFFINITY_TIMEOUT, Endpoint, ErrorKind, MAX_AFFINITY_TIMEOUT, Probe,
     Protocol, ServiceRef, ServiceType, Snapshot, TrafficPolicy,
 };
 
@@ -77,6 +78,8 @@ pub const MAX_DOCUMENTS: usize = 100_000;
 /// Most threads parsing files at once.
 const PARSE_THREADS: usize = 8;
 /// Kubernetes' default `--service-node-port-range`.
+mod static_service;
+
 pub const DEFAULT_NODE_PORTS: RangeInclusive<u16> = 30000..=32767;
 /// How long a file that emptied must stay empty before its objects are removed.
 pub const EMPTY_GRACE: Duration = Duration::from_secs(2);
@@ -118,6 +121,11 @@ struct Index {
     snapshot: Arc<Snapshot>,
     /// Nothing assembled yet: the next update is a whole one.
     empty: bool,
+    /// Health check verdicts of StaticService backends (absent: not checked yet,
+    /// taken as healthy), joined in as their endpoints' `ready`.
+    verdicts: BTreeMap<Probe, bool>,
+    /// Services whose endpoints a verdict changed since the last load.
+    rechecked: BTreeSet<ServiceRef>,
 }
 
 /// What one file gave at its last parse.
@@ -235,8 +243,12 @@ impl ManifestSource {
                 errors.push(file_error(&origin, ErrorKind::Io, e.to_string()));
             }
         }
-        let changed = self.index.update(&self.files, touched);
-        if only_if_changed && !self.changed && recheck.is_none() {
+        let mut changed = self.index.update(&self.files, touched);
+        let rechecked = std::mem::take(&mut self.index.rechecked);
+        if let Changed::Services(services) = &mut changed {
+            services.extend(rechecked.iter().cloned());
+        }
+        if only_if_changed && !self.changed && recheck.is_none() && rechecked.is_empty() {
             return None;
         }
         errors.extend(self.index.duplicates.values().flatten().cloned());
@@ -248,6 +260,61 @@ impl ManifestSource {
             parsed,
             recheck,
         })
+    }
+
+    /// Takes the health checker's verdicts (every probe's current one): StaticService
+    /// backends whose verdict changed get it as their endpoints' `ready`, and the
+    /// next load reports their Services as changed, as the kubelet's readiness probes
+    /// reach Services through EndpointSlices. The checker sits beside the source,
+    /// as the kubelet sits beside the API server; nothing downstream knows.
+    pub fn set_health(&mut self, verdicts: BTreeMap<Probe, bool>) {
+        let index = &mut self.index;
+        let changed: BTreeSet<&Probe> = verdicts
+            .iter()
+            .filter(|(p, v)| index.verdicts.get(*p).copied().unwrap_or(true) != **v)
+            .map(|(p, _)| p)
+            .chain(
+                index
+                    .verdicts
+                    .iter()
+                    .filter(|(p, v)| !**v && !verdicts.contains_key(*p))
+                    .map(|(p, _)| p),
+            )
+            .collect();
+        if changed.is_empty() {
+            index.verdicts = verdicts;
+            return;
+        }
+        let affected: Vec<ServiceRef> = index
+            .snapshot
+            .services
+            .iter()
+            .filter(|(_, svc)| {
+                let Some(check) = svc
+                    .static_service
+                    .as_ref()
+                    .and_then(|s| s.health_check.as_ref())
+                else {
+                    return false;
+                };
+                svc.ports.iter().flat_map(|p| &p.endpoints).any(|e| {
+                    changed.contains(&check.probe(std::net::SocketAddr::new(e.addr, e.port)))
+                })
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        index.verdicts = verdicts;
+        let joined: Vec<_> = affected
+            .iter()
+            .map(|r| index.join(&self.files, r))
+            .collect();
+        let snapshot = Arc::make_mut(&mut index.snapshot);
+        for (sref, (svc, _)) in affected.into_iter().zip(joined) {
+            if let Some(svc) = svc {
+                snapshot.services.insert(sref.clone(), svc);
+            }
+            index.rechecked.insert(sref);
+        }
     }
 
     /// [`refresh`](Self::refresh) for every file, on up to one thread per CPU (at
@@ -438,6 +505,7 @@ enum Kind {
     EndpointSlice,
     Node,
     L2Announcement,
+    StaticService,
 }
 
 impl Kind {
@@ -447,6 +515,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
             Kind::L2Announcement => "L2Announcement",
+            Kind::StaticService => "StaticService",
         }
     }
 
@@ -624,6 +693,7 @@ fn parse_object(
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "Node") => Kind::Node,
         ("xlb.dev/v1alpha1", "L2Announcement") => Kind::L2Announcement,
+        ("xlb.dev/v1alpha1", "StaticService") => Kind::StaticService,
         // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
         // business yet.
         _ => return None,
@@ -682,6 +752,10 @@ fn parse_object(
             .deserialize(doc)
             .and_then(|a| l2_announcement(&mut cx, a))
             .map(|a| Some(Body::L2(a))),
+        Kind::StaticService => cx
+            .deserialize(doc)
+            .and_then(|s| static_service::static_service(&mut cx, s))
+            .map(|s| Some(Body::Service(Some(s)))),
     };
     match decoded {
         Ok(body) => body.map(|body| Object { key, body }),
@@ -1027,6 +1101,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         ports,
         created,
         labels,
+        static_service: None,
         origin: cx.origin.to_string(),
     }))
 }
@@ -1390,7 +1465,7 @@ impl Index {
                 }
             }
             match key.kind {
-                Kind::Service => {
+                Kind::Service | Kind::StaticService => {
                     services.insert(ServiceRef::new(&key.namespace, &key.name));
                 }
                 Kind::EndpointSlice => {
@@ -1504,22 +1579,49 @@ impl Index {
         sref: &ServiceRef,
     ) -> (Option<model::Service>, Vec<ConfigError>) {
         let mut errors = Vec::new();
-        let key = ObjectKey {
-            kind: Kind::Service,
+        let key = |kind| ObjectKey {
+            kind,
             namespace: sref.namespace.clone(),
             name: sref.name.clone(),
         };
+        let (service, static_service) = (
+            self.used(files, &key(Kind::Service)),
+            self.used(files, &key(Kind::StaticService)),
+        );
+        if let (Some((first, _)), Some((path, _))) = (service, static_service) {
+            errors.push(ConfigError {
+                origin: path.display().to_string(),
+                object: key(Kind::StaticService).label(),
+                field: "metadata.name".into(),
+                message: format!(
+                    "Service {sref} (in {}) has the same namespace and name; this StaticService is ignored",
+                    first.display()
+                ),
+                kind: ErrorKind::DuplicateObject,
+            });
+        }
         let Some((
             _,
             Object {
                 body: Body::Service(Some(svc)),
                 ..
             },
-        )) = self.used(files, &key)
+        )) = service.or(static_service)
         else {
             return (None, errors);
         };
         let mut svc = svc.clone();
+        if let Some(check) = svc
+            .static_service
+            .as_ref()
+            .and_then(|s| s.health_check.clone())
+        {
+            for ep in svc.ports.iter_mut().flat_map(|p| &mut p.endpoints) {
+                let probe = check.probe(std::net::SocketAddr::new(ep.addr, ep.port));
+                ep.ready = self.verdicts.get(&probe).copied().unwrap_or(true);
+                ep.serving = ep.ready;
+            }
+        }
         for slice_key in self.slices_of.get(sref).into_iter().flatten() {
             let Some((
                 path,
@@ -1831,6 +1933,7 @@ endpoints:
                     source_ranges: vec![],
                     affinity_timeout: None,
                     health_check_node_port: None,
+                    static_service: None,
                     created: None,
                     labels: BTreeMap::new(),
                     ports: vec![
@@ -2899,5 +3002,277 @@ status:
             .await
             .expect("no change notification within 10s")
             .expect("watcher channel closed");
+    }
+
+    const APISERVER: &str = "apiVersion: xlb.dev/v1alpha1
+kind: StaticService
+metadata: { name: kube-apiserver, namespace: kube-system, labels: { tier: control-plane } }
+spec:
+  addresses: [10.0.0.100]
+  ports:
+  - name: https
+    port: 6443
+    backends: [\"10.0.0.11:6443\", \"10.0.0.12:6443\", \"10.0.0.12:6443\"]
+  - { name: dns, port: 53, protocol: UDP, backends: [\"10.0.0.11:5353\"] }
+  healthCheck: { type: HTTPS, path: /readyz, interval: 500ms, fall: 4 }
+";
+
+    #[test]
+    fn static_service_becomes_a_cluster_load_balancer_with_its_backends() {
+        let loaded = load_one(APISERVER);
+        assert_eq!(loaded.errors, []);
+        let svc = &loaded.snapshot.services[&web("kube-system", "kube-apiserver")];
+        assert_eq!(svc.service_type, ServiceType::LoadBalancer);
+        assert_eq!(svc.traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(svc.vips, ips(&["10.0.0.100"]));
+        assert_eq!(svc.labels["tier"], "control-plane");
+        let ports: Vec<(u16, Protocol, Vec<String>)> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let eps = p.endpoints.iter().map(|e| format!("{}:{}", e.addr, e.port));
+                (p.port, p.protocol, eps.collect())
+            })
+            .collect();
+        // The repeated backend is listed once; every backend starts ready.
+        assert_eq!(
+            ports,
+            [
+                (
+                    6443,
+                    Protocol::Tcp,
+                    vec!["10.0.0.11:6443".into(), "10.0.0.12:6443".into()]
+                ),
+                (53, Protocol::Udp, vec!["10.0.0.11:5353".into()]),
+            ]
+        );
+        let all = svc.ports.iter().flat_map(|p| &p.endpoints);
+        assert!(
+            all.clone()
+                .all(|e| e.ready && e.serving && e.node_name.is_none())
+        );
+        let st = svc.static_service.as_ref().unwrap();
+        assert_eq!(st.forwarding, model::Forwarding::Snat);
+        let check = st.health_check.as_ref().unwrap();
+        assert_eq!(
+            check.kind,
+            model::CheckKind::Https {
+                path: "/readyz".into()
+            }
+        );
+        // Unset fields take HAProxy's defaults; set ones are kept.
+        assert_eq!(
+            (
+                check.port,
+                check.interval,
+                check.timeout,
+                check.rise,
+                check.fall
+            ),
+            (
+                None,
+                Duration::from_millis(500),
+                Duration::from_millis(500),
+                2,
+                4
+            )
+        );
+    }
+
+    #[test]
+    fn bad_static_service_fields_are_named_and_the_last_good_version_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = ManifestSource::new(dir.path());
+        write(dir.path(), "api.yaml", APISERVER);
+        source.load();
+        let sref = web("kube-system", "kube-apiserver");
+
+        // A bad backend or port loses only itself.
+        let text = APISERVER
+            .replace(
+                "\"10.0.0.12:6443\", \"10.0.0.12:6443\"",
+                "\"10.0.0.12\", \"10.0.0.13:6443\"",
+            )
+            .replace("port: 53, protocol: UDP", "port: 53, protocol: SCTP");
+        write(dir.path(), "api.yaml", &text);
+        let loaded = source.load();
+        assert_eq!(
+            where_(&loaded),
+            [
+                (
+                    "invalid_value",
+                    "StaticService kube-system/kube-apiserver",
+                    "spec.ports[0].backends[1]"
+                ),
+                (
+                    "unsupported_protocol",
+                    "StaticService kube-system/kube-apiserver",
+                    "spec.ports[1].protocol"
+                ),
+            ]
+        );
+        let good = loaded.snapshot.clone();
+        let svc = &good.services[&sref];
+        assert_eq!(svc.ports.len(), 1);
+        let eps: Vec<String> = svc.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(eps, ["10.0.0.11", "10.0.0.13"]);
+
+        // What changes the meaning of the whole object keeps its last good version
+        // (the one just loaded).
+        for (from, to, kind, field) in [
+            (
+                "10.0.0.100",
+                "10.0.0.300",
+                "invalid_ip",
+                "spec.addresses[0]",
+            ),
+            (
+                "type: HTTPS",
+                "type: ICMP",
+                "invalid_value",
+                "spec.healthCheck.type",
+            ),
+            (
+                "interval: 500ms",
+                "interval: 5ms",
+                "invalid_value",
+                "spec.healthCheck.interval",
+            ),
+            (
+                "interval: 500ms",
+                "interval: half a second",
+                "invalid_value",
+                "spec.healthCheck.interval",
+            ),
+            (
+                "interval: 500ms",
+                "timeout: 3s",
+                "invalid_value",
+                "spec.healthCheck.timeout",
+            ),
+            (
+                "fall: 4",
+                "fall: 0",
+                "invalid_value",
+                "spec.healthCheck.fall",
+            ),
+            (
+                "path: /readyz",
+                "path: readyz",
+                "invalid_value",
+                "spec.healthCheck.path",
+            ),
+            (
+                "  healthCheck",
+                "  forwarding: NAT\n  healthCheck",
+                "invalid_value",
+                "spec.forwarding",
+            ),
+        ] {
+            // Written twice to keep the file's size from matching the good version's.
+            write(dir.path(), "api.yaml", "");
+            write(dir.path(), "api.yaml", &text.replace(from, to));
+            let loaded = source.load();
+            // The new error first (the object is refused before its ports are
+            // read), then the two partial ones of the version being kept.
+            let found = where_(&loaded);
+            assert_eq!(found.len(), 3, "{from} -> {to}: {found:?}");
+            assert_eq!(
+                found[0],
+                (kind, "StaticService kube-system/kube-apiserver", field),
+                "{from} -> {to}"
+            );
+            assert_eq!(
+                loaded.snapshot.services[&sref], good.services[&sref],
+                "{from} -> {to}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_service_and_a_static_service_of_one_name_keep_the_service() {
+        let text = format!(
+            "{}---\n{}",
+            lb_service("kube-apiserver", "192.0.2.1").replace(
+                "name: kube-apiserver",
+                "name: kube-apiserver, namespace: kube-system"
+            ),
+            APISERVER
+        );
+        let loaded = load_one(&text);
+        assert_eq!(
+            where_(&loaded),
+            [(
+                "duplicate_object",
+                "StaticService kube-system/kube-apiserver",
+                "metadata.name"
+            )]
+        );
+        let svc = &loaded.snapshot.services[&web("kube-system", "kube-apiserver")];
+        assert!(svc.static_service.is_none());
+        assert_eq!(svc.vips, ips(&["192.0.2.1"]));
+    }
+
+    #[test]
+    fn health_verdicts_become_endpoint_readiness_of_the_static_service_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "api.yaml", APISERVER);
+        write(dir.path(), "web.yaml", &lb_service("web", "192.0.2.1"));
+        let mut source = ManifestSource::new(dir.path());
+        let first = source.load();
+        let sref = web("kube-system", "kube-apiserver");
+        let check = first.snapshot.services[&sref]
+            .static_service
+            .as_ref()
+            .and_then(|s| s.health_check.clone())
+            .unwrap();
+        let probe = |a: &str| check.probe(a.parse().unwrap());
+        assert!(source.load_if_changed().is_none());
+
+        // One backend fails: only its endpoint, only this Service.
+        source.set_health(BTreeMap::from([
+            (probe("10.0.0.11:6443"), true),
+            (probe("10.0.0.12:6443"), false),
+        ]));
+        let loaded = source
+            .load_if_changed()
+            .expect("a verdict changed the model");
+        assert_eq!(
+            loaded.changed,
+            Changed::Services(BTreeSet::from([sref.clone()]))
+        );
+        let ready = |l: &Loaded| -> Vec<(String, bool)> {
+            l.snapshot.services[&sref].ports[0]
+                .endpoints
+                .iter()
+                .map(|e| (e.addr.to_string(), e.ready))
+                .collect()
+        };
+        assert_eq!(
+            ready(&loaded),
+            [("10.0.0.11".into(), true), ("10.0.0.12".into(), false)]
+        );
+        // The same verdicts again change nothing.
+        source.set_health(BTreeMap::from([(probe("10.0.0.12:6443"), false)]));
+        assert!(source.load_if_changed().is_none());
+        // A rewrite of the file keeps the verdict; a probe no longer reported counts
+        // as healthy again.
+        write(
+            dir.path(),
+            "api.yaml",
+            &APISERVER.replace("fall: 4", "fall: 5"),
+        );
+        let loaded = source.load_if_changed().unwrap();
+        assert_eq!(
+            ready(&loaded)[1],
+            ("10.0.0.12".into(), true),
+            "new check, no verdict yet"
+        );
+        source.set_health(BTreeMap::new());
+        assert!(source.load_if_changed().is_none());
     }
 }

@@ -346,6 +346,11 @@ pub struct Backend {
 /// replies straight to the client (direct server return).
 pub const BACKEND_F_REMOTE: u8 = 1 << 0;
 
+/// Backend flag, always with [`BACKEND_F_REMOTE`]: a StaticService backend that does
+/// not run xlb, reached by source NAT through the receiving node (`xlb_snat_fwd`)
+/// whatever the cluster mode; [`Backend::node`] is zero.
+pub const BACKEND_F_SNAT: u8 = 1 << 1;
+
 /// Key of the IPv4 connection-tracking, reverse-NAT and SNAT maps: one direction of
 /// a flow in 16 bytes (IPv6 flows get their own maps and key).
 #[repr(C)]
@@ -623,6 +628,11 @@ pub enum Reason {
     /// after the L2 dead-man deadline (`config::L2_DEADLINE`), i.e. while the agent
     /// is dead or stopped refreshing.
     PassArpDeadline = 27,
+    /// A source-NATed packet (to a backend, or a reply back to the client) whose next
+    /// hop had no resolved neighbour entry (XDP answered the client's ARP, so the
+    /// kernel never learnt it): handed to `xlb_tc_ingress`, which sends it with
+    /// `bpf_redirect_neigh`, as for [`Reason::FwdEncapResolve`].
+    FwdSnatResolve = 28,
 }
 
 /// XDP metadata (`bpf_xdp_adjust_meta`) by which `xlb_xdp` hands a packet it passes
@@ -647,7 +657,7 @@ pub const DELIVER_MAGIC: u32 = 0x786c_6232;
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -678,6 +688,7 @@ impl Reason {
         Reason::FwdPeer,
         Reason::ArpReply,
         Reason::PassArpDeadline,
+        Reason::FwdSnatResolve,
     ];
 
     /// The label value exported in metrics.
@@ -711,6 +722,7 @@ impl Reason {
             Reason::FwdPeer => "fwd_peer",
             Reason::ArpReply => "arp_reply",
             Reason::PassArpDeadline => "pass_arp_deadline",
+            Reason::FwdSnatResolve => "fwd_snat_resolve",
         }
     }
 }

@@ -8,7 +8,7 @@
 //! which xlb cannot know under an arbitrary CNI, so it is opt-in and anything the FIB
 //! cannot resolve completely still goes the XDP_PASS way.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
@@ -113,6 +113,21 @@ fn fib_params(ip: &Ipv4Hdr, ifindex: u32) -> bpf_fib_lookup {
 /// `None` when the FIB cannot resolve the next hop completely.
 #[inline(always)]
 pub fn redirect(ctx: &XdpContext) -> Option<u32> {
+    redirect_inner(ctx, false)
+}
+
+/// [`redirect`] for a packet the kernel must not see as its own to forward (source
+/// NAT: its source is this node's address or a VIP, which the kernel drops as a
+/// martian): a next hop without a resolved neighbour entry is handed to
+/// `xlb_tc_ingress` ([`xlb_common::RESOLVE_MAGIC`]), whose `bpf_redirect_neigh`
+/// resolves it and queues the packet, instead of failing.
+#[inline(always)]
+pub fn redirect_resolving(ctx: &XdpContext) -> Option<u32> {
+    redirect_inner(ctx, true)
+}
+
+#[inline(always)]
+fn redirect_inner(ctx: &XdpContext, resolve: bool) -> Option<u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
@@ -133,6 +148,13 @@ pub fn redirect(ctx: &XdpContext) -> Option<u32> {
             0,
         )
     };
+    if resolve && rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        if !crate::tunnel::set_tc_meta(ctx, xlb_common::RESOLVE_MAGIC, p.ifindex) {
+            return None;
+        }
+        count(xlb_common::Reason::FwdSnatResolve);
+        return Some(xdp_action::XDP_PASS);
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         // No neighbour entry yet, not forwardable, ...: the kernel knows what to do.
         return None;

@@ -34,7 +34,7 @@ use aya_ebpf::{
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{
-    BACKEND_F_REMOTE, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey4, backend_slot, service_slot,
+    BACKEND_F_REMOTE, BACKEND_F_SNAT, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey4, backend_slot, service_slot,
 };
 
 use crate::{
@@ -146,7 +146,9 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         if from_tunnel {
             return Err(Reason::DropDecapNotLocal);
         }
-        if maps::CONFIG.get(xlb_common::config::CLUSTER_MODE).copied() == Some(1) {
+        if backend.flags & BACKEND_F_SNAT != 0
+            || maps::CONFIG.get(xlb_common::config::CLUSTER_MODE).copied() == Some(1)
+        {
             let h = maps::HANDOFF.get_ptr_mut(0).ok_or(Reason::DropSnat)?;
             // SAFETY: this CPU's handoff slot; read by the tail-called program only.
             unsafe {

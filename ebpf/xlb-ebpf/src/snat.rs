@@ -132,7 +132,7 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         &port.to_ne_bytes(),
     )
     .ok_or(Reason::DropMalformedL4)?;
-    let action = fwd::redirect(ctx).ok_or(Reason::DropSnat)?;
+    let action = fwd::redirect_resolving(ctx).ok_or(Reason::DropSnat)?;
     count(Reason::FwdSnat);
     Ok(action)
 }
@@ -180,5 +180,5 @@ fn try_reply(ctx: &XdpContext) -> Option<u32> {
         &rev.client_port.to_ne_bytes(),
     )?;
     count(Reason::RevSnat);
-    Some(fwd::redirect(ctx).unwrap_or(xdp_action::XDP_PASS))
+    Some(fwd::redirect_resolving(ctx).unwrap_or(xdp_action::XDP_PASS))
 }

@@ -105,22 +105,31 @@ fn spread(lab: &Lab) -> Result<BTreeMap<String, (usize, BTreeSet<Ipv4Addr>)>> {
     Ok(out)
 }
 
-#[test]
-fn a_static_vip_follows_backend_health_and_leaves_a_node_whose_own_backend_fails() -> Result<()> {
+/// Three nodes, each with an "API server" and its health endpoint on the node's
+/// address, and the StaticService over them with `forwarding`; agents started.
+fn static_lab(forwarding: &str) -> Result<(Lab, Backends)> {
     let mut lab = Lab::multi_node(&[0, 0, 0].map(NodeSpec::with_pods))?;
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
     let addrs: Vec<Ipv4Addr> = lab.nodes.iter().map(|n| n.host.addr).collect();
-    // The "API servers": a line server and a health endpoint on each node's address.
     let mut backends = BTreeMap::new();
     for n in &lab.nodes {
         let servers = Servers::start(&n.host.ns, &n.name, n.host.addr, UDP_PORT, API_PORT)?;
         let health = HealthEndpoint::start(&n.host.ns, n.host.addr, HEALTH_PORT)?;
         backends.insert(n.name.clone(), (servers, health, n.host.addr));
     }
-    write_atomic(&dir.join("apiserver.yaml"), &static_service_yaml(&addrs))?;
+    let yaml = static_service_yaml(&addrs).replace(
+        "  healthCheck:",
+        &format!("  forwarding: {forwarding}\n  healthCheck:"),
+    );
+    write_atomic(&dir.join("apiserver.yaml"), &yaml)?;
     lab.start_agents(ManifestsLayout::Shared, SOON)?;
-    let r = scenario(&mut lab, backends);
+    Ok((lab, backends))
+}
+
+/// Runs `f`; on failure prints each agent's last log lines and what its maps hold.
+fn explained(lab: &mut Lab, f: impl FnOnce(&mut Lab) -> Result<()>) -> Result<()> {
+    let r = f(lab);
     if r.is_err() {
         for n in &mut lab.nodes {
             let log = n.agent()?.log();
@@ -143,6 +152,37 @@ fn a_static_vip_follows_backend_health_and_leaves_a_node_whose_own_backend_fails
         }
     }
     r
+}
+
+#[test]
+fn a_static_vip_follows_backend_health_and_leaves_a_node_whose_own_backend_fails() -> Result<()> {
+    let (mut lab, backends) = static_lab("SNAT")?;
+    explained(&mut lab, |lab| scenario(lab, backends))
+}
+
+#[test]
+fn with_dsr_every_backend_that_is_a_node_sees_the_client() -> Result<()> {
+    let (mut lab, _backends) = static_lab("DSR")?;
+    explained(&mut lab, |lab| {
+        let owner = wait_owner(lab, None)?;
+        let s = poll(
+            "all three backends serving",
+            SOON,
+            Duration::from_millis(100),
+            || {
+                let s = spread(lab)?;
+                Ok((s.len() == 3).then_some(s))
+            },
+        )?;
+        println!("owner {owner}, spread: {s:?}");
+        for (name, (_, peers)) in &s {
+            ensure!(
+                *peers == BTreeSet::from([CLIENT_ADDR]),
+                "{name} saw {peers:?}: DSR keeps the client's address"
+            );
+        }
+        Ok(())
+    })
 }
 
 type Backends = BTreeMap<String, (Servers, HealthEndpoint, Ipv4Addr)>;

@@ -3275,4 +3275,24 @@ spec:
         source.set_health(BTreeMap::new());
         assert!(source.load_if_changed().is_none());
     }
+
+    #[test]
+    fn the_static_examples_in_deploy_parse_cleanly() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/static");
+        let loaded = ManifestSource::new(dir).load();
+        assert_eq!(loaded.errors, []);
+        let statics: Vec<String> = loaded
+            .snapshot
+            .services
+            .iter()
+            .filter(|(_, s)| s.static_service.is_some())
+            .map(|(r, _)| r.to_string())
+            .collect();
+        assert_eq!(
+            statics,
+            ["ingress-nginx/ingress", "kube-system/kube-apiserver"]
+        );
+        assert_eq!(loaded.snapshot.nodes.len(), 3);
+        assert_eq!(loaded.snapshot.l2_announcements.len(), 2);
+    }
 }

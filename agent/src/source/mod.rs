@@ -5,6 +5,12 @@
 //! - [`manifests`]: a directory of Kubernetes manifests, watched with inotify (the
 //!   embedded default and the way to run without an API server);
 //! - the Kubernetes API (kube watchers) comes later and produces the same model.
+//!
+//! Both share the rules: [`convert`] turns one object into its part of the model (or
+//! errors naming object and field), and [`assemble`] joins the objects of every
+//! origin (a file, an API object) into the [`Snapshot`], object by object.
+pub(crate) mod assemble;
+pub(crate) mod convert;
 pub mod manifests;
 
 use std::{collections::BTreeSet, sync::Arc};

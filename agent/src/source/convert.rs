@@ -1,0 +1,872 @@
+//! The one conversion from Kubernetes-shaped objects to the model's parts, shared by
+//! every source (the manifest directory now, the API server next): a document (YAML
+//! or JSON, as `serde_json::Value`) is identified, validated field by field and turned
+//! into an [`Object`], or refused with [`ConfigError`]s naming object and field, in
+//! which case its last good version is used. Which objects exist and where they came
+//! from is the source's business; joining them into a [`crate::model::Snapshot`] is
+//! [`super::assemble`]'s.
+//!
+//! Kinds: `v1 Service` (LoadBalancer and NodePort), `discovery.k8s.io/v1
+//! EndpointSlice`, `v1 Node`, `xlb.dev/v1alpha1 L2Announcement` and `StaticService`
+//! (see [`static_service`]).
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+};
+
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::model::{
+    self, ConfigError, DEFAULT_AFFINITY_TIMEOUT, ErrorKind, MAX_AFFINITY_TIMEOUT, Protocol,
+    ServiceType, TrafficPolicy,
+};
+
+mod static_service;
+
+/// The EndpointSlice label naming the Service it belongs to (set by the EndpointSlice
+/// controller; see the Kubernetes "EndpointSlices" concept page, "Ownership").
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// MetalLB's request for specific load-balancer addresses (comma-separated, one per
+/// family), current spelling (MetalLB "Usage": "Requesting specific IPs").
+const METALLB_IPS: &str = "metallb.io/loadBalancerIPs";
+/// The same, as MetalLB spelled it before v0.14.
+const METALLB_IPS_LEGACY: &str = "metallb.universe.tf/loadBalancerIPs";
+/// The annotation Kubernetes reads when `spec.loadBalancerSourceRanges` is empty
+/// (`v1.AnnotationLoadBalancerSourceRangesKey`, comma-separated CIDRs).
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// A parsed object, kept as the last good version of itself.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Object {
+    pub(crate) key: ObjectKey,
+    pub(crate) body: Body,
+}
+
+/// Identity of an object across loads and files.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ObjectKey {
+    pub(crate) kind: Kind,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+}
+
+impl ObjectKey {
+    /// `Service shop/web`; `Node node-a` for cluster-scoped kinds.
+    pub(crate) fn label(&self) -> String {
+        if self.kind.namespaced() {
+            format!("{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        } else {
+            format!("{} {}", self.kind.as_str(), self.name)
+        }
+    }
+}
+
+/// The kinds this source understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+    L2Announcement,
+    StaticService,
+}
+
+impl Kind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+            Kind::L2Announcement => "L2Announcement",
+            Kind::StaticService => "StaticService",
+        }
+    }
+
+    /// Nodes are cluster-scoped: their key has an empty namespace.
+    pub(crate) fn namespaced(self) -> bool {
+        self != Kind::Node
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Body {
+    /// `None` for a Service of a type xlb does not serve (ClusterIP, ExternalName):
+    /// ignored, but it still occupies its name.
+    Service(Option<model::Service>),
+    Slice(Slice),
+    Node(model::Node),
+    L2(model::L2Announcement),
+}
+
+/// A validated IPv4 EndpointSlice, not yet joined to its Service.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Slice {
+    pub(crate) service: String,
+    pub(crate) ports: Vec<SlicePort>,
+    pub(crate) endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SlicePort {
+    /// Index in `ports[]`, for error messages.
+    pub(crate) index: usize,
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SliceEndpoint {
+    pub(crate) addrs: Vec<IpAddr>,
+    pub(crate) ready: bool,
+    pub(crate) serving: bool,
+    pub(crate) terminating: bool,
+    pub(crate) node_name: Option<String>,
+}
+
+/// One document: identifies it, decodes it, and falls back to its last good version if
+/// it is invalid. `None` when it is empty, of an ignored kind, or skipped.
+pub(crate) fn parse_object(
+    origin: &str,
+    position: &str,
+    doc: Value,
+    last: Option<&[Object]>,
+    node_ports: &RangeInclusive<u16>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Object> {
+    if doc.is_null() {
+        return None;
+    }
+    let mut cx = Cx {
+        origin,
+        object: position.to_string(),
+        node_ports: node_ports.clone(),
+        errors,
+    };
+    let (Some(api_version), Some(kind)) = (
+        doc.get("apiVersion").and_then(Value::as_str),
+        doc.get("kind").and_then(Value::as_str),
+    ) else {
+        let field = if doc.get("apiVersion").is_none() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        cx.error(
+            field,
+            ErrorKind::MissingField,
+            "every document needs apiVersion and kind",
+        );
+        return None;
+    };
+    let kind = match (api_version, kind) {
+        ("v1", "Service") => Kind::Service,
+        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("v1", "Node") => Kind::Node,
+        ("xlb.dev/v1alpha1", "L2Announcement") => Kind::L2Announcement,
+        ("xlb.dev/v1alpha1", "StaticService") => Kind::StaticService,
+        // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
+        // business yet.
+        _ => return None,
+    };
+    let meta = |field: &str| {
+        doc.get("metadata")
+            .and_then(|m| m.get(field))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let Some(name) = meta("name") else {
+        cx.object = format!("{} in {position}", kind.as_str());
+        cx.error("metadata.name", ErrorKind::MissingField, "name is required");
+        return None;
+    };
+    let namespace = if kind.namespaced() {
+        // Namespaced objects without one land in `default`, as with `kubectl apply`.
+        meta("namespace").unwrap_or("default")
+    } else {
+        // The API server ignores a namespace on cluster-scoped objects.
+        ""
+    };
+    // Names end up in logs, metric labels and JSON: only what the API server accepts.
+    if !is_dns_subdomain(name) {
+        cx.object = format!("{} {name:?} in {position}", kind.as_str());
+        let message = "not a valid name (lowercase letters, digits, '-' and '.', at most 253)";
+        cx.error("metadata.name", ErrorKind::InvalidValue, message);
+        return None;
+    }
+    if kind.namespaced() && !is_dns_label(namespace) {
+        cx.object = format!("{} {namespace:?}/{name}", kind.as_str());
+        let message = "not a valid namespace (lowercase letters, digits and '-', at most 63)";
+        cx.error("metadata.namespace", ErrorKind::InvalidValue, message);
+        return None;
+    }
+    let key = ObjectKey {
+        kind,
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    };
+    cx.object = key.label();
+    let decoded = match kind {
+        Kind::Service => cx
+            .deserialize(doc)
+            .and_then(|s| service(&mut cx, s))
+            .map(|s| Some(Body::Service(s))),
+        Kind::EndpointSlice => cx
+            .deserialize(doc)
+            .and_then(|s| slice(&mut cx, s))
+            .map(|s| s.map(Body::Slice)),
+        Kind::Node => cx
+            .deserialize(doc)
+            .and_then(|n| node(&mut cx, &key.name, n))
+            .map(|n| Some(Body::Node(n))),
+        Kind::L2Announcement => cx
+            .deserialize(doc)
+            .and_then(|a| l2_announcement(&mut cx, a))
+            .map(|a| Some(Body::L2(a))),
+        Kind::StaticService => cx
+            .deserialize(doc)
+            .and_then(|s| static_service::static_service(&mut cx, s))
+            .map(|s| Some(Body::Service(Some(s)))),
+    };
+    match decoded {
+        Ok(body) => body.map(|body| Object { key, body }),
+        Err(Invalid) => last?.iter().find(|o| o.key == key).cloned(),
+    }
+}
+
+/// An RFC 1123 label, as Kubernetes requires of namespaces.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// An RFC 1123 subdomain (dot-separated labels, at most 253 bytes), as Kubernetes
+/// requires of most object names.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// An essential part of an object is invalid: its last good version is used instead.
+struct Invalid;
+
+/// The object being decoded and where its errors go.
+struct Cx<'a> {
+    origin: &'a str,
+    /// `Service default/web`, or the document's position while it has no name.
+    object: String,
+    /// The cluster's node port range.
+    node_ports: RangeInclusive<u16>,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn error(&mut self, field: impl Into<String>, kind: ErrorKind, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            origin: self.origin.to_string(),
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+            kind,
+        });
+    }
+
+    /// Deserialises into the k8s-openapi type, naming the failing field's path.
+    fn deserialize<T: DeserializeOwned>(&mut self, doc: Value) -> Result<T, Invalid> {
+        serde_path_to_error::deserialize(doc).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            self.error(field, ErrorKind::Parse, e.into_inner().to_string());
+            Invalid
+        })
+    }
+
+    /// Parses an IP address; `Err` (already reported) if it is not one.
+    fn ip(&mut self, field: &str, text: &str) -> Result<IpAddr, ()> {
+        text.parse().map_err(|_| {
+            self.error(
+                field,
+                ErrorKind::InvalidIp,
+                format!("{text:?} is not an IP address"),
+            );
+        })
+    }
+
+    /// A port number in 1..=65535.
+    fn port(&mut self, field: &str, port: i32) -> Option<u16> {
+        let p = u16::try_from(port).ok().filter(|p| *p != 0);
+        if p.is_none() {
+            self.error(
+                field,
+                ErrorKind::InvalidValue,
+                format!("port {port} is not in 1-65535"),
+            );
+        }
+        p
+    }
+
+    /// A node port (or health check node port): inside the node port range, as the
+    /// API server allocates them, so an object cannot take a well-known port of the
+    /// node (ssh, the kubelet, xlb's own metrics).
+    fn node_port(&mut self, field: &str, port: i32) -> Option<u16> {
+        let p = self.port(field, port)?;
+        if !self.node_ports.contains(&p) {
+            let (lo, hi) = (self.node_ports.start(), self.node_ports.end());
+            self.error(
+                field,
+                ErrorKind::InvalidValue,
+                format!("node port {p} is outside the node port range {lo}-{hi}"),
+            );
+            return None;
+        }
+        Some(p)
+    }
+
+    /// TCP or UDP, TCP when unset (the Kubernetes default). SCTP is reported unless
+    /// `quiet`, unknown values always; both return `None`.
+    fn protocol(&mut self, field: &str, protocol: Option<&str>, quiet: bool) -> Option<Protocol> {
+        match protocol.unwrap_or("TCP") {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" if quiet => None,
+            "SCTP" => {
+                self.error(
+                    field,
+                    ErrorKind::UnsupportedProtocol,
+                    "SCTP is not supported; port skipped",
+                );
+                None
+            }
+            other => {
+                let message = format!("unknown protocol {other:?} (TCP, UDP); port skipped");
+                self.error(field, ErrorKind::InvalidValue, message);
+                None
+            }
+        }
+    }
+}
+
+/// Validates a Service. `Ok(None)` for a type xlb does not serve (ClusterIP, the
+/// default, and ExternalName).
+fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>, Invalid> {
+    let spec = svc.spec.unwrap_or_default();
+    let created = svc
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second());
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
+    let annotations = svc.metadata.annotations.unwrap_or_default();
+    let service_type = match spec.type_.as_deref() {
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("NodePort") => ServiceType::NodePort,
+        _ => return Ok(None),
+    };
+    let lb = service_type == ServiceType::LoadBalancer;
+    let traffic_policy = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            let message = format!("{other:?} is not Cluster or Local");
+            cx.error(
+                "spec.externalTrafficPolicy",
+                ErrorKind::InvalidValue,
+                message,
+            );
+            return Err(Invalid);
+        }
+    };
+    // Every check runs before giving up, so that one load reports every mistake.
+    let mut invalid = false;
+
+    // Load-balancer addresses, first source that has any: every ingress IP;
+    // `spec.loadBalancerIP` (deprecated, but what a manifest without status carries);
+    // MetalLB's annotations (what a MetalLB user wrote to request an address). No
+    // address is fine: pending allocation.
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    if lb {
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .unwrap_or_default();
+        candidates.extend(ingress.into_iter().enumerate().filter_map(|(i, ing)| {
+            Some((format!("status.loadBalancer.ingress[{i}].ip"), ing.ip?))
+        }));
+        if candidates.is_empty() {
+            candidates.extend(
+                spec.load_balancer_ip
+                    .filter(|ip| !ip.is_empty())
+                    .map(|ip| ("spec.loadBalancerIP".to_string(), ip)),
+            );
+        }
+        for annotation in [METALLB_IPS, METALLB_IPS_LEGACY] {
+            if candidates.is_empty() {
+                candidates.extend(
+                    comma_list(annotations.get(annotation))
+                        .map(|ip| (format!("metadata.annotations[{annotation}]"), ip)),
+                );
+            }
+        }
+    }
+    let vips = addresses(cx, candidates, "VIP", &mut invalid);
+
+    let external = spec
+        .external_ips
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate();
+    let candidates = external
+        .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip))
+        .collect();
+    let external_ips = addresses(cx, candidates, "external IP", &mut invalid);
+
+    // Only load-balancer addresses are filtered (Kubernetes forbids the field on other
+    // types). An invalid range invalidates the whole Service, like Kubernetes'
+    // validation does: dropping just that range could leave the list empty, which
+    // would open the Service to everyone.
+    let mut source_ranges = Vec::new();
+    if lb {
+        let spec_ranges = spec.load_balancer_source_ranges.unwrap_or_default();
+        let ranges: Vec<(String, String)> = if spec_ranges.is_empty() {
+            let field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
+            comma_list(annotations.get(SOURCE_RANGES_ANNOTATION))
+                .map(|r| (field.clone(), r))
+                .collect()
+        } else {
+            let ranges = spec_ranges.into_iter().enumerate();
+            ranges
+                .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r))
+                .collect()
+        };
+        for (field, text) in ranges {
+            match text.trim().parse::<ipnet::IpNet>() {
+                // `10.1.2.3/8` means 10.0.0.0/8, as Go's net.ParseCIDR reads it.
+                Ok(net) if !source_ranges.contains(&net.trunc()) => {
+                    source_ranges.push(net.trunc());
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let message = format!(
+                        "{text:?} is not a CIDR (e.g. 192.0.2.0/24); the Service keeps its \
+                         last good version, or is not served, rather than be opened wider"
+                    );
+                    cx.error(field, ErrorKind::InvalidValue, message);
+                    invalid = true;
+                }
+            }
+        }
+    }
+
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds);
+            match timeout.map(u32::try_from) {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT),
+                Some(Ok(t)) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+                Some(_) => {
+                    let message = format!(
+                        "{} is not in 1-{MAX_AFFINITY_TIMEOUT} seconds",
+                        timeout.unwrap_or_default()
+                    );
+                    let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+                    cx.error(field, ErrorKind::InvalidValue, message);
+                    invalid = true;
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            let message = format!("{other:?} is not None or ClientIP");
+            cx.error("spec.sessionAffinity", ErrorKind::InvalidValue, message);
+            invalid = true;
+            None
+        }
+    };
+
+    // 0 means "allocate one" in the API, which nothing does without an API server.
+    let health_check_node_port = match spec.health_check_node_port.filter(|p| *p != 0) {
+        None => None,
+        Some(p) if lb && traffic_policy == TrafficPolicy::Local => {
+            cx.node_port("spec.healthCheckNodePort", p)
+        }
+        Some(_) => {
+            cx.error(
+                "spec.healthCheckNodePort",
+                ErrorKind::InvalidValue,
+                "only type LoadBalancer with externalTrafficPolicy Local has a health \
+                 check node port; ignored",
+            );
+            None
+        }
+    };
+
+    if invalid {
+        return Err(Invalid);
+    }
+
+    let mut ports: Vec<model::ServicePort> = Vec::new();
+    for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let Some(protocol) = cx.protocol(&field("protocol"), p.protocol.as_deref(), false) else {
+            continue;
+        };
+        let Some(port) = cx.port(&field("port"), p.port) else {
+            continue;
+        };
+        let name = p.name.unwrap_or_default();
+        // Kubernetes rejects these; here they would make one Service conflict with itself.
+        if ports
+            .iter()
+            .any(|q| q.port == port && q.protocol == protocol)
+        {
+            let message = format!("duplicate port {port}/{protocol}; port skipped");
+            cx.error(field("port"), ErrorKind::InvalidValue, message);
+            continue;
+        }
+        if ports.iter().any(|q| q.name == name) {
+            let message = format!("duplicate port name {name:?}; port skipped");
+            cx.error(field("name"), ErrorKind::InvalidValue, message);
+            continue;
+        }
+        // A bad node port loses only itself: the port still serves the VIP.
+        let mut node_port = match p.node_port.filter(|p| *p != 0) {
+            Some(np) => cx.node_port(&field("nodePort"), np),
+            None => None,
+        };
+        if let Some(np) = node_port
+            && ports
+                .iter()
+                .any(|q| q.node_port == Some(np) && q.protocol == protocol)
+        {
+            let message = format!("duplicate nodePort {np}/{protocol}; node port skipped");
+            cx.error(field("nodePort"), ErrorKind::InvalidValue, message);
+            node_port = None;
+        }
+        ports.push(model::ServicePort {
+            index: i,
+            name,
+            port,
+            node_port,
+            protocol,
+            endpoints: Vec::new(),
+        });
+    }
+
+    Ok(Some(model::Service {
+        service_type,
+        vips,
+        external_ips,
+        traffic_policy,
+        source_ranges,
+        affinity_timeout,
+        health_check_node_port,
+        ports,
+        created,
+        labels,
+        static_service: None,
+        origin: cx.origin.to_string(),
+    }))
+}
+
+/// The trimmed, non-empty items of a comma-separated annotation value.
+fn comma_list(value: Option<&String>) -> impl Iterator<Item = String> + '_ {
+    value
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Parses (field, text) address candidates into distinct IPv4 addresses. IPv6 ones
+/// are reported and skipped; an invalid one is reported and sets `invalid`.
+fn addresses(
+    cx: &mut Cx<'_>,
+    candidates: Vec<(String, String)>,
+    what: &str,
+    invalid: &mut bool,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (field, text) in candidates {
+        match cx.ip(&field, text.trim()) {
+            Ok(IpAddr::V6(_)) => {
+                let message = format!("IPv6 not supported yet; {what} {text} skipped");
+                cx.error(field, ErrorKind::UnsupportedIpFamily, message);
+            }
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(()) => *invalid = true,
+        }
+    }
+    out
+}
+
+/// Validates a Node: its InternalIP addresses. Any invalid address invalidates the
+/// Node (its last good version is kept), since a node with a wrong address would
+/// get NodePort entries and tunnelled traffic at the wrong place.
+fn node(cx: &mut Cx<'_>, name: &str, n: core::Node) -> Result<model::Node, Invalid> {
+    let addresses = n.status.and_then(|s| s.addresses).unwrap_or_default();
+    let mut internal_ips = Vec::new();
+    let mut invalid = false;
+    for (i, a) in addresses.into_iter().enumerate() {
+        // Hostname, ExternalIP, InternalDNS and ExternalDNS are not for xlb.
+        if a.type_ != "InternalIP" {
+            continue;
+        }
+        match cx.ip(&format!("status.addresses[{i}].address"), a.address.trim()) {
+            Ok(ip) if !internal_ips.contains(&ip) => internal_ips.push(ip),
+            Ok(_) => {}
+            Err(()) => invalid = true,
+        }
+    }
+    if invalid {
+        return Err(Invalid);
+    }
+    Ok(model::Node {
+        name: name.to_string(),
+        internal_ips,
+        labels: n.metadata.labels.unwrap_or_default(),
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// `xlb.dev/v1alpha1 L2Announcement` as written (MetalLB L2Advertisement field names).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct L2AnnouncementDoc {
+    #[serde(default)]
+    spec: L2AnnouncementSpec,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct L2AnnouncementSpec {
+    #[serde(default)]
+    ip_address_pools: Vec<String>,
+    /// MetalLB's `ipAddressPoolSelectors`: refused like a non-empty pool list.
+    #[serde(default)]
+    ip_address_pool_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    service_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    node_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    interfaces: Vec<String>,
+}
+
+/// Validates an L2Announcement. Pools are not known to xlb yet (AddressPool comes
+/// with issue 18): any pool named is unknown, and the object is refused rather than
+/// silently announcing nothing or everything.
+fn l2_announcement(
+    cx: &mut Cx<'_>,
+    doc: L2AnnouncementDoc,
+) -> Result<model::L2Announcement, Invalid> {
+    let spec = doc.spec;
+    let mut invalid = false;
+    if let Some(pool) = spec.ip_address_pools.first() {
+        let message = format!(
+            "unknown pool {pool:?}: AddressPool objects are not supported yet, so only an empty list (every VIP) is accepted"
+        );
+        cx.error("spec.ipAddressPools[0]", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
+    if !spec.ip_address_pool_selectors.is_empty() {
+        let message = "AddressPool objects are not supported yet; leave it empty";
+        cx.error(
+            "spec.ipAddressPoolSelectors",
+            ErrorKind::InvalidValue,
+            message,
+        );
+        invalid = true;
+    }
+    let mut selectors = |field: &str, list: Vec<LabelSelector>| {
+        list.into_iter()
+            .enumerate()
+            .map(|(i, sel)| label_selector(cx, &format!("spec.{field}[{i}]"), sel))
+            .collect::<Result<Vec<_>, Invalid>>()
+    };
+    let service_selectors = selectors("serviceSelectors", spec.service_selectors);
+    let node_selectors = selectors("nodeSelectors", spec.node_selectors);
+    for (i, name) in spec.interfaces.iter().enumerate() {
+        // IFNAMSIZ: 15 bytes and a NUL; no '/' or whitespace (dev_valid_name).
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ':'])
+            || name.chars().any(char::is_whitespace)
+        {
+            let message = format!("{name:?} is not a valid interface name");
+            cx.error(
+                format!("spec.interfaces[{i}]"),
+                ErrorKind::InvalidValue,
+                message,
+            );
+            invalid = true;
+        }
+    }
+    let (Ok(service_selectors), Ok(node_selectors)) = (service_selectors, node_selectors) else {
+        return Err(Invalid);
+    };
+    if invalid {
+        return Err(Invalid);
+    }
+    Ok(model::L2Announcement {
+        ip_address_pools: spec.ip_address_pools,
+        service_selectors,
+        node_selectors,
+        interfaces: spec.interfaces,
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// Checks a `metav1.LabelSelector` the way the API server's validation does
+/// (operators, and values required for In/NotIn and forbidden for the others).
+fn label_selector(
+    cx: &mut Cx<'_>,
+    field: &str,
+    sel: LabelSelector,
+) -> Result<model::LabelSelector, Invalid> {
+    let mut out = model::LabelSelector {
+        match_labels: sel.match_labels.unwrap_or_default(),
+        match_expressions: Vec::new(),
+    };
+    for (i, e) in sel
+        .match_expressions
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let values = e.values.unwrap_or_default();
+        let f = format!("{field}.matchExpressions[{i}]");
+        let needs_values = matches!(e.operator.as_str(), "In" | "NotIn");
+        if needs_values == values.is_empty() {
+            let message = if needs_values {
+                "In and NotIn need at least one value"
+            } else {
+                "Exists and DoesNotExist take no values"
+            };
+            cx.error(format!("{f}.values"), ErrorKind::InvalidValue, message);
+            return Err(Invalid);
+        }
+        out.match_expressions.push(match e.operator.as_str() {
+            "In" => model::LabelRequirement::In(e.key, values),
+            "NotIn" => model::LabelRequirement::NotIn(e.key, values),
+            "Exists" => model::LabelRequirement::Exists(e.key),
+            "DoesNotExist" => model::LabelRequirement::DoesNotExist(e.key),
+            other => {
+                let message =
+                    format!("{other:?} is not an operator (In, NotIn, Exists, DoesNotExist)");
+                cx.error(format!("{f}.operator"), ErrorKind::InvalidValue, message);
+                return Err(Invalid);
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Validates an EndpointSlice. `Ok(None)` for an address type xlb does not handle yet.
+fn slice(cx: &mut Cx<'_>, es: discovery::EndpointSlice) -> Result<Option<Slice>, Invalid> {
+    let label = es
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL));
+    let Some(service) = label.filter(|s| !s.is_empty()).cloned() else {
+        let field = format!("metadata.labels[{SERVICE_NAME_LABEL}]");
+        cx.error(
+            field,
+            ErrorKind::MissingField,
+            "required to join the slice to its Service",
+        );
+        return Err(Invalid);
+    };
+    match es.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => {
+            let message = format!(
+                "addressType {} is not supported yet; slice skipped",
+                es.address_type
+            );
+            cx.error("addressType", ErrorKind::UnsupportedAddressType, message);
+            return Ok(None);
+        }
+        other => {
+            let message = format!("{other:?} is not IPv4, IPv6 or FQDN");
+            cx.error("addressType", ErrorKind::InvalidValue, message);
+            return Err(Invalid);
+        }
+    }
+
+    let mut ports = Vec::new();
+    for (i, p) in es.ports.unwrap_or_default().into_iter().enumerate() {
+        let field = |f: &str| format!("ports[{i}].{f}");
+        // SCTP is reported once, on the Service port it belongs to.
+        let Some(protocol) = cx.protocol(&field("protocol"), p.protocol.as_deref(), true) else {
+            continue;
+        };
+        // An unset port means "all ports" in the API, which a VIP:port cannot use.
+        let Some(port) = p.port else {
+            cx.error(
+                field("port"),
+                ErrorKind::MissingField,
+                "port is required; port skipped",
+            );
+            continue;
+        };
+        let Some(port) = cx.port(&field("port"), port) else {
+            continue;
+        };
+        ports.push(SlicePort {
+            index: i,
+            name: p.name.unwrap_or_default(),
+            port,
+            protocol,
+        });
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in es.endpoints.unwrap_or_default().into_iter().enumerate() {
+        let mut addrs = Vec::new();
+        for (j, text) in ep.addresses.iter().enumerate() {
+            let field = format!("endpoints[{i}].addresses[{j}]");
+            match text.parse::<Ipv4Addr>() {
+                Ok(ip) => addrs.push(IpAddr::V4(ip)),
+                Err(_) => {
+                    let message = format!("{text:?} is not an IPv4 address; address skipped");
+                    cx.error(field, ErrorKind::InvalidIp, message);
+                }
+            }
+        }
+        // EndpointConditions: nil ready means ready, nil serving means "same as
+        // ready", nil terminating means not terminating.
+        let c = ep.conditions.unwrap_or_default();
+        let ready = c.ready.unwrap_or(true);
+        endpoints.push(SliceEndpoint {
+            addrs,
+            ready,
+            serving: c.serving.unwrap_or(ready),
+            terminating: c.terminating.unwrap_or(false),
+            node_name: ep.node_name.filter(|n| !n.is_empty()),
+        });
+    }
+
+    Ok(Some(Slice {
+        service,
+        ports,
+        endpoints,
+    }))
+}

@@ -1,6 +1,6 @@
 //! Joins converted objects into the model and keeps it up to date object by object,
 //! for any source: each source holds its objects by origin (a manifest file, an API
-//! object) and tells the [`Index`] which origins changed; the index says which
+//! object) and tells the `Index` which origins changed; the index says which
 //! Services that changed (see [`super::Changed`]).
 use std::{
     collections::{BTreeMap, BTreeSet},

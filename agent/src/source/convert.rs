@@ -1,14 +1,14 @@
 //! The one conversion from Kubernetes-shaped objects to the model's parts, shared by
 //! every source (the manifest directory now, the API server next): a document (YAML
 //! or JSON, as `serde_json::Value`) is identified, validated field by field and turned
-//! into an [`Object`], or refused with [`ConfigError`]s naming object and field, in
+//! into an `Object`, or refused with [`ConfigError`]s naming object and field, in
 //! which case its last good version is used. Which objects exist and where they came
 //! from is the source's business; joining them into a [`crate::model::Snapshot`] is
 //! [`super::assemble`]'s.
 //!
 //! Kinds: `v1 Service` (LoadBalancer and NodePort), `discovery.k8s.io/v1
 //! EndpointSlice`, `v1 Node`, `xlb.dev/v1alpha1 L2Announcement` and `StaticService`
-//! (see [`static_service`]).
+//! (see `static_service`).
 use std::{
     net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,

@@ -1,10 +1,10 @@
 //! The manifest-directory source: every `*.yaml`, `*.yml` and `*.json` file of one
 //! directory, each holding any number of standard Kubernetes objects, parsed with the
-//! k8s-openapi types and turned into the [`model`].
+//! k8s-openapi types and turned into the [`crate::model`].
 //!
 //! Understood: `v1 Service` (`type: LoadBalancer` and `NodePort`; ClusterIP and
 //! ExternalName are ignored), `discovery.k8s.io/v1 EndpointSlice`, `v1 Node` and
-//! `xlb.dev/v1alpha1 L2Announcement` and `StaticService` (see [`static_service`]); a
+//! `xlb.dev/v1alpha1 L2Announcement` and `StaticService` (see [`super::convert`]); a
 //! `v1 List` is read as its items. Other kinds are ignored.
 //!
 //! Bad input never takes down what works:

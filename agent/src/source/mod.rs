@@ -9,8 +9,8 @@
 //! Both share the rules: [`convert`] turns one object into its part of the model (or
 //! errors naming object and field), and [`assemble`] joins the objects of every
 //! origin (a file, an API object) into the [`Snapshot`], object by object.
-pub(crate) mod assemble;
-pub(crate) mod convert;
+pub mod assemble;
+pub mod convert;
 pub mod manifests;
 
 use std::{collections::BTreeSet, sync::Arc};

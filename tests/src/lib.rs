@@ -15,6 +15,7 @@
 //! namespace. Everything a lab makes (namespaces, agent processes, pin directories) is
 //! removed when the [`Lab`] is dropped, including on panic.
 //!
+//! [`apiserver`]: a fake Kubernetes API server speaking list/watch (the kube source's tests).
 //! [`arp`]: raw ARP requests from a lab host (who answers for an address).
 //! [`bpf`]: writing straight into an agent's pinned maps (states too slow to build with traffic).
 //! [`load`]: health checks under scrape load (hardening test and bench).
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod apiserver;
 pub mod arp;
 pub mod bpf;
 pub mod demo;

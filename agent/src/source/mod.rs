@@ -11,6 +11,7 @@
 //! origin (a file, an API object) into the [`Snapshot`], object by object.
 pub mod assemble;
 pub mod convert;
+pub mod kube;
 pub mod manifests;
 
 use std::{collections::BTreeSet, sync::Arc};

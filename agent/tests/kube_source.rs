@@ -1,0 +1,214 @@
+//! The Kubernetes API source against a fake API server that speaks the real list/watch
+//! protocol (`xlb_lab::apiserver`), inside a network namespace made for the test:
+//!
+//! - the same objects through the API and through a manifest directory give the same
+//!   model (one conversion, two sources);
+//! - a change of one EndpointSlice reaches the model as that one Service changed;
+//! - a watch that ends in `410 Gone` relists, and an object deleted meanwhile goes;
+//! - while the API server is down the model stays as it was, and says so.
+//!
+//! Needs root (network namespace).
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use xlb::{
+    model::{ServiceRef, Snapshot},
+    source::{
+        Changed, Loaded,
+        kube::KubeSource,
+        manifests::{DEFAULT_NODE_PORTS, ManifestSource},
+    },
+};
+use xlb_lab::{apiserver::FakeApiServer, netns::Netns};
+
+const LAB: &str = include_str!("../src/source/testdata/three-nodes.yaml");
+const L2: &str = "apiVersion: xlb.dev/v1alpha1
+kind: L2Announcement
+metadata: { name: lan, namespace: xlb-system }
+spec: { interfaces: [eth0] }
+";
+
+/// The documents of a multi-document YAML text.
+fn documents(text: &str) -> Result<Vec<Value>> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(Value::deserialize)
+        .filter(|d| !matches!(d, Ok(Value::Null)))
+        .collect::<Result<_, _>>()
+        .context("test YAML")
+}
+
+/// Stores `doc` in the fake server the way the API server would serialise it: through
+/// its k8s-openapi type where it has one.
+fn put(api: &FakeApiServer, doc: Value) -> Result<()> {
+    match doc["kind"].as_str() {
+        Some("Service") => api.put(&serde_json::from_value::<core::Service>(doc)?),
+        Some("EndpointSlice") => api.put(&serde_json::from_value::<discovery::EndpointSlice>(doc)?),
+        Some("Node") => api.put(&serde_json::from_value::<core::Node>(doc)?),
+        Some("L2Announcement") => api.put_value(doc),
+        other => bail!("unexpected kind {other:?}"),
+    }
+}
+
+/// The model without where things came from (file paths vs API paths).
+fn without_origins(s: &Snapshot) -> Snapshot {
+    let mut s = s.clone();
+    s.services.values_mut().for_each(|v| v.origin.clear());
+    s.nodes.values_mut().for_each(|v| v.origin.clear());
+    s.l2_announcements
+        .values_mut()
+        .for_each(|v| v.origin.clear());
+    s
+}
+
+/// Loads from `source` until a load comes (or fails after 10 s).
+async fn next_load(source: &mut KubeSource, rx: &mut mpsc::Receiver<()>) -> Result<Loaded> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(l) = source.load_if_changed() {
+            return Ok(l);
+        }
+        tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .context("no change from the API source in time")?;
+    }
+}
+
+/// How many times the Services were listed (not watched).
+fn service_lists(api: &FakeApiServer) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services") && !r.contains("watch="))
+        .count()
+}
+
+fn manifests_model(dir: &Path, text: &str) -> Result<Arc<Snapshot>> {
+    std::fs::write(dir.join("all.yaml"), text)?;
+    let loaded = ManifestSource::new(dir).load();
+    anyhow::ensure!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    Ok(loaded.snapshot)
+}
+
+#[test]
+fn the_api_source_builds_the_same_model_and_follows_changes() -> Result<()> {
+    let ns = Netns::create(&format!("xlbks-{}", std::process::id()))?;
+    ns.enter(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(scenario())
+    })
+}
+
+async fn scenario() -> Result<()> {
+    let mut api = FakeApiServer::start().await?;
+    let text = format!("{LAB}---\n{L2}");
+    for doc in documents(&text)? {
+        put(&api, doc)?;
+    }
+    let config = kube::Config::new(api.url().parse()?);
+    let client = kube::Client::try_from(config)?;
+    let (tx, mut rx) = mpsc::channel(1);
+    let mut source = KubeSource::start(client, DEFAULT_NODE_PORTS, tx);
+
+    // 1. One conversion, two sources: the same model.
+    let first = next_load(&mut source, &mut rx).await?;
+    assert_eq!(first.errors, []);
+    assert_eq!(first.changed, Changed::All);
+    let dir = tempfile::tempdir()?;
+    let from_files = manifests_model(dir.path(), &text)?;
+    assert_eq!(
+        without_origins(&first.snapshot),
+        without_origins(&from_files)
+    );
+    assert_eq!(
+        first.snapshot.services.len(),
+        3,
+        "ClusterIP `internal` is not served"
+    );
+    let web = ServiceRef::new("shop", "web");
+    let origin = &first.snapshot.services[&web].origin;
+    assert_eq!(origin, "kube:/api/v1/namespaces/shop/services/web");
+
+    // 2. One EndpointSlice changes: that Service alone, as the files would say.
+    let slices: Vec<Value> = documents(LAB)?
+        .into_iter()
+        .filter(|d| d["kind"] == "EndpointSlice")
+        .collect();
+    let web_slice = slices
+        .iter()
+        .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"] == "web")
+        .context("web's slice")?
+        .clone();
+    let mut fewer = web_slice.clone();
+    let endpoints = fewer["endpoints"].as_array_mut().context("endpoints")?;
+    endpoints.truncate(1);
+    put(&api, fewer.clone())?;
+    let loaded = next_load(&mut source, &mut rx).await?;
+    assert_eq!(loaded.changed, Changed::Services([web.clone()].into()));
+    let mut docs = documents(&text)?;
+    for d in &mut docs {
+        if *d == web_slice {
+            *d = fewer.clone();
+        }
+    }
+    let yaml: Vec<String> = docs
+        .iter()
+        .map(serde_yaml_ng::to_string)
+        .collect::<Result<_, _>>()?;
+    let sub = tempfile::tempdir()?;
+    let expected = manifests_model(sub.path(), &yaml.join("---\n"))?;
+    assert_eq!(
+        without_origins(&loaded.snapshot),
+        without_origins(&expected)
+    );
+
+    // 3. The API server goes away: nothing changes, and the source says why.
+    api.set_down(true).await?;
+    let down = tokio::time::Instant::now() + Duration::from_secs(10);
+    while source.status().unreachable.is_none() {
+        tokio::time::timeout_at(down, rx.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "the source never noticed the API server was down: {:#?}",
+                    api.requests()
+                )
+            })?;
+    }
+    assert!(
+        source.load_if_changed().is_none(),
+        "an unreachable API server changes nothing"
+    );
+
+    // 4. Meanwhile a Service is deleted and history compacted: the watch resumes
+    //    into 410 Gone, lists again, and the Service goes (no event ever said so).
+    let lists_before = service_lists(&api);
+    api.delete("Service", "shop", "web")?;
+    api.compact();
+    api.set_down(false).await?;
+    let gone = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = next_load(&mut source, &mut rx).await?;
+        if !l.snapshot.services.contains_key(&web) {
+            assert!(
+                l.snapshot
+                    .services
+                    .contains_key(&ServiceRef::new("shop", "admin"))
+            );
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < gone, "web never went");
+    }
+    assert!(source.status().unreachable.is_none());
+    assert!(
+        service_lists(&api) > lists_before,
+        "Services listed again after 410 Gone: {:?}",
+        api.requests()
+    );
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! A small stand-in for the Kubernetes API server, for testing the agent's Kubernetes
+//! source where no real one can run. It speaks the list/watch protocol as the API
+//! server does (API concepts, "Efficient detection of changes"):
+//!
+//! - `GET <collection>`: a `…List` with `metadata.resourceVersion`; every item carries
+//!   its own `resourceVersion`;
+//! - `GET <collection>?watch=1&resourceVersion=N`: a chunked stream of JSON lines,
+//!   `{"type": ADDED|MODIFIED|DELETED|BOOKMARK, "object": …}` for every change after
+//!   `N`, then the changes as they happen; a `BOOKMARK` first when bookmarks are
+//!   allowed; an `ERROR` event with a `410 Gone` Status when `N` is older than the last
+//!   [`FakeApiServer::compact`], as etcd compaction does;
+//! - while [`FakeApiServer::set_down`] is on, nothing listens (connections are
+//!   refused, as when the API server or the path to it is gone) and open watches end.
+//!
+//! Objects are whatever the test stores, normally k8s-openapi types serialised with
+//! their `apiVersion` and `kind` ([`FakeApiServer::put`]). Collections are cluster-wide
+//! (`/api/v1/services`), which is what the agent's watchers use.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use axum::{
+    Router,
+    body::Body,
+    extract::{Query, State},
+    http::{StatusCode, Uri},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// A collection the server serves: URL path and list kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Collection {
+    /// `/api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, ...
+    pub path: &'static str,
+    /// `apiVersion` of the list.
+    pub api_version: &'static str,
+    /// `kind` of the items (`Service`); the list is `<kind>List`.
+    pub kind: &'static str,
+}
+
+/// The collections xlb watches.
+pub const COLLECTIONS: [Collection; 4] = [
+    Collection {
+        path: "/api/v1/services",
+        api_version: "v1",
+        kind: "Service",
+    },
+    Collection {
+        path: "/apis/discovery.k8s.io/v1/endpointslices",
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+    },
+    Collection {
+        path: "/api/v1/nodes",
+        api_version: "v1",
+        kind: "Node",
+    },
+    Collection {
+        path: "/apis/xlb.dev/v1alpha1/l2announcements",
+        api_version: "xlb.dev/v1alpha1",
+        kind: "L2Announcement",
+    },
+];
+
+#[derive(Default)]
+struct Store {
+    /// The last resourceVersion handed out.
+    rv: u64,
+    /// Watches from a resourceVersion at or below this get 410 Gone.
+    compacted: u64,
+    down: bool,
+    /// Objects per collection path, by (namespace, name).
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// Every change: (resourceVersion, collection path, event type, object).
+    log: Vec<(u64, &'static str, &'static str, Value)>,
+    /// Requests served, by "METHOD path?query" (for assertions on what was asked).
+    requests: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    store: Arc<Mutex<Store>>,
+    /// Bumped on every change, so open watches wake up.
+    tick: watch::Sender<u64>,
+}
+
+fn lock(s: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The running fake API server.
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Shared,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Serves `listener` until aborted.
+fn serve(listener: tokio::net::TcpListener, shared: Shared) -> tokio::task::JoinHandle<()> {
+    let app = Router::new().fallback(handle).with_state(shared);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
+}
+
+impl FakeApiServer {
+    /// Serves on `127.0.0.1:0` of the current network namespace (call it from a
+    /// runtime running inside a test's namespace).
+    pub async fn start() -> Result<FakeApiServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Shared {
+            store: Arc::new(Mutex::new(Store::default())),
+            tick: watch::channel(0).0,
+        };
+        let task = Some(serve(listener, shared.clone()));
+        Ok(FakeApiServer { addr, shared, task })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED), giving it the next
+    /// resourceVersion. `object` must carry `apiVersion`, `kind` and `metadata.name`.
+    pub fn put_value(&self, mut object: Value) -> Result<()> {
+        let kind = object["kind"]
+            .as_str()
+            .context("object without kind")?
+            .to_string();
+        let c = COLLECTIONS
+            .iter()
+            .find(|c| c.kind == kind)
+            .with_context(|| format!("no collection for kind {kind}"))?;
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("object without metadata.name")?
+            .to_string();
+        let mut s = lock(&self.shared.store);
+        s.rv += 1;
+        let rv = s.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let objects = s.objects.entry(c.path).or_default();
+        let kind = if objects.insert((ns, name), object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.log.push((rv, c.path, kind, object));
+        drop(s);
+        self.shared.tick.send_modify(|t| *t += 1);
+        Ok(())
+    }
+
+    /// [`put_value`](Self::put_value) of a k8s-openapi object, serialised as the real
+    /// API server would send it (with `apiVersion` and `kind`).
+    pub fn put<K: serde::Serialize>(&self, object: &K) -> Result<()> {
+        self.put_value(serde_json::to_value(object)?)
+    }
+
+    /// Deletes an object (DELETED with the object's last state).
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let c = COLLECTIONS
+            .iter()
+            .find(|c| c.kind == kind)
+            .with_context(|| format!("no collection for kind {kind}"))?;
+        let mut s = lock(&self.shared.store);
+        let mut object = s
+            .objects
+            .entry(c.path)
+            .or_default()
+            .remove(&(namespace.to_string(), name.to_string()))
+            .with_context(|| format!("no {kind} {namespace}/{name}"))?;
+        s.rv += 1;
+        let rv = s.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.log.push((rv, c.path, "DELETED", object));
+        drop(s);
+        self.shared.tick.send_modify(|t| *t += 1);
+        Ok(())
+    }
+
+    /// Forgets history up to now, as etcd compaction does: a watch resuming from an
+    /// older resourceVersion gets `410 Gone` and must list again. Open watches are
+    /// ended so that they resume (and meet the 410).
+    pub fn compact(&self) {
+        let mut s = lock(&self.shared.store);
+        s.compacted = s.rv;
+        s.log.clear();
+        drop(s);
+        self.shared.tick.send_modify(|t| *t += 1);
+    }
+
+    /// Stops listening (new connections are refused, open watches end), or listens
+    /// again on the same address.
+    pub async fn set_down(&mut self, down: bool) -> Result<()> {
+        lock(&self.shared.store).down = down;
+        self.shared.tick.send_modify(|t| *t += 1);
+        if down {
+            if let Some(t) = self.task.take() {
+                t.abort();
+            }
+        } else if self.task.is_none() {
+            let listener = tokio::net::TcpListener::bind(self.addr).await?;
+            self.task = Some(serve(listener, self.shared.clone()));
+        }
+        Ok(())
+    }
+
+    /// The requests served so far, as "GET /path?query".
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.shared.store).requests.clone()
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Status", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    })
+}
+
+async fn handle(
+    State(shared): State<Shared>,
+    uri: Uri,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let path = uri.path().to_string();
+    {
+        let mut s = lock(&shared.store);
+        s.requests.push(format!("GET {uri}"));
+        if s.down {
+            let body = status(503, "ServiceUnavailable", "the fake API server is down");
+            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+        }
+    }
+    let Some(c) = COLLECTIONS.iter().find(|c| c.path == path) else {
+        let body = status(
+            404,
+            "NotFound",
+            &format!("the server could not find {path}"),
+        );
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+    };
+    let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    if !watching {
+        let s = lock(&shared.store);
+        let items: Vec<Value> = s
+            .objects
+            .get(c.path)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let list = json!({
+            "apiVersion": c.api_version,
+            "kind": format!("{}List", c.kind),
+            "metadata": {"resourceVersion": s.rv.to_string()},
+            "items": items,
+        });
+        return axum::Json(list).into_response();
+    }
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(300), Duration::from_secs);
+    let stream = watch_stream(shared, *c, from, bookmarks, timeout);
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The JSON lines of one watch: what happened after `from`, then what happens, until
+/// `timeout`, compaction past it, or the server going down.
+fn watch_stream(
+    shared: Shared,
+    c: Collection,
+    from: u64,
+    bookmarks: bool,
+    timeout: Duration,
+) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let tick = shared.tick.subscribe();
+    let state = (shared, tick, from, bookmarks, false);
+    futures::stream::unfold(
+        state,
+        move |(shared, mut tick, mut seen, bookmark, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let line = {
+                    let s = lock(&shared.store);
+                    if s.down {
+                        return None;
+                    }
+                    if seen < s.compacted {
+                        let gone = status(
+                            410,
+                            "Expired",
+                            &format!("too old resource version: {seen} ({})", s.compacted),
+                        );
+                        let line = json!({"type": "ERROR", "object": gone}).to_string() + "\n";
+                        return Some((Ok(line), (shared.clone(), tick, seen, false, true)));
+                    }
+                    if bookmark {
+                        // Everything up to `seen` has been sent (it is where the watch
+                        // started), so that is what the bookmark may say.
+                        let object = json!({
+                            "apiVersion": c.api_version, "kind": c.kind,
+                            "metadata": {"resourceVersion": seen.to_string()},
+                        });
+                        let line = json!({"type": "BOOKMARK", "object": object}).to_string() + "\n";
+                        drop(s);
+                        return Some((Ok(line), (shared, tick, seen, false, false)));
+                    }
+                    s.log
+                        .iter()
+                        .find(|(rv, path, _, _)| *rv > seen && *path == c.path)
+                        .map(|(rv, _, kind, object)| {
+                            (
+                                *rv,
+                                json!({"type": kind, "object": object}).to_string() + "\n",
+                            )
+                        })
+                };
+                if let Some((rv, line)) = line {
+                    seen = rv;
+                    return Some((Ok(line), (shared, tick, seen, false, false)));
+                }
+                // Nothing new: wait for a change, or end at the timeout.
+                tokio::select! {
+                    r = tick.changed() => if r.is_err() { return None; },
+                    _ = tokio::time::sleep_until(deadline) => return None,
+                }
+            }
+        },
+    )
+}

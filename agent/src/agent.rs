@@ -26,7 +26,11 @@ use crate::{
     health::HealthServers,
     metrics::{self, BpfCollector, Metrics},
     model::ConfigError,
-    source::manifests::{self, ManifestSource},
+    source::{
+        Source,
+        kube::KubeSource,
+        manifests::{self, ManifestSource},
+    },
 };
 
 /// Everything `xlb agent` needs to run.
@@ -36,8 +40,8 @@ pub struct Config {
     pub interface: String,
     /// This node's name, matched against EndpointSlice `nodeName`.
     pub node_name: String,
-    /// Manifest directory.
-    pub manifests: PathBuf,
+    /// Where Services, EndpointSlices, Nodes and xlb's own objects come from.
+    pub source: SourceConfig,
     /// `/metrics` and `/healthz` listen address.
     pub metrics_addr: SocketAddr,
     /// bpffs directory for maps and links.
@@ -56,6 +60,19 @@ pub struct Config {
     pub node_ports: std::ops::RangeInclusive<u16>,
     /// UDP port of the L2 membership protocol between agents (`--memberlist-port`).
     pub memberlist_port: u16,
+}
+
+/// Which source the agent reads.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A manifest directory, watched with inotify.
+    Manifests(PathBuf),
+    /// The Kubernetes API: this kubeconfig, or (`None`) the usual inference (in-cluster
+    /// service account, then `$KUBECONFIG` / `~/.kube/config`).
+    Kubernetes {
+        /// `--kubeconfig`.
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// How often expired conntrack entries are removed and the rest counted. Short next
@@ -112,6 +129,9 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// No usable Kubernetes client configuration.
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
     /// L2 announcement could not start (memberlist port taken, no CAP_NET_RAW, ...).
     #[error("L2 announcement: {0}")]
     L2(#[from] crate::l2::task::L2Error),
@@ -131,7 +151,7 @@ struct Reconciler {
     /// datapath was not re-attached since).
     in_sync: bool,
     /// The first load, made while the programs were loading; used by the first sync.
-    preloaded: Option<manifests::Loaded>,
+    preloaded: Option<crate::source::Loaded>,
     /// Maglev tables by their inputs, from the last target (see [`state::TableCache`]).
     tables: state::TableCache,
     /// Bookkeeping over `applied` for changing a few services alone; `None` until a
@@ -170,7 +190,7 @@ impl Reconciler {
         self.reported = now;
     }
 
-    fn sync(&mut self, source: &mut ManifestSource) -> Result<(), DataplaneError> {
+    fn sync(&mut self, source: &mut Source) -> Result<(), DataplaneError> {
         let started = Instant::now();
         let loaded = match self.preloaded.take() {
             Some(l) => l,
@@ -181,7 +201,11 @@ impl Reconciler {
                 // periodic resync): the desired state is the same, nothing to do.
                 None => return Ok(()),
             },
-            None => source.load(),
+            None => match source.load() {
+                Some(l) => l,
+                // The API not listed yet: the maps keep what they hold.
+                None => return Ok(()),
+            },
         };
         let t_load = started.elapsed();
         self.metrics.files_parsed.inc_by(loaded.parsed as u64);
@@ -540,6 +564,56 @@ fn dir_identity(dir: &std::path::Path) -> Option<(u64, u64, Option<std::time::Sy
 }
 
 /// The node-level datapath settings from the command line and the interface.
+/// Publishes the source's state: `xlb_source_up{source}` and the `/healthz` detail.
+fn report_source(metrics: &Metrics, source: &Source) {
+    let (name, up, detail) = match source.api_status() {
+        None => ("manifests", true, String::new()),
+        Some(s) => {
+            let missing: Vec<&str> = crate::source::kube::KINDS
+                .iter()
+                .copied()
+                .filter(|k| !s.synced.contains(k))
+                .collect();
+            match (&s.unreachable, missing.is_empty()) {
+                (Some(e), _) => (
+                    "kubernetes",
+                    false,
+                    format!("API server unreachable ({e}); serving the last good state\n"),
+                ),
+                (None, false) => (
+                    "kubernetes",
+                    false,
+                    format!("API server: not listed yet: {}\n", missing.join(", ")),
+                ),
+                (None, true) => ("kubernetes", true, String::new()),
+            }
+        }
+    };
+    metrics
+        .source_up
+        .get_or_create(&vec![("source", name.to_string())])
+        .set(i64::from(up));
+    if let Ok(mut d) = metrics.source_detail.lock() {
+        *d = detail;
+    }
+}
+
+/// A Kubernetes client from `kubeconfig`, or inferred (in-cluster service account,
+/// then `$KUBECONFIG` / `~/.kube/config`).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, AgentError> {
+    let err = |e: &dyn std::fmt::Display| AgentError::Kube(e.to_string());
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| err(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| err(&e))?,
+    };
+    kube::Client::try_from(config).map_err(|e| err(&e))
+}
+
 fn node_config(cfg: &Config) -> NodeConfig {
     NodeConfig {
         forward: cfg.forward,
@@ -559,9 +633,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     if crate::netdev::ifindex(&cfg.interface).is_none() {
         return Err(AgentError::Interface(cfg.interface.clone()));
     }
-    if !cfg.manifests.is_dir() {
+    if let SourceConfig::Manifests(dir) = &cfg.source
+        && !dir.is_dir()
+    {
         return Err(AgentError::Watch {
-            dir: cfg.manifests.clone(),
+            dir: dir.clone(),
             message: "not a directory".into(),
         });
     }
@@ -571,12 +647,25 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             addr: cfg.metrics_addr,
             source,
         })?;
-    let (mut _watcher, mut changes) =
-        manifests::watch(&cfg.manifests).map_err(|e| AgentError::Watch {
-            dir: cfg.manifests.clone(),
+    // Manifests: an inotify watch on the directory; the API: the watchers' events.
+    let (changes_tx, mut changes) = mpsc::channel(1);
+    let manifests_dir = match &cfg.source {
+        SourceConfig::Manifests(dir) => Some(dir.clone()),
+        SourceConfig::Kubernetes { .. } => None,
+    };
+    let mut _watcher = None;
+    if let Some(dir) = &manifests_dir {
+        let (w, c) = manifests::watch(dir).map_err(|e| AgentError::Watch {
+            dir: dir.clone(),
             message: e.to_string(),
         })?;
-    let mut watched = dir_identity(&cfg.manifests);
+        (_watcher, changes) = (Some(w), c);
+    }
+    let kube_client = match &cfg.source {
+        SourceConfig::Manifests(_) => None,
+        SourceConfig::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_deref()).await?),
+    };
+    let mut watched = manifests_dir.as_deref().and_then(dir_identity);
     let pin_err = |source| AgentError::PinPath {
         path: cfg.pin_path.clone(),
         source,
@@ -589,12 +678,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // The first load (parsing every manifest, the bulk of a cold start) runs while
     // the kernel verifies and attaches the programs; changes from now on are seen by
     // the watcher set up above, and trigger a load of their own.
-    let manifests_dir = cfg.manifests.clone();
     let node_ports = cfg.node_ports.clone();
+    let first_dir = manifests_dir.clone();
     let first_load = std::thread::spawn(move || {
-        let mut source = ManifestSource::new(manifests_dir).with_node_ports(node_ports);
+        let dir = first_dir?;
+        let mut source = ManifestSource::new(dir).with_node_ports(node_ports);
         let loaded = source.load();
-        (source, loaded)
+        Some((source, loaded))
     });
     let (mut dp, xdp) = Dataplane::open(
         &cfg.interface,
@@ -670,13 +760,21 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     };
 
-    let (mut source, preloaded) = match first_load.join() {
-        Ok((source, loaded)) => (source, Some(loaded)),
+    let (mut source, preloaded) = match (first_load.join(), kube_client) {
+        (_, Some(client)) => {
+            info!(
+                "source: the Kubernetes API; serving what the maps hold until every kind is listed"
+            );
+            let k = KubeSource::start(client, cfg.node_ports.clone(), changes_tx);
+            (Source::Kubernetes(k), None)
+        }
+        (Ok(Some((source, loaded))), None) => (Source::Manifests(source), Some(loaded)),
         // The loading thread panicked: load again here.
-        Err(_) => (
-            ManifestSource::new(cfg.manifests.clone()).with_node_ports(cfg.node_ports.clone()),
-            None,
-        ),
+        (_, None) => {
+            let dir = manifests_dir.clone().unwrap_or_default();
+            let m = ManifestSource::new(dir).with_node_ports(cfg.node_ports.clone());
+            (Source::Manifests(m), None)
+        }
     };
     let mut rec = Reconciler {
         dp,
@@ -767,17 +865,18 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             _ = resync.tick() => { retry_soon = true; }
             _ = every_second.tick() => {
                 rec.refresh_peer_devices();
+                report_source(&rec.metrics, &source);
                 if std::mem::take(&mut rec.heap_dirty) {
                     trim_heap();
                 }
                 // inotify watches an inode: a directory replaced under the same name
                 // (`rm -rf m; mkdir m`) is followed here, not at the next resync.
-                let now = dir_identity(&cfg.manifests);
-                if now != watched && now.is_some() {
-                    match manifests::watch(&cfg.manifests) {
+                let now = manifests_dir.as_deref().and_then(dir_identity);
+                if let Some(dir) = &manifests_dir && now != watched && now.is_some() {
+                    match manifests::watch(dir) {
                         Ok((w, c)) => {
-                            info!(dir = %cfg.manifests.display(), "manifests directory replaced; watching the new one");
-                            (_watcher, changes) = (w, c);
+                            info!(dir = %dir.display(), "manifests directory replaced; watching the new one");
+                            (_watcher, changes) = (Some(w), c);
                             watched = now;
                             retry_soon = true;
                         }

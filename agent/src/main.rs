@@ -30,10 +30,15 @@ enum Command {
         /// This node's name, as in EndpointSlice `endpoints[].nodeName`.
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// Directory of Kubernetes manifests (Service, EndpointSlice; *.yaml, *.yml,
-        /// *.json, multi-document), watched for changes.
+        /// Directory of Kubernetes manifests (Service, EndpointSlice, Node, xlb.dev
+        /// objects; *.yaml, *.yml, *.json, multi-document), watched for changes.
+        /// Without it the agent reads the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig for the Kubernetes API source; default: in-cluster service
+        /// account, then $KUBECONFIG or ~/.kube/config.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// Address for /metrics and /healthz.
         #[arg(long, default_value = "0.0.0.0:9464")]
         metrics_addr: SocketAddr,
@@ -188,6 +193,7 @@ fn main() -> anyhow::Result<()> {
             interface,
             node_name,
             manifests,
+            kubeconfig,
             metrics_addr,
             pin_path,
             xdp_mode,
@@ -201,7 +207,10 @@ fn main() -> anyhow::Result<()> {
             let cfg = xlb::agent::Config {
                 interface,
                 node_name,
-                manifests,
+                source: match manifests {
+                    Some(dir) => xlb::agent::SourceConfig::Manifests(dir),
+                    None => xlb::agent::SourceConfig::Kubernetes { kubeconfig },
+                },
                 metrics_addr,
                 pin_path,
                 xdp_mode: match xdp_mode {

@@ -120,6 +120,12 @@ pub struct Metrics {
     pub checks: Arc<crate::checks::CheckMetrics>,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
     pub ready: AtomicBool,
+    /// 1 while the source is complete and current, 0 while the API server is not
+    /// listed yet or unreachable (`xlb_source_up{source}`).
+    pub source_up: Family<Labels, Gauge>,
+    /// A line for `/healthz` about the source (e.g. why the API server is
+    /// unreachable); empty when all is well.
+    pub source_detail: Mutex<String>,
     /// One scrape renders at a time (see `render`).
     scrape: tokio::sync::Semaphore,
     registry: Mutex<Registry>,
@@ -165,6 +171,12 @@ impl Metrics {
             "xlb_unwilling_vips",
             "VIPs whose services are all Local without a local endpoint on this node",
             unwilling.clone(),
+        );
+        let source_up = Family::<Labels, Gauge>::default();
+        registry.register(
+            "xlb_source_up",
+            "1 while the source (manifests or the Kubernetes API) is complete and current; 0 while the API server is unlisted or unreachable (the last good state is served)",
+            source_up.clone(),
         );
         let xdp_mode = Family::<Labels, Gauge>::default();
         registry.register(
@@ -224,6 +236,8 @@ impl Metrics {
             l2,
             checks,
             ready: AtomicBool::new(false),
+            source_up,
+            source_detail: Mutex::new(String::new()),
             scrape: tokio::sync::Semaphore::new(1),
             registry: Mutex::new(registry),
         })
@@ -545,15 +559,26 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+/// 200 while the datapath serves what the source last said; an unreachable API
+/// server is a detail, not a failure (the dataplane never depends on it), so a
+/// DaemonSet's probes do not restart agents that serve fine.
 async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let detail = m
+        .source_detail
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
     if m.datapath.get() == 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "datapath missing (programs detached or pins removed); re-attaching\n",
+            "datapath missing (programs detached or pins removed); re-attaching\n".to_string(),
         )
     } else if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, format!("ok\n{detail}"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not yet synced\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not yet synced\n{detail}"),
+        )
     }
 }

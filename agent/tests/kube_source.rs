@@ -105,7 +105,7 @@ fn the_api_source_builds_the_same_model_and_follows_changes() -> Result<()> {
 }
 
 async fn scenario() -> Result<()> {
-    let mut api = FakeApiServer::start().await?;
+    let api = FakeApiServer::start().await?;
     let text = format!("{LAB}---\n{L2}");
     for doc in documents(&text)? {
         put(&api, doc)?;
@@ -168,7 +168,7 @@ async fn scenario() -> Result<()> {
     );
 
     // 3. The API server goes away: nothing changes, and the source says why.
-    api.set_down(true).await?;
+    api.set_down(true);
     let down = tokio::time::Instant::now() + Duration::from_secs(10);
     while source.status().unreachable.is_none() {
         tokio::time::timeout_at(down, rx.recv())
@@ -190,7 +190,7 @@ async fn scenario() -> Result<()> {
     let lists_before = service_lists(&api);
     api.delete("Service", "shop", "web")?;
     api.compact();
-    api.set_down(false).await?;
+    api.set_down(false);
     let gone = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let l = next_load(&mut source, &mut rx).await?;

@@ -43,7 +43,8 @@ pub struct AgentConfig {
     pub interface: String,
     /// `--node-name`.
     pub node_name: String,
-    /// `--manifests`.
+    /// `--manifests` (left out when `extra_args` has `--kubeconfig`: the agent then
+    /// reads the API server that names).
     pub manifests_dir: PathBuf,
     /// `--metrics-addr` (inside the node's namespace).
     pub metrics_addr: SocketAddr,
@@ -95,8 +96,14 @@ impl Agent {
             .arg("agent")
             .args(["--interface", &self.cfg.interface])
             .args(["--node-name", &self.cfg.node_name])
-            .arg("--manifests")
-            .arg(&self.cfg.manifests_dir)
+            .args(if self.cfg.extra_args.iter().any(|a| a == "--kubeconfig") {
+                vec![]
+            } else {
+                vec![
+                    "--manifests".into(),
+                    self.cfg.manifests_dir.clone().into_os_string(),
+                ]
+            })
             .args(["--metrics-addr", &self.cfg.metrics_addr.to_string()])
             .arg("--pin-path")
             .arg(&self.cfg.pin_dir)

@@ -99,6 +99,12 @@ pub struct FakeApiServer {
     addr: SocketAddr,
     shared: Shared,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// For [`FakeApiServer::spawn_in`]: the thread running the server's runtime, and
+    /// how to stop it.
+    thread: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Drop for FakeApiServer {
@@ -106,32 +112,108 @@ impl Drop for FakeApiServer {
         if let Some(t) = self.task.take() {
             t.abort();
         }
+        if let Some((stop, thread)) = self.thread.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
     }
 }
 
-/// Serves `listener` until aborted.
-fn serve(listener: tokio::net::TcpListener, shared: Shared) -> tokio::task::JoinHandle<()> {
-    let app = Router::new().fallback(handle).with_state(shared);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    })
+/// Serves on `addr` (first with `listener`) while up; while down, nothing listens.
+async fn serve(addr: SocketAddr, listener: tokio::net::TcpListener, shared: Shared) {
+    let mut listener = Some(listener);
+    let mut tick = shared.tick.subscribe();
+    loop {
+        let down = lock(&shared.store).down;
+        if down {
+            listener = None;
+            if tick.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let Some(l) = listener.take() else {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => listener = Some(l),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            continue;
+        };
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let mut until_down = shared.tick.subscribe();
+        let state = shared.store.clone();
+        let shutdown = async move {
+            while !lock(&state).down {
+                if until_down.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+    }
 }
 
 impl FakeApiServer {
     /// Serves on `127.0.0.1:0` of the current network namespace (call it from a
     /// runtime running inside a test's namespace).
     pub async fn start() -> Result<FakeApiServer> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Serves on `addr` (port 0: any) from the current runtime.
+    pub async fn start_at(addr: SocketAddr) -> Result<FakeApiServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Shared {
             store: Arc::new(Mutex::new(Store::default())),
             tick: watch::channel(0).0,
         };
-        let task = Some(serve(listener, shared.clone()));
-        Ok(FakeApiServer { addr, shared, task })
+        let task = Some(tokio::spawn(serve(addr, listener, shared.clone())));
+        Ok(FakeApiServer {
+            addr,
+            shared,
+            task,
+            thread: None,
+        })
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// Serves on `addr` inside the namespace `ns`, from a thread of its own (for
+    /// tests without a runtime: the agent under test then reaches it over the lab's
+    /// network, as a real node reaches its API server).
+    pub fn spawn_in(ns: &crate::netns::Netns, addr: SocketAddr) -> Result<FakeApiServer> {
+        let path = ns.path();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let ready = tx.clone();
+            let run = move || -> Result<()> {
+                crate::netns::enter_here(&path)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let server = FakeApiServer::start_at(addr).await?;
+                    let handle = (server.addr, server.shared.clone());
+                    let _ = ready.send(Ok(handle));
+                    let _ = stopped.await;
+                    drop(server);
+                    Ok(())
+                })
+            };
+            if let Err(e) = run() {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let (addr, shared) = rx.recv().context("the fake API server thread ended")??;
+        Ok(FakeApiServer {
+            addr,
+            shared,
+            task: None,
+            thread: Some((stop, thread)),
+        })
+    }
+
+    /// `http://ADDR:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -177,6 +259,41 @@ impl FakeApiServer {
         self.put_value(serde_json::to_value(object)?)
     }
 
+    /// Stores every document of a multi-document YAML text, each through its
+    /// k8s-openapi type where it has one (Service, EndpointSlice, Node), as the API
+    /// server would serialise it; other kinds (xlb.dev) as written.
+    pub fn put_yaml(&self, text: &str) -> Result<()> {
+        use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+        use serde::Deserialize;
+        for doc in serde_yaml_ng::Deserializer::from_str(text) {
+            let doc = Value::deserialize(doc).context("test YAML")?;
+            match doc["kind"].as_str() {
+                None if doc.is_null() => {}
+                Some("Service") => self.put(&serde_json::from_value::<core::Service>(doc)?)?,
+                Some("EndpointSlice") => {
+                    self.put(&serde_json::from_value::<discovery::EndpointSlice>(doc)?)?
+                }
+                Some("Node") => self.put(&serde_json::from_value::<core::Node>(doc)?)?,
+                _ => self.put_value(doc)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A kubeconfig for this server (no TLS, no credentials), as YAML.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]
+users: [{{name: fake, user: {{}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]
+current-context: fake
+",
+            self.url()
+        )
+    }
+
     /// Deletes an object (DELETED with the object's last state).
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
         let c = COLLECTIONS
@@ -212,18 +329,9 @@ impl FakeApiServer {
 
     /// Stops listening (new connections are refused, open watches end), or listens
     /// again on the same address.
-    pub async fn set_down(&mut self, down: bool) -> Result<()> {
+    pub fn set_down(&self, down: bool) {
         lock(&self.shared.store).down = down;
         self.shared.tick.send_modify(|t| *t += 1);
-        if down {
-            if let Some(t) = self.task.take() {
-                t.abort();
-            }
-        } else if self.task.is_none() {
-            let listener = tokio::net::TcpListener::bind(self.addr).await?;
-            self.task = Some(serve(listener, self.shared.clone()));
-        }
-        Ok(())
     }
 
     /// The requests served so far, as "GET /path?query".

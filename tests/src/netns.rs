@@ -188,6 +188,22 @@ pub fn in_netns<T: Send, F: FnOnce() -> Result<T> + Send>(path: &Path, f: F) -> 
     })
 }
 
+/// Moves the calling thread into the network namespace at `path` for good (for a
+/// thread of its own that serves from inside a namespace).
+pub fn enter_here(path: &Path) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening netns {}", path.display()))?;
+    // SAFETY: plain syscall on a valid fd; it only changes this thread's netns.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(anyhow!(
+            "setns({}) failed: {} (the lab needs root / CAP_SYS_ADMIN)",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a command to completion; returns stdout, or an error with the command line, exit
 /// status and stderr. A missing program is reported as such.
 pub fn run(cmd: &mut Command) -> Result<String> {

@@ -170,12 +170,22 @@ impl KubeSource {
     /// The model with every update so far, or `None` if nothing changed since the last
     /// load (or not every kind is listed yet).
     pub fn load_if_changed(&mut self) -> Option<Loaded> {
+        self.load_inner(false)
+    }
+
+    /// The whole model with every update so far (reported as [`Changed::All`]), or
+    /// `None` while not every kind is listed yet.
+    pub fn load(&mut self) -> Option<Loaded> {
+        self.load_inner(true)
+    }
+
+    fn load_inner(&mut self, whole: bool) -> Option<Loaded> {
         if !self.synced() {
             return None;
         }
         let updates = std::mem::take(&mut lock(&self.inbox).updates);
         let rechecked = std::mem::take(&mut self.index.rechecked);
-        if updates.is_empty() && rechecked.is_empty() && !self.first {
+        if updates.is_empty() && rechecked.is_empty() && !self.first && !whole {
             return None;
         }
         let parsed = updates.len();
@@ -197,7 +207,7 @@ impl KubeSource {
             touched.push((origin, old.map(|d| d.objects).unwrap_or_default()));
         }
         let mut changed = self.index.update(&self.docs, touched);
-        if std::mem::take(&mut self.first) {
+        if std::mem::take(&mut self.first) || whole {
             changed = Changed::All;
         }
         if let Changed::Services(services) = &mut changed {

@@ -4,7 +4,7 @@
 //!
 //! - [`manifests`]: a directory of Kubernetes manifests, watched with inotify (the
 //!   embedded default and the way to run without an API server);
-//! - the Kubernetes API (kube watchers) comes later and produces the same model.
+//! - [`kube`]: the Kubernetes API (kube-rs watchers), producing the same model.
 //!
 //! Both share the rules: [`convert`] turns one object into its part of the model (or
 //! errors naming object and field), and [`assemble`] joins the objects of every
@@ -59,4 +59,47 @@ pub enum SourceError {
     /// inotify could not be set up on the directory.
     #[error("inotify: {0}")]
     Watch(#[from] notify::Error),
+}
+
+/// The source an agent runs with, as the reconciler uses it.
+pub enum Source {
+    /// A manifest directory (`--manifests`).
+    Manifests(manifests::ManifestSource),
+    /// The Kubernetes API (`--kubeconfig`, or in-cluster).
+    Kubernetes(kube::KubeSource),
+}
+
+impl Source {
+    /// The whole model (every change reported), or `None` while the source has
+    /// nothing complete to give (the API not listed yet).
+    pub fn load(&mut self) -> Option<Loaded> {
+        match self {
+            Source::Manifests(m) => Some(m.load()),
+            Source::Kubernetes(k) => k.load(),
+        }
+    }
+
+    /// The model if anything changed since the last load.
+    pub fn load_if_changed(&mut self) -> Option<Loaded> {
+        match self {
+            Source::Manifests(m) => m.load_if_changed(),
+            Source::Kubernetes(k) => k.load_if_changed(),
+        }
+    }
+
+    /// StaticService health verdicts (see the manifest source).
+    pub fn set_health(&mut self, verdicts: std::collections::BTreeMap<crate::model::Probe, bool>) {
+        match self {
+            Source::Manifests(m) => m.set_health(verdicts),
+            Source::Kubernetes(k) => k.set_health(verdicts),
+        }
+    }
+
+    /// The API connection's state (`None` for a manifest directory).
+    pub fn api_status(&self) -> Option<kube::ApiStatus> {
+        match self {
+            Source::Manifests(_) => None,
+            Source::Kubernetes(k) => Some(k.status()),
+        }
+    }
 }

@@ -168,8 +168,10 @@ struct Reconciler {
     collector: Arc<BpfCollector>,
     /// What L2 announcement needs from each applied snapshot (see [`crate::l2`]).
     l2_plan: watch::Sender<Arc<crate::l2::Plan>>,
-    /// The model the maps were last brought to (what health checks are run for).
-    snapshot: Arc<crate::model::Snapshot>,
+    /// The health checks the model the maps were last brought to asks for. (Not the
+    /// snapshot itself: holding it would make the source copy the whole model on its
+    /// next change instead of updating it in place.)
+    probes: BTreeSet<crate::model::Probe>,
 }
 
 impl Reconciler {
@@ -414,8 +416,8 @@ impl Reconciler {
     /// Keeps `snapshot` as the applied one and hands L2 announcement its plan, called
     /// once the services behind the VIPs are in the maps (so a VIP is never announced
     /// before it is served).
-    fn publish(&mut self, snapshot: &Arc<crate::model::Snapshot>) {
-        self.snapshot = Arc::clone(snapshot);
+    fn publish(&mut self, snapshot: &crate::model::Snapshot) {
+        self.probes = checks::probes(snapshot);
         let plan = crate::l2::Plan::from_model(snapshot, &self.interface);
         self.l2_plan.send_if_modified(|p| {
             let changed = **p != plan;
@@ -795,7 +797,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         metrics,
         collector,
         l2_plan,
-        snapshot: Arc::default(),
+        probes: BTreeSet::new(),
     };
     let (mut checker, mut verdicts) = Checker::new(rec.metrics.checks.clone());
 
@@ -816,7 +818,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             match rec.sync(&mut source) {
                 Ok(()) => {
                     retry_soon = false;
-                    if checker.run(&checks::probes(&rec.snapshot)) {
+                    if checker.run(&rec.probes) {
                         source.set_health(checker.verdicts().clone());
                         retry_soon = true;
                     }

@@ -3,7 +3,7 @@
 //! number of local endpoints while this node has some, 503 otherwise, so an external
 //! load balancer sends traffic only to nodes that can serve it.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, RwLock},
 };
@@ -27,13 +27,25 @@ type Shared = Arc<RwLock<Report>>;
 #[derive(Default)]
 pub struct HealthServers {
     servers: BTreeMap<u16, (Shared, JoinHandle<()>)>,
+    /// Ports another process held when xlb wanted them (kube-proxy serves every
+    /// `healthCheckNodePort` itself): left to it for as long as they are wanted, so
+    /// the two never take turns on a port; reported once.
+    held_elsewhere: BTreeSet<u16>,
 }
 
 impl HealthServers {
-    /// Starts, updates and stops servers to match `checks`. A port that cannot be
-    /// bound is reported and retried on the next call.
+    /// Ports left to another process (see [`HealthServers::apply`]).
+    pub fn held_elsewhere(&self) -> &BTreeSet<u16> {
+        &self.held_elsewhere
+    }
+
+    /// Starts, updates and stops servers to match `checks`. A port another process
+    /// already holds (`EADDRINUSE`: kube-proxy next to xlb) is left to it, reported
+    /// once, and not tried again while it stays wanted; other bind failures are
+    /// reported and retried on the next call.
     pub async fn apply(&mut self, checks: &[HealthCheck]) {
         let wanted: BTreeMap<u16, &HealthCheck> = checks.iter().map(|c| (c.port, c)).collect();
+        self.held_elsewhere.retain(|p| wanted.contains_key(p));
         self.servers.retain(|port, (_, task)| {
             let keep = wanted.contains_key(port) && !task.is_finished();
             if !keep {
@@ -53,9 +65,17 @@ impl HealthServers {
                 }
                 continue;
             }
+            if self.held_elsewhere.contains(&port) {
+                continue;
+            }
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
             let listener = match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    info!(port, service = %check.service, "health check port already served by another process (kube-proxy serves every healthCheckNodePort); leaving it to that one");
+                    self.held_elsewhere.insert(port);
+                    continue;
+                }
                 Err(e) => {
                     warn!(port, service = %check.service, error = %e, "health check port unavailable");
                     continue;

@@ -2,7 +2,7 @@
 //! NodePort on the node's address, externalIPs, loadBalancerSourceRanges, ClientIP
 //! session affinity and healthCheckNodePort, each observed with real packets.
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -180,5 +180,63 @@ fn health_check_node_port_reports_local_endpoints() -> Result<()> {
         },
     )?;
     ensure!(body.contains("\"localEndpoints\":0"), "{code} body {body}");
+    Ok(())
+}
+
+/// kube-proxy binds every `healthCheckNodePort` itself. With a process already on the
+/// port, the agent leaves it there (says so once, never takes turns with it) and
+/// serves everything else: the VIP, and a second Service's free port.
+#[test]
+fn a_health_check_port_held_by_another_process_is_left_to_it() -> Result<()> {
+    let mut lab = Lab::one_node(2)?;
+    // "kube-proxy": a listener on the node's health check port before the agent starts.
+    let held = lab
+        .node()
+        .host
+        .ns
+        .enter(|| Ok(TcpListener::bind((Ipv4Addr::UNSPECIFIED, 32000))?))?;
+    write(&lab, "  healthCheckNodePort: 32000\n", true)?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    let udp = SocketAddr::from((WEB_VIP, 53));
+    poll("the VIP served", SOON, REPLY_TIMEOUT, || {
+        Ok((lab.client.udp_flows(udp, 5, REPLY_TIMEOUT)?.len() == 5).then_some(()))
+    })?;
+    // More syncs (endpoints flip) must not make the agent try the port again.
+    let syncs = |lab: &mut Lab| lab.agent()?.metric("xlb_syncs_total", &[("result", "ok")]);
+    for ready in [false, true, false, true] {
+        let before = syncs(&mut lab)?;
+        write(&lab, "  healthCheckNodePort: 32000\n", ready)?;
+        poll("the sync", SOON, REPLY_TIMEOUT, || {
+            Ok((syncs(&mut lab)? > before).then_some(()))
+        })?;
+    }
+    let log = lab.agent()?.log();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("already served by another process") && l.contains("32000"))
+        .count();
+    ensure!(said == 1, "said {said} times:\n{log}");
+    ensure!(
+        !log.contains("health check server started"),
+        "the agent served the held port:\n{log}"
+    );
+    // The other process still has it: a client's connection lands there.
+    // (The handshake completes into its backlog; nobody answers the request.)
+    held.set_nonblocking(true)?;
+    let client = lab.client.ns.name().to_string();
+    let hc = SocketAddr::from((NODE_ADDR, 32000));
+    let short = Duration::from_millis(300);
+    let _ = xlb_lab::agent::http_get_within(&client, hc, "/healthz", short, short);
+    let peer = poll(
+        "the holder to get the connection",
+        SOON,
+        Duration::from_millis(20),
+        || match held.accept() {
+            Ok((_, peer)) => Ok(Some(peer)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+    )?;
+    ensure!(peer.ip() == CLIENT_ADDR, "connection from {peer}");
     Ok(())
 }

@@ -757,6 +757,7 @@ pub(crate) mod tests {
             affinity_timeout: None,
             health_check_node_port: None,
             static_service: None,
+            address_request: None,
             created: None,
             labels: BTreeMap::new(),
             ports: vec![ServicePort {
@@ -779,6 +780,7 @@ pub(crate) mod tests {
                 .collect(),
             nodes: BTreeMap::new(),
             l2_announcements: BTreeMap::new(),
+            address_pools: BTreeMap::new(),
         }
     }
 

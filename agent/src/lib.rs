@@ -6,6 +6,7 @@
 //!   and applies the difference;
 //! - [`netdev`] reads and keeps what the datapath needs from the uplink (addresses,
 //!   driver and XDP mode, neighbour entries for other nodes);
+//! - [`ipam`] gives LoadBalancer Services addresses from AddressPools (in the model);
 //! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
@@ -18,6 +19,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod health;
 pub mod inspect;
+pub mod ipam;
 pub mod l2;
 pub mod metrics;
 pub mod model;

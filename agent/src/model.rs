@@ -20,6 +20,47 @@ pub struct Snapshot {
     /// announced on the LAN by ARP, from which nodes. None: no VIP is (routes to the
     /// VIPs are the network's business, as before L2 mode existed).
     pub l2_announcements: BTreeMap<String, L2Announcement>,
+    /// `xlb.dev/v1alpha1 AddressPool` objects by `metadata.name` (pools are named
+    /// alone, as MetalLB's annotations name them): where LoadBalancer Services that
+    /// ask for no address get one (see [`crate::ipam`]).
+    pub address_pools: BTreeMap<String, AddressPool>,
+}
+
+/// An `xlb.dev/v1alpha1 AddressPool`: MetalLB's IPAddressPool, same field names and
+/// meaning.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressPool {
+    /// `spec.addresses`: inclusive ranges, from CIDRs (`10.0.0.0/24`) or
+    /// `first-last` ranges; one family per range.
+    pub ranges: Vec<(IpAddr, IpAddr)>,
+    /// `spec.autoAssign` (default true): whether Services that name no pool may get
+    /// an address from it.
+    pub auto_assign: bool,
+    /// `spec.avoidBuggyIPs`: never hand out IPv4 addresses ending in .0 or .255.
+    pub avoid_buggy_ips: bool,
+    /// `spec.serviceAllocation.priority`: pools with a lower value are tried first;
+    /// pools without one come last.
+    pub priority: Option<i32>,
+    /// `spec.serviceAllocation.namespaces`: only Services in these namespaces (empty:
+    /// any).
+    pub namespaces: Vec<String>,
+    /// `spec.serviceAllocation.serviceSelectors`: only Services these select (empty:
+    /// any).
+    pub service_selectors: Vec<LabelSelector>,
+    /// Where it came from, for error messages.
+    pub origin: String,
+}
+
+/// What a LoadBalancer Service that names no address of its own asks of address
+/// allocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressRequest {
+    /// The pool it names (`xlb.dev/address-pool`, or MetalLB's `address-pool`
+    /// annotation in either spelling).
+    pub pool: Option<String>,
+    /// Its sharing key (`xlb.dev/allow-shared-ip`, or MetalLB's): Services with the
+    /// same key and no common port may share one address.
+    pub sharing_key: Option<String>,
 }
 
 /// An `xlb.dev/v1alpha1 L2Announcement`: MetalLB's L2Advertisement with the same field
@@ -182,6 +223,10 @@ pub struct Service {
     /// endpoints are the listed backends, with `ready` the health check's verdict
     /// and no `node_name`.
     pub static_service: Option<Static>,
+    /// Set for a LoadBalancer Service that names no address (no status, no
+    /// `spec.loadBalancerIP`, no `loadBalancerIPs` annotation): address allocation
+    /// fills `vips` from the pools.
+    pub address_request: Option<AddressRequest>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
 }
@@ -384,6 +429,9 @@ pub enum ErrorKind {
     VipConflict,
     /// A file over the size or document limit (see the manifest source).
     TooLarge,
+    /// A LoadBalancer Service that asked for an address got none (unknown pool, no
+    /// pool admits it, pools exhausted).
+    AddressUnavailable,
 }
 
 impl ErrorKind {
@@ -402,6 +450,7 @@ impl ErrorKind {
             ErrorKind::DuplicateObject => "duplicate_object",
             ErrorKind::VipConflict => "vip_conflict",
             ErrorKind::TooLarge => "too_large",
+            ErrorKind::AddressUnavailable => "address_unavailable",
         }
     }
 }

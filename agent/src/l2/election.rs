@@ -65,7 +65,7 @@ impl Plan {
                         && with_endpoints.as_ref().is_none_or(|w| w.contains(&n.name))
                         && (svc.static_service.is_none() || own_backend_healthy(svc, n))
                 });
-                for vip in &svc.vips {
+                for vip in svc.vips.iter().filter(|v| in_pools(snapshot, ad, **v)) {
                     vips.entry(*vip)
                         .or_default()
                         .extend(nodes.clone().map(|n| n.name.clone()));
@@ -74,10 +74,9 @@ impl Plan {
             // A VIP selected by some announcement but with no eligible node stays in
             // the plan with no candidates: nobody answers for it.
             for vip in &svc.vips {
-                if ads
-                    .iter()
-                    .any(|ad| any_selects(&ad.service_selectors, &svc.labels))
-                {
+                if ads.iter().any(|ad| {
+                    any_selects(&ad.service_selectors, &svc.labels) && in_pools(snapshot, ad, *vip)
+                }) {
                     vips.entry(*vip).or_default();
                 }
             }
@@ -97,6 +96,19 @@ fn local_endpoint_nodes(svc: &Service) -> BTreeSet<String> {
         .filter(|e| e.serving && (e.ready || e.terminating))
         .filter_map(|e| e.node_name.clone())
         .collect()
+}
+
+/// Whether `ad`'s `ipAddressPools` (none: every VIP) include `vip`. A named pool that
+/// does not exist includes nothing, as in MetalLB.
+fn in_pools(snapshot: &Snapshot, ad: &crate::model::L2Announcement, vip: IpAddr) -> bool {
+    ad.ip_address_pools.is_empty()
+        || ad.ip_address_pools.iter().any(|name| {
+            snapshot.address_pools.get(name).is_some_and(|p| {
+                p.ranges
+                    .iter()
+                    .any(|(a, b)| *a <= vip && vip <= *b && a.is_ipv4() == vip.is_ipv4())
+            })
+        })
 }
 
 /// For a StaticService: whether `node` may attract its VIPs, i.e. on some port it
@@ -244,6 +256,32 @@ mod tests {
             assert_eq!(willing, set(&["node-b", "node-c"]));
             assert_eq!(plan.vips[&vip], willing);
         }
+    }
+
+    #[test]
+    fn announcements_naming_pools_take_only_their_vips() {
+        let only = |pools: &[&str]| crate::model::L2Announcement {
+            ip_address_pools: pools.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        };
+        let mut snap = lab_with(&[("x/lab", only(&["lab"]))]);
+        let all: BTreeSet<IpAddr> = snap
+            .services
+            .values()
+            .flat_map(|s| s.vips.clone())
+            .collect();
+        // A pool that does not exist takes nothing (MetalLB's rule).
+        assert!(Plan::from_model(&snap, "eth0").vips.is_empty());
+        let first = *all.iter().next().unwrap();
+        let pool = crate::model::AddressPool {
+            ranges: vec![(first, first)],
+            auto_assign: true,
+            ..Default::default()
+        };
+        snap.address_pools.insert("lab".into(), pool);
+        let plan = Plan::from_model(&snap, "eth0");
+        assert_eq!(plan.vips.keys().copied().collect::<Vec<_>>(), [first]);
+        assert!(all.len() > 1, "the lab has VIPs outside the pool");
     }
 
     #[test]

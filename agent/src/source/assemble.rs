@@ -46,6 +46,10 @@ pub(crate) struct Index {
     verdicts: BTreeMap<Probe, bool>,
     /// Services whose endpoints a verdict changed since the last load.
     pub(crate) rechecked: BTreeSet<ServiceRef>,
+    /// Addresses given to Services that asked for one (see [`crate::ipam`]).
+    allocated: BTreeMap<ServiceRef, std::net::IpAddr>,
+    /// Why Services that asked for an address got none.
+    pub(crate) ipam_errors: Vec<ConfigError>,
 }
 
 impl Index {
@@ -177,6 +181,25 @@ impl Index {
                         }
                     }
                 }
+                Kind::AddressPool => {
+                    // Pools change which addresses Services get: everything again.
+                    all = true;
+                    let pools = &mut Arc::make_mut(&mut self.snapshot).address_pools;
+                    match used {
+                        Some((
+                            _,
+                            Object {
+                                body: Body::Pool(p),
+                                ..
+                            },
+                        )) => {
+                            pools.insert(key.name.clone(), p.clone());
+                        }
+                        _ => {
+                            pools.remove(&key.name);
+                        }
+                    }
+                }
                 Kind::Node => {
                     all = true;
                     match used {
@@ -213,6 +236,7 @@ impl Index {
                 self.join_errors.insert(sref.clone(), errors);
             }
         }
+        self.allocate(&mut services);
         if all {
             Changed::All
         } else {
@@ -385,5 +409,30 @@ impl Index {
             }
             index.rechecked.insert(sref);
         }
+    }
+
+    /// Allocates addresses over the whole model (any change may change what is free)
+    /// and writes them into the Services that asked, adding those whose address
+    /// changed to `services`.
+    fn allocate(&mut self, services: &mut BTreeSet<ServiceRef>) {
+        if self.snapshot.address_pools.is_empty() && self.allocated.is_empty() {
+            self.ipam_errors.clear();
+            return;
+        }
+        let alloc = crate::ipam::allocate(&self.snapshot);
+        let snapshot = Arc::make_mut(&mut self.snapshot);
+        for (sref, svc) in snapshot.services.iter_mut() {
+            if svc.address_request.is_none() {
+                continue;
+            }
+            let want: Vec<std::net::IpAddr> =
+                alloc.addresses.get(sref).copied().into_iter().collect();
+            if svc.vips != want {
+                svc.vips = want;
+                services.insert(sref.clone());
+            }
+        }
+        self.allocated = alloc.addresses;
+        self.ipam_errors = alloc.errors;
     }
 }

@@ -35,6 +35,23 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// MetalLB's request for specific load-balancer addresses (comma-separated, one per
 /// family), current spelling (MetalLB "Usage": "Requesting specific IPs").
 const METALLB_IPS: &str = "metallb.io/loadBalancerIPs";
+/// xlb's own spelling of the same request.
+const XLB_IPS: &str = "xlb.dev/loadBalancerIPs";
+/// The pool a Service asks its address from: xlb's spelling, then MetalLB's two.
+const POOL_ANNOTATIONS: [&str; 3] = [
+    "xlb.dev/address-pool",
+    "metallb.io/address-pool",
+    "metallb.universe.tf/address-pool",
+];
+/// The key under which Services may share one address: xlb's, then MetalLB's two.
+const SHARING_ANNOTATIONS: [&str; 3] = [
+    "xlb.dev/allow-shared-ip",
+    "metallb.io/allow-shared-ip",
+    "metallb.universe.tf/allow-shared-ip",
+];
+/// `spec.loadBalancerClass` that names xlb; Services of any other class are left to
+/// their implementation (no class: the cluster's default, served).
+pub const LOAD_BALANCER_CLASS: &str = "xlb.dev/xlb";
 /// The same, as MetalLB spelled it before v0.14.
 const METALLB_IPS_LEGACY: &str = "metallb.universe.tf/loadBalancerIPs";
 /// The annotation Kubernetes reads when `spec.loadBalancerSourceRanges` is empty
@@ -75,6 +92,7 @@ pub(crate) enum Kind {
     Node,
     L2Announcement,
     StaticService,
+    AddressPool,
 }
 
 impl Kind {
@@ -85,6 +103,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::L2Announcement => "L2Announcement",
             Kind::StaticService => "StaticService",
+            Kind::AddressPool => "AddressPool",
         }
     }
 
@@ -102,6 +121,7 @@ pub(crate) enum Body {
     Slice(Slice),
     Node(model::Node),
     L2(model::L2Announcement),
+    Pool(model::AddressPool),
 }
 
 /// A validated IPv4 EndpointSlice, not yet joined to its Service.
@@ -170,6 +190,7 @@ pub(crate) fn parse_object(
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "Node") => Kind::Node,
         ("xlb.dev/v1alpha1", "L2Announcement") => Kind::L2Announcement,
+        ("xlb.dev/v1alpha1", "AddressPool") => Kind::AddressPool,
         ("xlb.dev/v1alpha1", "StaticService") => Kind::StaticService,
         // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
         // business yet.
@@ -225,6 +246,10 @@ pub(crate) fn parse_object(
             .deserialize(doc)
             .and_then(|n| node(&mut cx, &key.name, n))
             .map(|n| Some(Body::Node(n))),
+        Kind::AddressPool => cx
+            .deserialize(doc)
+            .and_then(|p| address_pool(&mut cx, p))
+            .map(|p| Some(Body::Pool(p))),
         Kind::L2Announcement => cx
             .deserialize(doc)
             .and_then(|a| l2_announcement(&mut cx, a))
@@ -373,6 +398,15 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         _ => return Ok(None),
     };
     let lb = service_type == ServiceType::LoadBalancer;
+    // Another implementation's Service (KEP-1959): not ours to serve or address.
+    if lb
+        && spec
+            .load_balancer_class
+            .as_deref()
+            .is_some_and(|c| c != LOAD_BALANCER_CLASS)
+    {
+        return Ok(None);
+    }
     let traffic_policy = match spec.external_traffic_policy.as_deref() {
         None | Some("Cluster") => TrafficPolicy::Cluster,
         Some("Local") => TrafficPolicy::Local,
@@ -410,7 +444,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
                     .map(|ip| ("spec.loadBalancerIP".to_string(), ip)),
             );
         }
-        for annotation in [METALLB_IPS, METALLB_IPS_LEGACY] {
+        for annotation in [XLB_IPS, METALLB_IPS, METALLB_IPS_LEGACY] {
             if candidates.is_empty() {
                 candidates.extend(
                     comma_list(annotations.get(annotation))
@@ -419,6 +453,18 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             }
         }
     }
+    // Nothing named: address allocation gives it one from a pool, the one the
+    // annotations name if any.
+    let first_annotation = |names: [&str; 3]| {
+        names
+            .iter()
+            .find_map(|n| annotations.get(*n).map(|v| v.trim().to_string()))
+            .filter(|v| !v.is_empty())
+    };
+    let address_request = (lb && candidates.is_empty()).then(|| model::AddressRequest {
+        pool: first_annotation(POOL_ANNOTATIONS),
+        sharing_key: first_annotation(SHARING_ANNOTATIONS),
+    });
     let vips = addresses(cx, candidates, "VIP", &mut invalid);
 
     let external = spec
@@ -579,6 +625,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         created,
         labels,
         static_service: None,
+        address_request,
         origin: cx.origin.to_string(),
     }))
 }
@@ -669,24 +716,126 @@ struct L2AnnouncementSpec {
     interfaces: Vec<String>,
 }
 
-/// Validates an L2Announcement. Pools are not known to xlb yet (AddressPool comes
-/// with issue 18): any pool named is unknown, and the object is refused rather than
-/// silently announcing nothing or everything.
+/// `xlb.dev/v1alpha1 AddressPool` as written (MetalLB IPAddressPool field names).
+#[derive(Deserialize)]
+pub(crate) struct AddressPoolDoc {
+    spec: AddressPoolSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AddressPoolSpec {
+    addresses: Vec<String>,
+    #[serde(default)]
+    auto_assign: Option<bool>,
+    #[serde(default, rename = "avoidBuggyIPs")]
+    avoid_buggy_ips: bool,
+    #[serde(default)]
+    service_allocation: Option<ServiceAllocationDoc>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceAllocationDoc {
+    #[serde(default)]
+    priority: Option<i32>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    namespace_selectors: Vec<LabelSelector>,
+    #[serde(default)]
+    service_selectors: Vec<LabelSelector>,
+}
+
+/// Validates an AddressPool: every address a CIDR (`10.0.0.0/24`) or an inclusive
+/// `first-last` range of one family. Any bad address refuses the pool (its last
+/// good version is kept): a pool that silently shrank would hand out other
+/// addresses.
+fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPool, Invalid> {
+    let spec = doc.spec;
+    let mut invalid = false;
+    let mut ranges = Vec::new();
+    for (i, text) in spec.addresses.iter().enumerate() {
+        let field = format!("spec.addresses[{i}]");
+        let text = text.trim();
+        let range = if let Some((a, b)) = text.split_once('-') {
+            match (a.trim().parse::<IpAddr>(), b.trim().parse::<IpAddr>()) {
+                (Ok(a), Ok(b)) if a.is_ipv4() == b.is_ipv4() && a <= b => Some((a, b)),
+                _ => None,
+            }
+        } else {
+            text.parse::<ipnet::IpNet>()
+                .ok()
+                .map(|n| (n.network(), n.broadcast()))
+        };
+        match range {
+            Some(r) => ranges.push(r),
+            None => {
+                let message = format!(
+                    "{text:?} is neither a CIDR (10.0.0.0/24) nor a range of one family (10.0.0.10-10.0.0.20)"
+                );
+                cx.error(field, ErrorKind::InvalidIp, message);
+                invalid = true;
+            }
+        }
+    }
+    if spec.addresses.is_empty() {
+        cx.error(
+            "spec.addresses",
+            ErrorKind::MissingField,
+            "a pool needs addresses",
+        );
+        invalid = true;
+    }
+    let alloc = spec.service_allocation.unwrap_or_default();
+    if !alloc.namespace_selectors.is_empty() {
+        let message = "namespaceSelectors are not supported yet (xlb does not read Namespaces); use namespaces";
+        cx.error(
+            "spec.serviceAllocation.namespaceSelectors",
+            ErrorKind::InvalidValue,
+            message,
+        );
+        invalid = true;
+    }
+    let service_selectors = alloc
+        .service_selectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, sel)| {
+            label_selector(
+                cx,
+                &format!("spec.serviceAllocation.serviceSelectors[{i}]"),
+                sel,
+            )
+        })
+        .collect::<Result<Vec<_>, Invalid>>();
+    let Ok(service_selectors) = service_selectors else {
+        return Err(Invalid);
+    };
+    if invalid {
+        return Err(Invalid);
+    }
+    Ok(model::AddressPool {
+        ranges,
+        auto_assign: spec.auto_assign.unwrap_or(true),
+        avoid_buggy_ips: spec.avoid_buggy_ips,
+        priority: alloc.priority,
+        namespaces: alloc.namespaces,
+        service_selectors,
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// Validates an L2Announcement. The pools it names need not exist (yet): an
+/// announcement naming only missing pools announces nothing, as in MetalLB.
 fn l2_announcement(
     cx: &mut Cx<'_>,
     doc: L2AnnouncementDoc,
 ) -> Result<model::L2Announcement, Invalid> {
     let spec = doc.spec;
     let mut invalid = false;
-    if let Some(pool) = spec.ip_address_pools.first() {
-        let message = format!(
-            "unknown pool {pool:?}: AddressPool objects are not supported yet, so only an empty list (every VIP) is accepted"
-        );
-        cx.error("spec.ipAddressPools[0]", ErrorKind::InvalidValue, message);
-        invalid = true;
-    }
     if !spec.ip_address_pool_selectors.is_empty() {
-        let message = "AddressPool objects are not supported yet; leave it empty";
+        let message = "pool selectors are not supported yet; name the pools in ipAddressPools";
         cx.error(
             "spec.ipAddressPoolSelectors",
             ErrorKind::InvalidValue,

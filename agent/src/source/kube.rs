@@ -220,6 +220,7 @@ impl KubeSource {
             .collect();
         errors.extend(self.index.duplicates.values().flatten().cloned());
         errors.extend(self.index.join_errors.values().flatten().cloned());
+        errors.extend(self.index.ipam_errors.iter().cloned());
         Some(Loaded {
             snapshot: Arc::clone(&self.index.snapshot),
             changed,

@@ -209,6 +209,7 @@ impl ManifestSource {
         }
         errors.extend(self.index.duplicates.values().flatten().cloned());
         errors.extend(self.index.join_errors.values().flatten().cloned());
+        errors.extend(self.index.ipam_errors.iter().cloned());
         Some(Loaded {
             snapshot: Arc::clone(&self.index.snapshot),
             changed,
@@ -740,6 +741,7 @@ endpoints:
                     affinity_timeout: None,
                     health_check_node_port: None,
                     static_service: None,
+                    address_request: None,
                     created: None,
                     labels: BTreeMap::new(),
                     ports: vec![
@@ -765,6 +767,7 @@ endpoints:
             )]),
             nodes: BTreeMap::new(),
             l2_announcements: BTreeMap::new(),
+            address_pools: BTreeMap::new(),
         };
         // Services only: the lab file may describe its nodes too.
         assert_eq!(loaded.snapshot.services, expected.services);
@@ -2100,5 +2103,74 @@ spec:
         );
         assert_eq!(loaded.snapshot.nodes.len(), 3);
         assert_eq!(loaded.snapshot.l2_announcements.len(), 2);
+    }
+
+    #[test]
+    fn address_pools_give_addresses_with_metallb_annotations_and_classes() {
+        let pools = "apiVersion: xlb.dev/v1alpha1
+kind: AddressPool
+metadata: { name: public, namespace: xlb-system }
+spec: { addresses: [192.0.2.10-192.0.2.11], serviceAllocation: { priority: 1 } }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: AddressPool
+metadata: { name: lab, namespace: xlb-system }
+spec: { addresses: [10.0.100.0/30], autoAssign: false }
+";
+        let svc = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{ name: {name}, namespace: shop{extra} }}
+spec: {{ type: LoadBalancer, ports: [{{ name: http, port: 80 }}] }}
+"
+            )
+        };
+        let text = [
+            pools.to_string(),
+            svc("a", ", creationTimestamp: \"2024-01-01T00:00:00Z\""),
+            svc(
+                "b",
+                ", annotations: { metallb.universe.tf/address-pool: lab }",
+            ),
+            svc("c", ", annotations: { metallb.io/address-pool: lab }"),
+            svc("d", ", annotations: { xlb.dev/address-pool: nope }"),
+            svc("e", "").replace(
+                "type: LoadBalancer",
+                "type: LoadBalancer, loadBalancerClass: other.io/lb",
+            ),
+            svc("f", "").replace(
+                "type: LoadBalancer",
+                "type: LoadBalancer, loadBalancerIP: 192.0.2.10",
+            ),
+        ]
+        .join("---\n");
+        let loaded = load_one(&text);
+        let vip = |n: &str| {
+            loaded
+                .snapshot
+                .services
+                .get(&web("shop", n))
+                .map(|s| s.vips.clone())
+        };
+        // f named 192.0.2.10 itself, so a (the only other asking the public pool)
+        // gets .11; b and c get two addresses of the lab pool they name.
+        assert_eq!(vip("f"), Some(ips(&["192.0.2.10"])));
+        assert_eq!(vip("a"), Some(ips(&["192.0.2.11"])));
+        let (b, c) = (vip("b").unwrap(), vip("c").unwrap());
+        assert!(
+            b[0].to_string().starts_with("10.0.100.") && c[0].to_string().starts_with("10.0.100.")
+        );
+        assert_ne!(b, c);
+        assert_eq!(vip("d"), Some(vec![]), "unknown pool: pending");
+        assert_eq!(vip("e"), None, "another class's Service is not ours");
+        assert_eq!(
+            where_(&loaded),
+            [(
+                "address_unavailable",
+                "Service shop/d",
+                "metadata.annotations[address-pool]"
+            )]
+        );
     }
 }

@@ -212,6 +212,7 @@ pub(super) fn static_service(
         ports,
         created,
         labels: doc.metadata.labels.unwrap_or_default(),
+        address_request: None,
         static_service: Some(model::Static {
             forwarding,
             health_check,

@@ -11,6 +11,7 @@
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
 //! - [`checks`] health-checks StaticService backends (verdicts go to the source);
+//! - [`metallb`] converts MetalLB configuration (`xlb convert-metallb`);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
@@ -21,6 +22,7 @@ pub mod health;
 pub mod inspect;
 pub mod ipam;
 pub mod l2;
+pub mod metallb;
 pub mod metrics;
 pub mod model;
 pub mod netdev;

@@ -105,6 +105,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Turn MetalLB configuration (IPAddressPool, L2Advertisement, BGPPeer,
+    /// BGPAdvertisement, Community, BFDProfile; files or `kubectl get -o yaml`
+    /// output, `-` or nothing for stdin) into xlb.dev objects on stdout; every field
+    /// that cannot be carried over is named on stderr.
+    ConvertMetallb {
+        /// Input files.
+        files: Vec<PathBuf>,
+    },
 }
 
 /// What `xlb inspect` shows.
@@ -253,6 +261,37 @@ fn main() -> anyhow::Result<()> {
             let json = matches!(output, Output::Json);
             xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())
                 .with_context(|| format!("xlb inspect {}", pin_path.display()))?;
+        }
+        Command::ConvertMetallb { files } => {
+            use serde::Deserialize;
+            let mut texts = Vec::new();
+            if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                    .context("reading stdin")?;
+                texts.push(("stdin".to_string(), t));
+            }
+            for f in files.iter().filter(|f| f.as_os_str() != "-") {
+                let t = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                texts.push((f.display().to_string(), t));
+            }
+            let mut docs = Vec::new();
+            for (name, text) in &texts {
+                for d in serde_yaml_ng::Deserializer::from_str(text) {
+                    docs.push(
+                        serde_json::Value::deserialize(d)
+                            .with_context(|| format!("{name}: invalid YAML"))?,
+                    );
+                }
+            }
+            let out = xlb::metallb::convert(docs);
+            for w in &out.warnings {
+                eprintln!("warning: {w}");
+            }
+            for o in &out.objects {
+                print!("---\n{}", serde_yaml_ng::to_string(o)?);
+            }
         }
         Command::Cleanup {
             interface,

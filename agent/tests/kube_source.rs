@@ -31,6 +31,16 @@ const L2: &str = "apiVersion: xlb.dev/v1alpha1
 kind: L2Announcement
 metadata: { name: lan, namespace: xlb-system }
 spec: { interfaces: [eth0] }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: AddressPool
+metadata: { name: public, namespace: xlb-system }
+spec: { addresses: [192.0.2.0/28] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: asks, namespace: shop }
+spec: { type: LoadBalancer, ports: [{ name: http, port: 80 }] }
 ";
 
 /// The documents of a multi-document YAML text.
@@ -49,7 +59,7 @@ fn put(api: &FakeApiServer, doc: Value) -> Result<()> {
         Some("Service") => api.put(&serde_json::from_value::<core::Service>(doc)?),
         Some("EndpointSlice") => api.put(&serde_json::from_value::<discovery::EndpointSlice>(doc)?),
         Some("Node") => api.put(&serde_json::from_value::<core::Node>(doc)?),
-        Some("L2Announcement") => api.put_value(doc),
+        Some("L2Announcement" | "AddressPool") => api.put_value(doc),
         other => bail!("unexpected kind {other:?}"),
     }
 }
@@ -62,6 +72,7 @@ fn without_origins(s: &Snapshot) -> Snapshot {
     s.l2_announcements
         .values_mut()
         .for_each(|v| v.origin.clear());
+    s.address_pools.values_mut().for_each(|v| v.origin.clear());
     s
 }
 
@@ -127,9 +138,13 @@ async fn scenario() -> Result<()> {
     );
     assert_eq!(
         first.snapshot.services.len(),
-        3,
+        4,
         "ClusterIP `internal` is not served"
     );
+    // The pool gave the Service that asked an address, the same as from files.
+    let asks = &first.snapshot.services[&ServiceRef::new("shop", "asks")];
+    assert_eq!(asks.vips.len(), 1);
+    assert!(asks.vips[0].to_string().starts_with("192.0.2."));
     let web = ServiceRef::new("shop", "web");
     let origin = &first.snapshot.services[&web].origin;
     assert_eq!(origin, "kube:/api/v1/namespaces/shop/services/web");

@@ -45,7 +45,7 @@ pub struct Collection {
 }
 
 /// The collections xlb watches.
-pub const COLLECTIONS: [Collection; 4] = [
+pub const COLLECTIONS: [Collection; 5] = [
     Collection {
         path: "/api/v1/services",
         api_version: "v1",
@@ -65,6 +65,11 @@ pub const COLLECTIONS: [Collection; 4] = [
         path: "/apis/xlb.dev/v1alpha1/l2announcements",
         api_version: "xlb.dev/v1alpha1",
         kind: "L2Announcement",
+    },
+    Collection {
+        path: "/apis/xlb.dev/v1alpha1/addresspools",
+        api_version: "xlb.dev/v1alpha1",
+        kind: "AddressPool",
     },
 ];
 

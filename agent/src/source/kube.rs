@@ -1,5 +1,5 @@
 //! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices, Nodes and
-//! xlb's L2Announcements feed the same conversion ([`super::convert`]) and assembly
+//! xlb's L2Announcements and AddressPools feed the same conversion ([`super::convert`]) and assembly
 //! ([`super::assemble`]) as the manifest directory, so nothing after the model knows
 //! which source it was.
 //!
@@ -42,7 +42,13 @@ use super::{
 use crate::model::{ConfigError, Probe};
 
 /// The kinds watched, by the name used in logs and [`ApiStatus`].
-pub const KINDS: [&str; 4] = ["Service", "EndpointSlice", "Node", "L2Announcement"];
+pub const KINDS: [&str; 5] = [
+    "Service",
+    "EndpointSlice",
+    "Node",
+    "L2Announcement",
+    "AddressPool",
+];
 
 /// What the API connection looks like, for metrics and `/healthz`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -117,6 +123,10 @@ impl KubeSource {
             &GroupVersionKind::gvk("xlb.dev", "v1alpha1", "L2Announcement"),
             "l2announcements",
         );
+        let pools = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("xlb.dev", "v1alpha1", "AddressPool"),
+            "addresspools",
+        );
         let tasks = vec![
             tokio::spawn(watch(
                 Api::<core::Service>::all(client.clone()),
@@ -140,9 +150,16 @@ impl KubeSource {
                 changed.clone(),
             )),
             tokio::spawn(watch(
-                Api::<DynamicObject>::all_with(client, &l2),
+                Api::<DynamicObject>::all_with(client.clone(), &l2),
                 l2.clone(),
                 "L2Announcement",
+                inbox.clone(),
+                changed.clone(),
+            )),
+            tokio::spawn(watch(
+                Api::<DynamicObject>::all_with(client, &pools),
+                pools.clone(),
+                "AddressPool",
                 inbox.clone(),
                 changed,
             )),

@@ -35,6 +35,21 @@ fn reached(lab: &Lab) -> Result<BTreeSet<String>> {
     Ok(replies.into_iter().map(|r| r.server).collect())
 }
 
+/// Polls until the agent's `xlb_source_up{source="kubernetes"}` is `value`.
+fn wait_source_up(lab: &mut Lab, value: f64) -> Result<()> {
+    poll(
+        &format!("xlb_source_up {value}"),
+        SOON,
+        Duration::from_millis(100),
+        || {
+            let up = lab
+                .agent()?
+                .metric("xlb_source_up", &[("source", "kubernetes")])?;
+            Ok((up == value).then_some(()))
+        },
+    )
+}
+
 #[test]
 fn an_agent_on_the_api_source_serves_and_outlives_an_api_outage() -> Result<()> {
     let mut lab = Lab::one_node(2)?;
@@ -79,17 +94,7 @@ fn an_agent_on_the_api_source_serves_and_outlives_an_api_outage() -> Result<()> 
 
     // The API server goes away for OUTAGE: every flow keeps being served as before.
     api.set_down(true);
-    poll(
-        "the agent notices the outage",
-        SOON,
-        Duration::from_millis(100),
-        || {
-            let up = lab
-                .agent()?
-                .metric("xlb_source_up", &[("source", "kubernetes")])?;
-            Ok((up == 0.0).then_some(()))
-        },
-    )?;
+    wait_source_up(&mut lab, 0.0)?;
     let (code, body) = lab.agent()?.http_get("/healthz")?;
     ensure!(
         code == 200,
@@ -118,16 +123,6 @@ fn an_agent_on_the_api_source_serves_and_outlives_an_api_outage() -> Result<()> 
         Duration::from_millis(100),
         || Ok((reached(&lab)? == all).then_some(())),
     )?;
-    poll(
-        "xlb_source_up back to 1",
-        SOON,
-        Duration::from_millis(100),
-        || {
-            let up = lab
-                .agent()?
-                .metric("xlb_source_up", &[("source", "kubernetes")])?;
-            Ok((up == 1.0).then_some(()))
-        },
-    )?;
+    wait_source_up(&mut lab, 1.0)?;
     Ok(())
 }

@@ -165,15 +165,7 @@ fn with_dsr_every_backend_that_is_a_node_sees_the_client() -> Result<()> {
     let (mut lab, _backends) = static_lab("DSR")?;
     explained(&mut lab, |lab| {
         let owner = wait_owner(lab, None)?;
-        let s = poll(
-            "all three backends serving",
-            SOON,
-            Duration::from_millis(100),
-            || {
-                let s = spread(lab)?;
-                Ok((s.len() == 3).then_some(s))
-            },
-        )?;
+        let s = all_three_serving(lab)?;
         println!("owner {owner}, spread: {s:?}");
         for (name, (_, peers)) in &s {
             ensure!(
@@ -185,6 +177,19 @@ fn with_dsr_every_backend_that_is_a_node_sees_the_client() -> Result<()> {
     })
 }
 
+/// Polls until new connections reach all three backends; their spread.
+fn all_three_serving(lab: &Lab) -> Result<BTreeMap<String, (usize, BTreeSet<Ipv4Addr>)>> {
+    poll(
+        "all three backends serving",
+        SOON,
+        Duration::from_millis(100),
+        || {
+            let s = spread(lab)?;
+            Ok((s.len() == 3).then_some(s))
+        },
+    )
+}
+
 type Backends = BTreeMap<String, (Servers, HealthEndpoint, Ipv4Addr)>;
 
 fn scenario(lab: &mut Lab, backends: Backends) -> Result<()> {
@@ -194,15 +199,7 @@ fn scenario(lab: &mut Lab, backends: Backends) -> Result<()> {
     println!("owner: {owner} ({owner_addr})");
 
     // Every backend serves; the owner's own sees the client, the others the owner.
-    let first = poll(
-        "all three backends serving",
-        SOON,
-        Duration::from_millis(100),
-        || {
-            let s = spread(lab)?;
-            Ok((s.len() == 3).then_some(s))
-        },
-    )?;
+    let first = all_three_serving(lab)?;
     println!("spread: {first:?}");
     for (name, (_, peers)) in &first {
         let want = if *name == owner {

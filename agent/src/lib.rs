@@ -10,12 +10,14 @@
 //! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
+//! - [`crd`] xlb's resources as types (and their CRDs);
 //! - [`checks`] health-checks StaticService backends (verdicts go to the source);
 //! - [`metallb`] converts MetalLB configuration (`xlb convert-metallb`);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
 pub mod checks;
+pub mod crd;
 pub mod dataplane;
 pub mod desired;
 pub mod health;

@@ -113,6 +113,13 @@ enum Command {
         /// Input files.
         files: Vec<PathBuf>,
     },
+    /// Write the CustomResourceDefinitions of xlb's resources (generated from the
+    /// types the agent parses) into a directory, one file per CRD.
+    Crds {
+        /// Output directory (`deploy/crds` in the repository).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// What `xlb inspect` shows.
@@ -261,6 +268,15 @@ fn main() -> anyhow::Result<()> {
             let json = matches!(output, Output::Json);
             xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())
                 .with_context(|| format!("xlb inspect {}", pin_path.display()))?;
+        }
+        Command::Crds { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for (file, text) in xlb::crd::all_yaml()? {
+                let path = out.join(file);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
         }
         Command::ConvertMetallb { files } => {
             use serde::Deserialize;

@@ -99,7 +99,8 @@ commands:
   run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
   demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
   test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests
-  bench           measure xlb next to the alternatives (results in bench/results/)";
+  bench           measure xlb next to the alternatives (results in bench/results/)
+  crds            regenerate deploy/crds/ from the agent's resource types";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -110,6 +111,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test") => test(),
         Some("bench") => bench(),
+        Some("crds") => crds(),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -122,6 +124,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Regenerates `deploy/crds/` with `xlb crds` (a unit test fails while the committed
+/// files differ from what the types generate).
+fn crds() -> Result<()> {
+    let xlb = build()?;
+    sh(Command::new(xlb)
+        .arg("crds")
+        .arg("--out")
+        .arg(root().join("deploy/crds")))
 }
 
 fn root() -> PathBuf {

@@ -697,54 +697,13 @@ fn node(cx: &mut Cx<'_>, name: &str, n: core::Node) -> Result<model::Node, Inval
 #[serde(rename_all = "camelCase")]
 struct L2AnnouncementDoc {
     #[serde(default)]
-    spec: L2AnnouncementSpec,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct L2AnnouncementSpec {
-    #[serde(default)]
-    ip_address_pools: Vec<String>,
-    /// MetalLB's `ipAddressPoolSelectors`: refused like a non-empty pool list.
-    #[serde(default)]
-    ip_address_pool_selectors: Vec<LabelSelector>,
-    #[serde(default)]
-    service_selectors: Vec<LabelSelector>,
-    #[serde(default)]
-    node_selectors: Vec<LabelSelector>,
-    #[serde(default)]
-    interfaces: Vec<String>,
+    spec: crate::crd::L2AnnouncementSpec,
 }
 
 /// `xlb.dev/v1alpha1 AddressPool` as written (MetalLB IPAddressPool field names).
 #[derive(Deserialize)]
 pub(crate) struct AddressPoolDoc {
-    spec: AddressPoolSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AddressPoolSpec {
-    addresses: Vec<String>,
-    #[serde(default)]
-    auto_assign: Option<bool>,
-    #[serde(default, rename = "avoidBuggyIPs")]
-    avoid_buggy_ips: bool,
-    #[serde(default)]
-    service_allocation: Option<ServiceAllocationDoc>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServiceAllocationDoc {
-    #[serde(default)]
-    priority: Option<i32>,
-    #[serde(default)]
-    namespaces: Vec<String>,
-    #[serde(default)]
-    namespace_selectors: Vec<LabelSelector>,
-    #[serde(default)]
-    service_selectors: Vec<LabelSelector>,
+    spec: crate::crd::AddressPoolSpec,
 }
 
 /// Validates an AddressPool: every address a CIDR (`10.0.0.0/24`) or an inclusive

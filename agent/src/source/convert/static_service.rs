@@ -44,50 +44,7 @@ const MAX_PERIOD: Duration = Duration::from_secs(3600);
 pub(super) struct StaticServiceDoc {
     #[serde(default)]
     metadata: ObjectMeta,
-    spec: Spec,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Spec {
-    /// The VIPs.
-    addresses: Vec<String>,
-    ports: Vec<PortDoc>,
-    #[serde(default)]
-    health_check: Option<CheckDoc>,
-    #[serde(default)]
-    forwarding: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PortDoc {
-    #[serde(default)]
-    name: String,
-    port: i32,
-    #[serde(default)]
-    protocol: Option<String>,
-    /// `address:port` (`[v6]:port` for IPv6).
-    backends: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CheckDoc {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default)]
-    port: Option<i32>,
-    #[serde(default)]
-    interval: Option<String>,
-    #[serde(default)]
-    timeout: Option<String>,
-    #[serde(default)]
-    rise: Option<u32>,
-    #[serde(default)]
-    fall: Option<u32>,
+    spec: crate::crd::StaticServiceSpec,
 }
 
 /// Validates a StaticService. Anything wrong in the addresses, the forwarding mode
@@ -222,7 +179,7 @@ pub(super) fn static_service(
 }
 
 /// Validates `spec.healthCheck`.
-fn check(cx: &mut Cx<'_>, c: CheckDoc) -> Result<HealthCheck, Invalid> {
+fn check(cx: &mut Cx<'_>, c: crate::crd::StaticHealthCheck) -> Result<HealthCheck, Invalid> {
     let f = "spec.healthCheck";
     let path = |cx: &mut Cx<'_>, path: Option<String>| match path {
         None => Ok("/".to_string()),

@@ -78,7 +78,7 @@ fn invalid_l2_announcement_names_the_field_and_keeps_the_last_good_one() {
     assert_eq!(first.errors, vec![]);
     let bad = GOOD.replace("operator: Exists", "operator: Near").replace(
         "kind: L2Announcement\nmetadata: { name: everything }",
-        "kind: L2Announcement\nmetadata: { name: everything }\nspec: { ipAddressPools: [public] }",
+        "kind: L2Announcement\nmetadata: { name: everything }\nspec: { ipAddressPoolSelectors: [{ matchLabels: { zone: east } }] }",
     );
     // A different size, so the source sees the file changed.
     std::fs::write(&path, format!("{bad}\n# edited\n")).unwrap();
@@ -94,7 +94,7 @@ fn invalid_l2_announcement_names_the_field_and_keeps_the_last_good_one() {
         [
             (
                 "L2Announcement default/everything".to_string(),
-                "spec.ipAddressPools[0]".to_string(),
+                "spec.ipAddressPoolSelectors".to_string(),
                 "invalid_value".to_string()
             ),
             (
@@ -108,7 +108,7 @@ fn invalid_l2_announcement_names_the_field_and_keeps_the_last_good_one() {
         loaded
             .errors
             .iter()
-            .any(|e| e.message.contains("unknown pool \"public\""))
+            .any(|e| e.message.contains("pool selectors are not supported yet"))
     );
     // Both keep their last good version.
     assert_eq!(

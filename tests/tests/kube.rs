@@ -117,12 +117,17 @@ fn an_agent_on_the_api_source_serves_and_outlives_an_api_outage() -> Result<()> 
     // Meanwhile the second pod came back; the API server returns and so does it.
     api.put_yaml(&web_yaml(&eps(&[0, 1])))?;
     api.set_down(false);
+    let back = Instant::now();
     poll(
         "both pods again after the outage",
         SOON,
         Duration::from_millis(100),
         || Ok((reached(&lab)? == all).then_some(())),
     )?;
+    println!(
+        "the change made during the outage served {:?} after the API server returned",
+        back.elapsed()
+    );
     wait_source_up(&mut lab, 1.0)?;
     Ok(())
 }

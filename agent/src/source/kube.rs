@@ -268,6 +268,58 @@ fn origin<K: Resource<DynamicType = D>, D>(obj: &K, dt: &D) -> PathBuf {
     })
 }
 
+/// Delays between reconnects: 200 ms doubling to 5 s, each with up to half its length
+/// of jitter (so that a cluster's agents do not return in step). kube-rs's default
+/// grows to 30 s, which after an outage leaves a node serving a stale model that long;
+/// one watch per kind per node is cheap to retry.
+struct Reconnect {
+    next: std::time::Duration,
+    seed: u64,
+}
+
+impl Reconnect {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(kind: &str) -> Self {
+        // Jitter differs per process and kind; it needs no more than that.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seed = kind
+            .bytes()
+            .fold(u64::from(now) ^ u64::from(std::process::id()), |h, b| {
+                h.rotate_left(5) ^ u64::from(b)
+            })
+            | 1;
+        Reconnect {
+            next: Self::FIRST,
+            seed,
+        }
+    }
+}
+
+impl Iterator for Reconnect {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // xorshift64: a spread, not a secret.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let jitter = base.mul_f64((self.seed % 1000) as f64 / 2000.0);
+        Some(base + jitter)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Reconnect {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Runs one kind's watcher forever, leaving its events in `inbox`.
 async fn watch<K>(
     api: Api<K>,
@@ -280,7 +332,7 @@ async fn watch<K>(
     K::DynamicType: Send,
 {
     let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(Reconnect::new(kind))
         .boxed();
     let mut reported: Option<String> = None;
     while let Some(item) = stream.next().await {

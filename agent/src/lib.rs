@@ -14,12 +14,14 @@
 //! - [`checks`] health-checks StaticService backends (verdicts go to the source);
 //! - [`metallb`] converts MetalLB configuration (`xlb convert-metallb`);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
+//! - [`duration`] parses `500ms` / `2s` / `1m` (objects and flags);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
 pub mod checks;
 pub mod crd;
 pub mod dataplane;
 pub mod desired;
+pub mod duration;
 pub mod health;
 pub mod inspect;
 pub mod ipam;

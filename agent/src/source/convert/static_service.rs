@@ -264,7 +264,7 @@ fn period(
     let Some(text) = text else {
         return Ok(default);
     };
-    let parsed = parse_duration(text.trim());
+    let parsed = crate::duration::parse(text.trim());
     match parsed {
         Some(d) if (MIN_PERIOD..=MAX_PERIOD).contains(&d) => Ok(d),
         Some(_) => {
@@ -276,34 +276,6 @@ fn period(
             let message = format!("{text:?} is not a duration (e.g. 500ms, 2s, 1m)");
             cx.error(field, ErrorKind::InvalidValue, message);
             Err(Invalid)
-        }
-    }
-}
-
-/// `<integer><unit>` with unit `ms`, `s` or `m`.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_in_go_style() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
-        for bad in ["", "2", "s", "1.5s", "2h", "-1s", "2 s"] {
-            assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Config {
     pub node_ports: std::ops::RangeInclusive<u16>,
     /// UDP port of the L2 membership protocol between agents (`--memberlist-port`).
     pub memberlist_port: u16,
+    /// How long a stopping agent's node keeps its L2 VIPs (`--restart-grace`).
+    pub restart_grace: Duration,
 }
 
 /// Which source the agent reads.
@@ -745,7 +747,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     });
 
     let (l2_plan, l2_rx) = watch::channel(Arc::new(crate::l2::Plan::default()));
-    let _l2_task = match node.ip {
+    let l2_task = match node.ip {
         Some(ip) => {
             let l2_cfg = crate::l2::task::L2Config {
                 interface: cfg.interface.clone(),
@@ -753,6 +755,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 node_ip: ip.into(),
                 port: cfg.memberlist_port,
                 pin_path: cfg.pin_path.clone(),
+                restart_grace: cfg.restart_grace,
             };
             Some(crate::l2::task::start(l2_cfg, l2_rx, metrics.clone()).await?)
         }
@@ -902,6 +905,10 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             _ = backoff, if retry_soon => {}
             _ = recheck_sleep, if recheck.is_some() => { retry_soon = true; }
         }
+    }
+    // The node keeps its L2 VIPs for the restart grace, and the peers are told.
+    if let Some(l2) = l2_task {
+        l2.stop().await;
     }
     Ok(())
 }

@@ -77,6 +77,13 @@ enum Command {
         /// announcement failover; the same on every node.
         #[arg(long, default_value_t = 7946)]
         memberlist_port: u16,
+        /// On SIGTERM this node keeps answering ARP for its VIPs this long, and tells
+        /// its peers to leave them with it, so that a restart (a DaemonSet rollout)
+        /// moves nothing; with no new agent by then the peers take them over. `0s`
+        /// hands them over at once. A SIGKILLed agent's VIPs move within half a second
+        /// regardless.
+        #[arg(long, default_value = "5s", value_parser = parse_grace)]
+        restart_grace: std::time::Duration,
     },
     /// Show what the datapath holds, read from the pinned maps: works while the agent
     /// is stopped or crash-looping.
@@ -173,6 +180,15 @@ enum Mode {
     Generic,
 }
 
+/// `--restart-grace`: `0s` to `5m`, written as `500ms`, `5s`, `1m`.
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    match xlb::duration::parse(s.trim()) {
+        Some(d) if d <= std::time::Duration::from_secs(300) => Ok(d),
+        Some(_) => Err(format!("{s:?} is longer than 5m")),
+        None => Err(format!("{s:?} is not a duration (e.g. 0s, 500ms, 5s)")),
+    }
+}
+
 /// `LOW-HIGH`, e.g. `30000-32767`.
 fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (lo, hi) = s
@@ -218,6 +234,7 @@ fn main() -> anyhow::Result<()> {
             cluster_mode,
             node_port_range,
             memberlist_port,
+            restart_grace,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -241,6 +258,7 @@ fn main() -> anyhow::Result<()> {
                 node_ip,
                 node_ports: node_port_range,
                 memberlist_port,
+                restart_grace,
                 cluster: match cluster_mode {
                     Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,

@@ -69,25 +69,28 @@ fn wait_owner(lab: &mut Lab, skip: &BTreeSet<String>, not: Option<&str>) -> Resu
             }
         },
     );
-    found.map_err(|e| {
-        let logs: Vec<String> = lab
-            .nodes
-            .iter_mut()
-            .map(|n| {
-                let name = n.name.clone();
-                let log = n.agent().map(|a| a.log()).unwrap_or_default();
-                let lines: Vec<&str> = log
-                    .lines()
-                    .filter(|l| l.contains("L2") || l.contains("member"))
-                    .collect();
-                format!(
-                    "{name}:\n{}",
-                    lines[lines.len().saturating_sub(15)..].join("\n")
-                )
-            })
-            .collect();
-        e.context(logs.join("\n"))
-    })
+    found.map_err(|e| e.context(l2_logs(lab)))
+}
+
+/// The last L2 and membership lines of every agent's log, for failure messages.
+fn l2_logs(lab: &mut Lab) -> String {
+    let logs: Vec<String> = lab
+        .nodes
+        .iter_mut()
+        .map(|n| {
+            let name = n.name.clone();
+            let log = n.agent().map(|a| a.log()).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("L2") || l.contains("member"))
+                .collect();
+            format!(
+                "{name}:\n{}",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            )
+        })
+        .collect();
+    logs.join("\n")
 }
 
 /// Polls until ARP for the VIP is answered by `mac` alone.
@@ -429,4 +432,339 @@ fn a_local_vip_follows_the_only_node_with_a_ready_endpoint() -> Result<()> {
         previous = owner;
     }
     Ok(())
+}
+
+/// The default `--restart-grace`.
+const GRACE: Duration = Duration::from_secs(5);
+/// How long a DaemonSet rollout leaves a node without an agent in the restart test:
+/// the scenario's pause, not a synchronisation.
+const ROLLOUT_PAUSE: Duration = Duration::from_secs(2);
+
+/// `xlb_l2_ownership_changes_total{change="acquired"}` of every node but `skip`.
+fn acquisitions(lab: &mut Lab, skip: &str) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for node in &mut lab.nodes {
+        if node.name == skip {
+            continue;
+        }
+        let n = node
+            .agent()?
+            .metric("xlb_l2_ownership_changes_total", &[("change", "acquired")])
+            .unwrap_or(0.0);
+        out.push((node.name.clone(), n));
+    }
+    Ok(out)
+}
+
+/// Polls until every node but `stopping` counts one peer in its restart grace.
+fn wait_peers_see_grace(lab: &mut Lab, stopping: &str) -> Result<()> {
+    poll(
+        "the peers to hold the stopping node's VIPs for its grace",
+        SOON,
+        Duration::from_millis(10),
+        || {
+            for node in &mut lab.nodes {
+                if node.name == stopping {
+                    continue;
+                }
+                let n = node
+                    .agent()?
+                    .metric("xlb_l2_members", &[("state", "restarting")])?;
+                if n != 1.0 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+}
+
+/// Issue 17 test 3, restart: SIGTERM the owner's agent and start a new one
+/// [`ROLLOUT_PAUSE`] later, within the default grace. Its datapath answers ARP
+/// throughout, nobody else ever does, no peer acquires the VIP, and the ticker's
+/// largest gap is printed.
+#[test]
+fn a_restart_within_the_grace_moves_nothing() -> Result<()> {
+    let mut lab = l2_lab()?;
+    let macs = macs(&lab)?;
+    let none = BTreeSet::new();
+    let owner = wait_owner(&mut lab, &none, None)?;
+    let owner_mac = mac_named(&macs, &owner)?;
+    wait_sole_answerer(&lab, owner_mac)?;
+    let before = acquisitions(&mut lab, &owner)?;
+    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
+    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
+    ticker.wait_received(20, SOON)?;
+
+    let stopped_at = Instant::now();
+    let status = lab.node_named_mut(&owner)?.agent()?.stop()?;
+    ensure!(status.success(), "the agent exited {status} on SIGTERM");
+    wait_peers_see_grace(&mut lab, &owner)?;
+    // No agent on the owner for the rollout's pause: the datapath alone answers.
+    let mut answerers = BTreeSet::new();
+    while stopped_at.elapsed() < ROLLOUT_PAUSE {
+        answerers.extend(who_has(
+            &lab.client.ns,
+            UPLINK,
+            CLIENT_ADDR,
+            VIP,
+            ARP_WINDOW,
+        )?);
+    }
+    let agent = lab.node_named_mut(&owner)?.agent()?;
+    agent.start_again()?;
+    agent.wait_healthy(SOON)?;
+    // Past the end of the old agent's grace, so a late move would show.
+    while stopped_at.elapsed() < GRACE + Duration::from_secs(1) {
+        answerers.extend(who_has(
+            &lab.client.ns,
+            UPLINK,
+            CLIENT_ADDR,
+            VIP,
+            ARP_WINDOW,
+        )?);
+    }
+    let n = ticker.received();
+    ticker.wait_received(n + 50, SOON)?;
+    let report = ticker.finish(Duration::from_millis(500))?;
+    println!(
+        "restart of {owner} ({:?} without an agent, grace {GRACE:?}): ticker max gap {:.0} ms, lost {} of {}, served by {:?}",
+        ROLLOUT_PAUSE,
+        ms(report.max_gap),
+        report.lost,
+        report.sent,
+        report.by_server
+    );
+    ensure!(
+        answerers == BTreeSet::from([owner_mac]),
+        "ARP for the VIP was answered by {answerers:02x?}, not {owner} alone ({owner_mac:02x?})"
+    );
+    let after = acquisitions(&mut lab, &owner)?;
+    ensure!(
+        after == before,
+        "a peer acquired a VIP during the restart: {before:?} -> {after:?}"
+    );
+    ensure!(
+        report
+            .by_server
+            .keys()
+            .all(|s| s.starts_with(&format!("{owner}-"))),
+        "traffic left {owner} during its restart: {:?}",
+        report.by_server
+    );
+    ensure!(
+        owners(&mut lab, &none)? == [owner.clone()],
+        "{owner} does not own the VIP after its restart"
+    );
+    Ok(())
+}
+
+/// Issue 17 test 3, removal: SIGTERM the owner's agent and start nothing. During the
+/// grace only its datapath answers ARP; when the grace ends a peer takes the VIP
+/// over and the client follows. The handover time after SIGTERM is printed.
+#[test]
+fn a_removal_hands_the_vip_over_when_the_grace_ends() -> Result<()> {
+    let mut lab = l2_lab()?;
+    let macs = macs(&lab)?;
+    let none = BTreeSet::new();
+    let owner = wait_owner(&mut lab, &none, None)?;
+    let owner_mac = mac_named(&macs, &owner)?;
+    wait_sole_answerer(&lab, owner_mac)?;
+    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
+    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
+    ticker.wait_received(20, SOON)?;
+
+    let stopped_at = Instant::now();
+    let status = lab.node_named_mut(&owner)?.agent()?.stop()?;
+    ensure!(status.success(), "the agent exited {status} on SIGTERM");
+    wait_peers_see_grace(&mut lab, &owner)?;
+    let gone = BTreeSet::from([owner.clone()]);
+    // Sample who answers until a peer alone does (bounded: the grace plus SOON). A
+    // sample that ended before the grace did must show the owner alone: its
+    // datapath keeps answering, and no peer may answer yet.
+    let mut early = Vec::new();
+    let (handover, next_mac) = loop {
+        let got = who_has(&lab.client.ns, UPLINK, CLIENT_ADDR, VIP, ARP_WINDOW)?;
+        let at = stopped_at.elapsed();
+        if at < GRACE && got != BTreeSet::from([owner_mac]) {
+            early.push((at, got.clone()));
+        }
+        if let [one] = got.iter().copied().collect::<Vec<_>>()[..]
+            && one != owner_mac
+        {
+            break (at, one);
+        }
+        ensure!(
+            at < GRACE + SOON,
+            "no peer took the VIP over within {:?} of SIGTERM (answerers {got:02x?})",
+            GRACE + SOON
+        );
+    };
+    ensure!(
+        early.is_empty(),
+        "during the grace ARP was not answered by {owner} ({owner_mac:02x?}) alone: {early:02x?}"
+    );
+    let next = wait_owner(&mut lab, &gone, Some(&owner))?;
+    ensure!(
+        mac_named(&macs, &next)? == next_mac,
+        "{next} owns the VIP but {next_mac:02x?} answers"
+    );
+    poll(
+        "the client's entry moves",
+        SOON,
+        Duration::from_millis(10),
+        || Ok((neighbour(&lab.client.ns, UPLINK, VIP)? == Some(next_mac)).then_some(())),
+    )?;
+    let n = ticker.received();
+    ticker.wait_received(n + 50, SOON)?;
+    let report = ticker.finish(Duration::from_millis(500))?;
+    println!(
+        "removal of {owner} (grace {GRACE:?}): {next} answers ARP alone {:.0} ms after SIGTERM; ticker max gap {:.0} ms, lost {} of {}, served by {:?}",
+        ms(handover),
+        ms(report.max_gap),
+        report.lost,
+        report.sent,
+        report.by_server
+    );
+    ensure!(
+        report
+            .by_server
+            .keys()
+            .any(|s| s.starts_with(&format!("{next}-"))),
+        "traffic never reached {next}: {:?}",
+        report.by_server
+    );
+    Ok(())
+}
+
+/// Sets `node`'s port on the lab bridge to disabled (`cut`) or forwarding: the node
+/// keeps its carrier, as behind a switch port that stops forwarding. (`bridge link
+/// set ... state`: `ip link set ... type bridge_slave state 0` leaves a port with
+/// carrier forwarding.)
+fn bridge_port(lab: &Lab, node: &str, cut: bool) -> Result<()> {
+    let lan = lab.lan.as_ref().context("a multi-node lab has a LAN")?;
+    let state = if cut { "0" } else { "3" };
+    lan.run("bridge", &["link", "set", "dev", node, "state", state])?;
+    let shown = lan.run("bridge", &["link", "show", "dev", node])?;
+    let want = if cut {
+        "state disabled"
+    } else {
+        "state forwarding"
+    };
+    ensure!(shown.contains(want), "bridge port {node}: {shown}");
+    Ok(())
+}
+
+/// Issue 17 test 5: the owner's bridge port stops forwarding (its link stays up) and
+/// comes back. While cut, the client gets one answerer on its side; after the heal
+/// ARP probes see one answerer again (the time is printed) and never two after that,
+/// and the client's neighbour entry follows the owner.
+#[test]
+fn after_a_partition_heals_one_node_answers() -> Result<()> {
+    let mut lab = l2_lab()?;
+    let macs = macs(&lab)?;
+    let none = BTreeSet::new();
+    let owner = wait_owner(&mut lab, &none, None)?;
+    let owner_mac = mac_named(&macs, &owner)?;
+    wait_sole_answerer(&lab, owner_mac)?;
+
+    // The client talks to the VIP, so its kernel has a neighbour entry to follow.
+    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
+    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
+    ticker.wait_received(20, SOON)?;
+    bridge_port(&lab, &owner, true)?;
+    let cut_off = BTreeSet::from([owner.clone()]);
+    let majority = wait_owner(&mut lab, &cut_off, Some(&owner))?;
+    let majority_mac = mac_named(&macs, &majority)?;
+    wait_sole_answerer(&lab, majority_mac)?;
+    poll(
+        "the client's entry to move to the majority's owner",
+        SOON,
+        Duration::from_millis(20),
+        || Ok((neighbour(&lab.client.ns, UPLINK, VIP)? == Some(majority_mac)).then_some(())),
+    )?;
+    // The cut-off node sees its peers down and, alone, still holds the VIP.
+    poll(
+        "the cut-off node to see its peers down",
+        SOON,
+        Duration::from_millis(20),
+        || {
+            let agent = lab.node_named_mut(&owner)?.agent()?;
+            let alive = agent.metric("xlb_l2_members", &[("state", "alive")])?;
+            let owned = agent.metric("xlb_l2_owned_vips", &[])?;
+            Ok((alive == 1.0 && owned == 1.0).then_some(()))
+        },
+    )?;
+    println!("partition: {owner} cut off and still holding the VIP; {majority} answers the client");
+
+    bridge_port(&lab, &owner, false)?;
+    let healed_at = Instant::now();
+    let mut seen = Vec::new();
+    let converged = loop {
+        let got = who_has(&lab.client.ns, UPLINK, CLIENT_ADDR, VIP, ARP_WINDOW)?;
+        seen.push((healed_at.elapsed(), got.clone()));
+        if got.len() == 1 {
+            break healed_at.elapsed();
+        }
+        ensure!(
+            healed_at.elapsed() < SOON,
+            "no single answerer within {SOON:?} of the heal: {seen:02x?}"
+        );
+    };
+    let settled = who_has(&lab.client.ns, UPLINK, CLIENT_ADDR, VIP, ARP_WINDOW)?;
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut after = Vec::new();
+    while Instant::now() < until {
+        let got = who_has(&lab.client.ns, UPLINK, CLIENT_ADDR, VIP, ARP_WINDOW)?;
+        if got != settled {
+            after.push(got);
+        }
+    }
+    println!(
+        "heal: one answerer {:.0} ms after the port came back (probes: {:?})",
+        ms(converged),
+        seen.iter()
+            .map(|(t, m)| format!("{:.0} ms: {} answerers", ms(*t), m.len()))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        settled.len() == 1 && after.is_empty(),
+        "after one answerer ({settled:02x?}), probes saw {after:02x?}"
+    );
+    // Election over all three gives the VIP back to the node that held it first.
+    ensure!(
+        settled == BTreeSet::from([owner_mac]),
+        "{owner} should own the VIP again, but {settled:02x?} answers"
+    );
+    let followed = poll(
+        "the client's entry to follow the owner",
+        SOON,
+        Duration::from_millis(20),
+        || Ok((neighbour(&lab.client.ns, UPLINK, VIP)? == Some(owner_mac)).then_some(())),
+    );
+    let n = ticker.received();
+    ticker.wait_received(n + 50, SOON)?;
+    let report = ticker.finish(Duration::from_millis(500))?;
+    println!(
+        "partition and heal: ticker max gap {:.0} ms, lost {} of {}, served by {:?}",
+        ms(report.max_gap),
+        report.lost,
+        report.sent,
+        report.by_server
+    );
+    followed.map_err(|e| {
+        let garps: Vec<String> = lab
+            .nodes
+            .iter_mut()
+            .map(|n| {
+                let g = n
+                    .agent()
+                    .and_then(|a| a.metric("xlb_l2_garps_sent_total", &[]))
+                    .unwrap_or(-1.0);
+                format!("{} sent {g} GARPs", n.name)
+            })
+            .collect();
+        let neigh = lab.client.ns.ip(&["neigh", "show"]).unwrap_or_default();
+        e.context(format!("{}\n{garps:?}\nclient: {neigh}", l2_logs(&mut lab)))
+    })
 }

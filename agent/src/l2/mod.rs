@@ -5,6 +5,7 @@
 //! - [`election`]: the pure part, model + live members -> owner per VIP.
 //! - [`membership`]: SWIM identity and timing (foca).
 //! - [`announce`]: gratuitous ARP (RFC 5227) and the announce link's state.
+//! - [`restart`]: the restart grace (SIGTERM keeps the VIPs; peers are told).
 //! - [`task`]: the tokio driver that ties them to the sockets and the pinned maps
 //!   (`xlb_l2_vips4`, the dead-man deadline in `xlb_config`).
 //!
@@ -13,6 +14,7 @@
 pub mod announce;
 pub mod election;
 pub mod membership;
+pub mod restart;
 pub mod task;
 
 pub use election::Plan;

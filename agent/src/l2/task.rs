@@ -1,7 +1,8 @@
 //! The L2 driver: one tokio task that runs membership (foca over UDP), recomputes
 //! ownership whenever membership, the plan or the link changes, programs the owned
 //! VIPs into `xlb_l2_vips4`, sends gratuitous ARPs on takeover and keeps the
-//! datapath's dead-man deadline fresh.
+//! datapath's dead-man deadline fresh. On SIGTERM it hands over as
+//! [`super::restart`] describes.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -13,7 +14,11 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues};
 use foca::{AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
 use rand::{SeedableRng, rngs::SmallRng};
-use tokio::{net::UdpSocket, sync::watch, time::Instant};
+use tokio::{
+    net::UdpSocket,
+    sync::{oneshot, watch},
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 use xlb_common::{L2Vip, config, names};
 
@@ -21,6 +26,7 @@ use super::{
     announce::{self, Sender},
     election::{self, Plan},
     membership::{self, NodeId},
+    restart::{Graces, Notice},
 };
 use crate::{dataplane::conntrack::monotonic_ns, metrics::Metrics};
 
@@ -41,6 +47,10 @@ pub const GARP_SCHEDULE_MS: [u64; 7] = [0, 250, 500, 750, 1000, 2000, 3000];
 pub const JOIN_WAIT: Duration = Duration::from_secs(1);
 /// Peers that are not members yet are announced to this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+/// A stopping agent sends its restart notice this many times, this far apart (UDP
+/// may lose one; peers take the last).
+const NOTICE_COPIES: usize = 3;
+const NOTICE_SPACING: Duration = Duration::from_millis(10);
 
 /// Why the L2 task could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +97,31 @@ pub struct L2Config {
     pub port: u16,
     /// bpffs directory of the pinned maps.
     pub pin_path: std::path::PathBuf,
+    /// How long a stopping agent's VIPs stay with its node (`--restart-grace`).
+    pub restart_grace: Duration,
+}
+
+/// The running task: stop it with [`L2Handle::stop`] (SIGTERM), or drop it (the task
+/// then ends when the plan's sender is dropped, as after SIGKILL: no notice).
+pub struct L2Handle {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl L2Handle {
+    /// Keeps this node's VIPs answered for the restart grace, tells the peers, and
+    /// waits (at most a second) for the task to end.
+    pub async fn stop(self) {
+        if self.stop.send(()).is_err() {
+            return;
+        }
+        if tokio::time::timeout(Duration::from_secs(1), self.task)
+            .await
+            .is_err()
+        {
+            warn!("L2: the membership task did not stop within a second");
+        }
+    }
 }
 
 /// The pinned maps this task writes.
@@ -153,18 +188,22 @@ struct L2 {
     link_up: bool,
     /// No VIP is claimed before this (see [`JOIN_WAIT`]).
     claim_after: Instant,
+    /// Peers whose agent is stopping, in their restart grace.
+    graces: Graces,
+    /// A member came up since the last reconcile: announce the owned VIPs again.
+    reannounce: bool,
     next_announce: Instant,
     metrics: Arc<Metrics>,
 }
 
 /// Binds the membership socket and opens maps and sockets (so a bad port or a
-/// missing capability fails the agent's start), then runs the task until the plan's
-/// sender is dropped.
+/// missing capability fails the agent's start), then runs the task until it is
+/// stopped or the plan's sender is dropped.
 pub async fn start(
     cfg: L2Config,
     plan: watch::Receiver<Arc<Plan>>,
     metrics: Arc<Metrics>,
-) -> Result<tokio::task::JoinHandle<()>, L2Error> {
+) -> Result<L2Handle, L2Error> {
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cfg.port);
     let socket = UdpSocket::bind(bind)
         .await
@@ -216,6 +255,8 @@ pub async fn start(
         replies: BTreeMap::new(),
         link_up: announce::link_up(&cfg.interface),
         claim_after: now + JOIN_WAIT,
+        graces: Graces::default(),
+        reannounce: false,
         next_announce: now,
         metrics,
         cfg,
@@ -225,29 +266,40 @@ pub async fn start(
         port = l2.cfg.port, node = %l2.me.name, addr = %l2.me.addr,
         "L2 announcement: membership listening"
     );
-    Ok(tokio::spawn(async move { l2.run(plan).await }))
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(async move { l2.run(plan, stopped).await });
+    Ok(L2Handle { stop, task })
 }
 
 impl L2 {
-    async fn run(&mut self, mut plan: watch::Receiver<Arc<Plan>>) {
+    async fn run(
+        &mut self,
+        mut plan: watch::Receiver<Arc<Plan>>,
+        mut stopped: oneshot::Receiver<()>,
+    ) {
         let mut buf = vec![0u8; 2048];
         let mut tick = tokio::time::interval(REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_timer = self.timers.iter().map(|(at, _)| *at).min();
+            let grace_end = self.graces.next_end(Instant::now());
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, _)) => {
-                        if let Err(e) = self.foca.handle_data(&buf[..n], &mut self.rt) {
-                            debug!(error = %e, "membership: bad datagram");
-                        }
+                r = &mut stopped => {
+                    if r.is_ok() {
+                        self.stop_with_grace().await;
                     }
+                    return;
+                }
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.receive(&buf[..n], from),
                     Err(e) => debug!(error = %e, "membership: receive"),
                 },
                 _ = tokio::time::sleep_until(next_timer.unwrap_or(far)), if next_timer.is_some() => {
                     self.fire_timers();
                 }
+                // A peer's restart grace ends: recompute ownership (below) now.
+                _ = tokio::time::sleep_until(grace_end.unwrap_or(far)), if grace_end.is_some() => {}
                 changed = plan.changed() => {
                     if changed.is_err() {
                         return;
@@ -285,6 +337,74 @@ impl L2 {
             self.flush();
             self.reconcile();
         }
+    }
+
+    /// A datagram on the membership socket: a restart notice, or foca's.
+    fn receive(&mut self, data: &[u8], from: SocketAddr) {
+        match Notice::decode(data) {
+            None => {
+                if let Err(e) = self.foca.handle_data(data, &mut self.rt) {
+                    debug!(error = %e, "membership: bad datagram");
+                }
+            }
+            Some(Err(e)) => debug!(error = %e, %from, "membership: bad restart notice"),
+            Some(Ok(notice)) => {
+                // Only from the node it names, at the address the model gives it.
+                let known = self.plan.peers.get(&notice.name) == Some(&from.ip());
+                if !known || notice.name == self.me.name {
+                    debug!(node = %notice.name, %from, "membership: restart notice from an unexpected address");
+                    return;
+                }
+                if !self.graces.is_recorded(&notice) {
+                    info!(
+                        node = %notice.name, grace_ms = notice.grace_ms,
+                        "peer stopping: keeping its VIPs with it for its restart grace"
+                    );
+                }
+                self.graces.record(&notice, Instant::now());
+            }
+        }
+    }
+
+    /// SIGTERM: the datapath keeps answering ARP for this node's VIPs until the
+    /// restart grace ends (the dead-man deadline is set to then), and the peers are
+    /// told so; a new agent within the grace refreshes the deadline and keeps them.
+    async fn stop_with_grace(&mut self) {
+        let grace = self.cfg.restart_grace;
+        let deadline = monotonic_ns() + grace.as_nanos() as u64;
+        if let Err(e) = self.maps.config.set(config::L2_DEADLINE, deadline, 0) {
+            warn!(error = %e, "setting the L2 deadline to the end of the restart grace");
+        }
+        let notice = Notice {
+            name: self.me.name.clone(),
+            generation: self.foca.identity().generation,
+            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+        }
+        .encode();
+        let mut to: BTreeSet<SocketAddr> = self
+            .plan
+            .peers
+            .iter()
+            .filter(|(name, _)| **name != self.me.name)
+            .map(|(_, ip)| SocketAddr::new(*ip, self.cfg.port))
+            .collect();
+        to.extend(self.foca.iter_members().map(|m| m.id().addr));
+        for copy in 0..NOTICE_COPIES {
+            if copy > 0 {
+                tokio::time::sleep(NOTICE_SPACING).await;
+            }
+            for addr in &to {
+                if let Err(e) = self.socket.send_to(&notice, addr).await {
+                    debug!(error = %e, %addr, "membership: sending the restart notice");
+                }
+            }
+        }
+        info!(
+            vips = self.owned.len(),
+            peers = to.len(),
+            grace_ms = grace.as_millis() as u64,
+            "L2: stopping; this node keeps its VIPs for the restart grace"
+        );
     }
 
     fn fire_timers(&mut self) {
@@ -337,7 +457,8 @@ impl L2 {
         while let Some(n) = self.rt.to_notify() {
             match n {
                 OwnedNotification::MemberUp(id) => {
-                    info!(node = %id.name, addr = %id.addr, "member up")
+                    info!(node = %id.name, addr = %id.addr, "member up");
+                    self.reannounce = true;
                 }
                 OwnedNotification::MemberDown(id) => {
                     info!(node = %id.name, addr = %id.addr, "member down")
@@ -370,16 +491,21 @@ impl L2 {
         l2.members
             .get_or_create(&vec![("state", "down".into())])
             .set(down);
+        l2.members
+            .get_or_create(&vec![("state", "restarting".into())])
+            .set(self.graces.in_grace(now) as i64);
     }
 
     /// Recomputes the owned VIPs and programs the difference.
     fn reconcile(&mut self) {
         let now = Instant::now();
-        let mut live: BTreeSet<String> = self
+        let members: Vec<(String, u64)> = self
             .foca
             .iter_members()
-            .map(|m| m.id().name.clone())
+            .map(|m| (m.id().name.clone(), m.id().generation))
             .collect();
+        let mut live: BTreeSet<String> = members.iter().map(|(n, _)| n.clone()).collect();
+        self.graces.apply(&members, &mut live, now);
         live.insert(self.me.name.clone());
         // No peers known yet (no plan before the first sync) counts as not joined.
         let peers_in =
@@ -404,6 +530,14 @@ impl L2 {
                 .collect()
         };
         let l2 = self.metrics.l2.clone();
+        // A member that comes up may have held some of this node's VIPs while the two
+        // could not see each other (a partition that healed): clients that followed
+        // it learn the owner again from a fresh round of gratuitous ARPs.
+        if !joining && std::mem::take(&mut self.reannounce) {
+            for vip in want.intersection(&self.owned) {
+                self.garps.entry(*vip).or_insert((now, 0));
+            }
+        }
         if !joining {
             for vip in std::mem::take(&mut self.inherited) {
                 if want.contains(&vip) && self.owned.contains(&vip) {

@@ -147,9 +147,8 @@ class Checker:
 
         def convert(node):
             node = dict(node)
-            for k in ("properties",):
-                if k in node:
-                    node[k] = {n: convert(s) for n, s in node[k].items()}
+            if "properties" in node:
+                node["properties"] = {n: convert(s) for n, s in node["properties"].items()}
             if isinstance(node.get("items"), dict):
                 node["items"] = convert(node["items"])
             if isinstance(node.get("additionalProperties"), dict):

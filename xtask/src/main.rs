@@ -141,7 +141,7 @@ os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  setup           install what the build and tests need (Debian packages, bpf-linker); idempotent
+  setup           install what the build and tests need (Debian packages, bpf-linker, deploy/ validation tools); idempotent
   build           build target/release/xlb with its eBPF programs embedded
   run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
   demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
@@ -153,7 +153,7 @@ commands:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup(true).and_then(|()| deploy_tools(true).map(|_| ())),
+        Some("setup") => setup(true),
         Some("build") => build().map(|_| ()),
         Some("run") => run(&args[1..]),
         Some("demo") => demo(),
@@ -227,7 +227,9 @@ fn bpf_linker_ok() -> bool {
     matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
-/// Installs what is missing. With `verbose`, also says when nothing is.
+/// Installs what is missing. With `verbose` (`cargo xtask setup`), also says when
+/// nothing is, and installs the deploy/ validation tools too (builds do not need
+/// them; `validate-deploy` installs them on first use).
 fn setup(verbose: bool) -> Result<()> {
     let mut pkgs: Vec<&str> = missing_requirements().iter().map(|(p, _)| *p).collect();
     pkgs.dedup();
@@ -277,6 +279,7 @@ fn setup(verbose: bool) -> Result<()> {
         eprintln!("xtask setup: bpf-linker {BPF_LINKER_VERSION} present");
     }
     if verbose {
+        deploy_tools(true)?;
         eprintln!("xtask setup: done");
     }
     Ok(())
@@ -605,8 +608,16 @@ fn validate_deploy() -> Result<()> {
         "xtask validate-deploy: kubectl kustomize, helm lint and template, schemas of Kubernetes {K8S_VERSIONS}"
     );
     let chart = deploy.join("helm/xlb");
-    let helm_template = |extra: &[&str]| {
+    // Helm's config and cache stay out of $HOME.
+    let helm = || {
         let mut cmd = Command::new(&tools.helm);
+        for var in ["HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"] {
+            cmd.env(var, out.join("helm-home"));
+        }
+        cmd
+    };
+    let helm_template = |extra: &[&str]| {
+        let mut cmd = helm();
         cmd.args(["template", "xlb"])
             .arg(&chart)
             .args(["--namespace", "xlb-system", "--include-crds"])
@@ -656,12 +667,8 @@ fn validate_deploy() -> Result<()> {
         format!("helm={}", file("helm")),
         format!("helm-options={}", file("helm-options")),
     ];
-    output(
-        Command::new(&tools.helm)
-            .args(["lint", "--strict"])
-            .arg(&chart),
-    )
-    .context("helm lint --strict deploy/helm/xlb")?;
+    output(helm().args(["lint", "--strict"]).arg(&chart))
+        .context("helm lint --strict deploy/helm/xlb")?;
     let mut examples = Vec::new();
     for dir in ["examples", "static"] {
         for entry in std::fs::read_dir(deploy.join(dir))? {
@@ -673,6 +680,7 @@ fn validate_deploy() -> Result<()> {
     }
     examples.sort();
     sh(Command::new(&tools.python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(root.join("xtask/validate_deploy.py"))
         .arg(K8S_VERSIONS)
         .arg(deploy.join("crds"))

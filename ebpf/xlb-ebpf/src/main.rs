@@ -7,8 +7,9 @@
 //!   map lookup.
 //!   ARP requests for the VIPs this node owns in L2 mode are answered here (`arp`).
 //! - `xlb_tc_ingress` (TC ingress, same interface): delivers what XDP DNATed to a
-//!   local pod straight into the pod's namespace (`bpf_redirect_peer`), and sends
-//!   encapsulated packets whose next hop is unresolved (`bpf_redirect_neigh`).
+//!   local pod straight into the pod's namespace (`bpf_redirect_peer`), sends
+//!   encapsulated packets whose next hop is unresolved (`bpf_redirect_neigh`), and
+//!   encapsulates aggregates XDP cannot (`tunnel::encap_aggregate`).
 //! - `xlb_tc_egress` (TC egress, same interface): a reply from a backend gets its
 //!   source rewritten back to VIP:port (`lb::reverse`), so the client only ever talks
 //!   to the VIP while the pod sees the client's real address.
@@ -253,6 +254,9 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     let m = unsafe { *(meta as *const xlb_common::ResolveMeta) };
     if m.magic == xlb_common::DELIVER_MAGIC {
         return fwd::deliver(&ctx);
+    }
+    if m.magic == xlb_common::ENCAP_MAGIC {
+        return tunnel::encap_aggregate(&ctx, m.ifindex, m.node);
     }
     if m.magic != xlb_common::RESOLVE_MAGIC {
         return TC_ACT_OK as i32;

@@ -7,20 +7,24 @@
 //!
 //! MTU: encapsulation adds 20 bytes. A DF packet that no longer fits the path to the
 //! other node is answered with ICMP fragmentation-needed carrying MTU - 20 (RFC 1191),
-//! so the client's path MTU discovery shrinks its packets; never a silent drop.
+//! so the client's path MTU discovery shrinks its packets; never a silent drop. A
+//! packet longer than the path's MTU cannot have come as one frame: it is an
+//! aggregate (generic XDP sees GRO and GSO skbs whole), which TC encapsulates so that
+//! the kernel cuts it into segments that fit ([`encap_aggregate`]).
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_fib_lookup, xdp_action,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
-        bpf_xdp_adjust_tail,
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
     },
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use xlb_common::{Backend, RESOLVE_MAGIC, Reason, ResolveMeta, config};
+use xlb_common::{Backend, ENCAP_MAGIC, RESOLVE_MAGIC, Reason, ResolveMeta, config};
 
 use crate::{
     maps::{CONFIG, count},
@@ -122,6 +126,13 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the union member the kernel wrote for FRAG_NEEDED.
         let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+        if inner_len > mtu {
+            // No single frame of this path is that long: an aggregate (generic XDP
+            // sees GRO/GSO skbs whole) whose segments may well fit once each is
+            // encapsulated. TC can do that right (see ENCAP_MAGIC); an ICMP here
+            // would be wrong, and the client would ignore it and stall.
+            return hand_to_tc_encap(ctx, p.ifindex, dst);
+        }
         if u16::from_be_bytes(inner.frags) & 0x4000 == 0 {
             // Fragmenting in XDP is not possible; the sender did not forbid it, so
             // it will not do PMTU discovery either. Counted, as RFC 1191 hosts set DF.
@@ -193,17 +204,96 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
 /// is dropped, counted as having no route.
 #[inline(always)]
 fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
-    if !set_tc_meta(ctx, RESOLVE_MAGIC, ifindex) {
+    if !set_tc_meta_to(ctx, RESOLVE_MAGIC, ifindex, [0; 4]) {
         return Err(Reason::DropEncapNoRoute);
     }
     count(Reason::FwdEncapResolve);
     Ok(xdp_action::XDP_PASS)
 }
 
+/// Passes the (unencapsulated) aggregate to the kernel for `xlb_tc_ingress` to
+/// encapsulate towards `node` and send out of `ifindex` ([`ENCAP_MAGIC`]).
+#[inline(always)]
+fn hand_to_tc_encap(ctx: &XdpContext, ifindex: u32, node: [u8; 4]) -> Result<u32, Reason> {
+    if !set_tc_meta_to(ctx, ENCAP_MAGIC, ifindex, node) {
+        return Err(Reason::DropEncapNoRoute);
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// TC ingress for an aggregate `xlb_xdp` handed over with [`ENCAP_MAGIC`]: prepends
+/// the outer header with `bpf_skb_adjust_room(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4)`, which
+/// marks the skb IPIP-GSO and lowers its segment size by those 20 bytes (kernel
+/// `bpf_skb_net_grow`), so each segment the kernel cuts fits the path; then sends it
+/// to `node` with `bpf_redirect_neigh` (MACs and the neighbour from the kernel).
+#[inline(always)]
+pub fn encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> i32 {
+    match try_encap_aggregate(ctx, ifindex, node) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn try_encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> Result<i32, Reason> {
+    // SAFETY: reading a field of our own __sk_buff context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        // One real frame over the route's MTU (a jumbo ingress, a smaller path):
+        // nothing to cut it into; TC cannot answer with ICMP.
+        return Err(Reason::IcmpFragNeeded);
+    }
+    let me = node_ip();
+    if me == [0; 4] {
+        return Err(Reason::DropEncapNoRoute);
+    }
+    let inner: Ipv4Hdr = ctx.load(IP_OFF).map_err(|_| Reason::DropMalformedL4)?;
+    let total = ctx.len() as usize - EthHdr::LEN + OUTER;
+    let Ok(tot_len) = u16::try_from(total) else {
+        return Err(Reason::IcmpFragNeeded);
+    };
+    ctx.adjust_room(
+        OUTER as i32,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4),
+    )
+    .map_err(|_| Reason::DropEncapNoRoute)?;
+    let mut hdr = Ipv4Hdr {
+        vihl: 0x45,
+        tos: inner.tos,
+        tot_len: tot_len.to_be_bytes(),
+        id: [0; 2],
+        // Copy DF (RFC 2003 section 3.1).
+        frags: (u16::from_be_bytes(inner.frags) & 0x4000).to_be_bytes(),
+        ttl: 64,
+        proto: PROTO_IPIP,
+        check: [0; 2],
+        src_addr: me,
+        dst_addr: node,
+    };
+    hdr.check = crate::csum::ipv4_header(&hdr).to_be_bytes();
+    ctx.store(IP_OFF, &hdr, 0)
+        .map_err(|_| Reason::DropEncapNoRoute)?;
+    count(Reason::FwdEncap);
+    count(Reason::FwdEncapAggregate);
+    // No next-hop parameters: the kernel routes by the outer header just written.
+    // SAFETY: plain helper call; a null params pointer with length 0 is allowed.
+    Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
+
 /// Puts a [`ResolveMeta`] in front of the frame for `xlb_tc_ingress`; false when the
 /// driver has no room for metadata.
 #[inline(always)]
 pub fn set_tc_meta(ctx: &XdpContext, magic: u32, ifindex: u32) -> bool {
+    set_tc_meta_to(ctx, magic, ifindex, [0; 4])
+}
+
+/// [`set_tc_meta`] with a node address.
+#[inline(always)]
+fn set_tc_meta_to(ctx: &XdpContext, magic: u32, ifindex: u32, node: [u8; 4]) -> bool {
     const LEN: i32 = core::mem::size_of::<ResolveMeta>() as i32;
     // SAFETY: grows the metadata area in front of the frame (<= 32 bytes, 4-aligned).
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -LEN) } != 0 {
@@ -215,7 +305,13 @@ pub fn set_tc_meta(ctx: &XdpContext, magic: u32, ifindex: u32) -> bool {
         return false;
     }
     // SAFETY: the metadata area [meta, data) was bounds checked just above.
-    unsafe { *(meta as *mut ResolveMeta) = ResolveMeta { magic, ifindex } };
+    unsafe {
+        *(meta as *mut ResolveMeta) = ResolveMeta {
+            magic,
+            ifindex,
+            node,
+        }
+    };
     true
 }
 

@@ -18,6 +18,7 @@
 //! [`apiserver`]: a fake Kubernetes API server speaking list/watch (the kube source's tests).
 //! [`arp`]: raw ARP requests from a lab host (who answers for an address).
 //! [`bpf`]: writing straight into an agent's pinned maps (states too slow to build with traffic).
+//! [`keepalived`]: Debian's keepalived (VRRP) on lab nodes, the reference for L2 failover.
 //! [`load`]: health checks under scrape load (hardening test and bench).
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
 
@@ -28,6 +29,7 @@ pub mod apiserver;
 pub mod arp;
 pub mod bpf;
 pub mod demo;
+pub mod keepalived;
 pub mod lab;
 pub mod load;
 pub mod manifests;

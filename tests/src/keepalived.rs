@@ -197,7 +197,10 @@ impl Keepalived {
         let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
-            bail!("kill(-{pgid}, SIGKILL) for keepalived on {}: {err}", self.node);
+            bail!(
+                "kill(-{pgid}, SIGKILL) for keepalived on {}: {err}",
+                self.node
+            );
         }
         child.wait()?;
         if let Some(pid) = vrrp {
@@ -326,7 +329,10 @@ pub struct FailoverRun {
     /// Whether the failed node still had the VIP on its uplink when another node took
     /// it (after a SIGKILL it does: two nodes hold it until keepalived runs again).
     pub failed_still_held: bool,
-    /// Tickets sent and lost.
+    /// How many nodes answered an ARP request for the VIP once the client was served
+    /// by the new MASTER (2 after a SIGKILL: the dead keepalived's node still has it).
+    pub arp_answerers: usize,
+    /// Tickets sent.
     pub sent: u64,
     /// Tickets never answered.
     pub lost: u64,
@@ -345,7 +351,11 @@ pub struct KeepalivedLab {
 impl KeepalivedLab {
     /// Builds the lab, starts the servers and one keepalived per node.
     pub fn start() -> Result<KeepalivedLab> {
-        let lab = Lab::multi_node(&[NodeSpec::default(), NodeSpec::default(), NodeSpec::default()])?;
+        let lab = Lab::multi_node(&[
+            NodeSpec::default(),
+            NodeSpec::default(),
+            NodeSpec::default(),
+        ])?;
         let dir = lab.scratch().join("keepalived");
         let mut servers = Vec::new();
         let mut macs = Vec::new();
@@ -392,7 +402,10 @@ impl KeepalivedLab {
     pub fn holders(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for node in &self.lab.nodes {
-            let addrs = node.host.ns.ip(&["-4", "-o", "addr", "show", "dev", UPLINK])?;
+            let addrs = node
+                .host
+                .ns
+                .ip(&["-4", "-o", "addr", "show", "dev", UPLINK])?;
             let vip = format!(" {KEEPALIVED_VIP}/32 ");
             if addrs.contains(&vip) {
                 out.push(node.name.clone());
@@ -432,9 +445,10 @@ impl KeepalivedLab {
                 let states: Vec<Option<String>> =
                     self.instances.iter().map(Keepalived::state).collect();
                 let holders = self.holders()?;
-                let ok = states.iter().enumerate().all(|(i, s)| {
-                    s.as_deref() == Some(if i == 0 { "MASTER" } else { "BACKUP" })
-                }) && holders == [master.clone()];
+                let ok =
+                    states.iter().enumerate().all(|(i, s)| {
+                        s.as_deref() == Some(if i == 0 { "MASTER" } else { "BACKUP" })
+                    }) && holders == [master.clone()];
                 if ok {
                     Ok(Some(()))
                 } else {
@@ -473,20 +487,24 @@ impl KeepalivedLab {
     }
 
     /// One failover, as the L2 test measures xlb's: waits for a settled MASTER, starts the
-    /// client's 10 ms UDP ticker, fails the MASTER, waits until another node holds the VIP,
-    /// the client's neighbour entry points at it and 50 more tickets came back, checks
-    /// that node answered some, then repairs the failed node (keepalived started again /
-    /// link up).
-    pub fn failover(&mut self, how: Failure) -> Result<FailoverRun> {
-        let run = self.failover_inner(how);
+    /// client's 10 ms UDP ticker, fails the MASTER once `20 + lead` tickets came back,
+    /// waits until another node holds the VIP, the client's neighbour entry points at it
+    /// and 50 more tickets came back, checks that node answered some, counts the ARP
+    /// answerers, then repairs the failed node (keepalived started again / link up).
+    ///
+    /// `lead` moves the failure against the MASTER's 1 s advertisement timer, which
+    /// settling leaves at much the same phase every run: a crash comes at any phase, and
+    /// the takeover time (the last advertisement heard + 3 intervals + skew) depends on it.
+    pub fn failover(&mut self, how: Failure, lead: u64) -> Result<FailoverRun> {
+        let run = self.failover_inner(how, lead);
         run.map_err(|e| e.context(self.logs()))
     }
 
-    fn failover_inner(&mut self, how: Failure) -> Result<FailoverRun> {
+    fn failover_inner(&mut self, how: Failure, lead: u64) -> Result<FailoverRun> {
         let failed = self.wait_settled()?;
         let dst = self.udp_target();
         let ticker = Ticker::start(&self.lab.client, dst, TICK, MAX_TICKS)?;
-        ticker.wait_received(20, SOON)?;
+        ticker.wait_received(20 + lead, SOON)?;
         let failed_at = Instant::now();
         match how {
             Failure::Sigkill => self.instance_mut(&failed)?.kill()?,
@@ -532,6 +550,14 @@ impl KeepalivedLab {
             "traffic never reached {next}: {:?}",
             report.by_server
         );
+        let arp_answerers = who_has(
+            &self.lab.client.ns,
+            UPLINK,
+            CLIENT_ADDR,
+            KEEPALIVED_VIP,
+            ARP_WINDOW,
+        )?
+        .len();
         match how {
             Failure::Sigkill => self.instance_mut(&failed)?.start_again()?,
             Failure::LinkDown => {
@@ -545,6 +571,7 @@ impl KeepalivedLab {
             max_gap: report.max_gap,
             takeover,
             failed_still_held,
+            arp_answerers,
             sent: report.sent,
             lost: report.lost,
         })

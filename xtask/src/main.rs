@@ -86,6 +86,15 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
         "haproxy",
         "the bench: HAProxy in TCP mode, the userspace proxy reference",
     ),
+    // Its postinst enables keepalived.service and starts it where it may (systemd, or
+    // an init script policy-rc.d allows); neither starts without a non-empty
+    // /etc/keepalived/keepalived.conf, which the package does not ship. Either way a
+    // host-namespace daemon never sees the lab's namespaces or pid files.
+    (
+        "/usr/sbin/keepalived",
+        "keepalived",
+        "the L2 failover reference: Keepalived VRRP in the lab (tests/tests/keepalived.rs)",
+    ),
 ];
 
 /// bpf-linker links the eBPF object; built against Debian's LLVM 22.

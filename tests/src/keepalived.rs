@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::arp::{Mac, mac_of, neighbour, who_has};
+use crate::l2::{ARP_WINDOW, MAX_TICKS, TICK};
 use crate::lab::{CLIENT_ADDR, Lab, NodeSpec, SOON, UPLINK, poll};
 use crate::netns::Netns;
 use crate::servers::{Servers, TCP_LINE_PORT, UDP_ECHO_PORT};
@@ -35,12 +36,6 @@ pub const KEEPALIVED_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 201);
 pub const VIRTUAL_ROUTER_ID: u8 = 51;
 /// VRRP priorities of `node-a`, `node-b`, `node-c`: `node-a` is MASTER when it is up.
 pub const PRIORITIES: [u8; 3] = [150, 100, 50];
-/// The client's ticker pace, as in the L2 failover test.
-pub const TICK: Duration = Duration::from_millis(10);
-/// Most tickets one failover's ticker sends (60 s at [`TICK`]).
-pub const MAX_TICKS: u64 = 6_000;
-/// How long ARP replies are collected after a request.
-const ARP_WINDOW: Duration = Duration::from_millis(200);
 /// How long a SIGTERMed keepalived may take to leave (it removes its VIP and sends a
 /// priority-0 advertisement first).
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -600,16 +595,4 @@ impl Drop for KeepalivedLab {
             s.stop();
         }
     }
-}
-
-/// Milliseconds, for printing.
-pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// The median (the upper one of an even count) in milliseconds; 0 for none.
-pub fn median_ms(v: &[Duration]) -> f64 {
-    let mut v: Vec<f64> = v.iter().map(|d| ms(*d)).collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

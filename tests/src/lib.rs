@@ -18,6 +18,7 @@
 //! [`apiserver`]: a fake Kubernetes API server speaking list/watch (the kube source's tests).
 //! [`arp`]: raw ARP requests from a lab host (who answers for an address).
 //! [`bpf`]: writing straight into an agent's pinned maps (states too slow to build with traffic).
+//! [`l2`]: xlb's L2 announcement lab and one measured failover of a VIP's owner.
 //! [`keepalived`]: Debian's keepalived (VRRP) on lab nodes, the reference for L2 failover.
 //! [`load`]: health checks under scrape load (hardening test and bench).
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
@@ -30,6 +31,7 @@ pub mod arp;
 pub mod bpf;
 pub mod demo;
 pub mod keepalived;
+pub mod l2;
 pub mod lab;
 pub mod load;
 pub mod manifests;

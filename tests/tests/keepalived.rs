@@ -6,8 +6,9 @@
 //! answered by another node); the gaps are printed, never asserted against a clock.
 //! Needs root and `/usr/sbin/keepalived` (`cargo xtask setup`).
 
-use anyhow::{Context, Result, ensure};
-use xlb_lab::keepalived::{Failure, KeepalivedLab, median_ms, ms};
+use anyhow::{Context, Result};
+use xlb_lab::keepalived::{Failure, KeepalivedLab};
+use xlb_lab::l2::{median_ms, ms};
 
 #[test]
 fn keepalived_failover_gaps_over_runs() -> Result<()> {
@@ -23,11 +24,6 @@ fn keepalived_failover_gaps_over_runs() -> Result<()> {
             let r = kl
                 .failover(how, lead)
                 .with_context(|| format!("{how:?} run {run}"))?;
-            ensure!(
-                r.next != r.failed,
-                "{how:?} run {run}: the VIP stayed on {}",
-                r.failed
-            );
             println!(
                 "{how:?} run {run}: ticker max gap {:.0} ms, new owner after {:.0} ms ({} took over from {}{}; {} node(s) answered ARP after; lost {} of {})",
                 ms(r.max_gap),

@@ -8,7 +8,8 @@
 //!   delivery, plain routing, iptables, nftables, HAProxy and xlb's attach/forward modes;
 //! - [`control`]: programming 10,000 Services, EndpointSlice-change-to-map latency, agent
 //!   RSS, map memory, iptables-restore of the same ruleset, health under scrape load;
-//! - [`churn`]: established connections broken while endpoints change (must be 0).
+//! - [`churn`]: established connections broken while endpoints change (must be 0);
+//! - [`failover`]: xlb's L2 failover and Keepalived's, in the same lab, measured alike.
 //!
 //! [`report`] writes `<out>/<date>.json` (every raw number and the `headline`) and
 //! `<out>/latest.md`; [`plot`] draws the PNGs. `--quick` runs everything smaller (under
@@ -22,6 +23,7 @@ use serde_json::{Value, json};
 mod churn;
 mod control;
 mod e2e;
+mod failover;
 mod plot;
 mod prog;
 mod report;
@@ -79,7 +81,7 @@ fn main() -> Result<()> {
                 return plot::all(dir, &doc);
             }
             other => bail!(
-                "unknown argument {other:?} (--reference OBJ [--out DIR] [--quick] [--only prog|e2e|control|churn])"
+                "unknown argument {other:?} (--reference OBJ [--out DIR] [--quick] [--only prog|e2e|control|churn|failover])"
             ),
         }
     }
@@ -92,11 +94,12 @@ fn main() -> Result<()> {
     let mut parts = serde_json::Map::new();
     let mut took = serde_json::Map::new();
     type Part<'a> = (&'a str, Box<dyn Fn() -> Result<Value> + 'a>);
-    let list: [Part<'_>; 4] = [
+    let list: [Part<'_>; 5] = [
         ("prog", Box::new(|| prog::run(&reference, scale))),
         ("e2e", Box::new(|| e2e::run(scale))),
         ("control", Box::new(|| control::run(scale))),
         ("churn", Box::new(|| churn::run(scale))),
+        ("failover", Box::new(|| failover::run(scale))),
     ];
     for (name, part) in list.iter().filter(|(n, _)| want(n)) {
         let t = Instant::now();

@@ -86,6 +86,14 @@ pub fn headline(parts: &Map<String, Value>) -> Value {
     let ratio = |a: f64, b: f64| num(round(a / b, 3));
     let prog_ns = |k: &str| num(f(&prog["median_ns"][k]));
     let p = &control["programming"];
+    // Link down is the failure both systems can only notice from silence (after a
+    // SIGKILL of keepalived its node keeps the VIP and goes on answering: no gap).
+    let link_down_gap = |system: &str| {
+        parts
+            .get("failover")
+            .map(|f| f[system]["link_down"]["median_max_gap_ms"].clone())
+            .unwrap_or(Value::Null)
+    };
     let v = json!({
         "fast_path_ns": prog_ns("xlb_hit"),
         "floor_ns": num(f(&prog["floor_ns"])),
@@ -103,8 +111,8 @@ pub fn headline(parts: &Map<String, Value>) -> Value {
         "sync_10k_services_s": num(f(&p["last_vip_answered_s"])),
         "endpoint_update_p99_ms": num(f(&p["endpoint_update"]["p99_ms"])),
         "agent_rss_10k_mib": num(round(f(&p["agent_rss_kib"]) / 1024.0, 1)),
-        "l2_failover_median_ms": null,
-        "keepalived_failover_median_ms": null,
+        "l2_failover_median_ms": link_down_gap("l2"),
+        "keepalived_failover_median_ms": link_down_gap("keepalived"),
         "churn_broken_connections": parts.get("churn").map(|c| c["broken"].clone()).unwrap_or(Value::Null),
     });
     debug_assert!(HEADLINE_KEYS.iter().all(|k| v.get(k).is_some()));
@@ -196,9 +204,13 @@ pub fn write(out: &Path, doc: &Value) -> Result<()> {
             " ms",
         ),
         ("agent RSS with all Services", "agent_rss_10k_mib", " MiB"),
-        ("L2 failover, median", "l2_failover_median_ms", " ms"),
         (
-            "Keepalived failover, median",
+            "L2 failover (link down), median gap",
+            "l2_failover_median_ms",
+            " ms",
+        ),
+        (
+            "Keepalived failover (link down), median gap",
             "keepalived_failover_median_ms",
             " ms",
         ),
@@ -239,6 +251,34 @@ pub fn write(out: &Path, doc: &Value) -> Result<()> {
             "\n## Backend churn\n\n{} of {} long-lived TCP connections broke over {} endpoint changes (goal: 0).\n",
             c["broken"], c["connections"], c["changes"]
         );
+    }
+    if let Some(fo) = parts["failover"].as_object() {
+        md.push_str(
+            "\n## Failover (the client's 10 ms UDP ticker, largest gap per run)\n\n\
+             | system | failure | largest gap per run, ms | median gap | median takeover |\n\
+             | --- | --- | --- | --- | --- |\n",
+        );
+        for (system, label) in [("l2", "xlb L2"), ("keepalived", "Keepalived VRRP")] {
+            for (kind, runs) in fo[system].as_object().into_iter().flatten() {
+                let gaps: Vec<String> = runs["max_gap_ms"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|g| format!("{:.0}", f(g)))
+                    .collect();
+                let cell = |k: &str| match runs[k].as_f64() {
+                    Some(x) => format!("{x:.0} ms"),
+                    None => format!("failed: {}", runs["error"].as_str().unwrap_or("no runs")),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {label} | {kind} | {} | {} | {} |",
+                    gaps.join(", "),
+                    cell("median_max_gap_ms"),
+                    cell("median_takeover_ms")
+                );
+            }
+        }
     }
     std::fs::write(out.join("latest.md"), &md)?;
     println!(

@@ -405,7 +405,7 @@ fn run_bench(quick: bool, out: &Path) -> Result<()> {
     let root = root();
     let reference = build_reference(&root)?;
     eprintln!(
-        "xtask bench: program cost, end to end in the netns lab, control plane, churn{}",
+        "xtask bench: program cost, end to end in the netns lab, control plane, churn, failover{}",
         if quick { " (--quick)" } else { "" }
     );
     let mut cmd = Command::new("cargo");

@@ -45,8 +45,11 @@ pub const GARP_SCHEDULE_MS: [u64; 7] = [0, 250, 500, 750, 1000, 2000, 3000];
 /// in the plan answered, or after this long: a node that has not heard its peers yet
 /// would otherwise claim every VIP for a moment.
 pub const JOIN_WAIT: Duration = Duration::from_secs(1);
-/// Peers that are not members yet are announced to this often.
-const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+/// Peers that are not members yet (new, down, or across a partition) are announced
+/// to this often: after a partition heals, both sides hold the VIPs they took until
+/// the first announcement gets through, so this bounds that window. One datagram per
+/// missing peer; none while every peer is a member.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 /// A stopping agent sends its restart notice this many times, this far apart (UDP
 /// may lose one; peers take the last).
 const NOTICE_COPIES: usize = 3;

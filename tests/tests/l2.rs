@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::arp::{neighbour, who_has};
+use xlb_lab::arp::{Mac, neighbour, who_has};
 use xlb_lab::l2::{
     ARP_WINDOW, Failure, MAX_TICKS, TICK, VIP, failover_gap, l2_lab, l2_logs, mac_named, macs,
     median_ms, ms, owners, wait_owner, wait_sole_answerer, write_web,
@@ -253,22 +253,33 @@ fn wait_peers_see_grace(lab: &mut Lab, stopping: &str) -> Result<()> {
     )
 }
 
+/// The L2 lab with its VIP settled: the owner and its MAC, the sole ARP answerer.
+fn settled_lab() -> Result<(Lab, String, Mac)> {
+    let mut lab = l2_lab()?;
+    let owner = wait_owner(&mut lab, &BTreeSet::new(), None)?;
+    let owner_mac = mac_named(&macs(&lab)?, &owner)?;
+    wait_sole_answerer(&lab, owner_mac)?;
+    Ok((lab, owner, owner_mac))
+}
+
+/// The client's 10 ms ticker to the VIP, answered 20 times already.
+fn ticking(lab: &Lab) -> Result<Ticker> {
+    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
+    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
+    ticker.wait_received(20, SOON)?;
+    Ok(ticker)
+}
+
 /// Issue 17 test 3, restart: SIGTERM the owner's agent and start a new one
 /// [`ROLLOUT_PAUSE`] later, within the default grace. Its datapath answers ARP
 /// throughout, nobody else ever does, no peer acquires the VIP, and the ticker's
 /// largest gap is printed.
 #[test]
 fn a_restart_within_the_grace_moves_nothing() -> Result<()> {
-    let mut lab = l2_lab()?;
-    let macs = macs(&lab)?;
+    let (mut lab, owner, owner_mac) = settled_lab()?;
     let none = BTreeSet::new();
-    let owner = wait_owner(&mut lab, &none, None)?;
-    let owner_mac = mac_named(&macs, &owner)?;
-    wait_sole_answerer(&lab, owner_mac)?;
     let before = acquisitions(&mut lab, &owner)?;
-    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
-    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
-    ticker.wait_received(20, SOON)?;
+    let ticker = ticking(&lab)?;
 
     let stopped_at = Instant::now();
     let status = lab.node_named_mut(&owner)?.agent()?.stop()?;
@@ -338,15 +349,9 @@ fn a_restart_within_the_grace_moves_nothing() -> Result<()> {
 /// over and the client follows. The handover time after SIGTERM is printed.
 #[test]
 fn a_removal_hands_the_vip_over_when_the_grace_ends() -> Result<()> {
-    let mut lab = l2_lab()?;
+    let (mut lab, owner, owner_mac) = settled_lab()?;
     let macs = macs(&lab)?;
-    let none = BTreeSet::new();
-    let owner = wait_owner(&mut lab, &none, None)?;
-    let owner_mac = mac_named(&macs, &owner)?;
-    wait_sole_answerer(&lab, owner_mac)?;
-    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
-    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
-    ticker.wait_received(20, SOON)?;
+    let ticker = ticking(&lab)?;
 
     let stopped_at = Instant::now();
     let status = lab.node_named_mut(&owner)?.agent()?.stop()?;
@@ -435,17 +440,10 @@ fn bridge_port(lab: &Lab, node: &str, cut: bool) -> Result<()> {
 /// and the client's neighbour entry follows the owner.
 #[test]
 fn after_a_partition_heals_one_node_answers() -> Result<()> {
-    let mut lab = l2_lab()?;
+    let (mut lab, owner, owner_mac) = settled_lab()?;
     let macs = macs(&lab)?;
-    let none = BTreeSet::new();
-    let owner = wait_owner(&mut lab, &none, None)?;
-    let owner_mac = mac_named(&macs, &owner)?;
-    wait_sole_answerer(&lab, owner_mac)?;
-
     // The client talks to the VIP, so its kernel has a neighbour entry to follow.
-    let dst = SocketAddr::from((VIP, WEB_UDP_PORT));
-    let ticker = Ticker::start(&lab.client, dst, TICK, MAX_TICKS)?;
-    ticker.wait_received(20, SOON)?;
+    let ticker = ticking(&lab)?;
     bridge_port(&lab, &owner, true)?;
     let cut_off = BTreeSet::from([owner.clone()]);
     let majority = wait_owner(&mut lab, &cut_off, Some(&owner))?;

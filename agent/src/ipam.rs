@@ -166,6 +166,12 @@ fn admits(pool: &AddressPool, sref: &ServiceRef, svc: &Service) -> bool {
         && any_selects(&pool.service_selectors, &svc.labels)
 }
 
+/// Whether some pool of `snapshot` holds `ip` (no pools: `true`, nothing to be
+/// outside of).
+pub fn in_some_pool(snapshot: &Snapshot, ip: IpAddr) -> bool {
+    snapshot.address_pools.is_empty() || snapshot.address_pools.values().any(|p| contains(p, ip))
+}
+
 fn contains(pool: &AddressPool, ip: IpAddr) -> bool {
     pool.ranges
         .iter()

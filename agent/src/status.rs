@@ -7,7 +7,7 @@
 //! then comes back through the watch and is what every agent serves from then on
 //! (recovered, never reshuffled: see `AddressRequest::from_status`). Problems
 //! (unknown pool, pools exhausted, no pool admits the Service, two Services claiming
-//! one address) become `events.k8s.io/v1` Warning Events on the Service, once per
+//! one address, an address named or in status that no pool holds) become `events.k8s.io/v1` Warning Events on the Service, once per
 //! distinct problem and leader term. Nothing here feeds the model except through the
 //! objects the API server sends back.
 use std::{
@@ -30,7 +30,10 @@ use serde_json::json;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{ConfigError, ErrorKind, ServiceRef, Snapshot};
+use crate::{
+    ipam,
+    model::{ConfigError, ErrorKind, ServiceRef, ServiceType, Snapshot},
+};
 
 /// `reportingController` of xlb's Events.
 pub const CONTROLLER: &str = "xlb.dev/ipam";
@@ -70,12 +73,27 @@ fn reason(e: &ConfigError) -> Option<&'static str> {
 pub fn plan(snapshot: &Snapshot, errors: &[ConfigError]) -> Plan {
     let mut out = Plan::default();
     for (sref, svc) in &snapshot.services {
+        if service_of(&svc.origin).is_none() || svc.service_type != ServiceType::LoadBalancer {
+            continue;
+        }
         let allocated = svc.address_request.as_ref().is_some_and(|r| !r.from_status);
-        if allocated
-            && service_of(&svc.origin).is_some()
-            && let Some(ip) = svc.vips.first()
-        {
+        if allocated && let Some(ip) = svc.vips.first() {
             out.pending.insert(sref.clone(), *ip);
+        }
+        // An address it named (or one left in status) that no pool holds: served, as
+        // named, but most likely a mistake (MetalLB would refuse it).
+        if !allocated {
+            for ip in svc
+                .vips
+                .iter()
+                .filter(|ip| !ipam::in_some_pool(snapshot, **ip))
+            {
+                let note = format!("{ip} is outside every AddressPool; served as named");
+                out.problems
+                    .entry(sref.clone())
+                    .or_default()
+                    .insert(("AddressOutsidePools".to_string(), note));
+            }
         }
     }
     for e in errors {
@@ -211,7 +229,7 @@ async fn post_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AddressRequest, Service, ServiceType, TrafficPolicy};
+    use crate::model::{AddressPool, AddressRequest, Service, TrafficPolicy};
 
     fn svc(origin: &str, vips: &[&str], from_status: bool) -> Service {
         Service {
@@ -255,6 +273,23 @@ mod tests {
         let p = plan(&snap, &[]);
         let want = BTreeMap::from([(ServiceRef::new("shop", "new"), "192.0.2.1".parse().unwrap())]);
         assert_eq!(p.pending, want);
+        // No pools: nothing is outside them.
+        assert!(p.problems.is_empty());
+        snap.address_pools.insert(
+            "p".into(),
+            AddressPool {
+                ranges: vec![("192.0.2.0".parse().unwrap(), "192.0.2.1".parse().unwrap())],
+                ..AddressPool::default()
+            },
+        );
+        let p = plan(&snap, &[]);
+        let outside: Vec<&ServiceRef> = p.problems.keys().collect();
+        assert_eq!(outside, [&ServiceRef::new("shop", "done")]);
+        assert!(
+            p.problems[outside[0]]
+                .iter()
+                .all(|(r, _)| r == "AddressOutsidePools")
+        );
     }
 
     #[test]

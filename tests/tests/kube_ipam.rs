@@ -5,7 +5,8 @@
 //!   PATCHes it into `status.loadBalancer.ingress` and the dataplane serves it with
 //!   real packets; after a restart the address is recovered from status, not
 //!   reshuffled, even though a new pool would now be preferred;
-//! - an unknown pool and an exhausted pool become Warning Events on the Service, once;
+//! - an unknown pool, an exhausted pool, an address named outside every pool and two
+//!   Services naming one address become Warning Events on the Service, once each;
 //! - two agents, one Lease: only the holder writes status; killing it hands over,
 //!   and the next Service gets an address of its own.
 //!
@@ -194,14 +195,31 @@ fn a_service_gets_an_address_from_its_pool_in_status_and_problems_become_events(
         service("t1", &[("xlb.dev/address-pool", "tiny")]),
         service("t2", &[("metallb.io/address-pool", "tiny")]),
         service("lost", &[("metallb.universe.tf/address-pool", "nope")]),
+        // Named outside every pool: served as named, and warned about.
+        service("named", &[("xlb.dev/loadBalancerIPs", "10.0.200.1")]),
+        // Two Services naming one address with the same ports: one loses.
+        service("clash-a", &[("metallb.io/loadBalancerIPs", "10.0.100.40")]),
+        service("clash-b", &[("metallb.io/loadBalancerIPs", "10.0.100.40")]),
     ]))?;
     let (_, t1) = wait_patched(&api, "t1")?;
     ensure!(t1 == IpAddr::from([10, 0, 100, 48]), "t1 got {t1}");
-    poll("Warning Events for lost and t2", SOON, STEP, || {
+    let clashes = || -> Result<(usize, usize)> {
+        Ok((
+            events(&api, "clash-a", "AddressConflict")?,
+            events(&api, "clash-b", "AddressConflict")?,
+        ))
+    };
+    poll("Warning Events for each problem", SOON, STEP, || {
+        let (a, b) = clashes()?;
         Ok((events(&api, "lost", "AddressPoolUnknown")? == 1
-            && events(&api, "t2", "AddressPoolExhausted")? == 1)
+            && events(&api, "t2", "AddressPoolExhausted")? == 1
+            && events(&api, "named", "AddressOutsidePools")? == 1
+            // One Event per contested port (TCP 80, UDP 53), on the loser only.
+            && (a == 2) != (b == 2)
+            && a + b == 2)
             .then_some(()))
     })?;
+    let clashed = clashes()?;
     ensure!(patched(&api, "t2").is_none() && patched(&api, "lost").is_none());
     // Later syncs (another Service arriving) repeat nothing.
     api.put_yaml(&service("late", &[]))?;
@@ -214,6 +232,12 @@ fn a_service_gets_an_address_from_its_pool_in_status_and_problems_become_events(
         events(&api, "t2", "AddressPoolExhausted")? == 1,
         "repeated Event"
     );
+    ensure!(
+        events(&api, "named", "AddressOutsidePools")? == 1,
+        "repeated Event"
+    );
+    ensure!(clashes()? == clashed, "repeated conflict Events");
+    ensure!(patched(&api, "named").is_none() && patched(&api, "clash-a").is_none());
     ensure!(patches_of(&api, "web") == 1, "demo/web PATCHed again");
 
     // Restart with a pool the allocator would now prefer for demo/web: the address is

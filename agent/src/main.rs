@@ -85,8 +85,9 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = parse_grace)]
         restart_grace: std::time::Duration,
         /// Namespace of the `coordination.k8s.io` Lease `xlb-ipam` that elects the one
-        /// agent writing Service status and Events (Kubernetes API source).
-        #[arg(long, default_value = "xlb-system")]
+        /// agent writing Service status and Events (Kubernetes API source); deploy/
+        /// sets it to the pod's own namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
         lease_namespace: String,
         /// How long the IPAM Lease stays with an agent that stopped renewing it (it
         /// renews every duration/7, at most every 2 s); a stopping agent gives it up.

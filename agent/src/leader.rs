@@ -168,7 +168,12 @@ pub fn start(client: Client, cfg: LeaseConfig) -> (watch::Receiver<bool>, JoinHa
         let mut reported: Option<String> = None;
         loop {
             tick.tick().await;
-            let leads = match round(&api, &cfg, &mut obs).await {
+            // A round that hangs (an unreachable API server) counts as failed in time
+            // for the leader to stop leading before another may take over.
+            let result = tokio::time::timeout(cfg.duration / 4, round(&api, &cfg, &mut obs))
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("Lease round timed out".into())));
+            let leads = match result {
                 Ok(true) => {
                     obs.renewed = Some(Instant::now());
                     reported = None;

@@ -74,6 +74,10 @@ pub enum SourceConfig {
     Kubernetes {
         /// `--kubeconfig`.
         kubeconfig: Option<PathBuf>,
+        /// `--lease-namespace`: where the IPAM leader's Lease is.
+        lease_namespace: String,
+        /// `--lease-duration`.
+        lease_duration: Duration,
     },
 }
 
@@ -170,6 +174,9 @@ struct Reconciler {
     collector: Arc<BpfCollector>,
     /// What L2 announcement needs from each applied snapshot (see [`crate::l2`]).
     l2_plan: watch::Sender<Arc<crate::l2::Plan>>,
+    /// What the IPAM leader should write (Kubernetes API source only; see
+    /// [`crate::status`]).
+    status_plan: Option<watch::Sender<Arc<crate::status::Plan>>>,
     /// The health checks the model the maps were last brought to asks for. (Not the
     /// snapshot itself: holding it would make the source copy the whole model on its
     /// next change instead of updating it in place.)
@@ -192,6 +199,20 @@ impl Reconciler {
             }
         }
         self.reported = now;
+    }
+
+    /// Hands the IPAM leader what to write for this snapshot (when it differs).
+    fn publish_status(&self, snapshot: &crate::model::Snapshot, errors: &[ConfigError]) {
+        if let Some(tx) = &self.status_plan {
+            let plan = crate::status::plan(snapshot, errors);
+            tx.send_if_modified(|p| {
+                let differs = **p != plan;
+                if differs {
+                    *p = Arc::new(plan);
+                }
+                differs
+            });
+        }
     }
 
     fn sync(&mut self, source: &mut Source) -> Result<(), DataplaneError> {
@@ -234,6 +255,7 @@ impl Reconciler {
         let mut errors = loaded.errors;
         errors.extend(desired.errors.iter().cloned());
         self.report(&errors);
+        self.publish_status(&loaded.snapshot, &errors);
         for (vip, ds) in &desired.services {
             if !ds.remote_backends.is_empty() {
                 tracing::debug!(
@@ -333,6 +355,7 @@ impl Reconciler {
         let mut errors = loaded.errors.clone();
         errors.extend(desired.errors.iter().cloned());
         self.report(&errors);
+        self.publish_status(&loaded.snapshot, &errors);
         let patch = match state::plan(
             &desired,
             &keys,
@@ -667,7 +690,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     }
     let kube_client = match &cfg.source {
         SourceConfig::Manifests(_) => None,
-        SourceConfig::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_deref()).await?),
+        SourceConfig::Kubernetes { kubeconfig, .. } => {
+            Some(kube_client(kubeconfig.as_deref()).await?)
+        }
     };
     let mut watched = manifests_dir.as_deref().and_then(dir_identity);
     let pin_err = |source| AgentError::PinPath {
@@ -765,11 +790,35 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     };
 
+    let mut status_plan = None;
+    let mut ipam_lease = None;
+    let mut side_tasks = Vec::new();
     let (mut source, preloaded) = match (first_load.join(), kube_client) {
         (_, Some(client)) => {
             info!(
                 "source: the Kubernetes API; serving what the maps hold until every kind is listed"
             );
+            // The IPAM leader (one agent, by a Lease) writes status and Events from
+            // the plans the reconciler publishes.
+            if let SourceConfig::Kubernetes {
+                lease_namespace,
+                lease_duration,
+                ..
+            } = &cfg.source
+            {
+                let lease = crate::leader::LeaseConfig::new(
+                    lease_namespace,
+                    &cfg.node_name,
+                    *lease_duration,
+                );
+                let (leads, election) = crate::leader::start(client.clone(), lease.clone());
+                let (tx, plans) = watch::channel(Arc::new(crate::status::Plan::default()));
+                let writer =
+                    crate::status::start(client.clone(), cfg.node_name.clone(), leads, plans);
+                side_tasks.extend([election, writer]);
+                status_plan = Some(tx);
+                ipam_lease = Some((client.clone(), lease));
+            }
             let k = KubeSource::start(client, cfg.node_ports.clone(), changes_tx);
             (Source::Kubernetes(k), None)
         }
@@ -800,6 +849,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         metrics,
         collector,
         l2_plan,
+        status_plan,
         probes: BTreeSet::new(),
     };
     let (mut checker, mut verdicts) = Checker::new(rec.metrics.checks.clone());
@@ -905,6 +955,17 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             _ = backoff, if retry_soon => {}
             _ = recheck_sleep, if recheck.is_some() => { retry_soon = true; }
         }
+    }
+    // Another agent becomes the IPAM leader at once rather than after a duration.
+    for t in &side_tasks {
+        t.abort();
+    }
+    if let Some((client, lease)) = ipam_lease {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::leader::release(client, &lease),
+        )
+        .await;
     }
     // The node keeps its L2 VIPs for the restart grace, and the peers are told.
     if let Some(l2) = l2_task {

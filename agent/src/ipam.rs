@@ -64,15 +64,18 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
         // No pools: Services without an address stay pending (as before IPAM).
         return out;
     }
-    // Addresses Services named themselves.
+    // Addresses Services named themselves, and those recovered from status (held
+    // with their sharing key, so that later Services with the key may join them).
     let mut held: BTreeMap<IpAddr, Vec<Holder>> = BTreeMap::new();
     for svc in snapshot.services.values() {
-        if svc.address_request.is_some() {
-            continue;
-        }
+        let key = match &svc.address_request {
+            Some(req) if req.from_status => req.sharing_key.clone(),
+            Some(_) => continue,
+            None => None,
+        };
         for ip in svc.vips.iter().chain(&svc.external_ips) {
             held.entry(*ip).or_default().push(Holder {
-                key: None,
+                key: key.clone(),
                 policy: svc.traffic_policy,
                 ports: ports(svc),
             });
@@ -81,7 +84,10 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
     let mut asking: Vec<(&ServiceRef, &Service)> = snapshot
         .services
         .iter()
-        .filter(|(_, s)| s.service_type == ServiceType::LoadBalancer && s.address_request.is_some())
+        .filter(|(_, s)| {
+            s.service_type == ServiceType::LoadBalancer
+                && s.address_request.as_ref().is_some_and(|r| !r.from_status)
+        })
         .collect();
     asking.sort_by_key(|(r, s)| (s.created.unwrap_or(i64::MAX), *r));
     let mut pools: Vec<(&String, &AddressPool)> = snapshot.address_pools.iter().collect();
@@ -158,6 +164,12 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
 fn admits(pool: &AddressPool, sref: &ServiceRef, svc: &Service) -> bool {
     (pool.namespaces.is_empty() || pool.namespaces.contains(&sref.namespace))
         && any_selects(&pool.service_selectors, &svc.labels)
+}
+
+/// Whether some pool of `snapshot` holds `ip` (no pools: `true`, nothing to be
+/// outside of).
+pub fn in_some_pool(snapshot: &Snapshot, ip: IpAddr) -> bool {
+    snapshot.address_pools.is_empty() || snapshot.address_pools.values().any(|p| contains(p, ip))
 }
 
 fn contains(pool: &AddressPool, ip: IpAddr) -> bool {
@@ -264,6 +276,7 @@ mod tests {
             address_request: Some(AddressRequest {
                 pool: pool.map(String::from),
                 sharing_key: key.map(String::from),
+                from_status: false,
             }),
             origin: "test.yaml".into(),
         }
@@ -325,6 +338,33 @@ mod tests {
                 .iter()
                 .all(|e| e.kind == ErrorKind::AddressUnavailable)
         );
+    }
+
+    #[test]
+    fn an_address_recovered_from_status_stays_and_is_shared_by_its_key() {
+        let mut snap = Snapshot::default();
+        snap.address_pools
+            .insert("p".into(), pool(&[("10.0.0.1", "10.0.0.3")]));
+        // Outside the pool today (moved from MetalLB, say): kept, never reshuffled.
+        let mut old = svc(0, &[80], None, Some("k"));
+        old.vips = vec![ip("10.9.9.9")];
+        if let Some(req) = old.address_request.as_mut() {
+            req.from_status = true;
+        }
+        snap.services.insert(r("old"), old.clone());
+        old.vips = vec![ip("10.0.0.2")];
+        snap.services.insert(r("inpool"), old);
+        snap.services
+            .insert(r("joins"), svc(1, &[443], None, Some("k")));
+        snap.services.insert(r("new"), svc(2, &[80], None, None));
+        let a = allocate(&snap);
+        // Recovered ones are not allocated again; a Service with their key joins one
+        // (in a pool it may use); a new one takes neither address.
+        assert!(!a.addresses.contains_key(&r("old")));
+        assert!(!a.addresses.contains_key(&r("inpool")));
+        assert_eq!(a.addresses[&r("joins")], ip("10.0.0.2"));
+        assert_ne!(a.addresses[&r("new")], ip("10.0.0.2"));
+        assert!(a.errors.is_empty(), "{:?}", a.errors);
     }
 
     #[test]

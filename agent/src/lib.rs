@@ -7,6 +7,8 @@
 //! - [`netdev`] reads and keeps what the datapath needs from the uplink (addresses,
 //!   driver and XDP mode, neighbour entries for other nodes);
 //! - [`ipam`] gives LoadBalancer Services addresses from AddressPools (in the model);
+//!   with the Kubernetes API, [`leader`] elects one agent (a Lease) and [`status`]
+//!   has it write the addresses to Service status, and problems as Events;
 //! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
@@ -26,8 +28,10 @@ pub mod health;
 pub mod inspect;
 pub mod ipam;
 pub mod l2;
+pub mod leader;
 pub mod metallb;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
 pub mod source;
+pub mod status;

@@ -84,6 +84,15 @@ enum Command {
         /// regardless.
         #[arg(long, default_value = "5s", value_parser = parse_grace)]
         restart_grace: std::time::Duration,
+        /// Namespace of the `coordination.k8s.io` Lease `xlb-ipam` that elects the one
+        /// agent writing Service status and Events (Kubernetes API source); deploy/
+        /// sets it to the pod's own namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
+        lease_namespace: String,
+        /// How long the IPAM Lease stays with an agent that stopped renewing it (it
+        /// renews every duration/7, at most every 2 s); a stopping agent gives it up.
+        #[arg(long, default_value = "15s", value_parser = parse_lease)]
+        lease_duration: std::time::Duration,
     },
     /// Show what the datapath holds, read from the pinned maps: works while the agent
     /// is stopped or crash-looping.
@@ -189,6 +198,19 @@ fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    match xlb::duration::parse(s.trim()) {
+        Some(d)
+            if (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(300))
+                .contains(&d) =>
+        {
+            Ok(d)
+        }
+        Some(_) => Err(format!("{s:?} is not between 1s and 5m")),
+        None => Err(format!("{s:?} is not a duration (e.g. 15s)")),
+    }
+}
+
 /// `LOW-HIGH`, e.g. `30000-32767`.
 fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (lo, hi) = s
@@ -235,13 +257,19 @@ fn main() -> anyhow::Result<()> {
             node_port_range,
             memberlist_port,
             restart_grace,
+            lease_namespace,
+            lease_duration,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
                 node_name,
                 source: match manifests {
                     Some(dir) => xlb::agent::SourceConfig::Manifests(dir),
-                    None => xlb::agent::SourceConfig::Kubernetes { kubeconfig },
+                    None => xlb::agent::SourceConfig::Kubernetes {
+                        kubeconfig,
+                        lease_namespace,
+                        lease_duration,
+                    },
                 },
                 metrics_addr,
                 pin_path,

@@ -61,6 +61,10 @@ pub struct AddressRequest {
     /// Its sharing key (`xlb.dev/allow-shared-ip`, or MetalLB's): Services with the
     /// same key and no common port may share one address.
     pub sharing_key: Option<String>,
+    /// The Service's addresses come from its `status.loadBalancer.ingress` (an
+    /// earlier allocation, recovered: the address stays, never reshuffled) rather
+    /// than from allocation; it still holds them with its sharing key.
+    pub from_status: bool,
 }
 
 /// An `xlb.dev/v1alpha1 L2Announcement`: MetalLB's L2Advertisement with the same field

@@ -12,12 +12,23 @@
 //! - while [`FakeApiServer::set_down`] is on, nothing listens (connections are
 //!   refused, as when the API server or the path to it is gone) and open watches end.
 //!
+//! What the IPAM leader writes, recorded for assertions:
+//!
+//! - `PATCH /api/v1/namespaces/NS/services/NAME/status` (JSON merge patch): applied to
+//!   the stored Service (a MODIFIED event for its watches) and recorded
+//!   ([`FakeApiServer::status_patches`]);
+//! - Leases (`/apis/coordination.k8s.io/v1/namespaces/NS/leases[/NAME]`): GET, POST
+//!   (`409 AlreadyExists` if it exists) and PUT (`409 Conflict` unless the body
+//!   carries the stored resourceVersion), as optimistic concurrency does;
+//! - `POST /apis/events.k8s.io/v1/namespaces/NS/events` (with `generateName`):
+//!   recorded ([`FakeApiServer::events`]).
+//!
 //! Objects are whatever the test stores, normally k8s-openapi types serialised with
 //! their `apiVersion` and `kind` ([`FakeApiServer::put`]). Collections are cluster-wide
 //! (`/api/v1/services`), which is what the agent's watchers use.
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -25,9 +36,9 @@ use std::{
 use anyhow::{Context, Result};
 use axum::{
     Router,
-    body::Body,
-    extract::{Query, State},
-    http::{StatusCode, Uri},
+    body::{Body, Bytes},
+    extract::{ConnectInfo, Query, State},
+    http::{Method, StatusCode, Uri},
     response::{IntoResponse, Response},
 };
 use serde_json::{Value, json};
@@ -73,6 +84,19 @@ pub const COLLECTIONS: [Collection; 5] = [
     },
 ];
 
+/// A `PATCH …/services/NAME/status` the server applied.
+#[derive(Clone, Debug)]
+pub struct StatusPatch {
+    /// The client's address (which agent wrote it).
+    pub from: IpAddr,
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The patch as sent.
+    pub patch: Value,
+}
+
 #[derive(Default)]
 struct Store {
     /// The last resourceVersion handed out.
@@ -86,6 +110,12 @@ struct Store {
     log: Vec<(u64, &'static str, &'static str, Value)>,
     /// Requests served, by "METHOD path?query" (for assertions on what was asked).
     requests: Vec<String>,
+    /// Leases by (namespace, name).
+    leases: BTreeMap<(String, String), Value>,
+    /// Events posted, in order, with who posted them.
+    events: Vec<(IpAddr, Value)>,
+    /// Status patches, in order.
+    status_patches: Vec<StatusPatch>,
 }
 
 #[derive(Clone)]
@@ -154,6 +184,7 @@ async fn serve(addr: SocketAddr, listener: tokio::net::TcpListener, shared: Shar
                 }
             }
         };
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
     }
 }
@@ -343,6 +374,229 @@ current-context: fake
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared.store).requests.clone()
     }
+
+    /// The status patches of Services so far.
+    pub fn status_patches(&self) -> Vec<StatusPatch> {
+        lock(&self.shared.store).status_patches.clone()
+    }
+
+    /// The Events posted so far, with the address each came from.
+    pub fn events(&self) -> Result<Vec<(IpAddr, k8s_openapi::api::events::v1::Event)>> {
+        let events = lock(&self.shared.store).events.clone();
+        events
+            .into_iter()
+            .map(|(from, e)| Ok((from, serde_json::from_value(e).context("a stored Event")?)))
+            .collect()
+    }
+
+    /// A Lease as stored.
+    pub fn lease(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<k8s_openapi::api::coordination::v1::Lease>> {
+        let key = (namespace.to_string(), name.to_string());
+        let lease = lock(&self.shared.store).leases.get(&key).cloned();
+        lease
+            .map(|l| serde_json::from_value(l).context("the stored Lease"))
+            .transpose()
+    }
+
+    /// A stored Service, as the API server would send it.
+    pub fn service(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<k8s_openapi::api::core::v1::Service>> {
+        let key = (namespace.to_string(), name.to_string());
+        let svc = lock(&self.shared.store)
+            .objects
+            .get("/api/v1/services")
+            .and_then(|m| m.get(&key))
+            .cloned();
+        svc.map(|s| serde_json::from_value(s).context("the stored Service"))
+            .transpose()
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn reply(code: StatusCode, body: Value) -> Response {
+    (code, axum::Json(body)).into_response()
+}
+
+/// The writes the IPAM leader makes (status, Leases, Events); `None`: not one of them.
+fn write(
+    shared: &Shared,
+    peer: SocketAddr,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Option<Response> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let bad = |m: &str| Some(reply(StatusCode::BAD_REQUEST, status(400, "BadRequest", m)));
+    let parsed = || serde_json::from_slice::<Value>(body);
+    match (method.as_str(), parts.as_slice()) {
+        ("PATCH", ["api", "v1", "namespaces", ns, "services", name, "status"]) => {
+            let Ok(patch) = parsed() else {
+                return bad("the patch is not JSON");
+            };
+            let mut s = lock(&shared.store);
+            let key = (ns.to_string(), name.to_string());
+            let Some(mut object) = s
+                .objects
+                .get("/api/v1/services")
+                .and_then(|m| m.get(&key))
+                .cloned()
+            else {
+                let m = format!("services \"{name}\" not found");
+                return Some(reply(StatusCode::NOT_FOUND, status(404, "NotFound", &m)));
+            };
+            // The status subresource changes status only.
+            if let Some(st) = patch.get("status") {
+                merge(&mut object["status"], st);
+            }
+            s.rv += 1;
+            let rv = s.rv;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            s.objects
+                .entry("/api/v1/services")
+                .or_default()
+                .insert(key, object.clone());
+            s.log
+                .push((rv, "/api/v1/services", "MODIFIED", object.clone()));
+            s.status_patches.push(StatusPatch {
+                from: peer.ip(),
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                patch,
+            });
+            drop(s);
+            shared.tick.send_modify(|t| *t += 1);
+            Some(reply(StatusCode::OK, object))
+        }
+        (
+            "GET",
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+                name,
+            ],
+        ) => {
+            let s = lock(&shared.store);
+            Some(match s.leases.get(&(ns.to_string(), name.to_string())) {
+                Some(l) => reply(StatusCode::OK, l.clone()),
+                None => {
+                    let m = format!("leases.coordination.k8s.io \"{name}\" not found");
+                    reply(StatusCode::NOT_FOUND, status(404, "NotFound", &m))
+                }
+            })
+        }
+        (
+            "POST",
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+            ],
+        )
+        | (
+            "PUT",
+            [
+                "apis",
+                "coordination.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "leases",
+                _,
+            ],
+        ) => {
+            let Ok(mut lease) = parsed() else {
+                return bad("the Lease is not JSON");
+            };
+            let Some(name) = lease["metadata"]["name"].as_str().map(String::from) else {
+                return bad("a Lease without metadata.name");
+            };
+            let mut s = lock(&shared.store);
+            let key = (ns.to_string(), name.clone());
+            let stored = s
+                .leases
+                .get(&key)
+                .map(|l| l["metadata"]["resourceVersion"].clone());
+            let conflict = match (method.as_str(), stored) {
+                ("POST", Some(_)) => Some((
+                    "AlreadyExists",
+                    format!("leases.coordination.k8s.io \"{name}\" already exists"),
+                )),
+                ("PUT", None) => {
+                    let m = format!("leases.coordination.k8s.io \"{name}\" not found");
+                    return Some(reply(StatusCode::NOT_FOUND, status(404, "NotFound", &m)));
+                }
+                ("PUT", Some(rv)) if rv != lease["metadata"]["resourceVersion"] => Some((
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                )),
+                _ => None,
+            };
+            if let Some((reason, m)) = conflict {
+                return Some(reply(StatusCode::CONFLICT, status(409, reason, &m)));
+            }
+            s.rv += 1;
+            lease["apiVersion"] = json!("coordination.k8s.io/v1");
+            lease["kind"] = json!("Lease");
+            lease["metadata"]["namespace"] = json!(ns);
+            lease["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            s.leases.insert(key, lease.clone());
+            let code = if method == Method::POST {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Some(reply(code, lease))
+        }
+        ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            let Ok(mut event) = parsed() else {
+                return bad("the Event is not JSON");
+            };
+            let mut s = lock(&shared.store);
+            s.rv += 1;
+            if event["metadata"]["name"].as_str().is_none() {
+                let prefix = event["metadata"]["generateName"].as_str().unwrap_or("");
+                event["metadata"]["name"] = json!(format!("{prefix}{:x}", s.rv));
+            }
+            event["apiVersion"] = json!("events.k8s.io/v1");
+            event["kind"] = json!("Event");
+            event["metadata"]["namespace"] = json!(ns);
+            event["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            s.events.push((peer.ip(), event.clone()));
+            Some(reply(StatusCode::CREATED, event))
+        }
+        _ => None,
+    }
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -354,17 +608,30 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 
 async fn handle(
     State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
     uri: Uri,
     Query(query): Query<BTreeMap<String, String>>,
+    body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
     {
         let mut s = lock(&shared.store);
-        s.requests.push(format!("GET {uri}"));
+        s.requests.push(format!("{method} {uri}"));
         if s.down {
             let body = status(503, "ServiceUnavailable", "the fake API server is down");
             return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
         }
+    }
+    if let Some(r) = write(&shared, peer, &method, &path, &body) {
+        return r;
+    }
+    if method != Method::GET {
+        let m = format!("{method} {path} is not served by the fake API server");
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", &m),
+        );
     }
     let Some(c) = COLLECTIONS.iter().find(|c| c.path == path) else {
         let body = status(

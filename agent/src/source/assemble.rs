@@ -422,7 +422,8 @@ impl Index {
         let alloc = crate::ipam::allocate(&self.snapshot);
         let snapshot = Arc::make_mut(&mut self.snapshot);
         for (sref, svc) in snapshot.services.iter_mut() {
-            if svc.address_request.is_none() {
+            // Recovered from status: its addresses are the status ones.
+            if svc.address_request.as_ref().is_none_or(|r| r.from_status) {
                 continue;
             }
             let want: Vec<std::net::IpAddr> =

@@ -428,6 +428,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
     // MetalLB's annotations (what a MetalLB user wrote to request an address). No
     // address is fine: pending allocation.
     let mut candidates: Vec<(String, String)> = Vec::new();
+    let mut from_status = false;
     if lb {
         let ingress = svc
             .status
@@ -437,6 +438,13 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         candidates.extend(ingress.into_iter().enumerate().filter_map(|(i, ing)| {
             Some((format!("status.loadBalancer.ingress[{i}].ip"), ing.ip?))
         }));
+        // Status alone (nothing in spec or annotations): an earlier allocation, which
+        // still counts as one (see `AddressRequest::from_status`).
+        from_status = !candidates.is_empty()
+            && spec.load_balancer_ip.as_deref().is_none_or(str::is_empty)
+            && [XLB_IPS, METALLB_IPS, METALLB_IPS_LEGACY]
+                .iter()
+                .all(|a| comma_list(annotations.get(*a)).next().is_none());
         if candidates.is_empty() {
             candidates.extend(
                 spec.load_balancer_ip
@@ -461,10 +469,12 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             .find_map(|n| annotations.get(*n).map(|v| v.trim().to_string()))
             .filter(|v| !v.is_empty())
     };
-    let address_request = (lb && candidates.is_empty()).then(|| model::AddressRequest {
-        pool: first_annotation(POOL_ANNOTATIONS),
-        sharing_key: first_annotation(SHARING_ANNOTATIONS),
-    });
+    let address_request =
+        (lb && (candidates.is_empty() || from_status)).then(|| model::AddressRequest {
+            pool: first_annotation(POOL_ANNOTATIONS),
+            sharing_key: first_annotation(SHARING_ANNOTATIONS),
+            from_status,
+        });
     let vips = addresses(cx, candidates, "VIP", &mut invalid);
 
     let external = spec

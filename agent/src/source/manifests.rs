@@ -741,7 +741,11 @@ endpoints:
                     affinity_timeout: None,
                     health_check_node_port: None,
                     static_service: None,
-                    address_request: None,
+                    // The lab example's address is in status: a recovered allocation.
+                    address_request: Some(model::AddressRequest {
+                        from_status: true,
+                        ..model::AddressRequest::default()
+                    }),
                     created: None,
                     labels: BTreeMap::new(),
                     ports: vec![

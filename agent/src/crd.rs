@@ -68,10 +68,11 @@ pub struct ServiceAllocation {
     /// Pools with a lower value are tried first; pools without one last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
-    /// Only Services in these namespaces (none: any).
+    /// Only Services in these namespaces (none, and no namespaceSelectors: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
-    /// Not supported yet (xlb reads no Namespaces): refused.
+    /// Only Services in namespaces whose labels these select; with namespaces, either
+    /// admits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespace_selectors: Vec<LabelSelector>,
     /// Only Services these select (none: any).

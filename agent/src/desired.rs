@@ -379,10 +379,12 @@ fn service_claims(
         };
         let mut frontends: Vec<(IpAddr, u16, Frontend, String)> = Vec::new();
         let port_field = format!("spec.ports[{}].port", port.index);
-        for &addr in &svc.vips {
+        // The datapath is IPv4-only for now: IPv6 addresses stay in the model (held,
+        // in status, reported by the source) and are not programmed.
+        for &addr in svc.vips.iter().filter(|a| a.is_ipv4()) {
             frontends.push((addr, port.port, Frontend::LoadBalancer, port_field.clone()));
         }
-        for &addr in &svc.external_ips {
+        for &addr in svc.external_ips.iter().filter(|a| a.is_ipv4()) {
             let field = "spec.externalIPs".to_string();
             frontends.push((addr, port.port, Frontend::ExternalIp, field));
         }
@@ -760,6 +762,8 @@ pub(crate) mod tests {
             address_request: None,
             created: None,
             labels: BTreeMap::new(),
+            sharing_key: None,
+            selector: BTreeMap::new(),
             ports: vec![ServicePort {
                 index: 0,
                 name: "http".into(),
@@ -781,6 +785,7 @@ pub(crate) mod tests {
             nodes: BTreeMap::new(),
             l2_announcements: BTreeMap::new(),
             address_pools: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
         }
     }
 

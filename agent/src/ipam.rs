@@ -1,46 +1,52 @@
-//! Address allocation (IPAM) for LoadBalancer Services that name no address, from
-//! `AddressPool`s, with MetalLB's rules and names: a Service may name its pool
-//! (`address-pool` annotation), pools are tried by `serviceAllocation.priority`
-//! (lower first, unset last, then by name) among those whose `autoAssign`,
-//! `namespaces` and `serviceSelectors` admit the Service, `avoidBuggyIPs` skips .0
-//! and .255, and Services with the same `allow-shared-ip` key, the same traffic
-//! policy and no common port/protocol share one address.
+//! Address allocation (IPAM) for LoadBalancer Services, from `AddressPool`s, with
+//! MetalLB's rules and names: a Service may name its addresses (`loadBalancerIPs`
+//! annotations, `spec.loadBalancerIP`) or its pool (`address-pool`); otherwise pools
+//! are tried by `serviceAllocation.priority` (lower first, unset last, then by name)
+//! among those whose `autoAssign`, `namespaces`, `namespaceSelectors` and
+//! `serviceSelectors` admit it. `avoidBuggyIPs` skips IPv4 .0 and .255. One address
+//! per family in `spec.ipFamilies` (both for dual-stack), from one pool.
+//!
+//! Sharing (MetalLB, "IP Address Sharing"): Services hold one address together only
+//! with the same `allow-shared-ip` key, no common port/protocol, the same traffic
+//! policy and, with Local policy, the same selector. This holds for named addresses
+//! too: a Service naming an address another holds, against these rules, is refused
+//! it (an `AddressConflict`), even on other ports. Without any pool, IPAM is off and
+//! named addresses are served as named (each VIP:port then conflicts on its own).
 //!
 //! Deterministic, so that every agent reading the same manifests computes the same
 //! addresses without talking to the others: Services are served in order of
-//! `metadata.creationTimestamp` (unset last), then namespace/name; each starts looking
-//! at a place in the pool fixed by a hash of its namespace/name and takes the next
-//! free address. An older Service therefore never loses its address to a newer one,
-//! and removing a Service moves no other Service (unless that one had stepped past
-//! the removed one's address, which takes a hash collision in the pool).
-//!
-//! Only IPv4 addresses are handed out for now (the datapath serves IPv4 VIPs); IPv6
-//! ranges are accepted in pools and skipped.
+//! `metadata.creationTimestamp` (unset last), then namespace/name, those with named
+//! or recovered (status) addresses first; each asking Service starts looking at a
+//! place in the pool fixed by a hash of its namespace/name and takes the next free
+//! address. An older Service therefore never loses its address to a newer one, and
+//! removing a Service moves no other Service (unless that one had stepped past the
+//! removed one's address, which takes a hash collision in the pool).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::model::{
-    AddressPool, ConfigError, ErrorKind, Protocol, Service, ServiceRef, ServiceType, Snapshot,
-    TrafficPolicy, any_selects,
+    AddressPool, AddressRequest, ConfigError, ErrorKind, IpFamily, Protocol, Service, ServiceRef,
+    ServiceType, Snapshot, TrafficPolicy, any_selects,
 };
 
-/// The result: an address per Service that asked and got one, and why the others
-/// did not.
+/// The result: the addresses each Service with a request holds, and why the others
+/// hold fewer than they asked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allocation {
-    /// The address each asking Service gets.
-    pub addresses: BTreeMap<ServiceRef, IpAddr>,
-    /// One error per Service left without (unknown pool, no pool admits it, pools
-    /// exhausted).
+    /// The addresses each LoadBalancer Service with a request holds: the named
+    /// ones the sharing rules let it hold, or those allocated (one per family).
+    pub addresses: BTreeMap<ServiceRef, Vec<IpAddr>>,
+    /// One error per refused named address, and per asking Service left without
+    /// (unknown pool, no pool admits it, pools exhausted).
     pub errors: Vec<ConfigError>,
 }
 
-/// Who holds an address: sharing key, traffic policy, ports.
-struct Holder {
-    key: Option<String>,
-    policy: TrafficPolicy,
+/// Who holds an address.
+struct Holder<'a> {
+    service: &'a ServiceRef,
+    svc: &'a Service,
     ports: BTreeSet<(u16, Protocol)>,
 }
 
@@ -48,112 +54,162 @@ fn ports(svc: &Service) -> BTreeSet<(u16, Protocol)> {
     svc.ports.iter().map(|p| (p.port, p.protocol)).collect()
 }
 
-/// Whether `svc` (with sharing key `key`) may join the `holders` of an address.
-fn may_share(holders: &[Holder], key: Option<&str>, svc: &Service) -> bool {
+/// Why `svc` may not join the `holders` of an address (MetalLB's sharing rules),
+/// or `None` if it may.
+fn conflict(holders: &[Holder<'_>], svc: &Service) -> Option<String> {
     let mine = ports(svc);
-    key.is_some()
-        && holders.iter().all(|h| {
-            h.key.as_deref() == key && h.policy == svc.traffic_policy && h.ports.is_disjoint(&mine)
-        })
+    holders.iter().find_map(|h| {
+        let why = if svc.sharing_key.is_none() || h.svc.sharing_key != svc.sharing_key {
+            let key = |k: &Option<String>| k.as_deref().map_or("none".into(), |k| format!("{k:?}"));
+            format!(
+                "sharing key {} is not its {}",
+                key(&svc.sharing_key),
+                key(&h.svc.sharing_key)
+            )
+        } else if let Some((port, proto)) = h.ports.intersection(&mine).next() {
+            format!("both use port {port}/{proto}")
+        } else if h.svc.traffic_policy != svc.traffic_policy {
+            "their externalTrafficPolicy differs".to_string()
+        } else if svc.traffic_policy == TrafficPolicy::Local && h.svc.selector != svc.selector {
+            "with externalTrafficPolicy Local they must select the same pods".to_string()
+        } else {
+            return None;
+        };
+        Some(format!("Service {} holds it and {why}", h.service))
+    })
 }
 
 /// Allocates addresses for every Service of `snapshot` with an address request.
 pub fn allocate(snapshot: &Snapshot) -> Allocation {
     let mut out = Allocation::default();
-    if snapshot.address_pools.is_empty() {
-        // No pools: Services without an address stay pending (as before IPAM).
-        return out;
-    }
-    // Addresses Services named themselves, and those recovered from status (held
-    // with their sharing key, so that later Services with the key may join them).
-    let mut held: BTreeMap<IpAddr, Vec<Holder>> = BTreeMap::new();
-    for svc in snapshot.services.values() {
-        let key = match &svc.address_request {
-            Some(req) if req.from_status => req.sharing_key.clone(),
-            Some(_) => continue,
-            None => None,
-        };
-        for ip in svc.vips.iter().chain(&svc.external_ips) {
-            held.entry(*ip).or_default().push(Holder {
-                key: key.clone(),
-                policy: svc.traffic_policy,
-                ports: ports(svc),
-            });
-        }
-    }
-    let mut asking: Vec<(&ServiceRef, &Service)> = snapshot
+    let mut requests: Vec<(&ServiceRef, &Service, &AddressRequest)> = snapshot
         .services
         .iter()
-        .filter(|(_, s)| {
-            s.service_type == ServiceType::LoadBalancer
-                && s.address_request.as_ref().is_some_and(|r| !r.from_status)
-        })
+        .filter(|(_, s)| s.service_type == ServiceType::LoadBalancer)
+        .filter_map(|(r, s)| Some((r, s, s.address_request.as_ref()?)))
         .collect();
-    asking.sort_by_key(|(r, s)| (s.created.unwrap_or(i64::MAX), *r));
+    if snapshot.address_pools.is_empty() {
+        // No pools, no IPAM: named addresses as named, the others stay pending.
+        for (sref, _, req) in requests {
+            out.addresses.insert(sref.clone(), req.named.clone());
+        }
+        return out;
+    }
+    requests.sort_by_key(|(r, s, req)| (req.named.is_empty(), s.created.unwrap_or(i64::MAX), *r));
+    // External IPs are the network's, never allocated, and outside the sharing rules.
+    let external: BTreeSet<IpAddr> = snapshot
+        .services
+        .values()
+        .flat_map(|s| s.external_ips.iter().copied())
+        .collect();
+    let mut held: BTreeMap<IpAddr, Vec<Holder<'_>>> = BTreeMap::new();
     let mut pools: Vec<(&String, &AddressPool)> = snapshot.address_pools.iter().collect();
     pools.sort_by_key(|(name, p)| (p.priority.unwrap_or(i32::MAX), *name));
-    for (sref, svc) in asking {
-        let Some(req) = &svc.address_request else {
-            continue;
-        };
-        let error = |message: String, field: &str| ConfigError {
+    for (sref, svc, req) in requests {
+        let error = |message: String, field: &str, kind: ErrorKind| ConfigError {
             origin: svc.origin.clone(),
             object: format!("Service {sref}"),
             field: field.to_string(),
             message,
-            kind: ErrorKind::AddressUnavailable,
+            kind,
         };
+        let holder = || Holder {
+            service: sref,
+            svc,
+            ports: ports(svc),
+        };
+        if !req.named.is_empty() {
+            let mut kept = Vec::new();
+            for ip in &req.named {
+                let holders = held.entry(*ip).or_default();
+                match conflict(holders, svc) {
+                    Some(why) => {
+                        let m = format!("address {ip} is taken: {why}; not served on it");
+                        let field = "metadata.annotations[allow-shared-ip]";
+                        out.errors.push(error(m, field, ErrorKind::VipConflict));
+                    }
+                    None => {
+                        holders.push(holder());
+                        kept.push(*ip);
+                    }
+                }
+            }
+            out.addresses.insert(sref.clone(), kept);
+            continue;
+        }
+        let unavailable = ErrorKind::AddressUnavailable;
         let candidates: Vec<(&String, &AddressPool)> = match &req.pool {
             Some(name) => match snapshot.address_pools.get_key_value(name) {
                 Some(p) => vec![p],
                 None => {
                     let m = format!("no AddressPool named {name:?}; no address assigned");
-                    out.errors
-                        .push(error(m, "metadata.annotations[address-pool]"));
+                    let field = "metadata.annotations[address-pool]";
+                    out.errors.push(error(m, field, unavailable));
                     continue;
                 }
             },
             None => pools
                 .iter()
                 .copied()
-                .filter(|(_, p)| p.auto_assign && admits(p, sref, svc))
+                .filter(|(_, p)| p.auto_assign && admits(snapshot, p, sref, svc))
                 .collect(),
         };
         if candidates.is_empty() {
-            let m = "no AddressPool with autoAssign admits it (namespaces, serviceSelectors); no address assigned".to_string();
-            out.errors.push(error(m, ""));
+            let m = "no AddressPool with autoAssign admits it (namespaces, namespaceSelectors, serviceSelectors); no address assigned".to_string();
+            out.errors.push(error(m, "", unavailable));
             continue;
         }
-        let key = req.sharing_key.as_deref();
-        // A shared address first, so that Services with one key stay together.
-        let shared = held
-            .iter()
-            .filter(|(ip, h)| {
-                may_share(h, key, svc) && candidates.iter().any(|(_, p)| contains(p, **ip))
+        let families = if req.families.is_empty() {
+            &[IpFamily::V4][..]
+        } else {
+            &req.families[..]
+        };
+        // An address it may share, in a pool it may use, of family `f`.
+        let shareable = |p: &AddressPool, f: IpFamily| {
+            held.iter()
+                .find(|(ip, h)| {
+                    IpFamily::of(**ip) == f
+                        && contains(p, **ip)
+                        && !buggy(p, **ip)
+                        && conflict(h, svc).is_none()
+                })
+                .map(|(ip, _)| *ip)
+        };
+        let name = sref.to_string();
+        let free = |p: &AddressPool, f: IpFamily| free_in(p, f, &name, &held, &external);
+        // Shared addresses first, so that Services with one key stay together; one
+        // pool for all families, as MetalLB's dual-stack pools.
+        let all = |pick: &dyn Fn(&AddressPool, IpFamily) -> Option<IpAddr>| {
+            candidates.iter().find_map(|(_, p)| {
+                families
+                    .iter()
+                    .map(|f| pick(p, *f))
+                    .collect::<Option<Vec<_>>>()
             })
-            .map(|(ip, _)| *ip)
-            .next();
-        let found = shared.or_else(|| {
-            candidates
-                .iter()
-                .find_map(|(_, p)| free_in(p, &sref.to_string(), &held))
-        });
+        };
+        let found = all(&shareable).or_else(|| all(&|p, f| shareable(p, f).or_else(|| free(p, f))));
         match found {
-            Some(ip) => {
-                held.entry(ip).or_default().push(Holder {
-                    key: req.sharing_key.clone(),
-                    policy: svc.traffic_policy,
-                    ports: ports(svc),
-                });
-                out.addresses.insert(sref.clone(), ip);
+            Some(ips) => {
+                for ip in &ips {
+                    held.entry(*ip).or_default().push(holder());
+                }
+                out.addresses.insert(sref.clone(), ips);
             }
             None => {
                 let names: Vec<&str> = candidates.iter().map(|(n, _)| n.as_str()).collect();
+                let fams: Vec<&str> = families
+                    .iter()
+                    .map(|f| match f {
+                        IpFamily::V4 => "IPv4",
+                        IpFamily::V6 => "IPv6",
+                    })
+                    .collect();
                 let m = format!(
-                    "no free address in {}; no address assigned",
-                    names.join(", ")
+                    "no free address in {} ({}); no address assigned",
+                    names.join(", "),
+                    fams.join(" and ")
                 );
-                out.errors.push(error(m, ""));
+                out.errors.push(error(m, "", unavailable));
             }
         }
     }
@@ -161,9 +217,16 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
 }
 
 /// Whether `pool`'s `serviceAllocation` admits the Service (no constraints: all).
-fn admits(pool: &AddressPool, sref: &ServiceRef, svc: &Service) -> bool {
-    (pool.namespaces.is_empty() || pool.namespaces.contains(&sref.namespace))
-        && any_selects(&pool.service_selectors, &svc.labels)
+/// `namespaceSelectors` match the labels of the Service's Namespace (none known:
+/// no labels).
+fn admits(snapshot: &Snapshot, pool: &AddressPool, sref: &ServiceRef, svc: &Service) -> bool {
+    let empty = BTreeMap::new();
+    let ns_labels = snapshot.namespaces.get(&sref.namespace).unwrap_or(&empty);
+    let by_namespace = (pool.namespaces.is_empty() && pool.namespace_selectors.is_empty())
+        || pool.namespaces.contains(&sref.namespace)
+        || (!pool.namespace_selectors.is_empty()
+            && any_selects(&pool.namespace_selectors, ns_labels));
+    by_namespace && any_selects(&pool.service_selectors, &svc.labels)
 }
 
 /// Whether some pool of `snapshot` holds `ip` (no pools: `true`, nothing to be
@@ -178,46 +241,71 @@ fn contains(pool: &AddressPool, ip: IpAddr) -> bool {
         .any(|(a, b)| *a <= ip && ip <= *b && a.is_ipv4() == ip.is_ipv4())
 }
 
-/// The IPv4 ranges of `pool` as (first, count).
-fn v4_ranges(pool: &AddressPool) -> Vec<(u32, u64)> {
+/// The ranges of `pool` in `family` as (first, count), addresses as integers.
+fn ranges(pool: &AddressPool, family: IpFamily) -> Vec<(u128, u128)> {
     pool.ranges
         .iter()
-        .filter_map(|r| match r {
-            (IpAddr::V4(a), IpAddr::V4(b)) => {
-                Some((u32::from(*a), u64::from(u32::from(*b) - u32::from(*a)) + 1))
+        .filter_map(|r| match (r, family) {
+            ((IpAddr::V4(a), IpAddr::V4(b)), IpFamily::V4) => {
+                let (a, b) = (u128::from(u32::from(*a)), u128::from(u32::from(*b)));
+                Some((a, b - a + 1))
+            }
+            // `b - a + 1` overflows only for ::/0, which is no pool: saturate.
+            ((IpAddr::V6(a), IpAddr::V6(b)), IpFamily::V6) => {
+                let (a, b) = (u128::from(*a), u128::from(*b));
+                Some((a, (b - a).saturating_add(1)))
             }
             _ => None,
         })
         .collect()
 }
 
-/// The first free address of `pool` at or after the place `name` hashes to, going
-/// round once.
-fn free_in(pool: &AddressPool, name: &str, held: &BTreeMap<IpAddr, Vec<Holder>>) -> Option<IpAddr> {
-    let ranges = v4_ranges(pool);
-    let size: u64 = ranges.iter().map(|(_, n)| n).sum();
+/// The first free address of `family` in `pool` at or after the place `name`
+/// hashes to, going round once. `avoidBuggyIPs` is IPv4's (.0 and .255).
+fn free_in(
+    pool: &AddressPool,
+    family: IpFamily,
+    name: &str,
+    held: &BTreeMap<IpAddr, Vec<Holder<'_>>>,
+    external: &BTreeSet<IpAddr>,
+) -> Option<IpAddr> {
+    let ranges = ranges(pool, family);
+    let size = ranges.iter().fold(0u128, |n, (_, c)| n.saturating_add(*c));
     if size == 0 {
         return None;
     }
-    let start = fnv1a(name) % size;
-    let nth = |mut i: u64| -> Ipv4Addr {
+    let start = u128::from(fnv1a(name)) % size;
+    let nth = |mut i: u128| -> IpAddr {
         for (first, n) in &ranges {
             if i < *n {
-                // i < n <= 2^32 and first + i stays within the range: no overflow.
-                return Ipv4Addr::from(first.wrapping_add(i as u32));
+                // first + i is inside the range, so inside the family's space.
+                let a = first + i;
+                return match family {
+                    IpFamily::V4 => IpAddr::V4(Ipv4Addr::from(a as u32)),
+                    IpFamily::V6 => IpAddr::V6(Ipv6Addr::from(a)),
+                };
             }
             i -= n;
         }
-        Ipv4Addr::UNSPECIFIED
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     };
-    (0..size)
+    // IPv6 skips nothing but taken addresses, so one more try than there are
+    // taken ones finds a free one if any (a /64 is not walked).
+    let tries = match family {
+        IpFamily::V4 => size,
+        IpFamily::V6 => size.min(held.len() as u128 + external.len() as u128 + 1),
+    };
+    (0..tries)
         .map(|k| nth((start + k) % size))
-        .find(|a| {
-            let last = a.octets()[3];
-            !(pool.avoid_buggy_ips && (last == 0 || last == 255))
-                && !held.contains_key(&IpAddr::V4(*a))
-        })
-        .map(IpAddr::V4)
+        .find(|a| !buggy(pool, *a) && !held.contains_key(a) && !external.contains(a))
+}
+
+/// Whether `pool` must not hand out `ip` (`avoidBuggyIPs`: IPv4 .0 and .255).
+fn buggy(pool: &AddressPool, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => pool.avoid_buggy_ips && matches!(v.octets()[3], 0 | 255),
+        IpAddr::V6(_) => false,
+    }
 }
 
 /// FNV-1a: a hash fixed here (not `std`'s, which may change between Rust releases),
@@ -236,7 +324,7 @@ fn fnv1a(s: &str) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::model::{AddressRequest, ServicePort};
+    use crate::model::{LabelSelector, ServicePort};
 
     fn pool(ranges: &[(&str, &str)]) -> AddressPool {
         AddressPool {
@@ -272,14 +360,24 @@ mod tests {
                 .collect(),
             created: Some(created),
             labels: BTreeMap::new(),
+            sharing_key: key.map(String::from),
+            selector: BTreeMap::new(),
             static_service: None,
             address_request: Some(AddressRequest {
                 pool: pool.map(String::from),
-                sharing_key: key.map(String::from),
-                from_status: false,
+                families: vec![IpFamily::V4],
+                ..AddressRequest::default()
             }),
             origin: "test.yaml".into(),
         }
+    }
+
+    /// `s` naming `ips` (from the spec, or recovered from status).
+    fn named(mut s: Service, ips: &[&str], from_status: bool) -> Service {
+        let req = s.address_request.as_mut().unwrap();
+        req.named = ips.iter().map(|a| ip(a)).collect();
+        req.from_status = from_status;
+        s
     }
 
     fn r(name: &str) -> ServiceRef {
@@ -288,6 +386,14 @@ mod tests {
 
     fn ip(a: &str) -> IpAddr {
         a.parse().unwrap()
+    }
+
+    /// The one address `name` got.
+    fn one(a: &Allocation, name: &str) -> IpAddr {
+        match a.addresses.get(&r(name)).map(Vec::as_slice) {
+            Some([ip]) => *ip,
+            other => panic!("{name}: {other:?}"),
+        }
     }
 
     #[test]
@@ -313,12 +419,11 @@ mod tests {
         let a = allocate(&snap);
         // The oldest gets the high-priority pool's only address, the next two the
         // low pool's two, the youngest nothing; only "m" gets the manual pool.
-        assert_eq!(a.addresses[&r("a")], ip("10.2.0.7"));
-        let low_two: BTreeSet<IpAddr> =
-            [&r("b"), &r("c")].iter().map(|s| a.addresses[*s]).collect();
+        assert_eq!(one(&a, "a"), ip("10.2.0.7"));
+        let low_two: BTreeSet<IpAddr> = ["b", "c"].iter().map(|s| one(&a, s)).collect();
         assert_eq!(low_two, BTreeSet::from([ip("10.1.0.0"), ip("10.1.0.1")]));
         assert!(!a.addresses.contains_key(&r("d")));
-        assert!(a.addresses[&r("m")].to_string().starts_with("10.3.0."));
+        assert!(one(&a, "m").to_string().starts_with("10.3.0."));
         let errors: Vec<(&str, &str)> = a
             .errors
             .iter()
@@ -327,7 +432,7 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(
             errors[0].0 == "Service default/d"
-                && errors[0].1.contains("no free address in high, low")
+                && errors[0].1.contains("no free address in high, low (IPv4)")
         );
         assert!(
             errors[1].0 == "Service default/x"
@@ -346,24 +451,21 @@ mod tests {
         snap.address_pools
             .insert("p".into(), pool(&[("10.0.0.1", "10.0.0.3")]));
         // Outside the pool today (moved from MetalLB, say): kept, never reshuffled.
-        let mut old = svc(0, &[80], None, Some("k"));
-        old.vips = vec![ip("10.9.9.9")];
-        if let Some(req) = old.address_request.as_mut() {
-            req.from_status = true;
-        }
-        snap.services.insert(r("old"), old.clone());
-        old.vips = vec![ip("10.0.0.2")];
-        snap.services.insert(r("inpool"), old);
+        let old = svc(0, &[80], None, Some("k"));
+        snap.services
+            .insert(r("old"), named(old.clone(), &["10.9.9.9"], true));
+        snap.services
+            .insert(r("inpool"), named(old, &["10.0.0.2"], true));
         snap.services
             .insert(r("joins"), svc(1, &[443], None, Some("k")));
         snap.services.insert(r("new"), svc(2, &[80], None, None));
         let a = allocate(&snap);
-        // Recovered ones are not allocated again; a Service with their key joins one
-        // (in a pool it may use); a new one takes neither address.
-        assert!(!a.addresses.contains_key(&r("old")));
-        assert!(!a.addresses.contains_key(&r("inpool")));
-        assert_eq!(a.addresses[&r("joins")], ip("10.0.0.2"));
-        assert_ne!(a.addresses[&r("new")], ip("10.0.0.2"));
+        // Recovered ones keep theirs; a Service with their key joins one (in a pool
+        // it may use); a new one takes neither address.
+        assert_eq!(one(&a, "old"), ip("10.9.9.9"));
+        assert_eq!(one(&a, "inpool"), ip("10.0.0.2"));
+        assert_eq!(one(&a, "joins"), ip("10.0.0.2"));
+        assert_ne!(one(&a, "new"), ip("10.0.0.2"));
         assert!(a.errors.is_empty(), "{:?}", a.errors);
     }
 
@@ -379,19 +481,38 @@ mod tests {
             "only .255 and .0 in the pool"
         );
 
+        // By namespace name, or by the Namespace's labels.
         let mut snap = Snapshot::default();
         let mut shop_only = pool(&[("10.0.5.1", "10.0.5.9")]);
         shop_only.namespaces = vec!["shop".into()];
+        shop_only.namespace_selectors = vec![LabelSelector {
+            match_labels: BTreeMap::from([("tier".into(), "public".into())]),
+            ..LabelSelector::default()
+        }];
         snap.address_pools.insert("shop".into(), shop_only);
+        snap.namespaces.insert(
+            "blog".into(),
+            BTreeMap::from([("tier".into(), "public".into())]),
+        );
+        snap.namespaces.insert(
+            "default".into(),
+            BTreeMap::from([("tier".into(), "internal".into())]),
+        );
         snap.services.insert(r("web"), svc(1, &[80], None, None));
-        snap.services
-            .insert(ServiceRef::new("shop", "web"), svc(1, &[80], None, None));
+        for ns in ["shop", "blog"] {
+            snap.services
+                .insert(ServiceRef::new(ns, "web"), svc(1, &[80], None, None));
+        }
         let a = allocate(&snap);
         assert_eq!(
             a.addresses.keys().collect::<Vec<_>>(),
-            [&ServiceRef::new("shop", "web")]
+            [
+                &ServiceRef::new("blog", "web"),
+                &ServiceRef::new("shop", "web")
+            ]
         );
         assert_eq!(a.errors.len(), 1);
+        assert_eq!(a.errors[0].object, "Service default/web");
 
         // Same key and disjoint ports share; a common port, another key or no key
         // do not.
@@ -408,13 +529,115 @@ mod tests {
             .insert(r("other-key"), svc(4, &[54], None, Some("other")));
         snap.services.insert(r("no-key"), svc(5, &[55], None, None));
         let a = allocate(&snap);
-        let at = |n: &str| a.addresses[&r(n)];
-        assert_eq!(at("dns-tcp"), at("dns-udp"));
+        assert_eq!(one(&a, "dns-tcp"), one(&a, "dns-udp"));
         for other in ["dns-clash", "other-key", "no-key"] {
-            assert_ne!(at(other), at("dns-tcp"), "{other}");
+            assert_ne!(one(&a, other), one(&a, "dns-tcp"), "{other}");
         }
-        let distinct: BTreeSet<IpAddr> = a.addresses.values().copied().collect();
+        let distinct: BTreeSet<IpAddr> = a.addresses.values().flatten().copied().collect();
         assert_eq!(distinct.len(), 4);
+    }
+
+    /// Named addresses follow the sharing rules too: the oldest holder keeps the
+    /// address; a younger one is refused it unless it may share (same key, no common
+    /// port, same policy, and with Local the same selector).
+    #[test]
+    fn named_addresses_are_shared_only_by_the_rules() {
+        let mut snap = Snapshot::default();
+        snap.address_pools
+            .insert("p".into(), pool(&[("10.0.9.0", "10.0.9.255")]));
+        let vip = "10.0.9.9";
+        let local = |mut s: Service, app: &str| {
+            s.traffic_policy = TrafficPolicy::Local;
+            s.selector = BTreeMap::from([("app".into(), app.into())]);
+            s
+        };
+        let cases = [
+            (
+                "a-first",
+                local(svc(1, &[80], None, Some("k")), "web"),
+                true,
+            ),
+            (
+                "b-same",
+                local(svc(2, &[443], None, Some("k")), "web"),
+                true,
+            ),
+            (
+                "c-port",
+                local(svc(3, &[80], None, Some("k")), "web"),
+                false,
+            ),
+            ("d-key", local(svc(4, &[81], None, Some("x")), "web"), false),
+            ("e-nokey", local(svc(5, &[82], None, None), "web"), false),
+            (
+                "f-selector",
+                local(svc(6, &[83], None, Some("k")), "db"),
+                false,
+            ),
+            ("g-policy", svc(7, &[84], None, Some("k")), false),
+        ];
+        for (name, s, _) in &cases {
+            snap.services
+                .insert(r(name), named(s.clone(), &[vip], false));
+        }
+        let a = allocate(&snap);
+        for (name, _, shares) in &cases {
+            let got = a.addresses[&r(name)].clone();
+            assert_eq!(got.contains(&ip(vip)), *shares, "{name}: {got:?}");
+            let refused = a
+                .errors
+                .iter()
+                .any(|e| e.object == format!("Service default/{name}"));
+            assert_eq!(refused, !shares, "{name}: {:?}", a.errors);
+        }
+        assert!(a.errors.iter().all(|e| e.kind == ErrorKind::VipConflict
+            && e.message.contains("Service default/a-first holds it")));
+        // An asking Service is not given the named address either.
+        snap.services.insert(r("h-asks"), svc(8, &[80], None, None));
+        assert_ne!(one(&allocate(&snap), "h-asks"), ip(vip));
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_come_from_one_pool() {
+        let mut snap = Snapshot::default();
+        let mut v4only = pool(&[("10.0.0.1", "10.0.0.9")]);
+        v4only.priority = Some(0);
+        snap.address_pools.insert("v4".into(), v4only);
+        snap.address_pools.insert(
+            "dual".into(),
+            pool(&[("10.0.1.1", "10.0.1.9"), ("fd00::10", "fd00::1f")]),
+        );
+        let mut six = svc(1, &[80], None, None);
+        six.address_request.as_mut().unwrap().families = vec![IpFamily::V6];
+        let mut both = svc(2, &[80], None, None);
+        both.address_request.as_mut().unwrap().families = vec![IpFamily::V6, IpFamily::V4];
+        snap.services.insert(r("six"), six);
+        snap.services.insert(r("both"), both);
+        snap.services.insert(r("four"), svc(3, &[80], None, None));
+        let a = allocate(&snap);
+        let in_dual = |ip: &IpAddr| contains(&snap.address_pools["dual"], *ip);
+        assert!(one(&a, "six").is_ipv6() && in_dual(&one(&a, "six")));
+        let both = &a.addresses[&r("both")];
+        assert!(
+            both.len() == 2 && both[0].is_ipv6() && both[1].is_ipv4(),
+            "{both:?}"
+        );
+        assert!(both.iter().all(in_dual), "one pool for both families");
+        assert!(contains(&snap.address_pools["v4"], one(&a, "four")));
+        // A v6 /64 with its first addresses taken is not walked.
+        let mut snap = Snapshot::default();
+        snap.address_pools.insert(
+            "big".into(),
+            pool(&[("fd00::", "fd00::ffff:ffff:ffff:ffff")]),
+        );
+        for i in 0..50 {
+            let mut s = svc(i, &[80], None, None);
+            s.address_request.as_mut().unwrap().families = vec![IpFamily::V6];
+            snap.services.insert(r(&format!("s{i}")), s);
+        }
+        let a = allocate(&snap);
+        let distinct: BTreeSet<IpAddr> = a.addresses.values().flatten().copied().collect();
+        assert_eq!(distinct.len(), 50);
     }
 
     /// Random pools and Services: no address twice (unless shared by the rules),
@@ -444,38 +667,41 @@ mod tests {
             let n = next(20) + 1;
             for i in 0..n {
                 let key = (next(3) == 0).then(|| format!("k{}", next(2)));
-                let s = svc(i as i64, &[next(4) as u16 + 80], None, key.as_deref());
+                let mut s = svc(i as i64, &[next(4) as u16 + 80], None, key.as_deref());
+                // Some name an address, maybe one another holds.
+                if next(4) == 0 {
+                    s = named(s, &[&format!("10.0.1.{}", next(4))], next(2) == 0);
+                }
                 snap.services.insert(r(&format!("s{i}")), s);
             }
             let a = allocate(&snap);
             assert_eq!(a, allocate(&snap));
             let mut by_ip: BTreeMap<IpAddr, Vec<&ServiceRef>> = BTreeMap::new();
-            for (s, ip) in &a.addresses {
-                by_ip.entry(*ip).or_default().push(s);
-                assert!(snap.address_pools.values().any(|p| contains(p, *ip)));
-                let last = match ip {
-                    IpAddr::V4(v) => v.octets()[3],
-                    IpAddr::V6(_) => panic!("IPv6 handed out"),
-                };
-                let pool_of = snap
-                    .address_pools
-                    .values()
-                    .find(|p| contains(p, *ip))
-                    .unwrap();
-                assert!(!(pool_of.avoid_buggy_ips && (last == 0 || last == 255)));
+            for (s, ips) in &a.addresses {
+                let req = snap.services[s].address_request.as_ref().unwrap();
+                for ip in ips {
+                    by_ip.entry(*ip).or_default().push(s);
+                    if !req.named.is_empty() {
+                        assert!(req.named.contains(ip));
+                        continue;
+                    }
+                    let last = match ip {
+                        IpAddr::V4(v) => v.octets()[3],
+                        IpAddr::V6(_) => panic!("IPv6 handed out"),
+                    };
+                    let pool_of = snap
+                        .address_pools
+                        .values()
+                        .find(|p| contains(p, *ip))
+                        .unwrap();
+                    assert!(!(pool_of.avoid_buggy_ips && (last == 0 || last == 255)));
+                }
             }
             for (ip, holders) in &by_ip {
                 if holders.len() > 1 {
                     let keys: BTreeSet<_> = holders
                         .iter()
-                        .map(|s| {
-                            snap.services[*s]
-                                .address_request
-                                .as_ref()
-                                .unwrap()
-                                .sharing_key
-                                .clone()
-                        })
+                        .map(|s| snap.services[*s].sharing_key.clone())
                         .collect();
                     assert!(
                         keys.len() == 1 && !keys.contains(&None),
@@ -489,12 +715,12 @@ mod tests {
                     }
                 }
             }
-            // A newer Service arrives: every older one keeps its address.
+            // A newer Service arrives: every older one keeps its addresses.
             snap.services
                 .insert(r("zz-new"), svc(1_000, &[80], None, None));
             let b = allocate(&snap);
-            for (s, ip) in &a.addresses {
-                assert_eq!(b.addresses.get(s), Some(ip), "{s} moved");
+            for (s, ips) in &a.addresses {
+                assert_eq!(b.addresses.get(s), Some(ips), "{s} moved");
             }
         }
     }

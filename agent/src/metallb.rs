@@ -6,7 +6,7 @@
 //!
 //! | MetalLB | xlb.dev/v1alpha1 | not carried over |
 //! |---|---|---|
-//! | IPAddressPool | AddressPool | `serviceAllocation.namespaceSelectors` |
+//! | IPAddressPool | AddressPool | |
 //! | L2Advertisement | L2Announcement | `ipAddressPoolSelectors` |
 //! | BGPPeer | BGPPeer | `vrf`, `connectTime`, `dynamicASN`, `disableMP`, and others not listed in [`BGP_PEER`] |
 //! | BGPAdvertisement | BGPAnnouncement | `ipAddressPoolSelectors`, `aggregationLengthV6` |
@@ -112,16 +112,6 @@ pub fn convert(docs: Vec<Value>) -> Converted {
                     "{object}: spec.{field}: xlb's {to} has no such field; dropped"
                 ));
             }
-        }
-        if kind == "IPAddressPool"
-            && let Some(alloc) = spec
-                .get_mut("serviceAllocation")
-                .and_then(Value::as_object_mut)
-            && alloc.remove("namespaceSelectors").is_some()
-        {
-            out.warnings.push(format!(
-                "{object}: spec.serviceAllocation.namespaceSelectors: xlb does not read Namespaces; dropped (list the namespaces instead)"
-            ));
         }
         if kind == "BGPAdvertisement"
             && let Some(list) = spec.get_mut("communities").and_then(Value::as_array_mut)
@@ -285,10 +275,9 @@ metadata: {name: metallb-system}
             json!(["192.168.20.0/24", "192.168.9.1-192.168.9.5"])
         );
         assert_eq!(pool["spec"]["serviceAllocation"]["priority"], 50);
-        assert!(
-            pool["spec"]["serviceAllocation"]
-                .get("namespaceSelectors")
-                .is_none()
+        assert_eq!(
+            pool["spec"]["serviceAllocation"]["namespaceSelectors"],
+            json!([{"matchLabels": {"foo": "bar"}}])
         );
         assert_eq!(c.objects[2]["spec"]["bfdProfile"], "fast");
         assert!(c.objects[2]["spec"].get("connectTime").is_none());
@@ -299,7 +288,6 @@ metadata: {name: metallb-system}
         assert_eq!(
             c.warnings,
             [
-                "IPAddressPool metallb-system/ippool-sample: spec.serviceAllocation.namespaceSelectors: xlb does not read Namespaces; dropped (list the namespaces instead)",
                 "BGPPeer metallb-system/peer: spec.connectTime: xlb's BGPPeer has no such field; dropped",
                 "BFDProfile metallb-system/fast: spec.echoMode: xlb's BFDProfile has no such field; dropped",
                 "BGPAdvertisement metallb-system/advertisement: spec.communities[2]: no Community defines \"UNKNOWN\"; kept as written",

@@ -24,6 +24,9 @@ pub struct Snapshot {
     /// alone, as MetalLB's annotations name them): where LoadBalancer Services that
     /// ask for no address get one (see [`crate::ipam`]).
     pub address_pools: BTreeMap<String, AddressPool>,
+    /// `v1 Namespace` labels by name, for AddressPool `namespaceSelectors` (only
+    /// read while some pool has them; a namespace not here has no labels).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// An `xlb.dev/v1alpha1 AddressPool`: MetalLB's IPAddressPool, same field names and
@@ -44,6 +47,9 @@ pub struct AddressPool {
     /// `spec.serviceAllocation.namespaces`: only Services in these namespaces (empty:
     /// any).
     pub namespaces: Vec<String>,
+    /// `spec.serviceAllocation.namespaceSelectors`: only Services in namespaces whose
+    /// labels these select. With `namespaces`, a Service is admitted by either.
+    pub namespace_selectors: Vec<LabelSelector>,
     /// `spec.serviceAllocation.serviceSelectors`: only Services these select (empty:
     /// any).
     pub service_selectors: Vec<LabelSelector>,
@@ -51,20 +57,40 @@ pub struct AddressPool {
     pub origin: String,
 }
 
-/// What a LoadBalancer Service that names no address of its own asks of address
-/// allocation.
+/// What a LoadBalancer Service asks of address allocation ([`crate::ipam`]): the
+/// addresses it named, or one per IP family from a pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AddressRequest {
     /// The pool it names (`xlb.dev/address-pool`, or MetalLB's `address-pool`
     /// annotation in either spelling).
     pub pool: Option<String>,
-    /// Its sharing key (`xlb.dev/allow-shared-ip`, or MetalLB's): Services with the
-    /// same key and no common port may share one address.
-    pub sharing_key: Option<String>,
-    /// The Service's addresses come from its `status.loadBalancer.ingress` (an
-    /// earlier allocation, recovered: the address stays, never reshuffled) rather
-    /// than from allocation; it still holds them with its sharing key.
+    /// The addresses it named (`spec.loadBalancerIP`, a `loadBalancerIPs`
+    /// annotation) or, with `from_status`, holds in status. Allocation keeps those
+    /// the sharing rules let it hold; empty: allocate.
+    pub named: Vec<IpAddr>,
+    /// The families to allocate, in order: `spec.ipFamilies` (IPv4 when unset),
+    /// both under `ipFamilyPolicy: PreferDualStack | RequireDualStack`.
+    pub families: Vec<IpFamily>,
+    /// `named` comes from `status.loadBalancer.ingress` (an earlier allocation,
+    /// recovered: the address stays, never reshuffled) rather than from the spec.
     pub from_status: bool,
+}
+
+/// An IP address family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    /// IPv4.
+    #[default]
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
 }
 
 /// An `xlb.dev/v1alpha1 L2Announcement`: MetalLB's L2Advertisement with the same field
@@ -187,11 +213,12 @@ impl fmt::Display for ServiceRef {
 pub struct Service {
     /// `spec.type`.
     pub service_type: ServiceType,
-    /// Load-balancer addresses (LoadBalancer only): every
-    /// `status.loadBalancer.ingress[].ip`, else `spec.loadBalancerIP`, else MetalLB's
-    /// `metallb.io/loadBalancerIPs` (or legacy `metallb.universe.tf/loadBalancerIPs`)
-    /// annotation. Empty while the address is pending allocation, and always for
-    /// NodePort Services. IPv4 only for now: IPv6 VIPs are reported and left out.
+    /// Load-balancer addresses (LoadBalancer only), as address allocation settled
+    /// them from `address_request`: every `status.loadBalancer.ingress[].ip`, else
+    /// `spec.loadBalancerIP`, else the `loadBalancerIPs` annotations (xlb's, then
+    /// MetalLB's two spellings), else allocated ones. Empty while pending, and
+    /// always for NodePort Services. Both families; the datapath serves IPv4 only
+    /// for now (IPv6 VIPs are reported, kept in status, and not programmed).
     pub vips: Vec<IpAddr>,
     /// `spec.externalIPs`: addresses the cluster does not allocate (the network
     /// routes them to the nodes), served like a VIP (same ports, traffic policy and
@@ -222,14 +249,22 @@ pub struct Service {
     pub created: Option<i64>,
     /// `metadata.labels`, for L2Announcement `serviceSelectors`.
     pub labels: BTreeMap<String, String>,
+    /// The address-sharing key (`xlb.dev/allow-shared-ip`, or MetalLB's two
+    /// spellings): LoadBalancer Services with the same key, no common port and
+    /// (Local policy) the same `selector` may hold one address (MetalLB, "IP
+    /// Address Sharing").
+    pub sharing_key: Option<String>,
+    /// `spec.selector`: two Local-policy Services share an address only if they
+    /// select the same pods, since a node attracts the address for both.
+    pub selector: BTreeMap<String, String>,
     /// Set for an `xlb.dev/v1alpha1 StaticService` (a VIP without Kubernetes, e.g. in
     /// front of the kube-apiservers): how its backends are reached and checked. Its
     /// endpoints are the listed backends, with `ready` the health check's verdict
     /// and no `node_name`.
     pub static_service: Option<Static>,
-    /// Set for a LoadBalancer Service that names no address (no status, no
-    /// `spec.loadBalancerIP`, no `loadBalancerIPs` annotation): address allocation
-    /// fills `vips` from the pools.
+    /// Set for every LoadBalancer Service of the Kubernetes kind: what address
+    /// allocation reads to fill `vips` (named addresses it may hold, or allocated
+    /// ones).
     pub address_request: Option<AddressRequest>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,

@@ -41,8 +41,9 @@ pub const CONTROLLER: &str = "xlb.dev/ipam";
 /// What the leader should write, from one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Services of the API that got an address by allocation and have none in status.
-    pub pending: BTreeMap<ServiceRef, IpAddr>,
+    /// Services of the API that got addresses by allocation (one per family) and
+    /// have none in status.
+    pub pending: BTreeMap<ServiceRef, Vec<IpAddr>>,
     /// Problems to report on each Service of the API: (reason, note).
     pub problems: BTreeMap<ServiceRef, BTreeSet<(String, String)>>,
 }
@@ -76,9 +77,12 @@ pub fn plan(snapshot: &Snapshot, errors: &[ConfigError]) -> Plan {
         if service_of(&svc.origin).is_none() || svc.service_type != ServiceType::LoadBalancer {
             continue;
         }
-        let allocated = svc.address_request.as_ref().is_some_and(|r| !r.from_status);
-        if allocated && let Some(ip) = svc.vips.first() {
-            out.pending.insert(sref.clone(), *ip);
+        let allocated = svc
+            .address_request
+            .as_ref()
+            .is_some_and(|r| r.named.is_empty());
+        if allocated && !svc.vips.is_empty() {
+            out.pending.insert(sref.clone(), svc.vips.clone());
         }
         // An address it named (or one left in status) that no pool holds: served, as
         // named, but most likely a mistake (MetalLB would refuse it).
@@ -114,7 +118,7 @@ pub fn plan(snapshot: &Snapshot, errors: &[ConfigError]) -> Plan {
 /// What the writer did in this leader term, so that it does each thing once.
 #[derive(Debug, Default)]
 struct Written {
-    status: BTreeMap<ServiceRef, IpAddr>,
+    status: BTreeMap<ServiceRef, Vec<IpAddr>>,
     events: BTreeMap<ServiceRef, BTreeSet<(String, String)>>,
 }
 
@@ -147,19 +151,22 @@ pub fn start(
 
 async fn write(client: &Client, identity: &str, plan: &Plan, done: &mut Written) {
     done.status.retain(|s, _| plan.pending.contains_key(s));
-    for (sref, ip) in &plan.pending {
-        if done.status.get(sref) == Some(ip) {
+    for (sref, ips) in &plan.pending {
+        if done.status.get(sref) == Some(ips) {
             continue;
         }
         let api: Api<core::Service> = Api::namespaced(client.clone(), &sref.namespace);
-        let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}});
+        let ingress: Vec<_> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+        let patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
         match api
             .patch_status(&sref.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {
-                info!(service = %sref, %ip, "address written to status.loadBalancer.ingress");
-                done.status.insert(sref.clone(), *ip);
+                let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+                let ips = ips.join(",");
+                info!(service = %sref, %ips, "addresses written to status.loadBalancer.ingress");
+                done.status.insert(sref.clone(), plan.pending[sref].clone());
             }
             // The Service is gone: the next plan no longer has it.
             Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -231,10 +238,12 @@ mod tests {
     use super::*;
     use crate::model::{AddressPool, AddressRequest, Service, TrafficPolicy};
 
+    /// A Service whose `vips` were allocated, or (`from_status`) recovered.
     fn svc(origin: &str, vips: &[&str], from_status: bool) -> Service {
+        let vips: Vec<IpAddr> = vips.iter().map(|v| v.parse().unwrap()).collect();
         Service {
             service_type: ServiceType::LoadBalancer,
-            vips: vips.iter().map(|v| v.parse().unwrap()).collect(),
+            vips: vips.clone(),
             external_ips: vec![],
             traffic_policy: TrafficPolicy::Cluster,
             source_ranges: vec![],
@@ -243,8 +252,11 @@ mod tests {
             ports: vec![],
             created: None,
             labels: BTreeMap::new(),
+            sharing_key: None,
+            selector: BTreeMap::new(),
             static_service: None,
             address_request: Some(AddressRequest {
+                named: if from_status { vips } else { vec![] },
                 from_status,
                 ..AddressRequest::default()
             }),
@@ -271,7 +283,10 @@ mod tests {
             svc("m/web.yaml", &["192.0.2.3"], false),
         );
         let p = plan(&snap, &[]);
-        let want = BTreeMap::from([(ServiceRef::new("shop", "new"), "192.0.2.1".parse().unwrap())]);
+        let want = BTreeMap::from([(
+            ServiceRef::new("shop", "new"),
+            vec!["192.0.2.1".parse().unwrap()],
+        )]);
         assert_eq!(p.pending, want);
         // No pools: nothing is outside them.
         assert!(p.problems.is_empty());

@@ -56,7 +56,7 @@ pub struct Collection {
 }
 
 /// The collections xlb watches.
-pub const COLLECTIONS: [Collection; 5] = [
+pub const COLLECTIONS: [Collection; 6] = [
     Collection {
         path: "/api/v1/services",
         api_version: "v1",
@@ -71,6 +71,11 @@ pub const COLLECTIONS: [Collection; 5] = [
         path: "/api/v1/nodes",
         api_version: "v1",
         kind: "Node",
+    },
+    Collection {
+        path: "/api/v1/namespaces",
+        api_version: "v1",
+        kind: "Namespace",
     },
     Collection {
         path: "/apis/xlb.dev/v1alpha1/l2announcements",
@@ -296,7 +301,7 @@ impl FakeApiServer {
     }
 
     /// Stores every document of a multi-document YAML text, each through its
-    /// k8s-openapi type where it has one (Service, EndpointSlice, Node), as the API
+    /// k8s-openapi type where it has one (Service, EndpointSlice, Node, Namespace), as the API
     /// server would serialise it; other kinds (xlb.dev) as written.
     pub fn put_yaml(&self, text: &str) -> Result<()> {
         use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
@@ -310,6 +315,7 @@ impl FakeApiServer {
                     self.put(&serde_json::from_value::<discovery::EndpointSlice>(doc)?)?
                 }
                 Some("Node") => self.put(&serde_json::from_value::<core::Node>(doc)?)?,
+                Some("Namespace") => self.put(&serde_json::from_value::<core::Namespace>(doc)?)?,
                 _ => self.put_value(doc)?,
             }
         }

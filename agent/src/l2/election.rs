@@ -65,7 +65,9 @@ impl Plan {
                         && with_endpoints.as_ref().is_none_or(|w| w.contains(&n.name))
                         && (svc.static_service.is_none() || own_backend_healthy(svc, n))
                 });
-                for vip in svc.vips.iter().filter(|v| in_pools(snapshot, ad, **v)) {
+                // ARP is IPv4's (IPv6 neighbours are NDP's, not answered yet).
+                let served = svc.vips.iter().filter(|v| v.is_ipv4());
+                for vip in served.filter(|v| in_pools(snapshot, ad, **v)) {
                     vips.entry(*vip)
                         .or_default()
                         .extend(nodes.clone().map(|n| n.name.clone()));
@@ -73,7 +75,7 @@ impl Plan {
             }
             // A VIP selected by some announcement but with no eligible node stays in
             // the plan with no candidates: nobody answers for it.
-            for vip in &svc.vips {
+            for vip in svc.vips.iter().filter(|v| v.is_ipv4()) {
                 if ads.iter().any(|ad| {
                     any_selects(&ad.service_selectors, &svc.labels) && in_pools(snapshot, ad, *vip)
                 }) {

@@ -47,7 +47,7 @@ pub(crate) struct Index {
     /// Services whose endpoints a verdict changed since the last load.
     pub(crate) rechecked: BTreeSet<ServiceRef>,
     /// Addresses given to Services that asked for one (see [`crate::ipam`]).
-    allocated: BTreeMap<ServiceRef, std::net::IpAddr>,
+    allocated: BTreeMap<ServiceRef, Vec<std::net::IpAddr>>,
     /// Why Services that asked for an address got none.
     pub(crate) ipam_errors: Vec<ConfigError>,
 }
@@ -200,6 +200,25 @@ impl Index {
                         }
                     }
                 }
+                Kind::Namespace => {
+                    // Labels only matter to pools' namespaceSelectors: allocation
+                    // below runs over the whole model and reports what it moved.
+                    let namespaces = &mut Arc::make_mut(&mut self.snapshot).namespaces;
+                    match used {
+                        Some((
+                            _,
+                            Object {
+                                body: Body::Namespace(labels),
+                                ..
+                            },
+                        )) => {
+                            namespaces.insert(key.name.clone(), labels.clone());
+                        }
+                        _ => {
+                            namespaces.remove(&key.name);
+                        }
+                    }
+                }
                 Kind::Node => {
                     all = true;
                     match used {
@@ -296,7 +315,7 @@ impl Index {
         else {
             return (None, errors);
         };
-        let mut svc = svc.clone();
+        let mut svc = model::Service::clone(svc);
         if let Some(check) = svc
             .static_service
             .as_ref()
@@ -422,18 +441,21 @@ impl Index {
         let alloc = crate::ipam::allocate(&self.snapshot);
         let snapshot = Arc::make_mut(&mut self.snapshot);
         for (sref, svc) in snapshot.services.iter_mut() {
-            // Recovered from status: its addresses are the status ones.
-            if svc.address_request.as_ref().is_none_or(|r| r.from_status) {
+            if svc.address_request.is_none() {
                 continue;
             }
-            let want: Vec<std::net::IpAddr> =
-                alloc.addresses.get(sref).copied().into_iter().collect();
+            let want = alloc.addresses.get(sref).cloned().unwrap_or_default();
             if svc.vips != want {
                 svc.vips = want;
                 services.insert(sref.clone());
             }
         }
-        self.allocated = alloc.addresses;
+        // Without pools nothing is allocated: the next load may skip this.
+        self.allocated = if self.snapshot.address_pools.is_empty() {
+            BTreeMap::new()
+        } else {
+            alloc.addresses
+        };
         self.ipam_errors = alloc.errors;
     }
 }

@@ -90,6 +90,7 @@ pub(crate) enum Kind {
     Service,
     EndpointSlice,
     Node,
+    Namespace,
     L2Announcement,
     StaticService,
     AddressPool,
@@ -101,15 +102,16 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Namespace => "Namespace",
             Kind::L2Announcement => "L2Announcement",
             Kind::StaticService => "StaticService",
             Kind::AddressPool => "AddressPool",
         }
     }
 
-    /// Nodes are cluster-scoped: their key has an empty namespace.
+    /// Nodes and Namespaces are cluster-scoped: their key has an empty namespace.
     pub(crate) fn namespaced(self) -> bool {
-        self != Kind::Node
+        !matches!(self, Kind::Node | Kind::Namespace)
     }
 }
 
@@ -117,9 +119,11 @@ impl Kind {
 pub(crate) enum Body {
     /// `None` for a Service of a type xlb does not serve (ClusterIP, ExternalName):
     /// ignored, but it still occupies its name.
-    Service(Option<model::Service>),
+    Service(Option<Box<model::Service>>),
     Slice(Slice),
     Node(model::Node),
+    /// A Namespace's labels, for AddressPool `namespaceSelectors`.
+    Namespace(std::collections::BTreeMap<String, String>),
     L2(model::L2Announcement),
     Pool(model::AddressPool),
 }
@@ -189,6 +193,7 @@ pub(crate) fn parse_object(
         ("v1", "Service") => Kind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("v1", "Node") => Kind::Node,
+        ("v1", "Namespace") => Kind::Namespace,
         ("xlb.dev/v1alpha1", "L2Announcement") => Kind::L2Announcement,
         ("xlb.dev/v1alpha1", "AddressPool") => Kind::AddressPool,
         ("xlb.dev/v1alpha1", "StaticService") => Kind::StaticService,
@@ -237,7 +242,7 @@ pub(crate) fn parse_object(
         Kind::Service => cx
             .deserialize(doc)
             .and_then(|s| service(&mut cx, s))
-            .map(|s| Some(Body::Service(s))),
+            .map(|s| Some(Body::Service(s.map(Box::new)))),
         Kind::EndpointSlice => cx
             .deserialize(doc)
             .and_then(|s| slice(&mut cx, s))
@@ -246,6 +251,9 @@ pub(crate) fn parse_object(
             .deserialize(doc)
             .and_then(|n| node(&mut cx, &key.name, n))
             .map(|n| Some(Body::Node(n))),
+        Kind::Namespace => cx
+            .deserialize::<core::Namespace>(doc)
+            .map(|n| Some(Body::Namespace(n.metadata.labels.unwrap_or_default()))),
         Kind::AddressPool => cx
             .deserialize(doc)
             .and_then(|p| address_pool(&mut cx, p))
@@ -257,7 +265,7 @@ pub(crate) fn parse_object(
         Kind::StaticService => cx
             .deserialize(doc)
             .and_then(|s| static_service::static_service(&mut cx, s))
-            .map(|s| Some(Body::Service(Some(s)))),
+            .map(|s| Some(Body::Service(Some(Box::new(s))))),
     };
     match decoded {
         Ok(body) => body.map(|body| Object { key, body }),
@@ -461,22 +469,26 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             }
         }
     }
-    // Nothing named: address allocation gives it one from a pool, the one the
-    // annotations name if any.
+    // Address allocation settles `vips` from the request: keeps the named addresses
+    // the sharing rules let it hold, or allocates from a pool (the annotated one).
     let first_annotation = |names: [&str; 3]| {
         names
             .iter()
             .find_map(|n| annotations.get(*n).map(|v| v.trim().to_string()))
             .filter(|v| !v.is_empty())
     };
-    let address_request =
-        (lb && (candidates.is_empty() || from_status)).then(|| model::AddressRequest {
-            pool: first_annotation(POOL_ANNOTATIONS),
-            sharing_key: first_annotation(SHARING_ANNOTATIONS),
-            from_status,
-        });
+    let sharing_key = first_annotation(SHARING_ANNOTATIONS);
     let vips = addresses(cx, candidates, "VIP", &mut invalid);
-
+    let address_request = lb.then(|| model::AddressRequest {
+        pool: first_annotation(POOL_ANNOTATIONS),
+        named: vips.clone(),
+        families: ip_families(
+            cx,
+            spec.ip_families.as_deref(),
+            spec.ip_family_policy.as_deref(),
+        ),
+        from_status,
+    });
     let external = spec
         .external_ips
         .unwrap_or_default()
@@ -634,10 +646,51 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
         ports,
         created,
         labels,
+        sharing_key,
+        selector: spec.selector.unwrap_or_default(),
         static_service: None,
         address_request,
         origin: cx.origin.to_string(),
     }))
+}
+
+/// The families a Service asks addresses of: `spec.ipFamilies` in order (IPv4 when
+/// unset, as the API server defaults a single-stack cluster), and both under a
+/// dual-stack `spec.ipFamilyPolicy`. An unknown family is reported and skipped.
+fn ip_families(
+    cx: &mut Cx<'_>,
+    families: Option<&[String]>,
+    policy: Option<&str>,
+) -> Vec<model::IpFamily> {
+    let mut out = Vec::new();
+    for (i, f) in families.unwrap_or_default().iter().enumerate() {
+        let family = match f.as_str() {
+            "IPv4" => model::IpFamily::V4,
+            "IPv6" => model::IpFamily::V6,
+            other => {
+                let message = format!("{other:?} is not IPv4 or IPv6; skipped");
+                cx.error(
+                    format!("spec.ipFamilies[{i}]"),
+                    ErrorKind::InvalidValue,
+                    message,
+                );
+                continue;
+            }
+        };
+        if !out.contains(&family) {
+            out.push(family);
+        }
+    }
+    if out.is_empty() {
+        out.push(model::IpFamily::V4);
+    }
+    if matches!(policy, Some("PreferDualStack" | "RequireDualStack")) && out.len() == 1 {
+        out.push(match out[0] {
+            model::IpFamily::V4 => model::IpFamily::V6,
+            model::IpFamily::V6 => model::IpFamily::V4,
+        });
+    }
+    out
 }
 
 /// The trimmed, non-empty items of a comma-separated annotation value.
@@ -650,8 +703,10 @@ fn comma_list(value: Option<&String>) -> impl Iterator<Item = String> + '_ {
         .map(str::to_string)
 }
 
-/// Parses (field, text) address candidates into distinct IPv4 addresses. IPv6 ones
-/// are reported and skipped; an invalid one is reported and sets `invalid`.
+/// Parses (field, text) address candidates into distinct addresses of either
+/// family; an IPv6 one is kept in the model (allocation holds it, status shows it)
+/// and reported once as not served yet, since the datapath is IPv4-only for now. An
+/// invalid one is reported and sets `invalid`.
 fn addresses(
     cx: &mut Cx<'_>,
     candidates: Vec<(String, String)>,
@@ -661,11 +716,13 @@ fn addresses(
     let mut out = Vec::new();
     for (field, text) in candidates {
         match cx.ip(&field, text.trim()) {
-            Ok(IpAddr::V6(_)) => {
-                let message = format!("IPv6 not supported yet; {what} {text} skipped");
-                cx.error(field, ErrorKind::UnsupportedIpFamily, message);
+            Ok(ip) if !out.contains(&ip) => {
+                if ip.is_ipv6() {
+                    let message = format!("IPv6 not served yet; {what} {text} is not programmed");
+                    cx.error(field, ErrorKind::UnsupportedIpFamily, message);
+                }
+                out.push(ip);
             }
-            Ok(ip) if !out.contains(&ip) => out.push(ip),
             Ok(_) => {}
             Err(()) => *invalid = true,
         }
@@ -757,15 +814,18 @@ fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPo
         invalid = true;
     }
     let alloc = spec.service_allocation.unwrap_or_default();
-    if !alloc.namespace_selectors.is_empty() {
-        let message = "namespaceSelectors are not supported yet (xlb does not read Namespaces); use namespaces";
-        cx.error(
-            "spec.serviceAllocation.namespaceSelectors",
-            ErrorKind::InvalidValue,
-            message,
-        );
-        invalid = true;
-    }
+    let namespace_selectors = alloc
+        .namespace_selectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, sel)| {
+            label_selector(
+                cx,
+                &format!("spec.serviceAllocation.namespaceSelectors[{i}]"),
+                sel,
+            )
+        })
+        .collect::<Result<Vec<_>, Invalid>>();
     let service_selectors = alloc
         .service_selectors
         .into_iter()
@@ -778,7 +838,8 @@ fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPo
             )
         })
         .collect::<Result<Vec<_>, Invalid>>();
-    let Ok(service_selectors) = service_selectors else {
+    let (Ok(service_selectors), Ok(namespace_selectors)) = (service_selectors, namespace_selectors)
+    else {
         return Err(Invalid);
     };
     if invalid {
@@ -790,6 +851,7 @@ fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPo
         avoid_buggy_ips: spec.avoid_buggy_ips,
         priority: alloc.priority,
         namespaces: alloc.namespaces,
+        namespace_selectors,
         service_selectors,
         origin: cx.origin.to_string(),
     })

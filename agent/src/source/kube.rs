@@ -1,5 +1,5 @@
-//! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices, Nodes and
-//! xlb's L2Announcements and AddressPools feed the same conversion ([`super::convert`]) and assembly
+//! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices, Nodes,
+//! Namespaces (their labels, for pools' `namespaceSelectors`) and xlb's L2Announcements and AddressPools feed the same conversion ([`super::convert`]) and assembly
 //! ([`super::assemble`]) as the manifest directory, so nothing after the model knows
 //! which source it was.
 //!
@@ -42,10 +42,11 @@ use super::{
 use crate::model::{ConfigError, Probe};
 
 /// The kinds watched, by the name used in logs and [`ApiStatus`].
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
     "Service",
     "EndpointSlice",
     "Node",
+    "Namespace",
     "L2Announcement",
     "AddressPool",
 ];
@@ -146,6 +147,14 @@ impl KubeSource {
                 Api::<core::Node>::all(client.clone()),
                 (),
                 "Node",
+                inbox.clone(),
+                changed.clone(),
+            )),
+            // For AddressPool namespaceSelectors: only labels are read.
+            tokio::spawn(watch(
+                Api::<core::Namespace>::all(client.clone()),
+                (),
+                "Namespace",
                 inbox.clone(),
                 changed.clone(),
             )),

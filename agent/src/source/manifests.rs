@@ -743,11 +743,15 @@ endpoints:
                     static_service: None,
                     // The lab example's address is in status: a recovered allocation.
                     address_request: Some(model::AddressRequest {
+                        named: vec!["10.0.100.1".parse().unwrap()],
+                        families: vec![model::IpFamily::V4],
                         from_status: true,
                         ..model::AddressRequest::default()
                     }),
                     created: None,
                     labels: BTreeMap::new(),
+                    sharing_key: None,
+                    selector: BTreeMap::from([("app".into(), "web".into())]),
                     ports: vec![
                         model::ServicePort {
                             index: 0,
@@ -772,6 +776,7 @@ endpoints:
             nodes: BTreeMap::new(),
             l2_announcements: BTreeMap::new(),
             address_pools: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
         };
         // Services only: the lab file may describe its nodes too.
         assert_eq!(loaded.snapshot.services, expected.services);
@@ -1045,7 +1050,7 @@ metadata: { name: node-a }
             ]
         );
         let dual = &loaded.snapshot.services[&web("default", "dual")];
-        assert_eq!(dual.vips, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(dual.vips, ips(&["2001:db8::1", "192.0.2.1"]));
         assert_eq!(dual.ports[0].name, "");
         assert!(dual.ports[0].endpoints.is_empty());
         assert!(
@@ -1448,7 +1453,8 @@ status: {{ loadBalancer: {{ ingress: [{status}] }} }}
         assert_eq!(vips("spec"), ips(&["192.0.2.2"]));
         assert_eq!(vips("current"), ips(&["192.0.2.3", "192.0.2.4"]));
         assert_eq!(vips("legacy"), ips(&["192.0.2.5"]));
-        assert_eq!(vips("dual"), ips(&["192.0.2.6"]));
+        // IPv6 is kept in the model (held, in status) and reported as not served.
+        assert_eq!(vips("dual"), ips(&["192.0.2.6", "2001:db8::6"]));
         assert!(
             !loaded
                 .snapshot
@@ -2175,6 +2181,81 @@ spec: {{ type: LoadBalancer, ports: [{{ name: http, port: 80 }}] }}
                 "Service shop/d",
                 "metadata.annotations[address-pool]"
             )]
+        );
+    }
+
+    #[test]
+    fn namespace_labels_select_pools_and_families_and_sharing_apply() {
+        let text = "apiVersion: v1
+kind: Namespace
+metadata: { name: shop, labels: { tier: public } }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: AddressPool
+metadata: { name: public, namespace: xlb-system }
+spec:
+  addresses: [192.0.2.0/29, 'fd00::10-fd00::17']
+  serviceAllocation: { namespaceSelectors: [{ matchLabels: { tier: public } }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop, creationTimestamp: '2024-01-01T00:00:00Z' }
+spec: { type: LoadBalancer, ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv6], ports: [{ port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: other }
+spec: { type: LoadBalancer, ports: [{ port: 80 }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: first, namespace: shop, creationTimestamp: '2024-01-01T00:00:00Z',
+            annotations: { metallb.io/allow-shared-ip: k, metallb.io/loadBalancerIPs: 192.0.2.7 } }
+spec: { type: LoadBalancer, ports: [{ port: 53, protocol: UDP }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: joins, namespace: shop, creationTimestamp: '2024-01-02T00:00:00Z',
+            annotations: { xlb.dev/allow-shared-ip: k, xlb.dev/loadBalancerIPs: 192.0.2.7 } }
+spec: { type: LoadBalancer, ports: [{ port: 53, protocol: TCP }] }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: refused, namespace: shop, creationTimestamp: '2024-01-03T00:00:00Z' }
+spec: { type: LoadBalancer, loadBalancerIP: 192.0.2.7, ports: [{ port: 80 }] }
+";
+        let loaded = load_one(text);
+        let vips = |ns: &str, n: &str| loaded.snapshot.services[&web(ns, n)].vips.clone();
+        let web_vips = vips("shop", "web");
+        assert!(
+            web_vips.len() == 2 && web_vips[0].is_ipv6() && web_vips[1].is_ipv4(),
+            "{web_vips:?}"
+        );
+        assert!(vips("other", "web").is_empty(), "not a public namespace");
+        assert_eq!(vips("shop", "first"), ips(&["192.0.2.7"]));
+        assert_eq!(vips("shop", "joins"), ips(&["192.0.2.7"]));
+        assert!(vips("shop", "refused").is_empty());
+        let got = where_(&loaded);
+        assert!(
+            got.contains(&(
+                "vip_conflict",
+                "Service shop/refused",
+                "metadata.annotations[allow-shared-ip]"
+            )),
+            "{got:?}"
+        );
+        assert!(got.contains(&("address_unavailable", "Service other/web", "")));
+        // Relabelled: the pool no longer admits shop; without it, nothing moves in.
+        let relabelled = text.replace(
+            "tier: public } }\n---\napiVersion: xlb",
+            "tier: private } }\n---\napiVersion: xlb",
+        );
+        assert_ne!(relabelled, text);
+        let loaded = load_one(&relabelled);
+        assert!(
+            loaded.snapshot.services[&web("shop", "web")]
+                .vips
+                .is_empty()
         );
     }
 }

@@ -17,7 +17,7 @@
 //! It becomes a LoadBalancer [`model::Service`] with Cluster policy whose endpoints
 //! are the backends (no `nodeName`; `ready` is the health check's verdict, joined
 //! in by the source) and whose [`model::Static`] says how to reach and check them.
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
@@ -169,6 +169,8 @@ pub(super) fn static_service(
         ports,
         created,
         labels: doc.metadata.labels.unwrap_or_default(),
+        sharing_key: None,
+        selector: BTreeMap::new(),
         address_request: None,
         static_service: Some(model::Static {
             forwarding,

@@ -74,6 +74,9 @@ pub struct AddressRequest {
     /// `named` comes from `status.loadBalancer.ingress` (an earlier allocation,
     /// recovered: the address stays, never reshuffled) rather than from the spec.
     pub from_status: bool,
+    /// The addresses `status.loadBalancer.ingress` shows now, so that the leader
+    /// writes status only when what the Service holds differs.
+    pub status: Vec<IpAddr>,
 }
 
 /// An IP address family.

@@ -2,12 +2,13 @@
 //! model (like L2's plan), written by the IPAM leader only ([`crate::leader`]).
 //!
 //! Every agent computes the same allocation from the same objects ([`crate::ipam`]);
-//! the leader writes each allocated address to the Service's
-//! `status.loadBalancer.ingress` (a merge PATCH of the `status` subresource), which
+//! the leader writes the addresses each Service holds (allocated, or named and
+//! allowed by the sharing rules) to its `status.loadBalancer.ingress` (a merge PATCH of the `status` subresource), which
 //! then comes back through the watch and is what every agent serves from then on
 //! (recovered, never reshuffled: see `AddressRequest::from_status`). Problems
 //! (unknown pool, pools exhausted, no pool admits the Service, two Services claiming
-//! one address, an address named or in status that no pool holds) become `events.k8s.io/v1` Warning Events on the Service, once per
+//! one address against the sharing rules, an address named or in status that no
+//! pool holds) become `events.k8s.io/v1` Warning Events on the Service, once per
 //! distinct problem and leader term. Nothing here feeds the model except through the
 //! objects the API server sends back.
 use std::{
@@ -41,8 +42,8 @@ pub const CONTROLLER: &str = "xlb.dev/ipam";
 /// What the leader should write, from one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Services of the API that got addresses by allocation (one per family) and
-    /// have none in status.
+    /// Services of the API whose status does not show the addresses they hold
+    /// (allocated, one per family, or named and allowed by the sharing rules).
     pub pending: BTreeMap<ServiceRef, Vec<IpAddr>>,
     /// Problems to report on each Service of the API: (reason, note).
     pub problems: BTreeMap<ServiceRef, BTreeSet<(String, String)>>,
@@ -77,11 +78,13 @@ pub fn plan(snapshot: &Snapshot, errors: &[ConfigError]) -> Plan {
         if service_of(&svc.origin).is_none() || svc.service_type != ServiceType::LoadBalancer {
             continue;
         }
-        let allocated = svc
-            .address_request
-            .as_ref()
-            .is_some_and(|r| r.named.is_empty());
-        if allocated && !svc.vips.is_empty() {
+        let Some(req) = &svc.address_request else {
+            continue;
+        };
+        let allocated = req.named.is_empty();
+        // What it holds (allocated, or named and allowed by the sharing rules),
+        // where status does not show it yet: `kubectl get svc` shows the address.
+        if !svc.vips.is_empty() && svc.vips != req.status {
             out.pending.insert(sref.clone(), svc.vips.clone());
         }
         // An address it named (or one left in status) that no pool holds: served, as
@@ -256,7 +259,8 @@ mod tests {
             selector: BTreeMap::new(),
             static_service: None,
             address_request: Some(AddressRequest {
-                named: if from_status { vips } else { vec![] },
+                named: if from_status { vips.clone() } else { vec![] },
+                status: if from_status { vips } else { vec![] },
                 from_status,
                 ..AddressRequest::default()
             }),

@@ -431,35 +431,35 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
     // Every check runs before giving up, so that one load reports every mistake.
     let mut invalid = false;
 
-    // Load-balancer addresses, first source that has any: every ingress IP;
-    // `spec.loadBalancerIP` (deprecated, but what a manifest without status carries);
-    // MetalLB's annotations (what a MetalLB user wrote to request an address). No
-    // address is fine: pending allocation.
+    // Load-balancer addresses, first source that has any: `spec.loadBalancerIP`
+    // (deprecated, but still what many manifests carry); the `loadBalancerIPs`
+    // annotations (xlb's, then MetalLB's two: what a MetalLB user wrote to request
+    // an address); else every ingress IP in status, an earlier allocation recovered
+    // (see `AddressRequest::from_status`). The request wins over status, so that
+    // changing it moves the Service. No address is fine: pending allocation.
     let mut candidates: Vec<(String, String)> = Vec::new();
     let mut from_status = false;
+    let mut in_status: Vec<IpAddr> = Vec::new();
     if lb {
         let ingress = svc
             .status
             .and_then(|s| s.load_balancer)
             .and_then(|lb| lb.ingress)
             .unwrap_or_default();
-        candidates.extend(ingress.into_iter().enumerate().filter_map(|(i, ing)| {
-            Some((format!("status.loadBalancer.ingress[{i}].ip"), ing.ip?))
-        }));
-        // Status alone (nothing in spec or annotations): an earlier allocation, which
-        // still counts as one (see `AddressRequest::from_status`).
-        from_status = !candidates.is_empty()
-            && spec.load_balancer_ip.as_deref().is_none_or(str::is_empty)
-            && [XLB_IPS, METALLB_IPS, METALLB_IPS_LEGACY]
-                .iter()
-                .all(|a| comma_list(annotations.get(*a)).next().is_none());
-        if candidates.is_empty() {
-            candidates.extend(
-                spec.load_balancer_ip
-                    .filter(|ip| !ip.is_empty())
-                    .map(|ip| ("spec.loadBalancerIP".to_string(), ip)),
-            );
-        }
+        let ingress: Vec<(String, String)> = ingress
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, ing)| Some((format!("status.loadBalancer.ingress[{i}].ip"), ing.ip?)))
+            .collect();
+        in_status = ingress
+            .iter()
+            .filter_map(|(_, ip)| ip.trim().parse().ok())
+            .collect();
+        candidates.extend(
+            spec.load_balancer_ip
+                .filter(|ip| !ip.is_empty())
+                .map(|ip| ("spec.loadBalancerIP".to_string(), ip)),
+        );
         for annotation in [XLB_IPS, METALLB_IPS, METALLB_IPS_LEGACY] {
             if candidates.is_empty() {
                 candidates.extend(
@@ -467,6 +467,10 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
                         .map(|ip| (format!("metadata.annotations[{annotation}]"), ip)),
                 );
             }
+        }
+        if candidates.is_empty() && !ingress.is_empty() {
+            from_status = true;
+            candidates = ingress;
         }
     }
     // Address allocation settles `vips` from the request: keeps the named addresses
@@ -488,6 +492,7 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             spec.ip_family_policy.as_deref(),
         ),
         from_status,
+        status: in_status,
     });
     let external = spec
         .external_ips

@@ -744,6 +744,7 @@ endpoints:
                     // The lab example's address is in status: a recovered allocation.
                     address_request: Some(model::AddressRequest {
                         named: vec!["10.0.100.1".parse().unwrap()],
+                        status: vec!["10.0.100.1".parse().unwrap()],
                         families: vec![model::IpFamily::V4],
                         from_status: true,
                         ..model::AddressRequest::default()
@@ -1401,7 +1402,7 @@ spec:
     }
 
     #[test]
-    fn vip_sources_in_order_status_spec_then_metallb_annotations() {
+    fn vip_sources_in_order_spec_annotations_then_status() {
         let svc = |name: &str, annotations: &str, spec_ip: &str, status: &str| {
             format!(
                 "apiVersion: v1
@@ -1449,7 +1450,8 @@ status: {{ loadBalancer: {{ ingress: [{status}] }} }}
             ]
         );
         let vips = |name: &str| loaded.snapshot.services[&web("default", name)].vips.clone();
-        assert_eq!(vips("status"), ips(&["192.0.2.1"]));
+        // The request wins over status (which shows an earlier one).
+        assert_eq!(vips("status"), ips(&["192.0.2.2"]));
         assert_eq!(vips("spec"), ips(&["192.0.2.2"]));
         assert_eq!(vips("current"), ips(&["192.0.2.3", "192.0.2.4"]));
         assert_eq!(vips("legacy"), ips(&["192.0.2.5"]));

@@ -217,9 +217,10 @@ pub struct Service {
     /// `spec.type`.
     pub service_type: ServiceType,
     /// Load-balancer addresses (LoadBalancer only), as address allocation settled
-    /// them from `address_request`: every `status.loadBalancer.ingress[].ip`, else
-    /// `spec.loadBalancerIP`, else the `loadBalancerIPs` annotations (xlb's, then
-    /// MetalLB's two spellings), else allocated ones. Empty while pending, and
+    /// them from `address_request`: `spec.loadBalancerIP`, else the
+    /// `loadBalancerIPs` annotations (xlb's, then MetalLB's two spellings), else
+    /// every `status.loadBalancer.ingress[].ip`, else allocated ones; named ones
+    /// only where the sharing rules let the Service hold them. Empty while pending, and
     /// always for NodePort Services. Both families; the datapath serves IPv4 only
     /// for now (IPv6 VIPs are reported, kept in status, and not programmed).
     pub vips: Vec<IpAddr>,

@@ -19,6 +19,8 @@
 //! - [`duration`] parses `500ms` / `2s` / `1m` (objects and flags);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
+/// BGP-4 (RFC 4271): the speaker's wire codec.
+pub mod bgp;
 pub mod checks;
 pub mod crd;
 pub mod dataplane;

@@ -1,0 +1,6 @@
+//! BGP-4 (RFC 4271) for announcing VIPs to routers.
+//!
+//! - [`codec`] encodes and decodes messages (RFC 4271 §4), their path attributes
+//!   (§4.3, §5) and the capabilities of OPEN (RFC 5492), and maps decoding errors
+//!   to the NOTIFICATION (§6) the speaker sends back.
+pub mod codec;

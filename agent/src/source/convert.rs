@@ -819,30 +819,16 @@ fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPo
         invalid = true;
     }
     let alloc = spec.service_allocation.unwrap_or_default();
-    let namespace_selectors = alloc
-        .namespace_selectors
-        .into_iter()
-        .enumerate()
-        .map(|(i, sel)| {
-            label_selector(
-                cx,
-                &format!("spec.serviceAllocation.namespaceSelectors[{i}]"),
-                sel,
-            )
-        })
-        .collect::<Result<Vec<_>, Invalid>>();
-    let service_selectors = alloc
-        .service_selectors
-        .into_iter()
-        .enumerate()
-        .map(|(i, sel)| {
-            label_selector(
-                cx,
-                &format!("spec.serviceAllocation.serviceSelectors[{i}]"),
-                sel,
-            )
-        })
-        .collect::<Result<Vec<_>, Invalid>>();
+    let namespace_selectors = selectors(
+        cx,
+        "spec.serviceAllocation.namespaceSelectors",
+        alloc.namespace_selectors,
+    );
+    let service_selectors = selectors(
+        cx,
+        "spec.serviceAllocation.serviceSelectors",
+        alloc.service_selectors,
+    );
     let (Ok(service_selectors), Ok(namespace_selectors)) = (service_selectors, namespace_selectors)
     else {
         return Err(Invalid);
@@ -879,14 +865,8 @@ fn l2_announcement(
         );
         invalid = true;
     }
-    let mut selectors = |field: &str, list: Vec<LabelSelector>| {
-        list.into_iter()
-            .enumerate()
-            .map(|(i, sel)| label_selector(cx, &format!("spec.{field}[{i}]"), sel))
-            .collect::<Result<Vec<_>, Invalid>>()
-    };
-    let service_selectors = selectors("serviceSelectors", spec.service_selectors);
-    let node_selectors = selectors("nodeSelectors", spec.node_selectors);
+    let service_selectors = selectors(cx, "spec.serviceSelectors", spec.service_selectors);
+    let node_selectors = selectors(cx, "spec.nodeSelectors", spec.node_selectors);
     for (i, name) in spec.interfaces.iter().enumerate() {
         // IFNAMSIZ: 15 bytes and a NUL; no '/' or whitespace (dev_valid_name).
         if name.is_empty()
@@ -920,6 +900,18 @@ fn l2_announcement(
 
 /// Checks a `metav1.LabelSelector` the way the API server's validation does
 /// (operators, and values required for In/NotIn and forbidden for the others).
+/// Validates a list of label selectors at `field` (`field[i]` in errors).
+fn selectors(
+    cx: &mut Cx<'_>,
+    field: &str,
+    list: Vec<LabelSelector>,
+) -> Result<Vec<model::LabelSelector>, Invalid> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, sel)| label_selector(cx, &format!("{field}[{i}]"), sel))
+        .collect()
+}
+
 fn label_selector(
     cx: &mut Cx<'_>,
     field: &str,

@@ -2260,4 +2260,33 @@ spec: { type: LoadBalancer, loadBalancerIP: 192.0.2.7, ports: [{ port: 80 }] }
                 .is_empty()
         );
     }
+
+    #[test]
+    fn bad_selectors_name_their_list_and_index() {
+        let text = "apiVersion: xlb.dev/v1alpha1
+kind: AddressPool
+metadata: { name: p, namespace: xlb-system }
+spec:
+  addresses: [192.0.2.0/29]
+  serviceAllocation:
+    namespaceSelectors: [{}, { matchExpressions: [{ key: a, operator: Near }] }]
+    serviceSelectors: [{ matchExpressions: [{ key: a, operator: In }] }]
+---
+apiVersion: xlb.dev/v1alpha1
+kind: L2Announcement
+metadata: { name: l2, namespace: xlb-system }
+spec: { nodeSelectors: [{ matchExpressions: [{ key: a, operator: Exists, values: [x] }] }] }
+";
+        let loaded = load_one(text);
+        let fields: Vec<&str> = loaded.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.serviceAllocation.namespaceSelectors[1].matchExpressions[0].operator",
+                "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].values",
+                "spec.nodeSelectors[0].matchExpressions[0].values",
+            ]
+        );
+        assert!(loaded.snapshot.address_pools.is_empty());
+    }
 }

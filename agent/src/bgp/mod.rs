@@ -2,5 +2,8 @@
 //!
 //! - [`codec`] encodes and decodes messages (RFC 4271 §4), their path attributes
 //!   (§4.3, §5) and the capabilities of OPEN (RFC 5492), and maps decoding errors
-//!   to the NOTIFICATION (§6) the speaker sends back.
+//!   to the NOTIFICATION (§6) the speaker sends back;
+//! - [`fsm`] is the session state machine (§8) as pure data, driven by events and a
+//!   caller's clock.
 pub mod codec;
+pub mod fsm;

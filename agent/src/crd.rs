@@ -154,10 +154,137 @@ pub struct StaticHealthCheck {
     pub fall: Option<u32>,
 }
 
+/// `BGPPeer`: MetalLB's BGPPeer (v1beta2), same field names: a router the selected
+/// nodes open a BGP session to.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(group = "xlb.dev", version = "v1alpha1", kind = "BGPPeer", namespaced)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPPeerSpec {
+    /// This node's AS number (4-octet).
+    #[serde(rename = "myASN")]
+    pub my_asn: u32,
+    /// The router's AS number; equal to myASN for iBGP.
+    #[serde(rename = "peerASN")]
+    pub peer_asn: u32,
+    /// The router's address.
+    pub peer_address: String,
+    /// The router's TCP port (default 179).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub peer_port: Option<i32>,
+    /// The session's local address (default: chosen by the kernel's route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    /// Proposed hold time (`90s` default; 0s or at least 3s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_time: Option<String>,
+    /// Keepalive interval (default a third of the hold time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_time: Option<String>,
+    /// TCP MD5 signature key (RFC 2385), at most 80 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A Secret holding the key under `password` (API source only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretRef>,
+    /// The router is more than one hop away (eBGP TTL 255).
+    #[serde(default)]
+    pub ebgp_multi_hop: bool,
+    /// Advertise graceful restart (RFC 4724): routes survive an agent restart.
+    #[serde(default)]
+    pub enable_graceful_restart: bool,
+    /// The BFDProfile to run BFD with (none: no BFD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd_profile: Option<String>,
+    /// Only nodes these select peer (none: every node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selectors: Vec<LabelSelector>,
+    /// BGP identifier (default: the node's IPv4 address).
+    #[serde(default, rename = "routerID", skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<String>,
+}
+
+/// `BGPPeer.spec.passwordSecret`: a Secret reference.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The Secret's namespace (default: the peer's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// `BGPAnnouncement`: MetalLB's BGPAdvertisement, same field names (and
+/// serviceSelectors, as L2Announcement has). An empty spec announces every VIP to
+/// every peer from every node.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "xlb.dev",
+    version = "v1alpha1",
+    kind = "BGPAnnouncement",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPAnnouncementSpec {
+    /// Only VIPs inside these AddressPools (none: every VIP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pools: Vec<String>,
+    /// Only Services these select (none: every Service).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_selectors: Vec<LabelSelector>,
+    /// Only from nodes these select (none: every node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selectors: Vec<LabelSelector>,
+    /// Only to the BGPPeers of these names (none: every peer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// `65535:65282` (RFC 1997) or `large:1:2:3` (RFC 8092) communities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// LOCAL_PREF for iBGP peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pref: Option<u32>,
+    /// Announce the VIP's covering IPv4 prefix of this length (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 32))]
+    pub aggregation_length: Option<i32>,
+}
+
+/// `BFDProfile`: MetalLB's BFDProfile timers (milliseconds, as MetalLB spells them).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "xlb.dev",
+    version = "v1alpha1",
+    kind = "BFDProfile",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BFDProfileSpec {
+    /// Required Min RX Interval in ms (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub receive_interval: Option<u32>,
+    /// Desired Min TX Interval in ms (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub transmit_interval: Option<u32>,
+    /// Detect multiplier (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 255))]
+    pub detect_multiplier: Option<u32>,
+    /// Send only once the router has sent (RFC 5880 §6.1 passive role).
+    #[serde(default)]
+    pub passive_mode: bool,
+}
+
 /// Every CRD as YAML, by file name under `deploy/crds/`.
 pub fn all_yaml() -> Result<Vec<(String, String)>, serde_yaml_ng::Error> {
     let crds = [
         ("addresspools.yaml", AddressPool::crd()),
+        ("bfdprofiles.yaml", BFDProfile::crd()),
+        ("bgpannouncements.yaml", BGPAnnouncement::crd()),
+        ("bgppeers.yaml", BGPPeer::crd()),
         ("l2announcements.yaml", L2Announcement::crd()),
         ("staticservices.yaml", StaticService::crd()),
     ];

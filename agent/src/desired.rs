@@ -786,6 +786,7 @@ pub(crate) mod tests {
             l2_announcements: BTreeMap::new(),
             address_pools: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            bgp: Default::default(),
         }
     }
 

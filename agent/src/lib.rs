@@ -15,11 +15,13 @@
 //! - [`crd`] xlb's resources as types (and their CRDs);
 //! - [`checks`] health-checks StaticService backends (verdicts go to the source);
 //! - [`metallb`] converts MetalLB configuration (`xlb convert-metallb`);
+//! - [`attract`] says which nodes may attract a VIP (shared by L2 and BGP);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
 //! - [`bgp`] speaks BGP-4 to routers (codec, session state machine);
 //! - [`duration`] parses `500ms` / `2s` / `1m` (objects and flags);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
+pub mod attract;
 /// BGP-4 (RFC 4271): the speaker's wire codec and session state machine.
 pub mod bgp;
 pub mod checks;

@@ -27,6 +27,97 @@ pub struct Snapshot {
     /// `v1 Namespace` labels by name, for AddressPool `namespaceSelectors` (only
     /// read while some pool has them; a namespace not here has no labels).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// BGP announcement: peers, what is announced to them, BFD profiles.
+    pub bgp: BgpConfig,
+}
+
+/// The `xlb.dev/v1alpha1` BGP resources (MetalLB's BGPPeer, BGPAdvertisement and
+/// BFDProfile field names), each by `namespace/name`. No peer: no BGP.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BgpConfig {
+    /// `BGPPeer` objects: the routers each selected node opens a session to.
+    pub peers: BTreeMap<String, BgpPeer>,
+    /// `BGPAnnouncement` objects: which VIPs go to which peers, with what attributes.
+    pub announcements: BTreeMap<String, BgpAnnouncement>,
+    /// `BFDProfile` objects by `metadata.name` (peers name them alone, as in MetalLB).
+    pub bfd_profiles: BTreeMap<String, BfdProfile>,
+}
+
+/// An `xlb.dev/v1alpha1 BGPPeer`: one router the selected nodes peer with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpPeer {
+    /// `metadata.name`, which `BGPAnnouncement.spec.peers` refers to.
+    pub name: String,
+    /// `spec.myASN`: this node's AS (4-octet, RFC 6793).
+    pub my_asn: u32,
+    /// `spec.peerASN`: the router's AS; equal to `my_asn` makes it iBGP.
+    pub peer_asn: u32,
+    /// `spec.peerAddress`.
+    pub peer_address: IpAddr,
+    /// `spec.peerPort` (default 179).
+    pub peer_port: u16,
+    /// `spec.sourceAddress`: the local address of the session (default: the kernel's
+    /// choice for the route to the peer).
+    pub source_address: Option<IpAddr>,
+    /// `spec.holdTime` (default 90 s; 0 or at least 3 s, RFC 4271 §4.2).
+    pub hold_time: std::time::Duration,
+    /// `spec.keepaliveTime` (default a third of the hold time, RFC 4271 §10).
+    pub keepalive_time: Option<std::time::Duration>,
+    /// `spec.password`: TCP MD5 signature key (RFC 2385), at most 80 bytes.
+    pub password: Option<String>,
+    /// `spec.ebgpMultiHop`: the router is not on a directly connected network (TTL
+    /// 255 instead of 1 for eBGP).
+    pub ebgp_multihop: bool,
+    /// `spec.enableGracefulRestart`: advertise the graceful restart capability
+    /// (RFC 4724), so the router keeps this node's routes while its agent restarts.
+    pub graceful_restart: bool,
+    /// `spec.bfdProfile`: run BFD with this profile's timers (RFC 5880/5881).
+    pub bfd_profile: Option<String>,
+    /// `spec.nodeSelectors`: the nodes that peer (none: every node).
+    pub node_selectors: Vec<LabelSelector>,
+    /// `spec.routerID`: the BGP identifier (default: the node's IPv4 address).
+    pub router_id: Option<std::net::Ipv4Addr>,
+    /// Where the object came from (a file path), for error messages.
+    pub origin: String,
+}
+
+/// An `xlb.dev/v1alpha1 BGPAnnouncement`: MetalLB's BGPAdvertisement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BgpAnnouncement {
+    /// `spec.ipAddressPools`: only VIPs inside these pools (none: every VIP).
+    pub ip_address_pools: Vec<String>,
+    /// `spec.serviceSelectors`: only Services these select (none: every Service).
+    pub service_selectors: Vec<LabelSelector>,
+    /// `spec.nodeSelectors`: only from the nodes these select (none: every node).
+    pub node_selectors: Vec<LabelSelector>,
+    /// `spec.peers`: only to the BGPPeers of these names (none: every peer).
+    pub peers: Vec<String>,
+    /// `spec.communities` of the `aa:nn` form (RFC 1997), as 32-bit values.
+    pub communities: Vec<u32>,
+    /// `spec.communities` of the `large:a:b:c` form (RFC 8092).
+    pub large_communities: Vec<[u32; 3]>,
+    /// `spec.localPref`: LOCAL_PREF sent to iBGP peers (RFC 4271 §5.1.5).
+    pub local_pref: Option<u32>,
+    /// `spec.aggregationLength` (default 32): announce the VIP's covering prefix of
+    /// this length rather than the /32.
+    pub aggregation_length: u8,
+    /// Where the object came from (a file path), for error messages.
+    pub origin: String,
+}
+
+/// An `xlb.dev/v1alpha1 BFDProfile` (RFC 5880 timers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BfdProfile {
+    /// `spec.receiveInterval`: Required Min RX Interval (default 300 ms).
+    pub receive_interval: std::time::Duration,
+    /// `spec.transmitInterval`: Desired Min TX Interval (default 300 ms).
+    pub transmit_interval: std::time::Duration,
+    /// `spec.detectMultiplier` (default 3).
+    pub detect_multiplier: u8,
+    /// `spec.passiveMode`: wait for the router's packets before sending (RFC 5880 §6.1).
+    pub passive_mode: bool,
+    /// Where the object came from (a file path), for error messages.
+    pub origin: String,
 }
 
 /// An `xlb.dev/v1alpha1 AddressPool`: MetalLB's IPAddressPool, same field names and

@@ -4,6 +4,9 @@
 //!   (§4.3, §5) and the capabilities of OPEN (RFC 5492), and maps decoding errors
 //!   to the NOTIFICATION (§6) the speaker sends back;
 //! - [`fsm`] is the session state machine (§8) as pure data, driven by events and a
-//!   caller's clock.
+//!   caller's clock;
+//! - [`plan`] is the routing policy: which VIPs go to which peer, with what
+//!   attributes (from the model and this node's desired state).
 pub mod codec;
 pub mod fsm;
+pub mod plan;

@@ -12,7 +12,8 @@ use std::{
     net::IpAddr,
 };
 
-use crate::model::{Node, Service, ServiceType, Snapshot, TrafficPolicy, any_selects};
+use crate::attract;
+use crate::model::{ServiceType, Snapshot, TrafficPolicy, any_selects};
 
 /// What election needs from the model: candidates per VIP, peers' addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,7 +56,7 @@ impl Plan {
                 continue;
             }
             let local = svc.traffic_policy == TrafficPolicy::Local;
-            let with_endpoints = local.then(|| local_endpoint_nodes(svc));
+            let with_endpoints = local.then(|| attract::local_endpoint_nodes(svc));
             for ad in &ads {
                 if !any_selects(&ad.service_selectors, &svc.labels) {
                     continue;
@@ -63,11 +64,12 @@ impl Plan {
                 let nodes = snapshot.nodes.values().filter(|n| {
                     any_selects(&ad.node_selectors, &n.labels)
                         && with_endpoints.as_ref().is_none_or(|w| w.contains(&n.name))
-                        && (svc.static_service.is_none() || own_backend_healthy(svc, n))
+                        && (svc.static_service.is_none() || attract::own_backend_healthy(svc, n))
                 });
                 // ARP is IPv4's (IPv6 neighbours are NDP's, not answered yet).
                 let served = svc.vips.iter().filter(|v| v.is_ipv4());
-                for vip in served.filter(|v| in_pools(snapshot, ad, **v)) {
+                for vip in served.filter(|v| attract::in_pools(snapshot, &ad.ip_address_pools, **v))
+                {
                     vips.entry(*vip)
                         .or_default()
                         .extend(nodes.clone().map(|n| n.name.clone()));
@@ -77,7 +79,8 @@ impl Plan {
             // the plan with no candidates: nobody answers for it.
             for vip in svc.vips.iter().filter(|v| v.is_ipv4()) {
                 if ads.iter().any(|ad| {
-                    any_selects(&ad.service_selectors, &svc.labels) && in_pools(snapshot, ad, *vip)
+                    any_selects(&ad.service_selectors, &svc.labels)
+                        && attract::in_pools(snapshot, &ad.ip_address_pools, *vip)
                 }) {
                     vips.entry(*vip).or_default();
                 }
@@ -85,54 +88,6 @@ impl Plan {
         }
         Plan { vips, peers }
     }
-}
-
-/// Nodes hosting an endpoint the datapath would use for `svc` there: ready and
-/// serving, or, as a node's fallback when it has no such endpoint, serving and
-/// terminating (`desired`'s rule, decided per node for Local policy). So a node is
-/// eligible exactly when it is not unwilling (`xlb_unwilling_vips`).
-fn local_endpoint_nodes(svc: &Service) -> BTreeSet<String> {
-    svc.ports
-        .iter()
-        .flat_map(|p| &p.endpoints)
-        .filter(|e| e.serving && (e.ready || e.terminating))
-        .filter_map(|e| e.node_name.clone())
-        .collect()
-}
-
-/// Whether `ad`'s `ipAddressPools` (none: every VIP) include `vip`. A named pool that
-/// does not exist includes nothing, as in MetalLB.
-fn in_pools(snapshot: &Snapshot, ad: &crate::model::L2Announcement, vip: IpAddr) -> bool {
-    ad.ip_address_pools.is_empty()
-        || ad.ip_address_pools.iter().any(|name| {
-            snapshot.address_pools.get(name).is_some_and(|p| {
-                p.ranges
-                    .iter()
-                    .any(|(a, b)| *a <= vip && vip <= *b && a.is_ipv4() == vip.is_ipv4())
-            })
-        })
-}
-
-/// For a StaticService: whether `node` may attract its VIPs, i.e. on some port it
-/// has no backend of its own (at one of its IPv4 InternalIPs) or a healthy one. An
-/// API server VIP thus leaves a node whose own API server fails its check, whatever
-/// the others do (`desired`'s rule for this node's unwilling set).
-fn own_backend_healthy(svc: &Service, node: &Node) -> bool {
-    let ips: Vec<IpAddr> = node
-        .internal_ips
-        .iter()
-        .copied()
-        .filter(IpAddr::is_ipv4)
-        .collect();
-    svc.ports.is_empty()
-        || svc.ports.iter().any(|p| {
-            let mut own = p
-                .endpoints
-                .iter()
-                .filter(|e| ips.contains(&e.addr))
-                .peekable();
-            own.peek().is_none() || own.any(|e| e.ready && e.serving)
-        })
 }
 
 /// The rendezvous weight of `node` for `vip`: FNV-1a over both, then a 64-bit

@@ -167,57 +167,63 @@ impl Index {
                     all = true;
                     let name = format!("{}/{}", key.namespace, key.name);
                     let l2 = &mut Arc::make_mut(&mut self.snapshot).l2_announcements;
-                    match used {
-                        Some((
-                            _,
-                            Object {
-                                body: Body::L2(a), ..
-                            },
-                        )) => {
-                            l2.insert(name, a.clone());
-                        }
-                        _ => {
-                            l2.remove(&name);
-                        }
-                    }
+                    upsert(l2, name, used.map(|(_, o)| &o.body), |b| match b {
+                        Body::L2(a) => Some(a),
+                        _ => None,
+                    });
                 }
                 Kind::AddressPool => {
                     // Pools change which addresses Services get: everything again.
                     all = true;
                     let pools = &mut Arc::make_mut(&mut self.snapshot).address_pools;
-                    match used {
-                        Some((
-                            _,
-                            Object {
-                                body: Body::Pool(p),
-                                ..
-                            },
-                        )) => {
-                            pools.insert(key.name.clone(), p.clone());
+                    upsert(
+                        pools,
+                        key.name.clone(),
+                        used.map(|(_, o)| &o.body),
+                        |b| match b {
+                            Body::Pool(p) => Some(p),
+                            _ => None,
+                        },
+                    );
+                }
+                Kind::BgpPeer | Kind::BgpAnnouncement | Kind::BfdProfile => {
+                    // What BGP announces where: not part of the desired maps, but the
+                    // whole model is handed on again.
+                    all = true;
+                    let name = format!("{}/{}", key.namespace, key.name);
+                    let bgp = &mut Arc::make_mut(&mut self.snapshot).bgp;
+                    let body = used.map(|(_, o)| &o.body);
+                    match key.kind {
+                        Kind::BgpPeer => upsert(&mut bgp.peers, name, body, |b| match b {
+                            Body::BgpPeer(p) => Some(p),
+                            _ => None,
+                        }),
+                        Kind::BgpAnnouncement => {
+                            upsert(&mut bgp.announcements, name, body, |b| match b {
+                                Body::BgpAnnouncement(a) => Some(a),
+                                _ => None,
+                            })
                         }
-                        _ => {
-                            pools.remove(&key.name);
-                        }
+                        // Peers name profiles alone, as MetalLB's do.
+                        _ => upsert(&mut bgp.bfd_profiles, key.name.clone(), body, |b| match b {
+                            Body::BfdProfile(p) => Some(p),
+                            _ => None,
+                        }),
                     }
                 }
                 Kind::Namespace => {
                     // Labels only matter to pools' namespaceSelectors: allocation
                     // below runs over the whole model and reports what it moved.
                     let namespaces = &mut Arc::make_mut(&mut self.snapshot).namespaces;
-                    match used {
-                        Some((
-                            _,
-                            Object {
-                                body: Body::Namespace(labels),
-                                ..
-                            },
-                        )) => {
-                            namespaces.insert(key.name.clone(), labels.clone());
-                        }
-                        _ => {
-                            namespaces.remove(&key.name);
-                        }
-                    }
+                    upsert(
+                        namespaces,
+                        key.name.clone(),
+                        used.map(|(_, o)| &o.body),
+                        |b| match b {
+                            Body::Namespace(labels) => Some(labels),
+                            _ => None,
+                        },
+                    );
                 }
                 Kind::Node => {
                     all = true;
@@ -457,5 +463,23 @@ impl Index {
             alloc.addresses
         };
         self.ipam_errors = alloc.errors;
+    }
+}
+
+/// Puts `body`'s value (picked by `pick`) under `name` in `map`, or removes `name`
+/// when the object is gone.
+fn upsert<T: Clone>(
+    map: &mut std::collections::BTreeMap<String, T>,
+    name: String,
+    body: Option<&Body>,
+    pick: impl Fn(&Body) -> Option<&T>,
+) {
+    match body.and_then(pick) {
+        Some(v) => {
+            map.insert(name, v.clone());
+        }
+        None => {
+            map.remove(&name);
+        }
     }
 }

@@ -94,6 +94,9 @@ pub(crate) enum Kind {
     L2Announcement,
     StaticService,
     AddressPool,
+    BgpPeer,
+    BgpAnnouncement,
+    BfdProfile,
 }
 
 impl Kind {
@@ -106,6 +109,9 @@ impl Kind {
             Kind::L2Announcement => "L2Announcement",
             Kind::StaticService => "StaticService",
             Kind::AddressPool => "AddressPool",
+            Kind::BgpPeer => "BGPPeer",
+            Kind::BgpAnnouncement => "BGPAnnouncement",
+            Kind::BfdProfile => "BFDProfile",
         }
     }
 
@@ -126,6 +132,9 @@ pub(crate) enum Body {
     Namespace(std::collections::BTreeMap<String, String>),
     L2(model::L2Announcement),
     Pool(model::AddressPool),
+    BgpPeer(model::BgpPeer),
+    BgpAnnouncement(model::BgpAnnouncement),
+    BfdProfile(model::BfdProfile),
 }
 
 /// A validated IPv4 EndpointSlice, not yet joined to its Service.
@@ -197,6 +206,9 @@ pub(crate) fn parse_object(
         ("xlb.dev/v1alpha1", "L2Announcement") => Kind::L2Announcement,
         ("xlb.dev/v1alpha1", "AddressPool") => Kind::AddressPool,
         ("xlb.dev/v1alpha1", "StaticService") => Kind::StaticService,
+        ("xlb.dev/v1alpha1", "BGPPeer") => Kind::BgpPeer,
+        ("xlb.dev/v1alpha1", "BGPAnnouncement") => Kind::BgpAnnouncement,
+        ("xlb.dev/v1alpha1", "BFDProfile") => Kind::BfdProfile,
         // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
         // business yet.
         _ => return None,
@@ -266,6 +278,18 @@ pub(crate) fn parse_object(
             .deserialize(doc)
             .and_then(|s| static_service::static_service(&mut cx, s))
             .map(|s| Some(Body::Service(Some(Box::new(s))))),
+        Kind::BgpPeer => cx
+            .deserialize(doc)
+            .and_then(|p| bgp_peer(&mut cx, &key.name, p))
+            .map(|p| Some(Body::BgpPeer(p))),
+        Kind::BgpAnnouncement => cx
+            .deserialize(doc)
+            .and_then(|a| bgp_announcement(&mut cx, a))
+            .map(|a| Some(Body::BgpAnnouncement(a))),
+        Kind::BfdProfile => cx
+            .deserialize(doc)
+            .and_then(|b| bfd_profile(&mut cx, b))
+            .map(|b| Some(Body::BfdProfile(b))),
     };
     match decoded {
         Ok(body) => body.map(|body| Object { key, body }),
@@ -894,6 +918,268 @@ fn l2_announcement(
         service_selectors,
         node_selectors,
         interfaces: spec.interfaces,
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// `xlb.dev/v1alpha1 BGPPeer` as written (MetalLB BGPPeer v1beta2 field names).
+#[derive(Deserialize)]
+struct BgpPeerDoc {
+    spec: crate::crd::BGPPeerSpec,
+}
+
+/// Validates a BGPPeer. Any bad field refuses the peer (its last good version is
+/// kept): a session half-configured would come up with the wrong AS or timers.
+fn bgp_peer(cx: &mut Cx<'_>, name: &str, doc: BgpPeerDoc) -> Result<model::BgpPeer, Invalid> {
+    let spec = doc.spec;
+    let mut invalid = false;
+    for (field, asn) in [("spec.myASN", spec.my_asn), ("spec.peerASN", spec.peer_asn)] {
+        // AS 0 is reserved (RFC 7607), AS_TRANS only stands in (RFC 6793 §9).
+        if asn == 0 || asn == crate::bgp::codec::AS_TRANS {
+            let message = format!("{asn} is not a usable AS number (0 and 23456 are reserved)");
+            cx.error(field, ErrorKind::InvalidValue, message);
+            invalid = true;
+        }
+    }
+    let peer_address = cx.ip("spec.peerAddress", spec.peer_address.trim());
+    let source_address = spec
+        .source_address
+        .as_deref()
+        .map(|a| cx.ip("spec.sourceAddress", a.trim()))
+        .transpose();
+    let peer_port = match spec.peer_port {
+        None => Some(179),
+        Some(p) => cx.port("spec.peerPort", p),
+    };
+    let mut duration = |field: &str, text: Option<&str>| -> Option<Option<std::time::Duration>> {
+        let Some(text) = text else {
+            return Some(None);
+        };
+        match crate::duration::parse(text.trim()) {
+            Some(d) => Some(Some(d)),
+            None => {
+                let message = format!("{text:?} is not a duration (90s, 500ms, 1m)");
+                cx.error(field, ErrorKind::InvalidValue, message);
+                None
+            }
+        }
+    };
+    let hold_time = duration("spec.holdTime", spec.hold_time.as_deref());
+    let keepalive_time = duration("spec.keepaliveTime", spec.keepalive_time.as_deref());
+    let hold = hold_time
+        .flatten()
+        .unwrap_or(std::time::Duration::from_secs(90));
+    // RFC 4271 §4.2: zero, or at least three seconds; the OPEN carries 16 bits.
+    if hold_time.is_some()
+        && ((hold.as_secs() != 0 && hold.as_secs() < 3)
+            || hold.as_secs() > 65535
+            || hold.subsec_nanos() != 0)
+    {
+        let message = "must be 0s or whole seconds from 3s to 65535s (RFC 4271 section 4.2)";
+        cx.error("spec.holdTime", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
+    if let Some(Some(k)) = keepalive_time
+        && (k.is_zero() != hold.is_zero() || k > hold)
+    {
+        let message = "must not exceed the hold time (and is 0s exactly when the hold time is)";
+        cx.error("spec.keepaliveTime", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
+    if let Some(pw) = &spec.password
+        && pw.len() > 80
+    {
+        // TCP_MD5SIG_MAXKEYLEN (include/uapi/linux/tcp.h).
+        let message = "longer than the kernel's 80-byte TCP MD5 key limit";
+        cx.error("spec.password", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
+    if spec.password_secret.is_some() {
+        let message =
+            "passwordSecret needs the Kubernetes API source; write the key in spec.password";
+        cx.error("spec.passwordSecret", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
+    let router_id = match spec.router_id.as_deref().map(str::trim) {
+        None => Ok(None),
+        Some(text) => match text.parse::<std::net::Ipv4Addr>() {
+            Ok(id) if !id.is_unspecified() => Ok(Some(id)),
+            _ => {
+                // RFC 6286 §2.1: a non-zero 32-bit value, written as an IPv4 address.
+                let message = format!("{text:?} is not a non-zero IPv4-style identifier");
+                cx.error("spec.routerID", ErrorKind::InvalidValue, message);
+                Err(())
+            }
+        },
+    };
+    let node_selectors = selectors(cx, "spec.nodeSelectors", spec.node_selectors);
+    let (
+        Ok(peer_address),
+        Ok(source_address),
+        Some(peer_port),
+        Some(_),
+        Some(keepalive_time),
+        Ok(router_id),
+        Ok(node_selectors),
+        false,
+    ) = (
+        peer_address,
+        source_address,
+        peer_port,
+        hold_time,
+        keepalive_time,
+        router_id,
+        node_selectors,
+        invalid,
+    )
+    else {
+        return Err(Invalid);
+    };
+    Ok(model::BgpPeer {
+        name: name.to_string(),
+        my_asn: spec.my_asn,
+        peer_asn: spec.peer_asn,
+        peer_address,
+        peer_port,
+        source_address,
+        hold_time: hold,
+        keepalive_time,
+        password: spec.password.filter(|p| !p.is_empty()),
+        ebgp_multihop: spec.ebgp_multi_hop,
+        graceful_restart: spec.enable_graceful_restart,
+        bfd_profile: spec.bfd_profile.filter(|p| !p.is_empty()),
+        node_selectors,
+        router_id,
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// `xlb.dev/v1alpha1 BGPAnnouncement` as written (MetalLB BGPAdvertisement names).
+#[derive(Deserialize)]
+struct BgpAnnouncementDoc {
+    #[serde(default)]
+    spec: crate::crd::BGPAnnouncementSpec,
+}
+
+/// Validates a BGPAnnouncement. The pools and peers it names need not exist (yet).
+fn bgp_announcement(
+    cx: &mut Cx<'_>,
+    doc: BgpAnnouncementDoc,
+) -> Result<model::BgpAnnouncement, Invalid> {
+    let spec = doc.spec;
+    let mut invalid = false;
+    let (mut communities, mut large_communities) = (Vec::new(), Vec::new());
+    for (i, text) in spec.communities.iter().enumerate() {
+        match parse_community(text.trim()) {
+            Some(Community::Standard(c)) => communities.push(c),
+            Some(Community::Large(c)) => large_communities.push(c),
+            None => {
+                let message = format!(
+                    "{text:?} is neither a community (65535:65282) nor a large one (large:1:2:3)"
+                );
+                cx.error(
+                    format!("spec.communities[{i}]"),
+                    ErrorKind::InvalidValue,
+                    message,
+                );
+                invalid = true;
+            }
+        }
+    }
+    let aggregation_length = match spec.aggregation_length {
+        None => 32,
+        Some(n) => match u8::try_from(n) {
+            Ok(n) if n <= 32 => n,
+            _ => {
+                let message = format!("{n} is not an IPv4 prefix length (0-32)");
+                cx.error("spec.aggregationLength", ErrorKind::InvalidValue, message);
+                invalid = true;
+                32
+            }
+        },
+    };
+    let service_selectors = selectors(cx, "spec.serviceSelectors", spec.service_selectors);
+    let node_selectors = selectors(cx, "spec.nodeSelectors", spec.node_selectors);
+    let (Ok(service_selectors), Ok(node_selectors), false) =
+        (service_selectors, node_selectors, invalid)
+    else {
+        return Err(Invalid);
+    };
+    Ok(model::BgpAnnouncement {
+        ip_address_pools: spec.ip_address_pools,
+        service_selectors,
+        node_selectors,
+        peers: spec.peers,
+        communities,
+        large_communities,
+        local_pref: spec.local_pref,
+        aggregation_length,
+        origin: cx.origin.to_string(),
+    })
+}
+
+/// One `BGPAnnouncement.spec.communities` entry.
+enum Community {
+    Standard(u32),
+    Large([u32; 3]),
+}
+
+/// `aa:nn` with 16-bit halves (RFC 1997), or `large:a:b:c` with 32-bit parts
+/// (RFC 8092), as MetalLB writes them.
+fn parse_community(text: &str) -> Option<Community> {
+    if let Some(rest) = text.strip_prefix("large:") {
+        let parts: Vec<u32> = rest
+            .split(':')
+            .map(|p| p.parse().ok())
+            .collect::<Option<_>>()?;
+        return <[u32; 3]>::try_from(parts).ok().map(Community::Large);
+    }
+    let (a, b) = text.split_once(':')?;
+    let (a, b): (u16, u16) = (a.parse().ok()?, b.parse().ok()?);
+    Some(Community::Standard(u32::from(a) << 16 | u32::from(b)))
+}
+
+/// `xlb.dev/v1alpha1 BFDProfile` as written (MetalLB BFDProfile names).
+#[derive(Deserialize)]
+struct BfdProfileDoc {
+    #[serde(default)]
+    spec: crate::crd::BFDProfileSpec,
+}
+
+/// Validates a BFDProfile: intervals 10 ms to 60 s, multiplier 2 to 255 (MetalLB's
+/// ranges; RFC 5880 §6.8.1 only forbids zero).
+fn bfd_profile(cx: &mut Cx<'_>, doc: BfdProfileDoc) -> Result<model::BfdProfile, Invalid> {
+    let spec = doc.spec;
+    let mut invalid = false;
+    let mut interval = |field: &str, ms: Option<u32>| {
+        let ms = ms.unwrap_or(300);
+        if !(10..=60_000).contains(&ms) {
+            let message = format!("{ms} ms is outside 10..=60000");
+            cx.error(field, ErrorKind::InvalidValue, message);
+            invalid = true;
+        }
+        std::time::Duration::from_millis(u64::from(ms))
+    };
+    let receive_interval = interval("spec.receiveInterval", spec.receive_interval);
+    let transmit_interval = interval("spec.transmitInterval", spec.transmit_interval);
+    let mult = spec.detect_multiplier.unwrap_or(3);
+    let detect_multiplier = match u8::try_from(mult) {
+        Ok(m) if m >= 2 => m,
+        _ => {
+            let message = format!("{mult} is outside 2..=255");
+            cx.error("spec.detectMultiplier", ErrorKind::InvalidValue, message);
+            invalid = true;
+            3
+        }
+    };
+    if invalid {
+        return Err(Invalid);
+    }
+    Ok(model::BfdProfile {
+        receive_interval,
+        transmit_interval,
+        detect_multiplier,
+        passive_mode: spec.passive_mode,
         origin: cx.origin.to_string(),
     })
 }

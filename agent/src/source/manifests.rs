@@ -778,6 +778,7 @@ endpoints:
             l2_announcements: BTreeMap::new(),
             address_pools: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            bgp: Default::default(),
         };
         // Services only: the lab file may describe its nodes too.
         assert_eq!(loaded.snapshot.services, expected.services);

@@ -174,6 +174,10 @@ struct Reconciler {
     collector: Arc<BpfCollector>,
     /// What L2 announcement needs from each applied snapshot (see [`crate::l2`]).
     l2_plan: watch::Sender<Arc<crate::l2::Plan>>,
+    /// What the BGP speaker announces, from each applied snapshot and desired state.
+    bgp_plan: watch::Sender<Arc<crate::bgp::plan::Plan>>,
+    /// This node's IPv4 address: the default BGP identifier.
+    node_ip: Option<std::net::Ipv4Addr>,
     /// What the IPAM leader should write (Kubernetes API source only; see
     /// [`crate::status`]).
     status_plan: Option<watch::Sender<Arc<crate::status::Plan>>>,
@@ -451,6 +455,21 @@ impl Reconciler {
             }
             changed
         });
+        if let Some(desired) = &self.previous {
+            let plan = crate::bgp::plan::Plan::from_model(
+                snapshot,
+                &self.node_name,
+                self.node_ip,
+                desired,
+            );
+            self.bgp_plan.send_if_modified(|p| {
+                let changed = **p != plan;
+                if changed {
+                    *p = Arc::new(plan);
+                }
+                changed
+            });
+        }
     }
 
     /// Publishes the maps' kernel memory (`xlb_map_memory_bytes`): a few fdinfo reads,
@@ -790,6 +809,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         }
     };
 
+    // The datapath kept forwarding across a restart when the maps already held
+    // services: routers that negotiated graceful restart are told so.
+    let restarting = !applied.services.is_empty();
+    let (bgp_plan, bgp_rx) = watch::channel(Arc::new(crate::bgp::plan::Plan::default()));
+    let bgp = crate::bgp::speaker::start(bgp_rx, restarting, metrics.bgp.clone());
+
     let mut status_plan = None;
     let mut ipam_lease = None;
     let mut side_tasks = Vec::new();
@@ -849,6 +874,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         metrics,
         collector,
         l2_plan,
+        bgp_plan,
+        node_ip: node.ip,
         status_plan,
         probes: BTreeSet::new(),
     };
@@ -967,6 +994,9 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         )
         .await;
     }
+    // Routers that negotiated graceful restart keep this node's routes; others are
+    // sent a Cease and withdraw them at once.
+    bgp.stop(crate::bgp::session::Stop::Restart).await;
     // The node keeps its L2 VIPs for the restart grace, and the peers are told.
     if let Some(l2) = l2_task {
         l2.stop().await;

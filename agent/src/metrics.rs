@@ -82,6 +82,31 @@ impl L2Metrics {
     }
 }
 
+/// Metrics of the BGP speaker (`crate::bgp`).
+#[derive(Debug, Default)]
+pub struct BgpMetrics {
+    /// 1 while the session to a peer is Established (`xlb_bgp_session_up{peer}`).
+    pub up: Family<Labels, Gauge>,
+    /// Prefixes the peer has been sent and not withdrawn
+    /// (`xlb_bgp_advertised_prefixes{peer}`).
+    pub advertised: Family<Labels, Gauge>,
+}
+
+impl BgpMetrics {
+    fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "xlb_bgp_session_up",
+            "1 while the BGP session to the peer is Established",
+            self.up.clone(),
+        );
+        registry.register(
+            "xlb_bgp_advertised_prefixes",
+            "Prefixes advertised to the BGP peer and not withdrawn",
+            self.advertised.clone(),
+        );
+    }
+}
+
 /// Metrics the agent updates as it works.
 #[derive(Debug)]
 pub struct Metrics {
@@ -116,6 +141,8 @@ pub struct Metrics {
     pub map_memory: Family<Labels, Gauge>,
     /// L2 announcement (`xlb_l2_*`).
     pub l2: Arc<L2Metrics>,
+    /// The BGP speaker (`xlb_bgp_*`).
+    pub bgp: Arc<BgpMetrics>,
     /// StaticService health checks (`xlb_health_check_*`).
     pub checks: Arc<crate::checks::CheckMetrics>,
     /// Set once the first sync has been applied; `/healthz` answers 200 from then on.
@@ -217,6 +244,8 @@ impl Metrics {
         );
         let l2 = Arc::new(L2Metrics::default());
         l2.register(&mut registry);
+        let bgp = Arc::new(BgpMetrics::default());
+        bgp.register(&mut registry);
         let checks = Arc::new(crate::checks::CheckMetrics::default());
         checks.register(&mut registry);
         registry.register_collector(Box::new(bpf));
@@ -234,6 +263,7 @@ impl Metrics {
             reattached,
             map_memory,
             l2,
+            bgp,
             checks,
             ready: AtomicBool::new(false),
             source_up,

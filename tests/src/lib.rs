@@ -21,6 +21,7 @@
 //! [`l2`]: xlb's L2 announcement lab and one measured failover of a VIP's owner.
 //! [`keepalived`]: Debian's keepalived (VRRP) on lab nodes, the reference for L2 failover.
 //! [`load`]: health checks under scrape load (hardening test and bench).
+//! [`router`]: BIRD 2 as the lab's BGP router, and a client behind it.
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
 
 #![warn(missing_docs)]
@@ -37,6 +38,7 @@ pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod packets;
+pub mod router;
 pub mod servers;
 pub mod traffic;
 

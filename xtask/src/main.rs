@@ -95,6 +95,14 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
         "keepalived",
         "the L2 failover reference: Keepalived VRRP in the lab (tests/tests/keepalived.rs)",
     ),
+    // Its postinst enables bird.service with Debian's default config (a device
+    // protocol only, no routes exported anywhere); the lab runs its own bird per
+    // router namespace with its own config, socket and pid file.
+    (
+        "/usr/sbin/bird",
+        "bird2",
+        "the BGP/BFD router in the lab (tests/tests/bgp.rs): BIRD 2",
+    ),
 ];
 
 /// bpf-linker links the eBPF object; built against Debian's LLVM 22.

@@ -80,6 +80,9 @@ pub struct Config {
     pub peer_asn: u32,
     /// ConnectRetry time (§10: 120 s suggested); doubles per failure up to 8×.
     pub connect_retry: Duration,
+    /// KeepaliveTime, if not a third of the negotiated hold time (§10 suggests a
+    /// third); never more than the hold time.
+    pub keepalive: Option<Duration>,
 }
 
 /// One session's state and timers (RFC 4271 §8.2.2, §10).
@@ -218,7 +221,11 @@ impl Session {
                     let ours = self.config.open.hold_time;
                     let hold = ours.min(open.hold_time);
                     self.hold = Duration::from_secs(hold.into());
-                    self.keepalive = self.hold / 3;
+                    self.keepalive = self
+                        .config
+                        .keepalive
+                        .filter(|k| !k.is_zero())
+                        .map_or(self.hold / 3, |k| k.min(self.hold));
                     self.peer = Some(open);
                     self.state = State::OpenConfirm;
                     self.arm(now);
@@ -366,6 +373,7 @@ mod tests {
             open: open(65001, hold, [10, 0, 0, 1]),
             peer_asn: 65000,
             connect_retry: Duration::from_secs(10),
+            keepalive: None,
         })
     }
 

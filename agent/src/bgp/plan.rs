@@ -87,7 +87,7 @@ pub struct BfdTimers {
 }
 
 /// Path attributes of one advertised prefix beyond ORIGIN, AS_PATH and NEXT_HOP.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RouteAttrs {
     /// COMMUNITIES (RFC 1997), the union of every announcement's.
     pub communities: BTreeSet<u32>,

@@ -17,9 +17,12 @@
 //! - [`metallb`] converts MetalLB configuration (`xlb convert-metallb`);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
 //! - [`bgp`] speaks BGP-4 to routers (codec, session state machine);
+//! - [`bfd`] detects a dead path to a router in under a second (BFD, RFC 5880/5881);
 //! - [`duration`] parses `500ms` / `2s` / `1m` (objects and flags);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
+/// Bidirectional Forwarding Detection (RFC 5880, single hop RFC 5881).
+pub mod bfd;
 /// BGP-4 (RFC 4271): the speaker's wire codec and session state machine.
 pub mod bgp;
 pub mod checks;

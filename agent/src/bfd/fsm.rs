@@ -485,3 +485,542 @@ fn micros(us: u32) -> Duration {
 fn micros_u32(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    const LOCAL: u32 = 0x1111;
+    const PEER: u32 = 0x2222;
+    const MS: Duration = Duration::from_millis(1);
+
+    fn from_peer(state: State, your_discr: u32) -> Packet {
+        Packet {
+            diag: Diag::None,
+            state,
+            poll: false,
+            fin: false,
+            cpi: false,
+            demand: false,
+            detect_mult: 3,
+            my_discr: PEER,
+            your_discr,
+            desired_min_tx_us: 300_000,
+            required_min_rx_us: 300_000,
+            required_min_echo_rx_us: 0,
+        }
+    }
+
+    fn sent(actions: &[Action]) -> Vec<Packet> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(p) => Some(*p),
+                Action::StateChanged { .. } => None,
+            })
+            .collect()
+    }
+
+    fn changes(actions: &[Action]) -> Vec<(State, State, Diag, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| match *a {
+                Action::StateChanged {
+                    from,
+                    to,
+                    diag,
+                    peer_admin_down,
+                } => Some((from, to, diag, peer_admin_down)),
+                Action::Send(_) => None,
+            })
+            .collect()
+    }
+
+    /// A session brought Up by hand-made peer packets, the peer's Poll for its 300 ms
+    /// interval answered, and ours (for the same) acknowledged; returns the time of the
+    /// peer's last packet.
+    fn up(config: BfdConfig) -> (Session, Instant) {
+        let t = Instant::now();
+        let mut s = Session::new(t, config, LOCAL, 7);
+        let first = sent(&s.step(t, Event::Tick));
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].state, State::Down);
+        assert_eq!(first[0].your_discr, 0);
+        let a = s.step(t, Event::Received(from_peer(State::Down, 0)));
+        assert_eq!(
+            changes(&a),
+            vec![(State::Down, State::Init, Diag::None, false)]
+        );
+        assert_eq!(sent(&a)[0].your_discr, PEER);
+        let a = s.step(t, Event::Received(from_peer(State::Up, LOCAL)));
+        assert_eq!(
+            changes(&a),
+            vec![(State::Init, State::Up, Diag::None, false)]
+        );
+        // Up lifts the 1 s floor: a Poll Sequence announces the faster rate.
+        let p = sent(&a)[0];
+        assert!(p.poll && !p.fin);
+        assert_eq!(p.desired_min_tx_us, 300_000);
+        let fin = Packet {
+            fin: true,
+            ..from_peer(State::Up, LOCAL)
+        };
+        assert!(sent(&s.step(t, Event::Received(fin))).is_empty());
+        assert!(!s.polling());
+        (s, t)
+    }
+
+    /// Two sessions wired back to back with no delay, on a simulated clock.
+    struct Pair {
+        a: Session,
+        b: Session,
+        log: Vec<(bool, Instant, Action)>,
+    }
+
+    impl Pair {
+        fn new(t: Instant, a: BfdConfig, b: BfdConfig) -> Self {
+            Self {
+                a: Session::new(t, a, LOCAL, 1),
+                b: Session::new(t, b, PEER, 2),
+                log: vec![],
+            }
+        }
+
+        fn deliver(&mut self, now: Instant, from_a: bool, actions: Vec<Action>) {
+            let mut queue: VecDeque<_> = actions.into_iter().map(|a| (from_a, a)).collect();
+            while let Some((from_a, action)) = queue.pop_front() {
+                if let Action::Send(p) = action {
+                    assert!(!(p.poll && p.fin), "P and F together: {p:?}");
+                    let to = if from_a { &mut self.b } else { &mut self.a };
+                    let out = to.step(now, Event::Received(p));
+                    queue.extend(out.into_iter().map(|a| (!from_a, a)));
+                }
+                self.log.push((from_a, now, action));
+            }
+        }
+
+        fn run_until(&mut self, until: Instant) {
+            for _ in 0..100_000 {
+                let Some(now) = [self.a.next_deadline(), self.b.next_deadline()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .filter(|&t| t <= until)
+                else {
+                    return;
+                };
+                let out = self.a.step(now, Event::Tick);
+                self.deliver(now, true, out);
+                let out = self.b.step(now, Event::Tick);
+                self.deliver(now, false, out);
+            }
+            panic!("deadlines do not advance");
+        }
+    }
+
+    #[test]
+    fn three_way_handshake_brings_both_up_at_the_configured_rate() {
+        let t = Instant::now();
+        let mut pair = Pair::new(t, BfdConfig::default(), BfdConfig::default());
+        pair.run_until(t + 3 * IDLE_MIN_TX);
+        for s in [&pair.a, &pair.b] {
+            assert_eq!(s.state(), State::Up);
+            assert!(!s.polling());
+            assert_eq!(s.tx_interval(), 300 * MS);
+            assert_eq!(s.detection_time(), Some(900 * MS));
+        }
+        assert_eq!(pair.a.remote_discr(), PEER);
+        assert_eq!(pair.b.remote_discr(), LOCAL);
+        // Both come up at once: packets go out on state changes, not a second later.
+        let up_at: Vec<_> = pair
+            .log
+            .iter()
+            .filter(|(_, _, a)| matches!(a, Action::StateChanged { to: State::Up, .. }))
+            .map(|(_, at, _)| *at)
+            .collect();
+        assert_eq!(up_at, vec![t, t]);
+        // Up, packets arrive every 225–300 ms.
+        let from_a: Vec<_> = pair
+            .log
+            .iter()
+            .filter(|(from_a, at, a)| *from_a && *at > t && matches!(a, Action::Send(_)))
+            .map(|(_, at, _)| *at)
+            .collect();
+        assert!(from_a.len() >= 9, "{}", from_a.len());
+        for w in from_a.windows(2) {
+            let gap = w[1] - w[0];
+            assert!((225 * MS..=300 * MS).contains(&gap), "{gap:?}");
+        }
+    }
+
+    #[test]
+    fn silence_for_detect_mult_intervals_is_control_detection_time_expired() {
+        let (mut s, t) = up(BfdConfig::default());
+        assert_eq!(s.detection_time(), Some(900 * MS));
+        let last = t + 200 * MS;
+        s.step(last, Event::Received(from_peer(State::Up, LOCAL)));
+        let mut now = last;
+        while let Some(d) = s.next_deadline().filter(|&d| d < last + 900 * MS) {
+            now = d;
+            assert!(changes(&s.step(now, Event::Tick)).is_empty());
+        }
+        assert!(now < last + 900 * MS);
+        assert_eq!(s.state(), State::Up);
+        assert_eq!(s.next_deadline(), Some(last + 900 * MS));
+        let a = s.step(last + 900 * MS, Event::Tick);
+        assert_eq!(
+            changes(&a),
+            vec![(
+                State::Up,
+                State::Down,
+                Diag::ControlDetectionTimeExpired,
+                false
+            )]
+        );
+        assert_eq!(s.remote_discr(), 0);
+        // Down again: back to the 1 s idle rate, telling the peer (if it hears) why.
+        let p = sent(&a)[0];
+        assert_eq!(
+            (p.state, p.diag, p.your_discr),
+            (State::Down, Diag::ControlDetectionTimeExpired, 0)
+        );
+        assert_eq!(p.desired_min_tx_us, 1_000_000);
+        assert!(!p.poll);
+        assert_eq!(s.tx_interval(), IDLE_MIN_TX);
+    }
+
+    #[test]
+    fn peer_admin_down_is_down_with_diag_3_and_not_a_failure() {
+        let (mut s, t) = up(BfdConfig::default());
+        let admin = Packet {
+            diag: Diag::AdministrativelyDown,
+            ..from_peer(State::AdminDown, LOCAL)
+        };
+        let a = s.step(t + 100 * MS, Event::Received(admin));
+        assert_eq!(
+            changes(&a),
+            vec![(
+                State::Up,
+                State::Down,
+                Diag::NeighborSignaledSessionDown,
+                true
+            )]
+        );
+        assert_eq!(s.diag(), Diag::NeighborSignaledSessionDown);
+        assert_eq!(s.remote_state(), State::AdminDown);
+        // More AdminDown packets change nothing; the peer's restart brings it back.
+        assert!(changes(&s.step(t + 200 * MS, Event::Received(admin))).is_empty());
+        let back = Packet {
+            my_discr: PEER + 1,
+            ..from_peer(State::Down, 0)
+        };
+        let a = s.step(t + 300 * MS, Event::Received(back));
+        assert_eq!(
+            changes(&a),
+            vec![(State::Down, State::Init, Diag::None, false)]
+        );
+        assert_eq!(s.remote_discr(), PEER + 1);
+    }
+
+    #[test]
+    fn peer_down_while_up_is_a_failure_with_diag_3() {
+        let (mut s, t) = up(BfdConfig::default());
+        let a = s.step(t, Event::Received(from_peer(State::Down, LOCAL)));
+        assert_eq!(
+            changes(&a),
+            vec![(
+                State::Up,
+                State::Down,
+                Diag::NeighborSignaledSessionDown,
+                false
+            )]
+        );
+    }
+
+    #[test]
+    fn slower_peer_sets_the_tx_interval_and_detection_time() {
+        let (mut s, t) = up(BfdConfig::default());
+        let slow = Packet {
+            detect_mult: 5,
+            desired_min_tx_us: 1_000_000,
+            required_min_rx_us: 500_000,
+            ..from_peer(State::Up, LOCAL)
+        };
+        s.step(t, Event::Received(slow));
+        // TX: max(our 300 ms, its 500 ms); detection: its 5 × max(our 300 ms, its 1 s).
+        assert_eq!(s.tx_interval(), 500 * MS);
+        assert_eq!(s.detection_time(), Some(5 * IDLE_MIN_TX));
+        // The periodic timer armed for 300 ms is not shortened, a longer one would be.
+        let next = s.next_deadline().unwrap();
+        assert!(next <= t + 300 * MS, "{:?}", next - t);
+        let a = s.step(next, Event::Tick);
+        assert_eq!(sent(&a).len(), 1);
+        let gap = s.next_deadline().unwrap() - next;
+        assert!((375 * MS..=500 * MS).contains(&gap), "{gap:?}");
+    }
+
+    #[test]
+    fn faster_local_config_while_down_still_sends_once_a_second() {
+        let t = Instant::now();
+        let mut s = Session::new(t, BfdConfig::default(), LOCAL, 3);
+        let p = sent(&s.step(t, Event::Tick))[0];
+        assert_eq!(p.desired_min_tx_us, 1_000_000);
+        assert_eq!(p.required_min_rx_us, 300_000);
+        assert_eq!(p.detect_mult, 3);
+        assert_eq!(s.tx_interval(), IDLE_MIN_TX);
+        assert_eq!(s.detection_time(), None);
+    }
+
+    #[test]
+    fn jitter_cuts_zero_to_25_percent_or_10_to_25_with_detect_mult_1() {
+        for (mult, range) in [(3, 750..=1000), (1, 750..=900)] {
+            let config = BfdConfig {
+                detect_multiplier: mult,
+                ..BfdConfig::default()
+            };
+            let t = Instant::now();
+            let mut s = Session::new(t, config, LOCAL, 11);
+            let (mut lo, mut hi) = (u128::MAX, 0);
+            for _ in 0..2000 {
+                let ms = s.jittered(IDLE_MIN_TX).as_millis();
+                assert!(range.contains(&ms), "{mult}: {ms}");
+                lo = lo.min(ms);
+                hi = hi.max(ms);
+            }
+            // The whole range is used.
+            assert!(
+                lo <= range.start() + 5 && hi >= range.end() - 5,
+                "{lo}..{hi}"
+            );
+        }
+    }
+
+    #[test]
+    fn slower_tx_waits_for_the_final_of_its_poll() {
+        let (mut s, t) = up(BfdConfig::default());
+        let slower = BfdConfig {
+            desired_min_tx: 2 * IDLE_MIN_TX,
+            ..BfdConfig::default()
+        };
+        let a = s.step(t, Event::Configure(slower));
+        assert!(a.is_empty());
+        assert!(s.polling());
+        // The Poll goes out at once, announcing 2 s, while we keep sending every 300 ms.
+        assert_eq!(s.next_deadline(), Some(t));
+        let p = sent(&s.step(t, Event::Tick))[0];
+        assert!(p.poll);
+        assert_eq!(p.desired_min_tx_us, 2_000_000);
+        assert_eq!(s.tx_interval(), 300 * MS);
+        let next = s.next_deadline().unwrap();
+        assert!(sent(&s.step(next, Event::Tick))[0].poll);
+        assert_eq!(s.state(), State::Up);
+        // The peer's Final ends the sequence and the new rate applies.
+        let fin = Packet {
+            fin: true,
+            ..from_peer(State::Up, LOCAL)
+        };
+        s.step(next, Event::Received(fin));
+        assert!(!s.polling());
+        assert_eq!(s.tx_interval(), 2 * IDLE_MIN_TX);
+        let next = s.next_deadline().unwrap();
+        assert!(!sent(&s.step(next, Event::Tick))[0].poll);
+    }
+
+    #[test]
+    fn lower_rx_keeps_the_old_detection_time_until_the_final() {
+        let config = BfdConfig {
+            required_min_rx: 600 * MS,
+            ..BfdConfig::default()
+        };
+        let (mut s, t) = up(config);
+        assert_eq!(s.detection_time(), Some(1800 * MS));
+        s.step(t, Event::Configure(BfdConfig::default()));
+        let p = sent(&s.step(t, Event::Tick))[0];
+        assert!(p.poll);
+        assert_eq!(p.required_min_rx_us, 300_000);
+        assert_eq!(s.detection_time(), Some(1800 * MS));
+        let fin = Packet {
+            fin: true,
+            ..from_peer(State::Up, LOCAL)
+        };
+        s.step(t + 10 * MS, Event::Received(fin));
+        assert_eq!(s.detection_time(), Some(900 * MS));
+    }
+
+    #[test]
+    fn change_during_a_poll_gets_a_poll_of_its_own() {
+        let (mut s, t) = up(BfdConfig::default());
+        let at = |ms| BfdConfig {
+            desired_min_tx: ms * MS,
+            ..BfdConfig::default()
+        };
+        s.step(t, Event::Configure(at(500)));
+        s.step(t, Event::Tick);
+        s.step(t, Event::Configure(at(700)));
+        let fin = Packet {
+            fin: true,
+            ..from_peer(State::Up, LOCAL)
+        };
+        s.step(t, Event::Received(fin));
+        // The Final confirmed 500 ms; 700 ms needs another sequence.
+        assert_eq!(s.tx_interval(), 500 * MS);
+        assert!(s.polling());
+        s.step(t, Event::Received(fin));
+        assert!(!s.polling());
+        assert_eq!(s.tx_interval(), 700 * MS);
+    }
+
+    #[test]
+    fn peer_poll_is_answered_at_once_with_final_and_its_new_rate_used() {
+        let (mut s, t) = up(BfdConfig::default());
+        let poll = Packet {
+            poll: true,
+            desired_min_tx_us: 1_000_000,
+            required_min_rx_us: 1_000_000,
+            ..from_peer(State::Up, LOCAL)
+        };
+        let a = s.step(t + MS, Event::Received(poll));
+        let p = sent(&a);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].fin && !p[0].poll);
+        assert_eq!(s.tx_interval(), IDLE_MIN_TX);
+        assert_eq!(s.detection_time(), Some(3 * IDLE_MIN_TX));
+    }
+
+    #[test]
+    fn passive_session_is_silent_until_the_peer_speaks() {
+        let config = BfdConfig {
+            passive: true,
+            ..BfdConfig::default()
+        };
+        let t = Instant::now();
+        let mut s = Session::new(t, config, LOCAL, 5);
+        assert_eq!(s.next_deadline(), None);
+        assert!(s.step(t + IDLE_MIN_TX, Event::Tick).is_empty());
+        let a = s.step(t + IDLE_MIN_TX, Event::Received(from_peer(State::Down, 0)));
+        assert_eq!(
+            changes(&a),
+            vec![(State::Down, State::Init, Diag::None, false)]
+        );
+        assert_eq!(sent(&a)[0].state, State::Init);
+        // The peer goes away: after the Detection Time, silent again.
+        // Its Detection Time: its 3 × max(our 300 ms, its 300 ms).
+        let expiry = t + IDLE_MIN_TX + 900 * MS;
+        let mut now = t;
+        while let Some(d) = s.next_deadline() {
+            now = d;
+            s.step(now, Event::Tick);
+        }
+        assert_eq!(now, expiry);
+        assert_eq!(s.state(), State::Down);
+        assert_eq!(s.remote_discr(), 0);
+    }
+
+    #[test]
+    fn passive_pair_with_one_active_side_comes_up() {
+        let t = Instant::now();
+        let passive = BfdConfig {
+            passive: true,
+            ..BfdConfig::default()
+        };
+        let mut pair = Pair::new(t, BfdConfig::default(), passive);
+        pair.run_until(t + 3 * IDLE_MIN_TX);
+        assert_eq!((pair.a.state(), pair.b.state()), (State::Up, State::Up));
+        // Two passive sides never speak.
+        let mut pair = Pair::new(t, passive, passive);
+        pair.run_until(t + 3 * IDLE_MIN_TX);
+        assert!(pair.log.is_empty());
+    }
+
+    #[test]
+    fn admin_down_sends_diag_7_for_a_detection_time_and_ignores_the_peer() {
+        let (mut s, t) = up(BfdConfig::default());
+        let a = s.step(t, Event::AdminDown);
+        assert_eq!(
+            changes(&a),
+            vec![(
+                State::Up,
+                State::AdminDown,
+                Diag::AdministrativelyDown,
+                false
+            )]
+        );
+        let mut packets = sent(&a);
+        let mut now = t;
+        while s.admin_down_pending() {
+            now = s.next_deadline().unwrap();
+            packets.extend(sent(&s.step(now, Event::Tick)));
+        }
+        // Three packets (Detect Mult) at the Up pace, then on at the idle pace.
+        assert_eq!(packets.len(), 3);
+        assert!(now - t <= 600 * MS, "{:?}", now - t);
+        assert!(
+            packets
+                .iter()
+                .all(|p| p.state == State::AdminDown && p.diag == Diag::AdministrativelyDown)
+        );
+        assert_eq!(s.tx_interval(), IDLE_MIN_TX);
+        // AdminDown discards what the peer sends, and no detection runs.
+        let a = s.step(now, Event::Received(from_peer(State::Down, LOCAL)));
+        assert!(a.is_empty());
+        assert_eq!(s.state(), State::AdminDown);
+        let a = s.step(now, Event::AdminUp);
+        assert_eq!(
+            changes(&a),
+            vec![(State::AdminDown, State::Down, Diag::None, false)]
+        );
+    }
+
+    #[test]
+    fn admin_down_pair_is_planned_on_the_other_side() {
+        let t = Instant::now();
+        let mut pair = Pair::new(t, BfdConfig::default(), BfdConfig::default());
+        pair.run_until(t + IDLE_MIN_TX);
+        let a = pair.a.step(t + IDLE_MIN_TX, Event::AdminDown);
+        pair.log.clear();
+        pair.deliver(t + IDLE_MIN_TX, true, a);
+        pair.run_until(t + 10 * IDLE_MIN_TX);
+        assert_eq!(pair.b.state(), State::Down);
+        let b_changes: Vec<_> = pair
+            .log
+            .iter()
+            .filter(|(from_a, _, _)| !from_a)
+            .filter_map(|(_, _, a)| match a {
+                Action::StateChanged { .. } => Some(a.clone()),
+                Action::Send(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            b_changes,
+            vec![Action::StateChanged {
+                from: State::Up,
+                to: State::Down,
+                diag: Diag::NeighborSignaledSessionDown,
+                peer_admin_down: true
+            }]
+        );
+    }
+
+    #[test]
+    fn peer_demand_mode_stops_periodic_packets_but_not_polls() {
+        let (mut s, t) = up(BfdConfig::default());
+        let demand = Packet {
+            demand: true,
+            ..from_peer(State::Up, LOCAL)
+        };
+        s.step(t, Event::Received(demand));
+        assert!(s.next_deadline().is_some_and(|d| d == t + 900 * MS));
+        assert!(sent(&s.step(t + 300 * MS, Event::Tick)).is_empty());
+        s.step(
+            t + 400 * MS,
+            Event::Configure(BfdConfig {
+                required_min_rx: 200 * MS,
+                ..BfdConfig::default()
+            }),
+        );
+        assert!(sent(&s.step(t + 400 * MS, Event::Tick))[0].poll);
+    }
+}

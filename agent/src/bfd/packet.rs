@@ -389,8 +389,8 @@ mod tests {
     fn random_and_mutated_buffers_never_panic() {
         let mut rng = Rng(0x5880);
         let mut oks = 0;
-        for i in 0..50_000 {
-            let mut buf = if i % 2 == 0 {
+        for i in 0..50_000u32 {
+            let mut buf = if i.is_multiple_of(2) {
                 UP_BYTES.to_vec()
             } else {
                 (0..rng.next() % 40).map(|_| rng.next() as u8).collect()
@@ -401,7 +401,7 @@ mod tests {
                     *b = rng.next() as u8;
                 }
             }
-            if rng.next() % 4 == 0 {
+            if rng.next().is_multiple_of(4) {
                 buf.truncate(rng.next() as usize % 30);
             }
             if let Ok(p) = decode(&buf) {

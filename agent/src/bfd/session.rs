@@ -67,6 +67,10 @@ pub struct PeerState {
     /// The last change to Down came from the peer's AdminDown (RFC 5880 §6.8.16): a
     /// planned shutdown, which must not be treated as a path failure.
     pub peer_admin_down: bool,
+    /// The negotiated transmit interval before jitter (RFC 5880 §6.8.7).
+    pub tx_interval: Duration,
+    /// The Detection Time (RFC 5880 §6.8.4), once the peer has been heard.
+    pub detection_time: Option<Duration>,
 }
 
 impl PeerState {
@@ -179,6 +183,8 @@ impl Speaker {
             state: State::Down,
             diag: Diag::None,
             peer_admin_down: false,
+            tx_interval: Duration::ZERO,
+            detection_time: None,
         });
         let discr = {
             let mut routes = lock(&self.routes);
@@ -332,14 +338,21 @@ impl Driver {
                         peer_admin_down,
                         "BFD session state changed"
                     );
-                    self.state.send_replace(PeerState {
-                        state: to,
-                        diag,
-                        peer_admin_down,
+                    self.state.send_modify(|s| {
+                        s.state = to;
+                        s.diag = diag;
+                        s.peer_admin_down = peer_admin_down;
                     });
                 }
             }
         }
+        let (tx_interval, detection_time) = (self.fsm.tx_interval(), self.fsm.detection_time());
+        self.state.send_if_modified(|s| {
+            let changed = (s.tx_interval, s.detection_time) != (tx_interval, detection_time);
+            s.tx_interval = tx_interval;
+            s.detection_time = detection_time;
+            changed
+        });
     }
 }
 
@@ -530,4 +543,194 @@ fn random(salt: u64) -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    /// Generous: the defaults detect in 900 ms; this only catches a hang.
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    /// Two speakers on one host, each sending to the other's port.
+    fn pair() -> (Speaker, Speaker) {
+        let a = Speaker::bind(A, 0).unwrap();
+        let b = Speaker::bind(B, 0).unwrap();
+        let (pa, pb) = (a.local_addr().port(), b.local_addr().port());
+        (a.with_peer_port(pb), b.with_peer_port(pa))
+    }
+
+    async fn wait(
+        rx: &mut watch::Receiver<PeerState>,
+        f: impl FnMut(&PeerState) -> bool,
+    ) -> PeerState {
+        *tokio::time::timeout(PATIENCE, rx.wait_for(f))
+            .await
+            .expect("state reached in time")
+            .expect("session alive")
+    }
+
+    async fn both_up() -> (
+        Speaker,
+        Speaker,
+        watch::Receiver<PeerState>,
+        watch::Receiver<PeerState>,
+    ) {
+        let (a, b) = pair();
+        let mut at_a = a.add(B, BfdConfig::default()).unwrap();
+        let mut at_b = b.add(A, BfdConfig::default()).unwrap();
+        wait(&mut at_a, PeerState::is_up).await;
+        wait(&mut at_b, PeerState::is_up).await;
+        (a, b, at_a, at_b)
+    }
+
+    #[tokio::test]
+    async fn two_speakers_come_up() {
+        let (_a, _b, at_a, at_b) = both_up().await;
+        for s in [*at_a.borrow(), *at_b.borrow()] {
+            assert_eq!(
+                (s.state, s.diag, s.peer_admin_down),
+                (State::Up, Diag::None, false)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn dropped_speaker_is_a_detection_timeout_on_the_other_side() {
+        let (a, _b, _at_a, mut at_b) = both_up().await;
+        drop(a);
+        let s = wait(&mut at_b, |s| s.state == State::Down).await;
+        assert_eq!(s.diag, Diag::ControlDetectionTimeExpired);
+        assert!(!s.peer_admin_down);
+        assert!(s.failed());
+    }
+
+    #[tokio::test]
+    async fn admin_down_all_is_a_planned_shutdown_on_the_other_side() {
+        let (a, _b, at_a, mut at_b) = both_up().await;
+        a.admin_down_all().await;
+        assert_eq!(at_a.borrow().state, State::AdminDown);
+        assert_eq!(at_a.borrow().diag, Diag::AdministrativelyDown);
+        let s = wait(&mut at_b, |s| s.state == State::Down).await;
+        assert_eq!(s.diag, Diag::NeighborSignaledSessionDown);
+        assert!(s.peer_admin_down);
+        assert!(!s.failed());
+    }
+
+    #[tokio::test]
+    async fn removed_session_tells_the_peer_admin_down() {
+        let (a, _b, _at_a, mut at_b) = both_up().await;
+        a.remove(B);
+        let s = wait(&mut at_b, |s| s.state == State::Down).await;
+        assert!(s.peer_admin_down);
+    }
+
+    #[tokio::test]
+    async fn update_renegotiates_timers_without_resetting() {
+        let (a, _b, mut at_a, mut at_b) = both_up().await;
+        wait(&mut at_b, |s| {
+            s.detection_time == Some(Duration::from_millis(900))
+        })
+        .await;
+        let slower = BfdConfig {
+            desired_min_tx: Duration::from_millis(500),
+            required_min_rx: Duration::from_millis(500),
+            detect_multiplier: 4,
+            passive: false,
+        };
+        assert!(a.update(B, slower));
+        assert!(!a.update(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), slower));
+        // B: sends at max(300, 500) ms and waits 4 × max(300, 500) ms; A: 500 ms and
+        // 3 × 500 ms, once its Poll is answered.
+        let s = wait(&mut at_b, |s| {
+            s.detection_time == Some(Duration::from_secs(2))
+                && s.tx_interval == Duration::from_millis(500)
+        })
+        .await;
+        assert!(s.is_up());
+        let s = wait(&mut at_a, |s| {
+            s.detection_time == Some(Duration::from_millis(1500))
+                && s.tx_interval == Duration::from_millis(500)
+        })
+        .await;
+        assert!(s.is_up());
+        assert_eq!(s.diag, Diag::None);
+    }
+
+    /// A test socket standing in for the peer, reading TTLs as the speaker does.
+    async fn raw_peer() -> (UdpSocket, u16) {
+        let std = StdUdpSocket::bind((A, 0)).unwrap();
+        set_int_opt(&std, libc::IPPROTO_IP, libc::IP_RECVTTL, 1).unwrap();
+        std.set_nonblocking(true).unwrap();
+        let port = std.local_addr().unwrap().port();
+        (UdpSocket::from_std(std).unwrap(), port)
+    }
+
+    async fn recv(socket: &UdpSocket) -> (Packet, SocketAddr, Option<u8>) {
+        let mut buf = [0u8; 64];
+        let fd = socket.as_raw_fd();
+        let (n, from, ttl) = tokio::time::timeout(
+            PATIENCE,
+            socket.async_io(Interest::READABLE, || recv_with_ttl(fd, &mut buf)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        (packet::decode(&buf[..n]).unwrap(), from, ttl)
+    }
+
+    #[tokio::test]
+    async fn sends_with_ttl_255_from_a_dynamic_port_and_drops_lower_ttls() {
+        let (peer, port) = raw_peer().await;
+        let b = Speaker::bind(B, 0).unwrap().with_peer_port(port);
+        let mut at_b = b.add(A, BfdConfig::default()).unwrap();
+        let (first, from, ttl) = recv(&peer).await;
+        assert_eq!(ttl, Some(255));
+        assert!(SOURCE_PORTS.contains(&from.port()), "{from}");
+        assert_eq!(first.state, State::Down);
+        let to_b = b.local_addr();
+        let init = Packet {
+            diag: Diag::None,
+            state: State::Init,
+            poll: false,
+            fin: false,
+            cpi: false,
+            demand: false,
+            detect_mult: 3,
+            my_discr: 42,
+            your_discr: first.my_discr,
+            desired_min_tx_us: 1_000_000,
+            required_min_rx_us: 300_000,
+            required_min_echo_rx_us: 0,
+        };
+        // An Init with TTL 64 would take B straight Up; dropped, the Down after it
+        // takes B to Init.
+        peer.set_ttl(64).unwrap();
+        peer.send_to(&packet::encode(&init), to_b).await.unwrap();
+        peer.set_ttl(255).unwrap();
+        let down = Packet {
+            state: State::Down,
+            your_discr: 0,
+            ..init
+        };
+        peer.send_to(&packet::encode(&down), to_b).await.unwrap();
+        let s = wait(&mut at_b, |s| {
+            s.state != State::Down || s.diag != Diag::None
+        })
+        .await;
+        assert_eq!(s.state, State::Init);
+        // Every later packet keeps the same source port (RFC 5881 §4).
+        for _ in 0..2 {
+            let (_, again, ttl) = recv(&peer).await;
+            assert_eq!((again, ttl), (from, Some(255)));
+        }
+    }
+
+    #[test]
+    fn bind_outside_a_runtime_is_an_error() {
+        assert!(matches!(Speaker::bind(A, 0), Err(BfdError::NoRuntime)));
+    }
 }

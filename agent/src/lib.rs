@@ -21,7 +21,6 @@
 //! - [`duration`] parses `500ms` / `2s` / `1m` (objects and flags);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
-/// Bidirectional Forwarding Detection (RFC 5880, single hop RFC 5881).
 pub mod bfd;
 /// BGP-4 (RFC 4271): the speaker's wire codec and session state machine.
 pub mod bgp;

@@ -304,9 +304,9 @@ impl Session {
             self.remote_discr = 0;
             self.remote_state = State::Down;
             self.remote_demand = false;
-            if let Some(p) = self.polling.take() {
-                self.in_use = p;
-            }
+            // Nobody is left to answer a Poll: what we advertise applies now.
+            self.polling = None;
+            self.in_use = self.advertised;
             if matches!(self.state, State::Init | State::Up) {
                 self.change(
                     now,

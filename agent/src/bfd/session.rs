@@ -417,7 +417,7 @@ async fn receive(socket: UdpSocket, routes: Arc<Mutex<Routes>>) {
 /// or hop limit 255 (§5).
 fn bind_source(local: IpAddr) -> Result<StdUdpSocket, BfdError> {
     let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
-    let first = random(u64::from(u32::from(local.is_ipv4()))) as u32 % span;
+    let first = random(0) as u32 % span;
     for i in 0..span {
         let port = *SOURCE_PORTS.start() + ((first + i) % span) as u16;
         let addr = SocketAddr::new(local, port);

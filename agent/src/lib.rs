@@ -17,12 +17,13 @@
 //! - [`metallb`] converts MetalLB configuration (`xlb convert-metallb`);
 //! - [`attract`] says which nodes may attract a VIP (shared by L2 and BGP);
 //! - [`l2`] announces VIPs on the LAN (ARP, SWIM membership, failover);
-//! - [`bgp`] speaks BGP-4 to routers (codec, session state machine);
+//! - [`bgp`] speaks BGP-4 to routers (codec, session state machine, policy, speaker);
+//! - [`bfd`] detects a dead path to a router in under a second (BFD, RFC 5880/5881);
 //! - [`duration`] parses `500ms` / `2s` / `1m` (objects and flags);
 //! - [`agent`] wires them into the running process.
 pub mod agent;
 pub mod attract;
-/// BGP-4 (RFC 4271): the speaker's wire codec and session state machine.
+pub mod bfd;
 pub mod bgp;
 pub mod checks;
 pub mod crd;

@@ -211,8 +211,8 @@ pub fn outside_host(router: &Netns, name: &str) -> Result<Host> {
         "via",
         &OUTSIDE_GATEWAY.to_string(),
     ])?;
-    router.sysctl("net.ipv4.ip_forward", "1")?;
-    router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+    router.sysctl("net/ipv4/ip_forward", "1")?;
+    router.sysctl("net/ipv4/fib_multipath_hash_policy", "1")?;
     Ok(Host::new(ns, OUTSIDE_ADDR))
 }
 

@@ -813,7 +813,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // services: routers that negotiated graceful restart are told so.
     let restarting = !applied.services.is_empty();
     let (bgp_plan, bgp_rx) = watch::channel(Arc::new(crate::bgp::plan::Plan::default()));
-    let bgp = crate::bgp::speaker::start(bgp_rx, restarting, metrics.bgp.clone());
+    let bgp = crate::bgp::speaker::start(bgp_rx, restarting, node.ip, metrics.bgp.clone());
 
     let mut status_plan = None;
     let mut ipam_lease = None;

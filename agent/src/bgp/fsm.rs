@@ -49,6 +49,9 @@ pub enum Event {
     UpdateMsg,
     /// A timer deadline passed; the machine works out which one (events 9, 10, 11).
     Tick,
+    /// The peer's BFD session went Down (RFC 5882 §4.3: the client protocol is taken
+    /// down at once, not after the hold time).
+    BfdDown,
 }
 
 /// Outputs for the driver to perform, in order.
@@ -260,6 +263,18 @@ impl Session {
                 }
                 vec![]
             }
+            (State::OpenSent | State::OpenConfirm | State::Established, Event::BfdDown) => {
+                // Cease / BFD Down (RFC 9384 §3); the connection is likely dead anyway.
+                self.notify_and_drop(
+                    now,
+                    Notification {
+                        code: 6,
+                        subcode: 10,
+                        data: vec![],
+                    },
+                )
+            }
+            (_, Event::BfdDown) => vec![],
             (_, Event::MessageError(e)) => self.notify_and_drop(now, notification(&e)),
             (_, Event::NotifMsg(_)) | (_, Event::TcpConnectionFails) => {
                 self.drop_session(now, vec![])
@@ -517,5 +532,23 @@ mod tests {
         assert_eq!(gr.flags, GR_RESTART_STATE);
         assert_eq!(gr.restart_time, 0x0fff);
         assert!(gr.families.iter().all(|f| f.forwarding));
+    }
+
+    #[test]
+    fn bfd_down_takes_an_established_session_down_with_cease_10() {
+        let (mut s, t) = established(90, 90);
+        let a = s.step(t + Duration::from_secs(1), Event::BfdDown);
+        assert_eq!(
+            a[0],
+            Action::SendNotification(Notification {
+                code: 6,
+                subcode: 10,
+                data: vec![]
+            })
+        );
+        assert!(a.contains(&Action::Down));
+        assert_eq!(s.state(), State::Active);
+        // Not connected: nothing to take down.
+        assert_eq!(s.step(t + Duration::from_secs(2), Event::BfdDown), vec![]);
     }
 }

@@ -166,7 +166,7 @@ impl Plan {
             let mut routes: BTreeMap<Ipv4Net, RouteAttrs> = BTreeMap::new();
             for ad in announcements
                 .iter()
-                .filter(|a| a.peers.is_empty() || a.peers.iter().any(|p| *p == peer.name))
+                .filter(|a| a.peers.is_empty() || a.peers.contains(&peer.name))
             {
                 for svc in snapshot.services.values() {
                     if svc.service_type != ServiceType::LoadBalancer

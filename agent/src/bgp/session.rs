@@ -108,7 +108,15 @@ impl Handle {
 /// Starts the session. `restarting`: the agent restarted with the datapath still
 /// forwarding, so graceful restart's Restart State and Forwarding State bits are set
 /// (RFC 4724 §4.1).
-pub fn spawn(name: String, cfg: SessionConfig, routes: Arc<Routes>, restarting: bool) -> Handle {
+/// `bfd`: the state of the peer's BFD session, when it runs one; a failure takes
+/// the BGP session down at once (RFC 5882 §4.3).
+pub fn spawn(
+    name: String,
+    cfg: SessionConfig,
+    routes: Arc<Routes>,
+    restarting: bool,
+    bfd: Option<watch::Receiver<crate::bfd::PeerState>>,
+) -> Handle {
     let (stop, stop_rx) = watch::channel(Stop::No);
     let (routes_tx, routes_rx) = watch::channel(routes);
     let (status_tx, status) = watch::channel(Status {
@@ -117,7 +125,7 @@ pub fn spawn(name: String, cfg: SessionConfig, routes: Arc<Routes>, restarting: 
     });
     let task = tokio::spawn(async move {
         let mut driver = Driver::new(name, cfg, restarting, status_tx);
-        driver.run(stop_rx, routes_rx).await;
+        driver.run(stop_rx, routes_rx, bfd).await;
     });
     Handle {
         stop,
@@ -177,6 +185,7 @@ impl Driver {
         &mut self,
         mut stop: watch::Receiver<Stop>,
         mut routes: watch::Receiver<Arc<Routes>>,
+        mut bfd: Option<watch::Receiver<crate::bfd::PeerState>>,
     ) {
         let mut connecting: Option<
             std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>,
@@ -205,7 +214,12 @@ impl Driver {
                     self.finish(how).await;
                     return;
                 }
-                result = async { connecting.as_mut().expect("guarded by the if").await }, if connecting.is_some() => {
+                result = async {
+                    match connecting.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if connecting.is_some() => {
                     connecting = None;
                     let now = std::time::Instant::now();
                     match result {
@@ -223,8 +237,10 @@ impl Driver {
                     }
                 }
                 read = async {
-                    let c = self.conn.as_mut().expect("guarded by the if");
-                    c.stream.read_buf(&mut c.buf).await
+                    match self.conn.as_mut() {
+                        Some(c) => c.stream.read_buf(&mut c.buf).await,
+                        None => std::future::pending().await,
+                    }
                 }, if self.conn.is_some() => {
                     let now = std::time::Instant::now();
                     match read {
@@ -234,6 +250,25 @@ impl Driver {
                             pending = self.fsm.step(now, Event::TcpConnectionFails);
                         }
                         Ok(_) => pending = self.receive(now).await,
+                    }
+                }
+                r = async {
+                    match bfd.as_mut() {
+                        Some(b) => b.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if bfd.is_some() => {
+                    let failed = match (&r, bfd.as_mut()) {
+                        (Ok(()), Some(b)) => b.borrow_and_update().failed(),
+                        _ => {
+                            // The BFD speaker is gone: run on the hold timer alone.
+                            bfd = None;
+                            false
+                        }
+                    };
+                    if failed {
+                        warn!(peer = %self.name, "BGP: BFD session down; taking the BGP session down");
+                        pending = self.fsm.step(std::time::Instant::now(), Event::BfdDown);
                     }
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {

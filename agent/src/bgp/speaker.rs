@@ -37,20 +37,34 @@ impl SpeakerHandle {
 /// once the maps serve the VIPs), so a restarting node never tells a router "this is
 /// all" (End-of-RIB) before it knows what it serves. `restarting`: the datapath kept
 /// forwarding across an agent restart (graceful restart's R and F bits).
+/// BFD runs on `node_ip` (the receive socket's address; any when unknown).
 pub fn start(
     mut plans: watch::Receiver<Arc<Plan>>,
     restarting: bool,
+    node_ip: Option<std::net::Ipv4Addr>,
     metrics: Arc<BgpMetrics>,
 ) -> SpeakerHandle {
     let (stop, mut stop_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
-        let mut sessions: BTreeMap<String, (SessionConfig, session::Handle)> = BTreeMap::new();
+        let mut sessions: Sessions = BTreeMap::new();
+        let mut bfd = Bfd {
+            local: node_ip.map_or(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                Into::into,
+            ),
+            speaker: None,
+        };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut first = true;
         loop {
             tokio::select! {
                 how = &mut stop_rx => {
                     let how = how.unwrap_or(Stop::Restart);
+                    // BFD first, AdminDown (RFC 5880 §6.8.16): routers do not count a
+                    // planned stop as a failure, so graceful restart holds.
+                    if let Some(b) = &bfd.speaker {
+                        b.admin_down_all().await;
+                    }
                     for (_, (_, s)) in std::mem::take(&mut sessions) {
                         s.stop(how).await;
                     }
@@ -63,7 +77,7 @@ pub fn start(
                         return;
                     }
                     let plan = plans.borrow_and_update().clone();
-                    reconcile(&mut sessions, &plan, restarting && first).await;
+                    reconcile(&mut sessions, &mut bfd, &plan, restarting && first).await;
                     first = false;
                     report(&sessions, &metrics);
                 }
@@ -74,30 +88,109 @@ pub fn start(
     SpeakerHandle { stop, task }
 }
 
+type Sessions = BTreeMap<String, (SessionConfig, session::Handle)>;
+
+/// The BFD speaker, bound when the first peer asks for BFD.
+struct Bfd {
+    local: std::net::IpAddr,
+    speaker: Option<Arc<crate::bfd::Speaker>>,
+}
+
+impl Bfd {
+    /// Starts (or retimes) BFD with the peer of `cfg`, if it asks for it.
+    fn add(&mut self, cfg: &SessionConfig) -> Option<watch::Receiver<crate::bfd::PeerState>> {
+        let timers = cfg.bfd?;
+        if self.speaker.is_none() {
+            match crate::bfd::Speaker::bind(self.local, crate::bfd::session::PORT) {
+                Ok(s) => self.speaker = Some(Arc::new(s)),
+                Err(e) => {
+                    warn!(error = %e, "BFD: cannot listen; sessions run on BGP hold timers alone");
+                    return None;
+                }
+            }
+        }
+        let speaker = self.speaker.as_ref()?;
+        match speaker.add(cfg.peer_address, bfd_config(&timers)) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                warn!(peer = %cfg.peer_address, error = %e, "BFD: session not started");
+                None
+            }
+        }
+    }
+
+    fn remove(&self, cfg: &SessionConfig) {
+        if let (Some(s), Some(_)) = (&self.speaker, cfg.bfd) {
+            s.remove(cfg.peer_address);
+        }
+    }
+}
+
+fn bfd_config(t: &super::plan::BfdTimers) -> crate::bfd::BfdConfig {
+    crate::bfd::BfdConfig {
+        desired_min_tx: t.transmit_interval,
+        required_min_rx: t.receive_interval,
+        detect_multiplier: t.detect_multiplier,
+        passive: t.passive,
+    }
+}
+
+/// The settings whose change resets a session: all but the BFD timers (whether BFD
+/// runs at all does reset it).
+fn reset_key(cfg: &SessionConfig) -> SessionConfig {
+    SessionConfig {
+        bfd: cfg.bfd.map(|mut t| {
+            t.transmit_interval = Duration::ZERO;
+            t.receive_interval = Duration::ZERO;
+            t.detect_multiplier = 0;
+            t.passive = false;
+            t
+        }),
+        ..cfg.clone()
+    }
+}
+
 /// Brings the sessions in line with `plan`.
-async fn reconcile(
-    sessions: &mut BTreeMap<String, (SessionConfig, session::Handle)>,
-    plan: &Plan,
-    restarting: bool,
-) {
+async fn reconcile(sessions: &mut Sessions, bfd: &mut Bfd, plan: &Plan, restarting: bool) {
     let stale: Vec<String> = sessions
         .iter()
-        .filter(|(name, (cfg, _))| plan.peers.get(*name).is_none_or(|p| p.session != *cfg))
+        .filter(|(name, (cfg, _))| {
+            plan.peers
+                .get(*name)
+                .is_none_or(|p| reset_key(&p.session) != reset_key(cfg))
+        })
         .map(|(name, _)| name.clone())
         .collect();
     for name in stale {
-        if let Some((_, s)) = sessions.remove(&name) {
+        if let Some((cfg, s)) = sessions.remove(&name) {
             info!(peer = %name, "BGP: peer removed or changed; closing its session");
             s.stop(Stop::Cease).await;
+            bfd.remove(&cfg);
         }
     }
     for (name, peer) in &plan.peers {
         let routes = Arc::new(peer.routes.clone());
-        match sessions.get(name) {
-            Some((_, s)) => s.set_routes(routes),
+        match sessions.get_mut(name) {
+            Some((cfg, s)) => {
+                s.set_routes(routes);
+                if cfg.bfd != peer.session.bfd
+                    && let (Some(b), Some(t)) = (&bfd.speaker, &peer.session.bfd)
+                {
+                    info!(peer = %name, "BFD: new timers (poll sequence, no reset)");
+                    b.update(peer.session.peer_address, bfd_config(t));
+                }
+                *cfg = peer.session.clone();
+            }
             None => {
                 info!(peer = %name, address = %peer.session.peer_address, "BGP: starting session");
-                let handle = session::spawn(name.clone(), peer.session.clone(), routes, restarting);
+                let state = bfd.add(&peer.session);
+                let handle = session::spawn(
+                    name.clone(),
+                    peer.session.clone(),
+                    routes,
+                    restarting,
+                    state,
+                );
                 sessions.insert(name.clone(), (peer.session.clone(), handle));
             }
         }
@@ -105,7 +198,7 @@ async fn reconcile(
 }
 
 /// `xlb_bgp_session_up{peer}` and `xlb_bgp_advertised_prefixes{peer}`.
-fn report(sessions: &BTreeMap<String, (SessionConfig, session::Handle)>, metrics: &BgpMetrics) {
+fn report(sessions: &Sessions, metrics: &BgpMetrics) {
     metrics.up.clear();
     metrics.advertised.clear();
     for (name, (_, s)) in sessions {

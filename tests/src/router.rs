@@ -218,19 +218,31 @@ pub fn outside_host(router: &Netns, name: &str) -> Result<Host> {
 
 /// A BIRD 2 configuration for the router `router_id`: BGP sessions to each of
 /// `nodes` (name, address) learning their routes into the kernel table, ECMP merged
-/// (`merge paths`). `extra` goes into every BGP protocol (timers, graceful restart,
-/// BFD, passwords).
-pub fn bird_config(router_id: Ipv4Addr, nodes: &[(String, Ipv4Addr)], extra: &str) -> String {
+/// (`merge paths`). `extra(node)` goes into that node's BGP protocol (timers,
+/// graceful restart, BFD, passwords). With `bfd`, a BFD protocol on `eth0` with
+/// MetalLB's default profile timers (300 ms × 3).
+pub fn bird_config(
+    router_id: Ipv4Addr,
+    nodes: &[(String, Ipv4Addr)],
+    bfd: bool,
+    extra: impl Fn(&str) -> String,
+) -> String {
     let mut c = format!(
         "router id {router_id};\n\
          protocol device {{ scan time 1; }}\n\
          protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
     );
+    if bfd {
+        c.push_str(
+            "protocol bfd { interface \"eth0\" { min rx interval 300 ms; min tx interval 300 ms; multiplier 3; }; }\n",
+        );
+    }
     for (name, addr) in nodes {
         let proto = name.replace('-', "_");
         c.push_str(&format!(
             "protocol bgp {proto} {{\n  local {router_id} as {ROUTER_ASN};\n  neighbor {addr} as {NODE_ASN};\n  \
-             ipv4 {{ import all; export none; }};\n{extra}\n}}\n"
+             ipv4 {{ import all; export none; }};\n  debug {{ states, events }};\n{}\n}}\n",
+            extra(name)
         ));
     }
     c

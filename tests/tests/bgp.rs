@@ -13,12 +13,12 @@ use anyhow::{Context, Result, ensure};
 use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, SOON, VIP_RANGE};
 use xlb_lab::manifests::{
     EndpointSpec, WEB_VIP, endpointslice_yaml, multi_doc, service_yaml, web_ports, web_tcp_vip,
-    web_yaml, write_atomic,
+    web_udp_vip, web_yaml, write_atomic,
 };
-use xlb_lab::poll;
 use xlb_lab::router::{
     Bird, NODE_ASN, OUTSIDE_ADDR, OUTSIDE_NET, ROUTER_ASN, bird_config, next_hops, outside_host,
 };
+use xlb_lab::{Ticker, poll};
 
 /// The Cluster-policy Service's VIP (the standard `demo/web` is Local, on 10.0.100.1).
 const CLUSTER_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 100, 2);
@@ -140,7 +140,9 @@ fn bird_routes_vips_over_ecmp_and_follows_local_endpoints() -> Result<()> {
     let bird = Bird::start(
         &lab.client.ns,
         &lab.scratch().join("bird"),
-        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), "  hold time 9;"),
+        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), false, |_| {
+            "  hold time 9;".into()
+        }),
     )?;
     let outside = outside_host(&lab.client.ns, &format!("{}-out", lab.id()))?;
     write_atomic(&lab.manifests_dir().join("bgp.yaml"), &bgp_yaml(""))?;
@@ -241,6 +243,220 @@ fn bird_routes_vips_over_ecmp_and_follows_local_endpoints() -> Result<()> {
     ensure!(
         log.contains("Administrative shutdown") || log.contains("administrative shutdown"),
         "no Cease in BIRD's log:\n{log}"
+    );
+    Ok(())
+}
+
+/// `BFDProfile` `fast`: MetalLB's default timers, spelled out.
+fn bfd_profile_yaml() -> String {
+    "apiVersion: xlb.dev/v1alpha1\nkind: BFDProfile\nmetadata: { name: fast, namespace: xlb-system }\n\
+     spec: { receiveInterval: 300, transmitInterval: 300, detectMultiplier: 3 }\n"
+        .to_string()
+}
+
+fn bird_bfd_up(bird: &Bird) -> Result<usize> {
+    let out = bird.birdc(&["show", "bfd", "sessions"])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("Up"))
+        .count())
+}
+
+#[test]
+fn graceful_restart_keeps_the_route_across_an_agent_restart() -> Result<()> {
+    let mut lab = lab_with_services()?;
+    // demo/web only on node-a: every packet to it crosses node-a, and the router has no
+    // other way there (no default route) once the route is gone.
+    write_atomic(
+        &lab.manifests_dir().join("web.yaml"),
+        &web_yaml(&endpoints(&lab, &["node-a"])?),
+    )?;
+    lab.client.ns.ip(&["route", "del", "default"])?;
+    let bird = Bird::start(
+        &lab.client.ns,
+        &lab.scratch().join("bird"),
+        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), false, |_| {
+            "  hold time 9;\n  graceful restart on;".into()
+        }),
+    )?;
+    let outside = outside_host(&lab.client.ns, &format!("{}-out", lab.id()))?;
+    write_atomic(
+        &lab.manifests_dir().join("bgp.yaml"),
+        &bgp_yaml("  enableGracefulRestart: true\n"),
+    )?;
+    lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    let a = node_addrs(&lab, &["node-a"])?;
+    wait_next_hops(&lab, &bird, WEB_VIP, &a, SOON)?;
+
+    // node-a's agent restarts (SIGTERM: the TCP connection closed without a
+    // NOTIFICATION); the router keeps the route as stale (RFC 4724 §4.2), the datapath
+    // keeps forwarding, and the new session (Restart State bit set) refreshes it.
+    let ticker = Ticker::start(&outside, web_udp_vip(), Duration::from_millis(10), 3000)?;
+    ticker.wait_received(20, SOON)?;
+    lab.node_named_mut("node-a")?.agent()?.stop()?;
+    poll(
+        "BIRD sees node-a's session close",
+        SOON,
+        Duration::from_millis(20),
+        || Ok((bird.bgp_state("node_a")? != "Established").then_some(())),
+    )?;
+    if next_hops(&lab.client.ns, &format!("{WEB_VIP}/32"))? != a {
+        let log = lab.node_named_mut("node-a")?.agent()?.log();
+        anyhow::bail!(
+            "the router dropped node-a's route while its agent restarted:\n{}\nagent:\n{}",
+            bird.log_tail(30),
+            xlb_lab::agent::tail(&log, 30)
+        );
+    }
+    let down_for = Instant::now();
+    let node_a = lab.node_named_mut("node-a")?;
+    node_a.agent()?.start_again()?;
+    node_a.agent()?.wait_healthy(SOON)?;
+    poll(
+        "node-a's session is back",
+        SOON,
+        Duration::from_millis(20),
+        || Ok((bird.bgp_state("node_a")? == "Established").then_some(())),
+    )?;
+    let restart = down_for.elapsed();
+    wait_next_hops(&lab, &bird, WEB_VIP, &a, SOON)?;
+    let route = bird.birdc(&["show", "route", &format!("{WEB_VIP}/32"), "all"])?;
+    ensure!(
+        !route.contains("stale"),
+        "the route is still stale after End-of-RIB:\n{route}"
+    );
+    let sent = ticker.sent();
+    ticker.wait_received(sent + 20, SOON)?;
+    let report = ticker.finish(Duration::from_secs(1))?;
+    println!(
+        "graceful restart of node-a's agent (session down {restart:?}): {} tickets, {} lost, largest gap {:?}",
+        report.sent, report.lost, report.max_gap
+    );
+    ensure!(
+        report.lost == 0,
+        "traffic lost across the restart: {report:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bfd_withdraws_a_dead_node_within_a_second() -> Result<()> {
+    let mut lab = lab_with_services()?;
+    let bird = Bird::start(
+        &lab.client.ns,
+        &lab.scratch().join("bird"),
+        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), true, |_| {
+            "  hold time 9;\n  bfd on;".into()
+        }),
+    )?;
+    write_atomic(
+        &lab.manifests_dir().join("bgp.yaml"),
+        &multi_doc(&[bgp_yaml("  bfdProfile: fast\n"), bfd_profile_yaml()]),
+    )?;
+    lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    let all = node_addrs(&lab, &["node-a", "node-b", "node-c"])?;
+    wait_next_hops(&lab, &bird, CLUSTER_VIP, &all, SOON)?;
+    poll(
+        "BIRD's three BFD sessions Up",
+        SOON,
+        Duration::from_millis(50),
+        || Ok((bird_bfd_up(&bird)? == 3).then_some(())),
+    )
+    .with_context(|| bird.birdc(&["show", "bfd", "sessions"]).unwrap_or_default())?;
+
+    // node-c's link goes down (a dead node): the router's BFD session times out and
+    // BIRD withdraws the next hop, long before the 9 s hold time.
+    let t0 = Instant::now();
+    lab.node_named("node-c")?
+        .host
+        .ns
+        .ip(&["link", "set", "eth0", "down"])?;
+    wait_next_hops(
+        &lab,
+        &bird,
+        CLUSTER_VIP,
+        &node_addrs(&lab, &["node-a", "node-b"])?,
+        SOON,
+    )?;
+    let link_down = t0.elapsed();
+    ensure!(
+        bird.log_tail(200).contains("node_c: BFD session down"),
+        "BIRD did not take node-c down by BFD:\n{}",
+        bird.log_tail(30)
+    );
+
+    // SIGKILL: the agent dies without a word (the kernel closes its connection).
+    let t0 = Instant::now();
+    lab.node_named_mut("node-b")?.agent()?.kill()?;
+    wait_next_hops(
+        &lab,
+        &bird,
+        CLUSTER_VIP,
+        &node_addrs(&lab, &["node-a"])?,
+        SOON,
+    )?;
+    let killed = t0.elapsed();
+
+    // SIGTERM: BFD AdminDown (RFC 5880 §6.8.16) first. BIRD 2.0.12 takes a peer's
+    // AdminDown for a failure (RFC 5882 §3.2 says it should not), so the route goes at
+    // once: a planned withdraw.
+    let t0 = Instant::now();
+    lab.node_named_mut("node-a")?.agent()?.stop()?;
+    wait_next_hops(&lab, &bird, CLUSTER_VIP, &[], SOON)?;
+    let stopped = t0.elapsed();
+    println!(
+        "with BFD (300 ms x 3): next hop withdrawn after link down {link_down:?}, SIGKILL {killed:?}, SIGTERM {stopped:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn md5_passwords_and_the_hold_timer_without_bfd() -> Result<()> {
+    let mut lab = lab_with_services()?;
+    // The router knows node-a's and node-b's key; it expects another one from node-c.
+    let bird = Bird::start(
+        &lab.client.ns,
+        &lab.scratch().join("bird"),
+        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), false, |node| {
+            let key = if node == "node-c" { "other" } else { "s3cret" };
+            format!("  hold time 9;\n  password \"{key}\";")
+        }),
+    )?;
+    write_atomic(
+        &lab.manifests_dir().join("bgp.yaml"),
+        &bgp_yaml("  password: s3cret\n"),
+    )?;
+    lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    let ab = node_addrs(&lab, &["node-a", "node-b"])?;
+    wait_next_hops(&lab, &bird, CLUSTER_VIP, &ab, SOON)?;
+    // node-c's segments fail the router's MD5 check: its session stays down for as
+    // long as the others have been up, and its agent reports it down.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        ensure!(
+            bird.bgp_state("node_c")? != "Established",
+            "node-c came up with the wrong key"
+        );
+        ensure!(next_hops(&lab.client.ns, &format!("{CLUSTER_VIP}/32"))? == ab);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let up = lab
+        .node_named_mut("node-c")?
+        .agent()?
+        .metric("xlb_bgp_session_up", &[("peer", "xlb-system/router")])?;
+    ensure!(up == 0.0, "node-c: xlb_bgp_session_up {up}");
+
+    // Without BFD a dead node is noticed only when the hold timer (9 s) expires.
+    let a = node_addrs(&lab, &["node-a"])?;
+    let t0 = Instant::now();
+    lab.node_named("node-b")?
+        .host
+        .ns
+        .ip(&["link", "set", "eth0", "down"])?;
+    wait_next_hops(&lab, &bird, CLUSTER_VIP, &a, SOON)?;
+    println!(
+        "without BFD (hold time 9 s): next hop withdrawn after link down {:?}",
+        t0.elapsed()
     );
     Ok(())
 }

@@ -2290,4 +2290,76 @@ spec: { nodeSelectors: [{ matchExpressions: [{ key: a, operator: Exists, values:
         );
         assert!(loaded.snapshot.address_pools.is_empty());
     }
+
+    #[test]
+    fn bgp_objects_are_read_and_bad_fields_named() {
+        let good = "apiVersion: xlb.dev/v1alpha1
+kind: BGPPeer
+metadata: { name: tor, namespace: xlb-system }
+spec: { myASN: 4200000002, peerASN: 4200000001, peerAddress: 10.0.0.1, holdTime: 9s, bfdProfile: fast }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BGPAnnouncement
+metadata: { name: all, namespace: xlb-system }
+spec: { communities: [\"64512:100\", \"large:1:2:3\"], localPref: 50, aggregationLength: 24 }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BFDProfile
+metadata: { name: fast, namespace: xlb-system }
+spec: { receiveInterval: 100 }
+";
+        let loaded = load_one(good);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let bgp = &loaded.snapshot.bgp;
+        let peer = &bgp.peers["xlb-system/tor"];
+        assert_eq!(
+            (peer.my_asn, peer.peer_asn, peer.peer_port),
+            (4_200_000_002, 4_200_000_001, 179)
+        );
+        assert_eq!(peer.hold_time, std::time::Duration::from_secs(9));
+        let ad = &bgp.announcements["xlb-system/all"];
+        assert_eq!(ad.communities, [64512 << 16 | 100]);
+        assert_eq!(ad.large_communities, [[1, 2, 3]]);
+        assert_eq!((ad.local_pref, ad.aggregation_length), (Some(50), 24));
+        let bfd = &bgp.bfd_profiles["fast"];
+        assert_eq!(bfd.receive_interval, std::time::Duration::from_millis(100));
+        assert_eq!(
+            (bfd.transmit_interval.as_millis(), bfd.detect_multiplier),
+            (300, 3)
+        );
+
+        let bad = "apiVersion: xlb.dev/v1alpha1
+kind: BGPPeer
+metadata: { name: tor, namespace: xlb-system }
+spec: { myASN: 0, peerASN: 64512, peerAddress: 10.0.0.300, holdTime: 2s }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BGPAnnouncement
+metadata: { name: all, namespace: xlb-system }
+spec: { communities: [\"65536:1\"], aggregationLength: 33 }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BFDProfile
+metadata: { name: fast, namespace: xlb-system }
+spec: { detectMultiplier: 1 }
+";
+        let loaded = load_one(bad);
+        let fields: Vec<(&str, &str)> = loaded
+            .errors
+            .iter()
+            .map(|e| (e.object.as_str(), e.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("BGPPeer xlb-system/tor", "spec.myASN"),
+                ("BGPPeer xlb-system/tor", "spec.peerAddress"),
+                ("BGPPeer xlb-system/tor", "spec.holdTime"),
+                ("BGPAnnouncement xlb-system/all", "spec.communities[0]"),
+                ("BGPAnnouncement xlb-system/all", "spec.aggregationLength"),
+                ("BFDProfile xlb-system/fast", "spec.detectMultiplier"),
+            ]
+        );
+        assert_eq!(loaded.snapshot.bgp, Default::default());
+    }
 }

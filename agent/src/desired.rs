@@ -1156,8 +1156,9 @@ pub(crate) mod tests {
         assert!(conflicts > 50 && unwilling > 50, "{conflicts} {unwilling}");
     }
 
-    /// The three-node lab (node-a/b/c at 10.0.0.11/12/13) through the manifest source.
-    fn lab() -> Snapshot {
+    /// The three-node lab (node-a/b/c at 10.0.0.11/12/13) through the manifest source
+    /// (also the L2 election's and the BGP plan's fixture).
+    pub(crate) fn lab() -> Snapshot {
         let dir = tempfile::tempdir().unwrap();
         let text = include_str!("source/testdata/three-nodes.yaml");
         std::fs::write(dir.path().join("lab.yaml"), text).unwrap();

@@ -232,13 +232,7 @@ mod tests {
     /// every node; `shop/api` (Local, 10.0.100.2) on node-a (ready) and node-b
     /// (serving while terminating, its fallback), none on node-c.
     fn lab() -> Snapshot {
-        let dir = tempfile::tempdir().unwrap();
-        let text = include_str!("../source/testdata/three-nodes.yaml");
-        std::fs::write(dir.path().join("lab.yaml"), text).unwrap();
-        let mut snap = (*crate::source::manifests::ManifestSource::new(dir.path())
-            .load()
-            .snapshot)
-            .clone();
+        let mut snap = crate::desired::tests::lab();
         snap.bgp.peers.insert("x/r1".into(), peer("r1"));
         snap.bgp.announcements.insert(
             "x/all".into(),
@@ -250,13 +244,13 @@ mod tests {
         snap
     }
 
-    fn plan(snap: &Snapshot, node: &str) -> Plan {
+    fn plan_of(snap: &Snapshot, node: &str) -> Plan {
         let desired = crate::desired::compute(snap, node, None);
         Plan::from_model(snap, node, Some("10.0.0.11".parse().unwrap()), &desired)
     }
 
     fn routes(snap: &Snapshot, node: &str) -> BTreeSet<Ipv4Net> {
-        plan(snap, node)
+        plan_of(snap, node)
             .peers
             .get("x/r1")
             .map(|p| p.routes.keys().copied().collect())
@@ -314,13 +308,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let desired = crate::desired::compute(&snap, "node-a", None);
-        let plan = Plan::from_model(
-            &snap,
-            "node-a",
-            Some("10.0.0.11".parse().unwrap()),
-            &desired,
-        );
+        let plan = plan_of(&snap, "node-a");
         let r1 = &plan.peers["x/r1"];
         assert_eq!(r1.session.ttl, 1);
         assert_eq!(
@@ -345,12 +333,7 @@ mod tests {
             ..Default::default()
         }];
         snap.bgp.peers.insert("x/r2".into(), r2);
-        let plan = Plan::from_model(
-            &snap,
-            "node-a",
-            Some("10.0.0.11".parse().unwrap()),
-            &desired,
-        );
+        let plan = plan_of(&snap, "node-a");
         assert_eq!(plan.peers["x/r1"].session.ttl, 255);
         assert_eq!(plan.peers["x/r1"].routes[&vip4].local_pref, Some(200));
         // r2 selects nodes labelled bgp=yes: node-a is not.
@@ -360,12 +343,7 @@ mod tests {
             .unwrap()
             .labels
             .insert("bgp".into(), "yes".into());
-        let plan = Plan::from_model(
-            &snap,
-            "node-a",
-            Some("10.0.0.11".parse().unwrap()),
-            &desired,
-        );
+        let plan = plan_of(&snap, "node-a");
         let r2 = &plan.peers["x/r2"];
         let agg = Ipv4Net::new(vip4.addr(), 24).unwrap().trunc();
         assert!(r2.routes.contains_key(&agg), "{:?}", r2.routes);
@@ -377,14 +355,9 @@ mod tests {
     fn no_announcement_or_no_router_id_announces_nothing() {
         let mut snap = lab();
         snap.bgp.announcements.clear();
-        let desired = crate::desired::compute(&snap, "node-a", None);
-        let plan = Plan::from_model(
-            &snap,
-            "node-a",
-            Some("10.0.0.11".parse().unwrap()),
-            &desired,
-        );
+        let plan = plan_of(&snap, "node-a");
         assert!(plan.peers["x/r1"].routes.is_empty());
+        let desired = crate::desired::compute(&snap, "node-a", None);
         let plan = Plan::from_model(&snap, "node-a", None, &desired);
         assert!(plan.peers.is_empty());
     }

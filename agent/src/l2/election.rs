@@ -172,13 +172,7 @@ mod tests {
     /// The three-node lab (node-a/b/c; `web` Local with endpoints on node-a and
     /// node-b, `admin` and `api` Cluster) with L2Announcements added.
     fn lab_with(ads: &[(&str, crate::model::L2Announcement)]) -> Snapshot {
-        let dir = tempfile::tempdir().unwrap();
-        let text = include_str!("../source/testdata/three-nodes.yaml");
-        std::fs::write(dir.path().join("lab.yaml"), text).unwrap();
-        let mut snap = (*crate::source::manifests::ManifestSource::new(dir.path())
-            .load()
-            .snapshot)
-            .clone();
+        let mut snap = crate::desired::tests::lab();
         for (name, ad) in ads {
             snap.l2_announcements.insert(name.to_string(), ad.clone());
         }

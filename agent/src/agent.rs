@@ -62,6 +62,8 @@ pub struct Config {
     pub memberlist_port: u16,
     /// How long a stopping agent's node keeps its L2 VIPs (`--restart-grace`).
     pub restart_grace: Duration,
+    /// Datapath event level at start (`--datapath-log`, `xlb_common::datapath_log`).
+    pub datapath_log: u64,
 }
 
 /// Which source the agent reads.
@@ -668,6 +670,7 @@ fn node_config(cfg: &Config) -> NodeConfig {
             .node_ip
             .or_else(|| crate::netdev::interface_ipv4(&cfg.interface)),
         mac: crate::netdev::interface_mac(&cfg.interface),
+        datapath_log: cfg.datapath_log,
     }
 }
 

@@ -93,6 +93,23 @@ enum Command {
         /// renews every duration/7, at most every 2 s); a stopping agent gives it up.
         #[arg(long, default_value = "15s", value_parser = parse_lease)]
         lease_duration: std::time::Duration,
+        /// Datapath events logged by the kernel programs (target `xlb::datapath`):
+        /// `off`, `error` (a failed tail call), `warn` (drops that signal
+        /// misconfiguration: no backend, no route to another node, ...), `info` (also
+        /// ICMP fragmentation-needed sent) or `debug`. At most 10 lines per reason per
+        /// CPU per second. `xlb datapath-log` changes it while the agent runs.
+        #[arg(long, env = "XLB_DATAPATH_LOG", default_value = "off", value_parser = xlb::dataplane::events::parse_level)]
+        datapath_log: u64,
+    },
+    /// Show or change which datapath events the kernel programs log (see `xlb agent
+    /// --datapath-log`), on the pinned datapath: takes effect at once, no restart.
+    DatapathLog {
+        /// `off`, `error`, `warn`, `info` or `debug`; without it, print the level.
+        #[arg(value_parser = xlb::dataplane::events::parse_level)]
+        level: Option<u64>,
+        /// bpffs directory the agent pinned to.
+        #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+        pin_path: PathBuf,
     },
     /// Show what the datapath holds, read from the pinned maps: works while the agent
     /// is stopped or crash-looping.
@@ -231,10 +248,17 @@ fn main() -> anyhow::Result<()> {
             // netlink-packet-route warns on every link dump that a newer kernel's
             // IFLA_INET6_CONF is longer than it knows (harmless; the pod-device
             // refresh dumps links every second): quiet unless asked for by name.
-            EnvFilter::try_new(if cli.log_level.contains("netlink_packet_route") {
-                cli.log_level.clone()
-            } else {
-                format!("{},netlink_packet_route=error", cli.log_level)
+            EnvFilter::try_new({
+                let mut f = cli.log_level.clone();
+                if !f.contains("netlink_packet_route") {
+                    f.push_str(",netlink_packet_route=error");
+                }
+                // Datapath events are filtered in the kernel (--datapath-log): what
+                // reaches the agent is shown unless the filter names the target.
+                if !f.contains(xlb_common::datapath_log::TARGET) {
+                    f.push_str(",xlb::datapath=trace");
+                }
+                f
             })
             .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?,
         )
@@ -259,6 +283,7 @@ fn main() -> anyhow::Result<()> {
             restart_grace,
             lease_namespace,
             lease_duration,
+            datapath_log,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -291,6 +316,7 @@ fn main() -> anyhow::Result<()> {
                     Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,
                 },
+                datapath_log,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -314,6 +340,21 @@ fn main() -> anyhow::Result<()> {
             let json = matches!(output, Output::Json);
             xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())
                 .with_context(|| format!("xlb inspect {}", pin_path.display()))?;
+        }
+        Command::DatapathLog { level, pin_path } => {
+            use xlb::dataplane::events;
+            let name = xlb_common::datapath_log::name;
+            let ctx = || format!("xlb datapath-log {}", pin_path.display());
+            match level {
+                Some(l) => {
+                    let was = events::set_level(&pin_path, l).with_context(ctx)?;
+                    println!("datapath log level: {} (was {})", name(l), name(was));
+                }
+                None => {
+                    let l = events::level(&pin_path).with_context(ctx)?;
+                    println!("datapath log level: {}", name(l));
+                }
+            }
         }
         Command::Crds { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

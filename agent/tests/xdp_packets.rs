@@ -348,6 +348,56 @@ fn service_without_backends_drops() {
     assert_eq!(moved, vec![(Reason::DropTableMiss, 1)]);
 }
 
+#[test]
+fn datapath_events_are_off_by_default_then_logged_rate_limited_and_off_again() {
+    use xlb_common::datapath_log::{ERROR, LINES_PER_WINDOW, OFF, WARN};
+    let mut bed = TestBed::load().unwrap();
+    program(&mut bed, 1, (VIP, 80, Protocol::Tcp), &[]);
+    let pkt = tcp_syn(CLIENT, VIP, 42_000, 80);
+    let (out, moved) = run(&bed, &pkt);
+    assert_eq!(out.retval, XDP_DROP);
+    assert_eq!(moved, vec![(Reason::DropNoBackend, 1)]);
+    assert_eq!(bed.events(), Vec::<String>::new(), "off by default");
+
+    // A misconfiguration drop is a warning: not logged at `error`.
+    bed.datapath_log.set(0, ERROR, 0).unwrap();
+    assert_eq!(bed.run(names::XDP_PROG, &pkt, 20).unwrap().retval, XDP_DROP);
+    assert_eq!(
+        bed.events(),
+        Vec::<String>::new(),
+        "drop_no_backend at error"
+    );
+
+    // At `warn`: logged with reason and addresses, and the per-CPU limit holds
+    // (200 runs on one CPU take microseconds: one window, or two at a boundary).
+    bed.datapath_log.set(0, WARN, 0).unwrap();
+    let before = bed.reason_count(Reason::DropNoBackend).unwrap();
+    let out = bed.run(names::XDP_PROG, &pkt, 200).unwrap();
+    assert_eq!(
+        out.retval, XDP_DROP,
+        "xlb_events returns the caller's verdict"
+    );
+    assert_eq!(
+        bed.reason_count(Reason::DropNoBackend).unwrap() - before,
+        200,
+        "every drop is counted, logged or not"
+    );
+    let events = bed.events();
+    assert!(
+        !events.is_empty() && events.len() as u64 <= 2 * LINES_PER_WINDOW,
+        "{} lines: {events:?}",
+        events.len()
+    );
+    assert_eq!(
+        events[0],
+        "WARN xlb::datapath: drop_no_backend tcp 10.0.0.2:42000 -> 10.0.100.1:80: the service has no backend"
+    );
+
+    bed.datapath_log.set(0, OFF, 0).unwrap();
+    assert_eq!(bed.run(names::XDP_PROG, &pkt, 50).unwrap().retval, XDP_DROP);
+    assert_eq!(bed.events(), Vec::<String>::new(), "off again");
+}
+
 // ---------------------------------------------------------------------------------
 // Everything else passes untouched.
 

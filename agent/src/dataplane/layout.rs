@@ -9,7 +9,8 @@ use std::{io, mem::size_of, path::Path};
 use aya::maps::{MapInfo, MapType};
 use xlb_common::{
     Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip, Owner,
-    Reason, RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, limits, names,
+    Reason, RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, datapath_log,
+    limits, names,
 };
 
 /// One map as the programs define it.
@@ -188,6 +189,21 @@ pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
         size_of::<u64>(),
         limits::MAX_L2_VIPS,
     ),
+    layout(
+        names::DATAPATH_LOG,
+        MapType::Array,
+        U32,
+        size_of::<u64>(),
+        1,
+    ),
+    layout(
+        names::LOG_LIMIT,
+        MapType::PerCpuArray,
+        U32,
+        size_of::<u64>(),
+        datapath_log::LIMIT_SLOTS,
+    ),
+    layout(names::EVENT_PROGS, MapType::ProgramArray, U32, U32, 1),
 ];
 
 /// Pins of maps older agents made that no program uses any more (renamed when their

@@ -9,6 +9,7 @@
 //! the old or the new program, never neither.
 pub mod batch;
 pub mod conntrack;
+pub mod events;
 pub mod layout;
 pub mod maglev;
 pub mod pin;
@@ -203,6 +204,8 @@ pub struct NodeConfig {
     pub ip: Option<std::net::Ipv4Addr>,
     /// The uplink's MAC.
     pub mac: Option<[u8; 6]>,
+    /// Datapath event level (`xlb_common::datapath_log`; 0 = off).
+    pub datapath_log: u64,
 }
 
 /// The attached, pinned datapath of one interface.
@@ -220,6 +223,10 @@ pub struct Dataplane {
     peer_devs: HashMap<MapData, u32, u32>,
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
+    _event_progs: aya::maps::ProgramArray<MapData>,
+    /// Drains the programs' event log while this datapath is the agent's.
+    _events: Option<events::Reader>,
+    datapath_log: Array<MapData, u64>,
     raw: RawMaps,
     /// Maglev tables are created mmapable (false once the pinned `xlb_maglev`
     /// turned out to predate that).
@@ -293,6 +300,7 @@ impl Dataplane {
 
         // Tail-call targets first: a freshly attached (or swapped-in) xlb_xdp must find
         // them in place.
+        let event_progs = events::load_program(&mut ebpf)?;
         let tail_progs = load_tail_programs(&mut ebpf)?;
         let mut config: Array<MapData, u64> = take_map(&mut ebpf, names::CONFIG)?;
         // TC ingress first: XDP may hand it packets as soon as it is attached.
@@ -316,6 +324,8 @@ impl Dataplane {
         let ranges = take_map(&mut ebpf, names::SOURCE_RANGES)?;
         let owners = take_map(&mut ebpf, names::OWNERS)?;
         let peer_devs = take_map(&mut ebpf, names::PEER_DEVS)?;
+        let datapath_log = take_map(&mut ebpf, names::DATAPATH_LOG)?;
+        let events = events::start_reader(&mut ebpf);
         let dp = Dataplane {
             _ebpf: ebpf,
             services4,
@@ -327,6 +337,9 @@ impl Dataplane {
             owners,
             peer_devs,
             _tail_progs: tail_progs,
+            _event_progs: event_progs,
+            _events: events,
+            datapath_log,
             raw,
             mmap_tables: true,
             quiesced: false,
@@ -400,7 +413,8 @@ impl Dataplane {
     }
 
     /// Programs the node-level switches: forwarding and Cluster modes, this node's
-    /// tunnel address and the uplink's MAC. Returns the number of writes.
+    /// tunnel address, the uplink's MAC and the datapath event level. Returns the
+    /// number of writes.
     pub fn set_node(&mut self, node: &NodeConfig) -> Result<u64, DataplaneError> {
         let ip = node
             .ip
@@ -416,6 +430,16 @@ impl Dataplane {
             (config::IFACE_MAC, mac),
         ] {
             n += u64::from(self.set_config(key, value)?);
+        }
+        let level = self
+            .datapath_log
+            .get(&0, 0)
+            .map_err(map_err(names::DATAPATH_LOG))?;
+        if level != node.datapath_log {
+            self.datapath_log
+                .set(0, node.datapath_log, 0)
+                .map_err(map_err(names::DATAPATH_LOG))?;
+            n += 1;
         }
         Ok(n)
     }

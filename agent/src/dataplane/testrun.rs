@@ -56,7 +56,30 @@ pub struct TestBed {
     service_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reasons: PerCpuArray<MapData, u64>,
+    /// `xlb_dp_log`: the datapath event level (`xlb_common::datapath_log`).
+    pub datapath_log: Array<MapData, u64>,
+    // Keeps `xlb_events` in its program array (the kernel empties a program array
+    // once no user reference is left).
+    _event_progs: aya::maps::ProgramArray<MapData>,
+    events: aya_log::EbpfLogger<Collect>,
+    seen: Collect,
     ncpus: usize,
+}
+
+/// Keeps the datapath events the programs log, as [`TestBed::events`] returns them.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(format!("{} {}: {}", r.level(), r.target(), r.args()));
+        }
+    }
+    fn flush(&self) {}
 }
 
 /// What one `BPF_PROG_TEST_RUN` returned.
@@ -102,6 +125,22 @@ impl TestBed {
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let reasons = take_map(&mut ebpf, names::REASONS)?;
+        let datapath_log = take_map(&mut ebpf, names::DATAPATH_LOG)?;
+        let mut event_progs: aya::maps::ProgramArray<MapData> =
+            take_map(&mut ebpf, names::EVENT_PROGS)?;
+        let fd = match ebpf.program(names::EVENTS_PROG) {
+            Some(Program::Xdp(p)) => p.fd().map_err(|source| DataplaneError::Program {
+                name: names::EVENTS_PROG,
+                source,
+            })?,
+            _ => return Err(DataplaneError::Missing(names::EVENTS_PROG)),
+        };
+        event_progs
+            .set(0, fd, 0)
+            .map_err(map_err(names::EVENT_PROGS))?;
+        let seen = Collect::default();
+        let events = aya_log::EbpfLogger::init_with_logger(&mut ebpf, seen.clone())
+            .map_err(|_| DataplaneError::Missing("AYA_LOGS"))?;
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
         Ok(TestBed {
             ebpf,
@@ -115,6 +154,10 @@ impl TestBed {
             service_stats,
             backend_stats,
             reasons,
+            datapath_log,
+            _event_progs: event_progs,
+            events,
+            seen,
             ncpus,
         })
     }
@@ -267,6 +310,12 @@ impl TestBed {
             .get(&(reason as u32), 0)
             .map_err(map_err(names::REASONS))?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// The datapath events logged since the last call, each `LEVEL target: message`.
+    pub fn events(&mut self) -> Vec<String> {
+        self.events.flush();
+        std::mem::take(&mut *self.seen.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Every reason's count, indexed by discriminant.

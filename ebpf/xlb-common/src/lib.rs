@@ -62,8 +62,21 @@ pub mod names {
     /// Per-CPU ARP replies sent per owned IPv4 VIP (VIP -> u64); the agent creates
     /// an entry when it takes a VIP, the program only counts into existing ones.
     pub const L2_STATS4: &str = "xlb_l2_stats4";
+    /// Datapath event level (one u64, a [`super::datapath_log`] level; 0 = off): which
+    /// rare events the programs log through aya-log. Its own map rather than a
+    /// `xlb_config` key: growing `xlb_config` would make an upgraded agent replace it
+    /// (layout check) and lose the id counters and the L2 deadline it holds.
+    pub const DATAPATH_LOG: &str = "xlb_dp_log";
+    /// Per-CPU rate limiter of datapath events, one u64 per [`super::Reason`] (see
+    /// [`super::datapath_log::window`]), and the event handed to `xlb_events`.
+    pub const LOG_LIMIT: &str = "xlb_log_limit";
+    /// Tail-call target of the programs that log an event: `xlb_events` at index 0.
+    /// Its own program array, not a third `xlb_progs` slot: a pinned `xlb_progs` of
+    /// the old size would have to be replaced, which empties it under the running
+    /// programs during a takeover.
+    pub const EVENT_PROGS: &str = "xlb_event_prog";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 20] = [
+    pub const ALL_MAPS: [&str; 23] = [
         SERVICES4,
         SERVICES6,
         MAGLEV,
@@ -84,6 +97,9 @@ pub mod names {
         REVHINT4,
         L2_VIPS4,
         L2_STATS4,
+        DATAPATH_LOG,
+        LOG_LIMIT,
+        EVENT_PROGS,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -91,6 +107,8 @@ pub mod names {
     pub const PROG_SNAT_REV: u32 = 1;
     /// Program names of those, in index order.
     pub const TAIL_PROGS: [&str; 2] = ["xlb_snat_fwd", "xlb_snat_rev"];
+    /// The program that logs datapath events (`EVENT_PROGS[0]`).
+    pub const EVENTS_PROG: &str = "xlb_events";
     /// Program names in the object file.
     pub const XDP_PROG: &str = "xlb_xdp";
     /// TC egress (reverse NAT) program name.
@@ -546,6 +564,62 @@ pub mod config {
     pub const L2_DEADLINE: u32 = 7;
     /// Number of entries.
     pub const LEN: u32 = 8;
+}
+
+/// Datapath events: packets rare enough and telling enough to deserve a log line of
+/// their own (a drop that signals misconfiguration, an ICMP fragmentation-needed sent,
+/// a failed tail call). The programs send them through aya-log, target
+/// [`datapath_log::TARGET`], when `xlb_dp_log` holds a level at least as verbose as
+/// the event's, at most [`datapath_log::LINES_PER_WINDOW`] lines per reason per CPU
+/// per window (about a second), so that a flood of such packets cannot flood the log.
+pub mod datapath_log {
+    /// Logging off (the default): the programs read the level only on the rare paths
+    /// themselves, and log nothing.
+    pub const OFF: u64 = 0;
+    /// The datapath cannot do what it was configured to (a failed tail call).
+    pub const ERROR: u64 = 1;
+    /// Drops that signal misconfiguration (no backend, no route to another node, ...).
+    pub const WARN: u64 = 2;
+    /// Also ICMP fragmentation-needed answers.
+    pub const INFO: u64 = 3;
+    /// Everything the programs log.
+    pub const DEBUG: u64 = 4;
+    /// Levels by name, as `--datapath-log` and `xlb datapath-log` take them.
+    pub const LEVELS: [(&str, u64); 5] = [
+        ("off", OFF),
+        ("error", ERROR),
+        ("warn", WARN),
+        ("info", INFO),
+        ("debug", DEBUG),
+    ];
+    /// The `log`/`tracing` target of every datapath event.
+    pub const TARGET: &str = "xlb::datapath";
+    /// Lines per reason per CPU per window.
+    pub const LINES_PER_WINDOW: u64 = 10;
+    /// Entries of `xlb_log_limit`: one per reason, with room for reasons to come (a
+    /// pinned map keeps its size across upgrades), and [`HANDOFF_SLOT`] last.
+    pub const LIMIT_SLOTS: u32 = 64;
+    /// The `xlb_log_limit` slot through which a program hands the event it logs to
+    /// `xlb_events` (per CPU; XDP does not nest).
+    pub const HANDOFF_SLOT: u32 = LIMIT_SLOTS - 1;
+    const _: () = assert!(super::Reason::COUNT < HANDOFF_SLOT);
+    /// The window of `now_ns` (CLOCK_MONOTONIC): 2^30 ns, about 1.07 s. A limiter
+    /// slot holds `window << 8 | lines logged in it`.
+    #[inline(always)]
+    pub const fn window(now_ns: u64) -> u64 {
+        now_ns >> 30
+    }
+    /// The level called `name`, if any.
+    pub fn parse(name: &str) -> Option<u64> {
+        LEVELS
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, l)| *l)
+    }
+    /// The name of `level` (levels above `debug` read as `debug`).
+    pub fn name(level: u64) -> &'static str {
+        LEVELS[(level as usize).min(LEVELS.len() - 1)].0
+    }
 }
 
 /// Why a packet left the programs the way it did. Every drop has one, counted per CPU

@@ -18,6 +18,7 @@
 
 mod arp;
 mod csum;
+mod events;
 mod fwd;
 mod icmp;
 mod lb;
@@ -53,6 +54,7 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
+            events::xdp_drop(&ctx, reason);
             xdp_action::XDP_DROP
         }
     }
@@ -228,6 +230,13 @@ fn for_this_host(start: usize, end: usize) -> bool {
 #[xdp]
 pub fn xlb_snat_fwd(ctx: XdpContext) -> u32 {
     snat::forward(&ctx)
+}
+
+/// Tail-called by `xlb_xdp` and `xlb_snat_fwd` to log a datapath event (see
+/// `events`); returns the verdict the caller chose.
+#[xdp]
+pub fn xlb_events(ctx: XdpContext) -> u32 {
+    events::log(&ctx)
 }
 
 /// Tail-called by `xlb_xdp` for packets to a port of the SNAT range (see `snat`).

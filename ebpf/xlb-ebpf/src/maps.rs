@@ -12,7 +12,7 @@ use aya_ebpf::{
 use xlb_common::{
     Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip,
     Owner, Reason, RevNat, Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange,
-    config, limits,
+    config, datapath_log, limits,
 };
 
 /// IPv4 VIP:port:proto -> service. The only lookup non-VIP IPv4 traffic pays, with
@@ -182,3 +182,19 @@ pub static L2_VIPS4: HashMap<u32, L2Vip, { limits::MAX_L2_VIPS as usize }> = Has
 #[btf_map(name = "xlb_l2_stats4")]
 pub static L2_STATS4: PerCpuHashMap<u32, u64, { limits::MAX_L2_VIPS as usize }> =
     PerCpuHashMap::new();
+
+/// The datapath event level (`xlb_common::datapath_log`), written by the agent and by
+/// `xlb datapath-log`; read only on the rare paths that may log (see `events`).
+#[btf_map(name = "xlb_dp_log")]
+pub static DATAPATH_LOG: Array<u64, 1> = Array::new();
+
+/// Per-CPU event rate limiter, one slot per [`Reason`]: `window << 8 | lines`, see
+/// `xlb_common::datapath_log::window`; and the event handed to `xlb_events`
+/// (`datapath_log::HANDOFF_SLOT`, see `events`).
+#[btf_map(name = "xlb_log_limit")]
+pub static LOG_LIMIT: PerCpuArray<u64, { datapath_log::LIMIT_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// `xlb_events` at index 0 (`xlb_common::names::EVENT_PROGS`).
+#[btf_map(name = "xlb_event_prog")]
+pub static EVENT_PROGS: ProgramArray<1> = ProgramArray::new();

@@ -44,6 +44,7 @@ pub fn forward(ctx: &XdpContext) -> u32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
+            crate::events::snat_drop(ctx, reason);
             xdp_action::XDP_DROP
         }
     }

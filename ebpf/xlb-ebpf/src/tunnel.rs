@@ -138,7 +138,10 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
             // it will not do PMTU discovery either. Counted, as RFC 1191 hosts set DF.
             return Err(Reason::IcmpFragNeeded);
         }
-        return frag_needed(ctx, me, mtu.saturating_sub(OUTER as u16));
+        let mtu = mtu.saturating_sub(OUTER as u16);
+        let verdict = frag_needed(ctx, me, mtu)?;
+        crate::events::frag_needed_sent(ctx, mtu);
+        return Ok(verdict);
     }
     let resolve = rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && !resolve {

@@ -360,7 +360,7 @@ fn datapath_events_are_off_by_default_then_logged_rate_limited_and_off_again() {
     assert_eq!(bed.events(), Vec::<String>::new(), "off by default");
 
     // A misconfiguration drop is a warning: not logged at `error`.
-    bed.datapath_log.set(0, ERROR, 0).unwrap();
+    bed.set_datapath_log(ERROR).unwrap();
     assert_eq!(bed.run(names::XDP_PROG, &pkt, 20).unwrap().retval, XDP_DROP);
     assert_eq!(
         bed.events(),
@@ -370,7 +370,7 @@ fn datapath_events_are_off_by_default_then_logged_rate_limited_and_off_again() {
 
     // At `warn`: logged with reason and addresses, and the per-CPU limit holds
     // (200 runs on one CPU take microseconds: one window, or two at a boundary).
-    bed.datapath_log.set(0, WARN, 0).unwrap();
+    bed.set_datapath_log(WARN).unwrap();
     let before = bed.reason_count(Reason::DropNoBackend).unwrap();
     let out = bed.run(names::XDP_PROG, &pkt, 200).unwrap();
     assert_eq!(
@@ -393,7 +393,7 @@ fn datapath_events_are_off_by_default_then_logged_rate_limited_and_off_again() {
         "WARN xlb::datapath: drop_no_backend tcp 10.0.0.2:42000 -> 10.0.100.1:80: the service has no backend"
     );
 
-    bed.datapath_log.set(0, OFF, 0).unwrap();
+    bed.set_datapath_log(OFF).unwrap();
     assert_eq!(bed.run(names::XDP_PROG, &pkt, 50).unwrap().retval, XDP_DROP);
     assert_eq!(bed.events(), Vec::<String>::new(), "off again");
 }
@@ -1259,4 +1259,84 @@ fn arp_after_the_dead_man_deadline_goes_to_the_kernel() {
         .unwrap();
     let (out, _) = run(&bed, &req);
     assert_eq!(out.retval, XDP_TX);
+}
+
+/// ns/packet of the hit, miss and no-backend drop paths with datapath events off and
+/// on (`warn`: past the first lines of a second the limiter refuses them), next to
+/// another build of the programs when `XLB_COMPARE_OBJ` names its object (e.g. the
+/// main branch's `target/ebpf/bpfel-unknown-none/release/xlb`). BPF_PROG_TEST_RUN
+/// with repeat=N, rounds interleaved, medians.
+#[test]
+#[ignore = "measurement; prints a table, asserts nothing about time"]
+fn datapath_event_cost() {
+    use xlb_common::datapath_log::WARN;
+    let small_tcp = |dst, dport| {
+        Ip4::new(CLIENT, dst, PROTO_TCP).frame(&tcp_seg(
+            CLIENT,
+            dst,
+            (1000, dport),
+            ACK,
+            5,
+            &[],
+            b"0123456789abcdef",
+        ))
+    };
+    let setup = |mut bed: TestBed, level| {
+        program(&mut bed, 1, (VIP, 80, Protocol::Tcp), &[(VIP, 80)]);
+        program(&mut bed, 2, (VIP, 81, Protocol::Tcp), &[]);
+        bed.set_datapath_log(level).unwrap();
+        bed
+    };
+    let mut beds = vec![
+        ("events off", setup(TestBed::load().unwrap(), 0)),
+        ("events warn", setup(TestBed::load().unwrap(), WARN)),
+    ];
+    if let Some(path) = std::env::var_os("XLB_COMPARE_OBJ") {
+        let obj = std::fs::read(&path).unwrap();
+        beds.push((
+            "compared object",
+            setup(TestBed::load_object(&obj).unwrap(), 0),
+        ));
+    }
+    let (hit, miss, drop) = (small_tcp(VIP, 80), small_tcp(OTHER, 80), small_tcp(VIP, 81));
+    let cases: [(&str, &'static str, &[u8], u32); 4] = [
+        ("XDP_PASS baseline", BASELINE_PROG, &miss, XDP_PASS),
+        ("non-VIP miss", names::XDP_PROG, &miss, XDP_PASS),
+        ("VIP, conntrack hit", names::XDP_PROG, &hit, XDP_PASS),
+        ("VIP, no backend (drop)", names::XDP_PROG, &drop, XDP_DROP),
+    ];
+    for (_, bed) in &mut beds {
+        let out = bed.run(names::XDP_PROG, &hit, 1).unwrap();
+        assert_eq!((out.retval, &out.data[..]), (XDP_PASS, &hit[..]));
+    }
+    const REPEAT: u32 = 1_000_000;
+    const ROUNDS: usize = 9;
+    let mut samples = vec![vec![vec![]; cases.len()]; beds.len()];
+    for _ in 0..ROUNDS {
+        for (c, &(_, prog, pkt, verdict)) in cases.iter().enumerate() {
+            for (b, (_, bed)) in beds.iter_mut().enumerate() {
+                let r = bed.run(prog, pkt, REPEAT).unwrap();
+                assert_eq!(r.retval, verdict);
+                samples[b][c].push(r.duration_ns);
+                bed.events();
+            }
+        }
+    }
+    println!();
+    println!(
+        "BPF_PROG_TEST_RUN, {}-byte TCP frame, repeat={REPEAT}, median of {ROUNDS} interleaved rounds, ns/packet",
+        hit.len()
+    );
+    print!("{:<24}", "path");
+    for (name, _) in &beds {
+        print!(" {name:>16}");
+    }
+    println!();
+    for (c, (name, ..)) in cases.iter().enumerate() {
+        print!("{name:<24}");
+        for b in 0..beds.len() {
+            print!(" {:>16}", median(samples[b][c].clone()));
+        }
+        println!();
+    }
 }

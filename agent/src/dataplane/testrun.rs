@@ -56,14 +56,20 @@ pub struct TestBed {
     service_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reasons: PerCpuArray<MapData, u64>,
-    /// `xlb_dp_log`: the datapath event level (`xlb_common::datapath_log`).
-    pub datapath_log: Array<MapData, u64>,
-    // Keeps `xlb_events` in its program array (the kernel empties a program array
-    // once no user reference is left).
-    _event_progs: aya::maps::ProgramArray<MapData>,
-    events: aya_log::EbpfLogger<Collect>,
+    /// Datapath events, `None` in an object that predates them ([`TestBed::load_object`]).
+    events: Option<Events>,
     seen: Collect,
     ncpus: usize,
+}
+
+/// The datapath event maps and log of a loaded object.
+struct Events {
+    /// `xlb_dp_log`: the datapath event level (`xlb_common::datapath_log`).
+    level: Array<MapData, u64>,
+    // Keeps `xlb_events` in its program array (the kernel empties a program array
+    // once no user reference is left).
+    _progs: aya::maps::ProgramArray<MapData>,
+    log: aya_log::EbpfLogger<Collect>,
 }
 
 /// Keeps the datapath events the programs log, as [`TestBed::events`] returns them.
@@ -100,10 +106,16 @@ impl TestBed {
     /// Loads the embedded object with fresh, unpinned maps and loads (verifies) every
     /// program in it. Needs CAP_BPF (root).
     pub fn load() -> Result<Self, DataplaneError> {
-        if OBJECT.is_empty() {
+        Self::load_object(OBJECT)
+    }
+
+    /// [`TestBed::load`] for another build of the programs (e.g. an older one, to
+    /// compare costs); one without datapath events runs without them.
+    pub fn load_object(object: &[u8]) -> Result<Self, DataplaneError> {
+        if object.is_empty() {
             return Err(DataplaneError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new().load(object)?;
         for (name, prog) in ebpf.programs_mut() {
             let loaded = match prog {
                 Program::Xdp(p) => p.load(),
@@ -125,22 +137,12 @@ impl TestBed {
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let reasons = take_map(&mut ebpf, names::REASONS)?;
-        let datapath_log = take_map(&mut ebpf, names::DATAPATH_LOG)?;
-        let mut event_progs: aya::maps::ProgramArray<MapData> =
-            take_map(&mut ebpf, names::EVENT_PROGS)?;
-        let fd = match ebpf.program(names::EVENTS_PROG) {
-            Some(Program::Xdp(p)) => p.fd().map_err(|source| DataplaneError::Program {
-                name: names::EVENTS_PROG,
-                source,
-            })?,
-            _ => return Err(DataplaneError::Missing(names::EVENTS_PROG)),
-        };
-        event_progs
-            .set(0, fd, 0)
-            .map_err(map_err(names::EVENT_PROGS))?;
         let seen = Collect::default();
-        let events = aya_log::EbpfLogger::init_with_logger(&mut ebpf, seen.clone())
-            .map_err(|_| DataplaneError::Missing("AYA_LOGS"))?;
+        let events = if ebpf.program(names::EVENTS_PROG).is_some() {
+            Some(Events::load(&mut ebpf, &seen)?)
+        } else {
+            None
+        };
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
         Ok(TestBed {
             ebpf,
@@ -154,8 +156,6 @@ impl TestBed {
             service_stats,
             backend_stats,
             reasons,
-            datapath_log,
-            _event_progs: event_progs,
             events,
             seen,
             ncpus,
@@ -312,15 +312,51 @@ impl TestBed {
         Ok(per_cpu.iter().sum())
     }
 
+    /// Sets the datapath event level (`xlb_common::datapath_log`); an object without
+    /// events ignores it.
+    pub fn set_datapath_log(&mut self, level: u64) -> Result<(), DataplaneError> {
+        match &mut self.events {
+            Some(e) => e
+                .level
+                .set(0, level, 0)
+                .map_err(map_err(names::DATAPATH_LOG)),
+            None => Ok(()),
+        }
+    }
+
     /// The datapath events logged since the last call, each `LEVEL target: message`.
     pub fn events(&mut self) -> Vec<String> {
-        self.events.flush();
+        if let Some(e) = &mut self.events {
+            e.log.flush();
+        }
         std::mem::take(&mut *self.seen.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Every reason's count, indexed by discriminant.
     pub fn reason_counts(&self) -> Result<Vec<u64>, DataplaneError> {
         Reason::ALL.iter().map(|r| self.reason_count(*r)).collect()
+    }
+}
+
+impl Events {
+    fn load(ebpf: &mut Ebpf, seen: &Collect) -> Result<Self, DataplaneError> {
+        let level = take_map(ebpf, names::DATAPATH_LOG)?;
+        let mut progs: aya::maps::ProgramArray<MapData> = take_map(ebpf, names::EVENT_PROGS)?;
+        let fd = match ebpf.program(names::EVENTS_PROG) {
+            Some(Program::Xdp(p)) => p.fd().map_err(|source| DataplaneError::Program {
+                name: names::EVENTS_PROG,
+                source,
+            })?,
+            _ => return Err(DataplaneError::Missing(names::EVENTS_PROG)),
+        };
+        progs.set(0, fd, 0).map_err(map_err(names::EVENT_PROGS))?;
+        let log = aya_log::EbpfLogger::init_with_logger(ebpf, seen.clone())
+            .map_err(|_| DataplaneError::Missing("AYA_LOGS"))?;
+        Ok(Events {
+            level,
+            _progs: progs,
+            log,
+        })
     }
 }
 

@@ -1334,8 +1334,8 @@ fn datapath_event_cost() {
     println!();
     for (c, (name, ..)) in cases.iter().enumerate() {
         print!("{name:<24}");
-        for b in 0..beds.len() {
-            print!(" {:>16}", median(samples[b][c].clone()));
+        for bed in &samples {
+            print!(" {:>16}", median(bed[c].clone()));
         }
         println!();
     }

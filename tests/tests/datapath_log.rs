@@ -164,3 +164,57 @@ fn datapath_events_follow_the_runtime_level_and_the_rate_limit() -> Result<()> {
     ensure!(silent.is_empty(), "logged after switching off: {silent:?}");
     Ok(())
 }
+
+/// An agent taking over the datapath an older agent (one without datapath events)
+/// left pinned creates the event maps and logs: the binary `XLB_UPGRADE_FROM` names
+/// (e.g. the main branch's build) runs first. Skipped without it.
+#[test]
+fn events_work_after_taking_over_an_older_datapath() -> Result<()> {
+    let Some(old) = std::env::var_os("XLB_UPGRADE_FROM") else {
+        println!("skipped: set XLB_UPGRADE_FROM to an older xlb binary");
+        return Ok(());
+    };
+    let mut lab = Lab::one_node(1)?;
+    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&[]))?;
+    let dir = lab.node().manifests_dir.clone();
+    lab.node_mut()
+        .start_agent(std::path::Path::new(&old), &dir)?
+        .wait_healthy(SOON)?;
+    let vip = web_udp_vip();
+    poll(
+        "the older agent's VIP without backends drops",
+        SOON,
+        Duration::from_millis(100),
+        || {
+            burst(&lab, vip, 1)?;
+            Ok((dropped(&mut lab)? > 0.0).then_some(()))
+        },
+    )?;
+    lab.agent()?.stop()?;
+
+    let mut cfg = lab.agent()?.config().clone();
+    cfg.xlb_bin = xlb_bin()?;
+    cfg.log_dir = lab.scratch().join("upgraded");
+    std::fs::create_dir_all(&cfg.log_dir)?;
+    let mut new = xlb_lab::agent::Agent::start(cfg)?;
+    new.wait_healthy(SOON)?;
+    datapath_log(&lab, Some("warn"))?;
+    let sock = lab.client.udp_socket()?;
+    let sport = sock.local_addr()?.port();
+    let needle = format!("drop_no_backend udp 10.0.0.1:{sport} -> {vip}");
+    poll(
+        "an event line from the upgraded agent",
+        SOON,
+        Duration::from_millis(100),
+        || {
+            sock.send_to(b"after the upgrade", vip)?;
+            Ok(new
+                .log()
+                .lines()
+                .any(|l| l.contains("xlb::datapath") && l.contains(&needle))
+                .then_some(()))
+        },
+    )?;
+    new.stop()?;
+    Ok(())
+}

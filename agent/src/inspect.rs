@@ -206,6 +206,13 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
             value,
         });
     }
+    // Its own map (see `names::DATAPATH_LOG`); a datapath older than it has none.
+    if let Ok(level) = dataplane::events::level(pin_path) {
+        rows.push(ConfigRow {
+            key: "datapath log".into(),
+            value: xlb_common::datapath_log::name(level).into(),
+        });
+    }
     Ok(rows)
 }
 

@@ -127,6 +127,17 @@ fn datapath_events_follow_the_runtime_level_and_the_rate_limit() -> Result<()> {
 
     // Warn, on the running agent: logged with reason and addresses, rate-limited.
     datapath_log(&lab, Some("warn"))?;
+    let config = Command::new(xlb_bin()?)
+        .args(["inspect", "config", "--pin-path"])
+        .arg(&lab.node().pin_dir)
+        .output()?;
+    let config = String::from_utf8_lossy(&config.stdout);
+    ensure!(
+        config
+            .lines()
+            .any(|l| l.contains("datapath log") && l.contains("warn")),
+        "xlb inspect config: {config}"
+    );
     let before = dropped(&mut lab)?;
     let loud = burst(&lab, vip, BURST)?;
     wait_counted(&mut lab, before, BURST)?;

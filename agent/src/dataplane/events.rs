@@ -133,3 +133,20 @@ pub fn set_level(pin_path: &Path, level: u64) -> Result<u64, DataplaneError> {
     map.set(0, level, 0).map_err(map_err(names::DATAPATH_LOG))?;
     Ok(was)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn level_names_round_trip_and_unknown_ones_are_refused() {
+        for (name, level) in datapath_log::LEVELS {
+            assert_eq!(parse_level(name), Ok(level));
+            assert_eq!(datapath_log::name(level), name);
+        }
+        assert_eq!(parse_level(" WARN "), Ok(datapath_log::WARN));
+        assert_eq!(datapath_log::name(99), "debug");
+        let err = parse_level("verbose").unwrap_err();
+        assert!(err.contains("off, error, warn, info, debug"), "{err}");
+    }
+}

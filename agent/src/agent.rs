@@ -786,9 +786,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         .set(1);
 
     let listener_metrics = metrics.clone();
+    let views = Arc::new(crate::introspect::Views::new(&cfg.node_name));
+    let listener_views = views.clone();
     let (server_err_tx, mut server_err) = mpsc::channel(1);
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve(listener, listener_metrics).await {
+        if let Err(e) = metrics::serve(listener, listener_metrics, listener_views).await {
             let _ = server_err_tx.send(e).await;
         }
     });
@@ -804,7 +806,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 pin_path: cfg.pin_path.clone(),
                 restart_grace: cfg.restart_grace,
             };
-            Some(crate::l2::task::start(l2_cfg, l2_rx, metrics.clone()).await?)
+            Some(crate::l2::task::start(l2_cfg, l2_rx, metrics.clone(), views.clone()).await?)
         }
         None => {
             warn!("no node address: L2 announcement (ARP for VIPs) is off");
@@ -816,7 +818,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // services: routers that negotiated graceful restart are told so.
     let restarting = !applied.services.is_empty();
     let (bgp_plan, bgp_rx) = watch::channel(Arc::new(crate::bgp::plan::Plan::default()));
-    let bgp = crate::bgp::speaker::start(bgp_rx, restarting, node.ip, metrics.bgp.clone());
+    let bgp = crate::bgp::speaker::start(
+        bgp_rx,
+        restarting,
+        node.ip,
+        metrics.bgp.clone(),
+        views.clone(),
+    );
 
     let mut status_plan = None;
     let mut ipam_lease = None;

@@ -15,6 +15,7 @@ use crate::dataplane::{
     self, DataplaneError, Stats,
     state::{self, MapState},
 };
+use crate::introspect::{Owners, Peers};
 
 /// What to show.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,11 +68,210 @@ pub enum InspectError {
     /// JSON encoding failed.
     #[error("encoding JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The running agent did not answer (owners and peers come from it, not the pins).
+    #[error(
+        "asking the agent at {addr} for {path}: {error} (owners and peers come from a running agent; --agent is its --metrics-addr)"
+    )]
+    Agent {
+        /// Where it was asked.
+        addr: SocketAddr,
+        /// What it was asked for.
+        path: &'static str,
+        /// What went wrong.
+        error: String,
+    },
     /// No programmed frontend belongs to the named Service.
     #[error(
         "no programmed frontend belongs to Service {0:?} (namespace/name or namespace/name:port)"
     )]
     NoService(String),
+}
+
+/// What a running agent is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentView {
+    /// Who holds each VIP and why (L2), and what this node announces over BGP.
+    Owners,
+    /// BGP sessions and their BFD state.
+    Peers,
+}
+
+/// Asks the agent serving `addr` (its `--metrics-addr`) for `view` and writes it to
+/// `out`: tables for people, or the agent's JSON as it came with `json`.
+pub fn run_agent(
+    addr: SocketAddr,
+    view: AgentView,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), InspectError> {
+    let path = match view {
+        AgentView::Owners => "/debug/owners",
+        AgentView::Peers => "/debug/peers",
+    };
+    let agent_err = |error: String| InspectError::Agent { addr, path, error };
+    let body = fetch(addr, path).map_err(agent_err)?;
+    match view {
+        AgentView::Owners => {
+            let owners: Owners =
+                serde_json::from_str(&body).map_err(|e| agent_err(e.to_string()))?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &owners)?;
+                writeln!(out)?;
+            } else {
+                print_owners(&owners, out)?;
+            }
+        }
+        AgentView::Peers => {
+            let peers: Peers = serde_json::from_str(&body).map_err(|e| agent_err(e.to_string()))?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &peers)?;
+                writeln!(out)?;
+            } else {
+                print_peers(&peers, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `GET path` from the agent at `addr`: the body of a 200 answer, within 3 s.
+fn fetch(addr: SocketAddr, path: &'static str) -> Result<String, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let get = async move {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::USER_AGENT, "xlb-inspect")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
+    };
+    rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(3), get).await })
+        .map_err(|_| "no answer within 3 s".to_string())?
+}
+
+/// The owners view: L2 (who answers ARP for each VIP, and why), then BGP.
+fn print_owners(o: &Owners, out: &mut dyn Write) -> std::io::Result<()> {
+    match &o.l2 {
+        None => writeln!(
+            out,
+            "node {}: L2 announcement is off (no node address)",
+            o.node
+        )?,
+        Some(l2) => {
+            writeln!(
+                out,
+                "node {}: L2 on {} (link {}{}), live members: {}",
+                o.node,
+                l2.interface,
+                if l2.link_up { "up" } else { "down" },
+                if l2.joining { ", joining" } else { "" },
+                l2.live.join(", ")
+            )?;
+            let rows: Vec<[String; 5]> = l2
+                .vips
+                .iter()
+                .map(|v| {
+                    [
+                        v.vip.to_string(),
+                        v.owner.clone().unwrap_or_else(|| "-".into()),
+                        if v.held_here { "yes" } else { "no" }.into(),
+                        v.candidates.join(","),
+                        v.why.clone(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                writeln!(out, "no VIP is selected by an L2Announcement")?;
+            } else {
+                print_table(["VIP", "OWNER", "HERE", "CANDIDATES", "WHY"], &rows, out)?;
+            }
+        }
+    }
+    if o.bgp.is_empty() {
+        writeln!(out, "BGP: this node announces nothing")?;
+    } else {
+        writeln!(out, "BGP: this node announces")?;
+        let rows: Vec<[String; 3]> = o
+            .bgp
+            .iter()
+            .map(|r| [r.prefix.clone(), r.peers.join(","), r.communities.join(" ")])
+            .collect();
+        print_table(["PREFIX", "PEERS", "COMMUNITIES"], &rows, out)?;
+    }
+    Ok(())
+}
+
+/// The peers view: one row per BGP session, with its BFD state.
+fn print_peers(p: &Peers, out: &mut dyn Write) -> std::io::Result<()> {
+    if p.peers.is_empty() {
+        return writeln!(
+            out,
+            "node {}: no BGP peer is configured for this node",
+            p.node
+        );
+    }
+    let rows: Vec<[String; 7]> = p
+        .peers
+        .iter()
+        .map(|s| {
+            let bfd = match &s.bfd {
+                None => "-".to_string(),
+                Some(b) => match b.detection_ms {
+                    Some(ms) => format!("{} ({}, detect {ms} ms)", b.state, b.diag),
+                    None => format!("{} ({})", b.state, b.diag),
+                },
+            };
+            [
+                s.name.clone(),
+                s.address.clone(),
+                format!("{}/{}", s.local_asn, s.peer_asn),
+                s.state.clone(),
+                s.advertised.to_string(),
+                bfd,
+                s.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(
+        [
+            "PEER",
+            "ADDRESS",
+            "AS LOCAL/PEER",
+            "STATE",
+            "PREFIXES",
+            "BFD",
+            "LAST ERROR",
+        ],
+        &rows,
+        out,
+    )
 }
 
 /// Whether `row` is a frontend of `service` (`namespace/name` or `namespace/name:port`).

@@ -9,7 +9,8 @@
 //! - [`ipam`] gives LoadBalancer Services addresses from AddressPools (in the model);
 //!   with the Kubernetes API, [`leader`] elects one agent (a Lease) and [`status`]
 //!   has it write the addresses to Service status, and problems as Events;
-//! - [`inspect`] shows what the pinned maps hold (`xlb inspect`);
+//! - [`inspect`] shows what the pinned maps hold (`xlb inspect`), and what a running
+//!   agent publishes in [`introspect`] (who owns each VIP, BGP/BFD sessions);
 //! - [`metrics`] serves `/metrics` and `/healthz`; [`health`] the per-Service
 //!   `healthCheckNodePort` servers;
 //! - [`crd`] xlb's resources as types (and their CRDs);
@@ -32,6 +33,7 @@ pub mod desired;
 pub mod duration;
 pub mod health;
 pub mod inspect;
+pub mod introspect;
 pub mod ipam;
 pub mod l2;
 pub mod leader;

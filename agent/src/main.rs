@@ -176,6 +176,20 @@ enum Inspect {
     },
     /// The node settings the datapath runs with.
     Config,
+    /// Who holds each VIP and why (L2 election), and what this node announces over
+    /// BGP: asked of the running agent.
+    Owners {
+        /// The agent's `--metrics-addr`.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        agent: SocketAddr,
+    },
+    /// BGP sessions (state, prefixes sent, last error) and their BFD state: asked of
+    /// the running agent.
+    Peers {
+        /// The agent's `--metrics-addr`.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        agent: SocketAddr,
+    },
 }
 
 /// Output format of `xlb inspect`.
@@ -330,14 +344,20 @@ fn main() -> anyhow::Result<()> {
             output,
             what,
         } => {
+            let json = matches!(output, Output::Json);
+            let ask = |agent, view| {
+                xlb::inspect::run_agent(agent, view, json, &mut std::io::stdout().lock())
+                    .context("xlb inspect")
+            };
             let what = match what {
+                Inspect::Owners { agent } => return ask(agent, xlb::inspect::AgentView::Owners),
+                Inspect::Peers { agent } => return ask(agent, xlb::inspect::AgentView::Peers),
                 Inspect::Services => xlb::inspect::What::Services,
                 Inspect::Backends => xlb::inspect::What::Backends,
                 Inspect::Conntrack { vip } => xlb::inspect::What::Conntrack(vip),
                 Inspect::Maglev { service } => xlb::inspect::What::Maglev(service),
                 Inspect::Config => xlb::inspect::What::Config,
             };
-            let json = matches!(output, Output::Json);
             xlb::inspect::run(&pin_path, what, json, &mut std::io::stdout().lock())
                 .with_context(|| format!("xlb inspect {}", pin_path.display()))?;
         }

@@ -32,6 +32,7 @@ use crate::dataplane::{
     conntrack::CtCounts,
     state::{ServiceLabels, Target},
 };
+use crate::introspect::Views;
 
 /// Labels as prometheus-client takes them.
 type Labels = Vec<(&'static str, String)>;
@@ -90,6 +91,9 @@ pub struct BgpMetrics {
     /// Prefixes the peer has been sent and not withdrawn
     /// (`xlb_bgp_advertised_prefixes{peer}`).
     pub advertised: Family<Labels, Gauge>,
+    /// 1 while the BFD session with a peer is Up, 0 otherwise; only peers with a BFD
+    /// profile (`xlb_bfd_session_up{peer}`).
+    pub bfd_up: Family<Labels, Gauge>,
 }
 
 impl BgpMetrics {
@@ -103,6 +107,11 @@ impl BgpMetrics {
             "xlb_bgp_advertised_prefixes",
             "Prefixes advertised to the BGP peer and not withdrawn",
             self.advertised.clone(),
+        );
+        registry.register(
+            "xlb_bfd_session_up",
+            "1 while the BFD session with the BGP peer is Up (peers with a BFD profile)",
+            self.bfd_up.clone(),
         );
     }
 }
@@ -493,20 +502,37 @@ impl Collector for BpfCollector {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` (bound before the datapath is
+/// Serves `/metrics` and `/healthz`, and the agent's own views for `xlb inspect`
+/// (`/debug/owners`, `/debug/peers`), on `listener` (bound before the datapath is
 /// touched, so a taken port fails the start cleanly) until it fails.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    views: Arc<Views>,
 ) -> std::io::Result<()> {
+    let debug = Router::new()
+        .route("/debug/owners", get(owners))
+        .route("/debug/peers", get(peers))
+        .with_state(views);
     let app = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
-        .with_state(metrics);
+        .with_state(metrics)
+        .merge(debug);
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /metrics and /healthz");
+        tracing::info!(%addr, "serving /metrics, /healthz and /debug/{{owners,peers}}");
     }
     axum::serve(listener, app).await
+}
+
+/// `/debug/owners`: who holds each VIP, and why (`xlb inspect owners`).
+async fn owners(State(v): State<Arc<Views>>) -> axum::Json<crate::introspect::Owners> {
+    axum::Json(v.owners())
+}
+
+/// `/debug/peers`: BGP and BFD sessions (`xlb inspect peers`).
+async fn peers(State(v): State<Arc<Views>>) -> axum::Json<crate::introspect::Peers> {
+    axum::Json(v.peers())
 }
 
 /// Content type of the OpenMetrics exposition (what prometheus-client writes).

@@ -295,6 +295,27 @@ impl Agent {
         }
     }
 
+    /// `xlb inspect -o json VIEW --agent METRICS_ADDR` run in the node's namespace
+    /// (`owners`, `peers`: what the running agent publishes), parsed.
+    pub fn inspect_view(&self, view: &str) -> Result<serde_json::Value> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns_path(&self.cfg.netns).display()))
+            .arg("--")
+            .arg(&self.cfg.xlb_bin)
+            .args(["inspect", "-o", "json", view, "--agent"])
+            .arg(self.cfg.metrics_addr.to_string())
+            .output()
+            .context("running xlb inspect")?;
+        if !out.status.success() {
+            bail!(
+                "xlb inspect {view}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// A plain HTTP/1.0 GET to the agent's metrics address from inside the node namespace;
     /// returns (status, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {

@@ -135,6 +135,28 @@ fn every_metric_the_dashboard_queries_is_exported() -> Result<()> {
             Ok((!got.is_empty()).then_some(()))
         },
     )?;
+    // A BGP peer with BFD (no router answers: the session and BFD stay down, which
+    // is a value their series carry).
+    write_atomic(
+        &lab.node().manifests_dir.join("bgp.yaml"),
+        &format!(
+            "apiVersion: xlb.dev/v1alpha1\nkind: BFDProfile\nmetadata: {{ name: fast, namespace: xlb-system }}\nspec: {{}}\n---\n\
+             apiVersion: xlb.dev/v1alpha1\nkind: BGPPeer\nmetadata: {{ name: router, namespace: xlb-system }}\n\
+             spec: {{ myASN: 4200000001, peerASN: 4200000100, peerAddress: {CLIENT_ADDR}, bfdProfile: fast }}\n"
+        ),
+    )?;
+    xlb_lab::poll(
+        "the BGP and BFD session series",
+        SOON,
+        std::time::Duration::from_millis(50),
+        || {
+            let s = lab.agent()?.metrics()?;
+            Ok(["xlb_bgp_session_up", "xlb_bfd_session_up"]
+                .iter()
+                .all(|m| s.iter().any(|x| x.name == *m))
+                .then_some(()))
+        },
+    )?;
     let samples = lab.agent()?.metrics()?;
     let exported: BTreeSet<&str> = samples.iter().map(|s| s.name.as_str()).collect();
     let missing: Vec<&String> = wanted

@@ -19,6 +19,43 @@ use xlb_lab::manifests::{EndpointSpec, WEB_UDP_PORT};
 use xlb_lab::poll;
 use xlb_lab::traffic::Ticker;
 
+/// Polls until `xlb inspect owners` on each of `nodes` names `owner` for [`VIP`],
+/// says only the owner holds it, lists every lab node as a candidate, and (with
+/// `dead`) says why the dead node is passed over.
+fn wait_owner_views(
+    lab: &mut Lab,
+    nodes: &[String],
+    owner: &str,
+    dead: Option<&str>,
+) -> Result<()> {
+    let all: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    for name in nodes {
+        let agent = lab.node_named_mut(name)?.agent()?;
+        poll(
+            &format!("{name}'s owners view names {owner}"),
+            SOON,
+            Duration::from_millis(20),
+            || {
+                let v = agent.inspect_view("owners")?;
+                let vips = v["l2"]["vips"].as_array().context("l2.vips")?;
+                let row = vips
+                    .iter()
+                    .find(|r| r["vip"] == VIP.to_string())
+                    .with_context(|| format!("no row for {VIP}: {v}"))?;
+                let candidates: Vec<String> = serde_json::from_value(row["candidates"].clone())?;
+                ensure!(candidates == all, "candidates {candidates:?}, want {all:?}");
+                let why = row["why"].as_str().unwrap_or_default();
+                let ok = row["owner"] == owner
+                    && row["held_here"] == (name == owner)
+                    && dead.is_none_or(|d| why.contains(&format!("not live: {d}")));
+                ensure!(ok, "not yet: {row}");
+                Ok(Some(()))
+            },
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
     let mut lab = l2_lab()?;
@@ -48,6 +85,9 @@ fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
         "client's neighbour entry for {VIP} does not point at {first}"
     );
     println!("owner {first}: sole ARP answerer, client's neighbour entry points at it");
+    // `xlb inspect owners` on every node names the same owner, held only there.
+    let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    wait_owner_views(&mut lab, &names, &first, None)?;
 
     // 2. SIGKILL the owner's agent: another node takes over and the client follows;
     //    the dead agent's pinned program stops answering after its deadline.
@@ -70,6 +110,8 @@ fn l2_vip_is_answered_by_one_node_and_fails_over() -> Result<()> {
     ticker.wait_received(n + 50, SOON)?;
     let report = ticker.finish(Duration::from_millis(500))?;
     wait_sole_answerer(&lab, second_mac)?;
+    let survivors: Vec<String> = names.iter().filter(|n| **n != first).cloned().collect();
+    wait_owner_views(&mut lab, &survivors, &second, Some(&first))?;
     println!(
         "SIGKILL {first}: {second} owned the VIP after {:.0} ms, client's entry moved after {:.0} ms; ticker max gap {:.0} ms, lost {} of {}, served by {:?}",
         takeover.as_secs_f64() * 1e3,

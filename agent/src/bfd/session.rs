@@ -220,6 +220,12 @@ impl Speaker {
         Ok(state)
     }
 
+    /// The last state of the session with `peer`, if there is one.
+    pub fn state(&self, peer: IpAddr) -> Option<PeerState> {
+        let sessions = self.sessions.lock().ok()?;
+        sessions.get(&peer).map(|s| *s.state.borrow())
+    }
+
     /// Ends the session with `peer`, telling it with one AdminDown packet so that it
     /// does not count as a failure (RFC 5880 §6.8.16).
     pub fn remove(&self, peer: IpAddr) {

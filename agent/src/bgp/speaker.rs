@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::plan::{Plan, SessionConfig};
 use super::session::{self, Stop};
+use crate::introspect::{BfdView, BgpRoute, PeerView, Views};
 use crate::metrics::BgpMetrics;
 
 /// The running speaker; [`SpeakerHandle::stop`] ends every session.
@@ -43,6 +44,7 @@ pub fn start(
     restarting: bool,
     node_ip: Option<std::net::Ipv4Addr>,
     metrics: Arc<BgpMetrics>,
+    views: Arc<Views>,
 ) -> SpeakerHandle {
     let (stop, mut stop_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
@@ -79,9 +81,13 @@ pub fn start(
                     let plan = plans.borrow_and_update().clone();
                     reconcile(&mut sessions, &mut bfd, &plan, restarting && first).await;
                     first = false;
-                    report(&sessions, &metrics);
+                    report(&sessions, &bfd, &metrics);
+                    publish(&sessions, &bfd, &plans.borrow(), &views);
                 }
-                _ = tick.tick() => report(&sessions, &metrics),
+                _ = tick.tick() => {
+                    report(&sessions, &bfd, &metrics);
+                    publish(&sessions, &bfd, &plans.borrow(), &views);
+                }
             }
         }
     });
@@ -197,11 +203,24 @@ async fn reconcile(sessions: &mut Sessions, bfd: &mut Bfd, plan: &Plan, restarti
     }
 }
 
-/// `xlb_bgp_session_up{peer}` and `xlb_bgp_advertised_prefixes{peer}`.
-fn report(sessions: &Sessions, metrics: &BgpMetrics) {
+/// `xlb_bgp_session_up{peer}`, `xlb_bgp_advertised_prefixes{peer}` and
+/// `xlb_bfd_session_up{peer}`.
+fn report(sessions: &Sessions, bfd: &Bfd, metrics: &BgpMetrics) {
     metrics.up.clear();
     metrics.advertised.clear();
-    for (name, (_, s)) in sessions {
+    metrics.bfd_up.clear();
+    for (name, (cfg, s)) in sessions {
+        if cfg.bfd.is_some() {
+            let up = bfd
+                .speaker
+                .as_ref()
+                .and_then(|b| b.state(cfg.peer_address))
+                .is_some_and(|st| st.is_up());
+            metrics
+                .bfd_up
+                .get_or_create(&vec![("peer", name.clone())])
+                .set(i64::from(up));
+        }
         let status = s.status.borrow();
         let labels = vec![("peer", name.clone())];
         metrics
@@ -213,4 +232,58 @@ fn report(sessions: &Sessions, metrics: &BgpMetrics) {
             .get_or_create(&labels)
             .set(i64::try_from(status.advertised).unwrap_or(i64::MAX));
     }
+}
+
+/// What `xlb inspect owners` and `xlb inspect peers` show of the speaker: the
+/// prefixes of the plan with the peers each goes to, and every session's state.
+fn publish(sessions: &Sessions, bfd: &Bfd, plan: &Plan, views: &Views) {
+    let mut routes: BTreeMap<String, BgpRoute> = BTreeMap::new();
+    for (peer, p) in &plan.peers {
+        for (prefix, attrs) in &p.routes {
+            let r = routes
+                .entry(prefix.to_string())
+                .or_insert_with(|| BgpRoute {
+                    prefix: prefix.to_string(),
+                    peers: Vec::new(),
+                    communities: attrs
+                        .communities
+                        .iter()
+                        .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
+                        .chain(
+                            attrs
+                                .large_communities
+                                .iter()
+                                .map(|[a, b, c]| format!("large:{a}:{b}:{c}")),
+                        )
+                        .collect(),
+                });
+            r.peers.push(peer.clone());
+        }
+    }
+    let peers = sessions
+        .iter()
+        .map(|(name, (cfg, s))| {
+            let status = s.status.borrow();
+            let bfd = cfg
+                .bfd
+                .and_then(|_| bfd.speaker.as_ref()?.state(cfg.peer_address));
+            PeerView {
+                name: name.clone(),
+                address: std::net::SocketAddr::new(cfg.peer_address, cfg.peer_port).to_string(),
+                local_asn: cfg.my_asn,
+                peer_asn: cfg.peer_asn,
+                state: status.state.to_string(),
+                advertised: status.advertised,
+                last_error: status.last_error.clone(),
+                bfd: bfd.map(|b| BfdView {
+                    state: format!("{:?}", b.state),
+                    diag: format!("{:?}", b.diag),
+                    detection_ms: b
+                        .detection_time
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                }),
+            }
+        })
+        .collect();
+    views.set_bgp(routes.into_values().collect(), peers);
 }

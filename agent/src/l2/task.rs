@@ -28,7 +28,11 @@ use super::{
     membership::{self, NodeId},
     restart::{Graces, Notice},
 };
-use crate::{dataplane::conntrack::monotonic_ns, metrics::Metrics};
+use crate::{
+    dataplane::conntrack::monotonic_ns,
+    introspect::{L2Owner, L2View, Views},
+    metrics::Metrics,
+};
 
 /// How often the dead-man deadline is pushed forward and the link looked at.
 pub const REFRESH: Duration = Duration::from_millis(100);
@@ -197,6 +201,8 @@ struct L2 {
     reannounce: bool,
     next_announce: Instant,
     metrics: Arc<Metrics>,
+    /// Where `xlb inspect owners` reads who holds what.
+    views: Arc<Views>,
 }
 
 /// Binds the membership socket and opens maps and sockets (so a bad port or a
@@ -206,6 +212,7 @@ pub async fn start(
     cfg: L2Config,
     plan: watch::Receiver<Arc<Plan>>,
     metrics: Arc<Metrics>,
+    views: Arc<Views>,
 ) -> Result<L2Handle, L2Error> {
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cfg.port);
     let socket = UdpSocket::bind(bind)
@@ -262,6 +269,7 @@ pub async fn start(
         reannounce: false,
         next_announce: now,
         metrics,
+        views,
         cfg,
     };
     l2.refresh_deadline();
@@ -552,6 +560,7 @@ impl L2 {
         l2.owned.set(self.owned.len() as i64);
         if want == self.owned {
             self.send_garps();
+            self.publish(&live, joining);
             return;
         }
         for vip in self.owned.difference(&want).copied().collect::<Vec<_>>() {
@@ -592,6 +601,60 @@ impl L2 {
         }
         l2.owned.set(self.owned.len() as i64);
         self.send_garps();
+        self.publish(&live, joining);
+    }
+
+    /// Publishes who holds each VIP, and why, for `xlb inspect owners`.
+    fn publish(&self, live: &BTreeSet<String>, joining: bool) {
+        let vips = self
+            .plan
+            .vips
+            .iter()
+            .map(|(vip, candidates)| {
+                let owner = election::owner(*vip, candidates, live).map(str::to_string);
+                let held_here = match vip {
+                    IpAddr::V4(a) => self.owned.contains(a),
+                    IpAddr::V6(_) => false,
+                };
+                let dead: Vec<&str> = candidates
+                    .iter()
+                    .filter(|c| !live.contains(*c))
+                    .map(String::as_str)
+                    .collect();
+                let why = if !self.link_up {
+                    format!("uplink {} is down: this node holds nothing", self.cfg.interface)
+                } else if joining {
+                    "this node is joining the membership: it keeps what it held and claims nothing new".to_string()
+                } else if vip.is_ipv6() {
+                    "IPv6: neighbour discovery comes with the IPv6 datapath".to_string()
+                } else if candidates.is_empty() {
+                    "no node may announce it (node selectors, or Local policy without a ready endpoint)".to_string()
+                } else if owner.is_none() {
+                    format!("none of its candidates is live (not live: {})", dead.join(", "))
+                } else if dead.is_empty() {
+                    "highest rendezvous weight among its live candidates".to_string()
+                } else {
+                    format!(
+                        "highest rendezvous weight among its live candidates (not live: {})",
+                        dead.join(", ")
+                    )
+                };
+                L2Owner {
+                    vip: *vip,
+                    owner,
+                    held_here,
+                    candidates: candidates.iter().cloned().collect(),
+                    why,
+                }
+            })
+            .collect();
+        self.views.set_l2(L2View {
+            interface: self.cfg.interface.clone(),
+            link_up: self.link_up,
+            joining,
+            live: live.iter().cloned().collect(),
+            vips,
+        });
     }
 
     /// Sends the gratuitous ARPs that are due.

@@ -62,6 +62,9 @@ pub struct Config {
     pub memberlist_port: u16,
     /// How long a stopping agent's node keeps its L2 VIPs (`--restart-grace`).
     pub restart_grace: Duration,
+    /// TCP port the BGP speaker accepts its peers' connections on (`--bgp-listen-port`;
+    /// 0: active open only).
+    pub bgp_listen_port: u16,
 }
 
 /// Which source the agent reads.
@@ -813,7 +816,13 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // services: routers that negotiated graceful restart are told so.
     let restarting = !applied.services.is_empty();
     let (bgp_plan, bgp_rx) = watch::channel(Arc::new(crate::bgp::plan::Plan::default()));
-    let bgp = crate::bgp::speaker::start(bgp_rx, restarting, node.ip, metrics.bgp.clone());
+    let bgp = crate::bgp::speaker::start(
+        bgp_rx,
+        restarting,
+        node.ip,
+        cfg.bgp_listen_port,
+        metrics.bgp.clone(),
+    );
 
     let mut status_plan = None;
     let mut ipam_lease = None;

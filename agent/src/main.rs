@@ -93,6 +93,11 @@ enum Command {
         /// renews every duration/7, at most every 2 s); a stopping agent gives it up.
         #[arg(long, default_value = "15s", value_parser = parse_lease)]
         lease_duration: std::time::Duration,
+        /// TCP port on which the BGP speaker accepts its peers' connections (RFC 4271
+        /// §8.2.1 passive open), on the node's address or a peer's `sourceAddress`;
+        /// `0`: connect to peers only.
+        #[arg(long, default_value_t = 179)]
+        bgp_listen_port: u16,
     },
     /// Show what the datapath holds, read from the pinned maps: works while the agent
     /// is stopped or crash-looping.
@@ -259,6 +264,7 @@ fn main() -> anyhow::Result<()> {
             restart_grace,
             lease_namespace,
             lease_duration,
+            bgp_listen_port,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -287,6 +293,7 @@ fn main() -> anyhow::Result<()> {
                 node_ports: node_port_range,
                 memberlist_port,
                 restart_grace,
+                bgp_listen_port,
                 cluster: match cluster_mode {
                     Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,

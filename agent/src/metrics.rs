@@ -90,6 +90,12 @@ pub struct BgpMetrics {
     /// Prefixes the peer has been sent and not withdrawn
     /// (`xlb_bgp_advertised_prefixes{peer}`).
     pub advertised: Family<Labels, Gauge>,
+    /// Connections this session closed with Cease / Connection Collision Resolution
+    /// (RFC 4486 §3), since it started (`xlb_bgp_collisions{peer}`).
+    pub collisions: Family<Labels, Gauge>,
+    /// Connections accepted on the BGP port from addresses that are no peer's, closed
+    /// at once (`xlb_bgp_refused_connections_total`).
+    pub refused: Counter,
 }
 
 impl BgpMetrics {
@@ -103,6 +109,16 @@ impl BgpMetrics {
             "xlb_bgp_advertised_prefixes",
             "Prefixes advertised to the BGP peer and not withdrawn",
             self.advertised.clone(),
+        );
+        registry.register(
+            "xlb_bgp_collisions",
+            "Connections the session to the peer closed with Cease/7 (connection collision resolution), since it started",
+            self.collisions.clone(),
+        );
+        registry.register(
+            "xlb_bgp_refused_connections",
+            "Connections accepted on the BGP port from addresses that are no peer's, closed at once",
+            self.refused.clone(),
         );
     }
 }

@@ -439,3 +439,80 @@ fn report(sessions: &Sessions, metrics: &BgpMetrics) {
             .set(i64::try_from(status.collisions).unwrap_or(i64::MAX));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A listener on loopback (an ephemeral port) takes MD5 keys before and after
+    /// listen(), and a connection from an address that is no peer's is closed and
+    /// counted.
+    #[tokio::test]
+    async fn listener_keys_and_a_connection_from_a_stranger() {
+        let (tx, mut accepted) = mpsc::channel(4);
+        let listeners = Listeners {
+            port: 0,
+            node_ip: None,
+            by_addr: BTreeMap::new(),
+            accepted: tx,
+        };
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let router: IpAddr = "127.0.0.2".parse().unwrap();
+        let mut l = listeners
+            .listen(local, &BTreeMap::from([(router, "s3cret".to_string())]))
+            .unwrap();
+        // Changed, then removed (an empty key deletes it, RFC 2385 is per address).
+        l.set_keys(&BTreeMap::from([(router, "other".to_string())]))
+            .unwrap();
+        l.set_keys(&BTreeMap::new()).unwrap();
+        assert!(l.keys.is_empty());
+
+        let at = l.socket.local_addr().unwrap();
+        let mut client = TcpStream::connect(at).await.unwrap();
+        let (stream, remote, local) = accepted.recv().await.unwrap();
+        let metrics = BgpMetrics::default();
+        hand_over(&Sessions::new(), stream, remote, local, &metrics);
+        assert_eq!(metrics.refused.get(), 1);
+        let mut buf = [0u8; 16];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn peers_connect_to_their_source_address_or_the_nodes() {
+        let (tx, _rx) = mpsc::channel(1);
+        let listeners = Listeners {
+            port: 179,
+            node_ip: Some(Ipv4Addr::new(10, 0, 0, 11)),
+            by_addr: BTreeMap::new(),
+            accepted: tx,
+        };
+        let mut cfg = SessionConfig {
+            my_asn: 65001,
+            peer_asn: 65000,
+            peer_address: "10.0.0.1".parse().unwrap(),
+            peer_port: 179,
+            source_address: None,
+            hold_time: Duration::from_secs(90),
+            keepalive_time: None,
+            password: None,
+            ttl: 1,
+            graceful_restart: false,
+            router_id: Ipv4Addr::new(10, 0, 0, 11),
+            bfd: None,
+        };
+        assert_eq!(
+            listeners.local_for(&cfg),
+            "10.0.0.11".parse::<IpAddr>().unwrap()
+        );
+        cfg.source_address = Some("10.0.5.11".parse().unwrap());
+        assert_eq!(
+            listeners.local_for(&cfg),
+            "10.0.5.11".parse::<IpAddr>().unwrap()
+        );
+        cfg.source_address = None;
+        cfg.peer_address = "fd00::1".parse().unwrap();
+        assert_eq!(listeners.local_for(&cfg), IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    }
+}

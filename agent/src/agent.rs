@@ -64,6 +64,9 @@ pub struct Config {
     pub restart_grace: Duration,
     /// Datapath event level at start (`--datapath-log`, `xlb_common::datapath_log`).
     pub datapath_log: u64,
+    /// TCP port the BGP speaker accepts its peers' connections on (`--bgp-listen-port`;
+    /// 0: active open only).
+    pub bgp_listen_port: u16,
 }
 
 /// Which source the agent reads.
@@ -822,6 +825,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         bgp_rx,
         restarting,
         node.ip,
+        cfg.bgp_listen_port,
         metrics.bgp.clone(),
         views.clone(),
     );

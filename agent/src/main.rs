@@ -100,6 +100,11 @@ enum Command {
         /// CPU per second. `xlb datapath-log` changes it while the agent runs.
         #[arg(long, env = "XLB_DATAPATH_LOG", default_value = "off", value_parser = xlb::dataplane::events::parse_level)]
         datapath_log: u64,
+        /// TCP port on which the BGP speaker accepts its peers' connections (RFC 4271
+        /// §8.2.1 passive open), on the node's address or a peer's `sourceAddress`;
+        /// `0`: connect to peers only.
+        #[arg(long, default_value_t = 179)]
+        bgp_listen_port: u16,
     },
     /// Show or change which datapath events the kernel programs log (see `xlb agent
     /// --datapath-log`), on the pinned datapath: takes effect at once, no restart.
@@ -298,6 +303,7 @@ fn main() -> anyhow::Result<()> {
             lease_namespace,
             lease_duration,
             datapath_log,
+            bgp_listen_port,
         } => {
             let cfg = xlb::agent::Config {
                 interface,
@@ -326,6 +332,7 @@ fn main() -> anyhow::Result<()> {
                 node_ports: node_port_range,
                 memberlist_port,
                 restart_grace,
+                bgp_listen_port,
                 cluster: match cluster_mode {
                     Cluster::Dsr => xlb::dataplane::ClusterMode::Dsr,
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,

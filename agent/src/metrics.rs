@@ -94,6 +94,12 @@ pub struct BgpMetrics {
     /// 1 while the BFD session with a peer is Up, 0 otherwise; only peers with a BFD
     /// profile (`xlb_bfd_session_up{peer}`).
     pub bfd_up: Family<Labels, Gauge>,
+    /// Connections this session closed with Cease / Connection Collision Resolution
+    /// (RFC 4486 §3), since it started (`xlb_bgp_collisions{peer}`).
+    pub collisions: Family<Labels, Gauge>,
+    /// Connections accepted on the BGP port from addresses that are no peer's, closed
+    /// at once (`xlb_bgp_refused_connections_total`).
+    pub refused: Counter,
 }
 
 impl BgpMetrics {
@@ -112,6 +118,16 @@ impl BgpMetrics {
             "xlb_bfd_session_up",
             "1 while the BFD session with the BGP peer is Up (peers with a BFD profile)",
             self.bfd_up.clone(),
+        );
+        registry.register(
+            "xlb_bgp_collisions",
+            "Connections the session to the peer closed with Cease/7 (connection collision resolution), since it started",
+            self.collisions.clone(),
+        );
+        registry.register(
+            "xlb_bgp_refused_connections",
+            "Connections accepted on the BGP port from addresses that are no peer's, closed at once",
+            self.refused.clone(),
         );
     }
 }

@@ -3,9 +3,11 @@
 //! [`codec`](super::codec)) and sends the routes of its [`PeerPlan`] as UPDATEs,
 //! only the difference when the plan changes (RFC 4271 §9.2: the Adj-RIB-Out).
 //!
-//! Active open only: the agent connects to its peers, as MetalLB's native speaker
-//! does; routers accept it and collision detection (§6.8) never has two connections
-//! to choose from.
+//! Active and passive open (§8.2.1): the session connects to its peer, and takes the
+//! connections the [`speaker`](super::speaker)'s listener accepted from the peer's
+//! address ([`Handle::accept`]). When both exist at once, the FSM resolves the
+//! collision (§6.8); this driver keeps the second connection beside the first until
+//! it does.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -18,7 +20,7 @@ use ipnet::Ipv4Net;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
     time::Instant,
 };
 use tracing::{debug, info, warn};
@@ -56,6 +58,8 @@ pub struct Status {
     pub advertised: usize,
     /// The last NOTIFICATION sent or received, as `code/subcode`, and which way.
     pub last_error: Option<String>,
+    /// Connections closed with Cease / Connection Collision Resolution (RFC 4486 §3).
+    pub collisions: u64,
 }
 
 /// ConnectRetry base (RFC 4271 §10 suggests 120 s; a node whose router restarts should
@@ -74,6 +78,7 @@ const NLRI_PER_UPDATE: usize = 600;
 pub struct Handle {
     stop: watch::Sender<Stop>,
     routes: watch::Sender<Arc<Routes>>,
+    incoming: mpsc::Sender<TcpStream>,
     /// The session's state, for metrics and inspection.
     pub status: watch::Receiver<Status>,
     task: tokio::task::JoinHandle<()>,
@@ -90,6 +95,14 @@ impl Handle {
             }
             changed
         });
+    }
+
+    /// Hands the session a connection accepted from the peer's address (passive open,
+    /// RFC 4271 §8.2.1); dropped (closed) if the session has several waiting already.
+    pub fn accept(&self, stream: TcpStream) {
+        if self.incoming.try_send(stream).is_err() {
+            debug!("BGP: session busy or gone; accepted connection closed");
+        }
     }
 
     /// Ends the session as `how` says and waits (at most a second) for it.
@@ -119,17 +132,19 @@ pub fn spawn(
 ) -> Handle {
     let (stop, stop_rx) = watch::channel(Stop::No);
     let (routes_tx, routes_rx) = watch::channel(routes);
+    let (incoming, incoming_rx) = mpsc::channel(2);
     let (status_tx, status) = watch::channel(Status {
         state: "Idle",
         ..Default::default()
     });
     let task = tokio::spawn(async move {
         let mut driver = Driver::new(name, cfg, restarting, status_tx);
-        driver.run(stop_rx, routes_rx, bfd).await;
+        driver.run(stop_rx, routes_rx, incoming_rx, bfd).await;
     });
     Handle {
         stop,
         routes: routes_tx,
+        incoming,
         status,
         task,
     }
@@ -142,12 +157,40 @@ struct Conn {
     local: IpAddr,
 }
 
+impl Conn {
+    fn new(stream: TcpStream) -> std::io::Result<Conn> {
+        let local = stream.local_addr()?.ip();
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(MAX_MESSAGE_LEN),
+            local,
+        })
+    }
+}
+
+/// Writes one message, giving up after [`WRITE_TIMEOUT`].
+async fn write_msg(c: &mut Conn, msg: &Message, ctx: &Context) -> std::io::Result<()> {
+    let bytes = codec::encode(msg, ctx);
+    match tokio::time::timeout(WRITE_TIMEOUT, c.stream.write_all(&bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
 struct Driver {
     name: String,
     cfg: SessionConfig,
     fsm: fsm::Session,
     status: watch::Sender<Status>,
+    /// The session's connection.
     conn: Option<Conn>,
+    /// The second connection of a collision (RFC 4271 §6.8), until it is resolved.
+    other: Option<Conn>,
+    /// A connection just accepted, until the FSM says what becomes of it.
+    incoming: Option<Conn>,
+    /// The session's connection changed with bytes already read: decode them.
+    rescan: bool,
     /// What the peer has been sent (and not withdrawn).
     sent: Routes,
     /// Codec context of the current session (4-octet AS negotiated).
@@ -175,6 +218,9 @@ impl Driver {
             fsm,
             status,
             conn: None,
+            other: None,
+            incoming: None,
+            rescan: false,
             sent: Routes::new(),
             ctx: Context::default(),
             graceful: false,
@@ -185,6 +231,7 @@ impl Driver {
         &mut self,
         mut stop: watch::Receiver<Stop>,
         mut routes: watch::Receiver<Arc<Routes>>,
+        mut incoming: mpsc::Receiver<TcpStream>,
         mut bfd: Option<watch::Receiver<crate::bfd::PeerState>>,
     ) {
         let mut connecting: Option<
@@ -193,7 +240,11 @@ impl Driver {
         let mut pending = self.fsm.step(std::time::Instant::now(), Event::ManualStart);
         loop {
             // Perform what the FSM asked for; I/O failures come back as events.
-            while !pending.is_empty() {
+            while !pending.is_empty() || std::mem::take(&mut self.rescan) {
+                if pending.is_empty() {
+                    pending = self.receive(std::time::Instant::now()).await;
+                    continue;
+                }
                 let actions = std::mem::take(&mut pending);
                 for action in actions {
                     if let Some(event) = self.perform(action, &mut connecting, &routes).await {
@@ -201,6 +252,9 @@ impl Driver {
                         pending.extend(self.fsm.step(now, event));
                     }
                 }
+            }
+            if let Some(mut c) = self.incoming.take() {
+                let _ = c.stream.shutdown().await;
             }
             self.publish_state();
             let deadline = self.fsm.next_deadline().map(Instant::from_std);
@@ -234,6 +288,33 @@ impl Driver {
                             debug!(peer = %self.name, error = %e, "BGP: connect failed");
                             pending = self.fsm.step(now, Event::TcpConnectionFails);
                         }
+                    }
+                }
+                Some(stream) = incoming.recv() => {
+                    let now = std::time::Instant::now();
+                    match Conn::new(stream) {
+                        Ok(c) => {
+                            info!(peer = %self.name, state = state_name(self.fsm.state()), "BGP: the peer connected to us");
+                            self.incoming = Some(c);
+                            pending = self.fsm.step(now, Event::TcpConnectionAccepted);
+                        }
+                        Err(e) => debug!(peer = %self.name, error = %e, "BGP: accepted connection unusable"),
+                    }
+                }
+                read = async {
+                    match self.other.as_mut() {
+                        Some(c) => c.stream.read_buf(&mut c.buf).await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.other.is_some() => {
+                    let now = std::time::Instant::now();
+                    match read {
+                        Ok(0) | Err(_) => {
+                            debug!(peer = %self.name, "BGP: the second connection closed");
+                            self.other = None;
+                            pending = self.fsm.step(now, Event::OtherFails);
+                        }
+                        Ok(_) => pending = self.receive_other(now),
                     }
                 }
                 read = async {
@@ -298,6 +379,44 @@ impl Driver {
         routes: &watch::Receiver<Arc<Routes>>,
     ) -> Option<Event> {
         match action {
+            Action::Adopt => {
+                *connecting = None;
+                self.conn = self.incoming.take();
+                self.ctx = Context::default();
+                None
+            }
+            Action::HoldOther(open) => {
+                info!(peer = %self.name, "BGP: two connections to the peer; keeping both until its OPEN (RFC 4271 §6.8)");
+                let mut c = self.incoming.take()?;
+                match write_msg(&mut c, &Message::Open(open), &Context::default()).await {
+                    Ok(()) => {
+                        self.other = Some(c);
+                        None
+                    }
+                    Err(_) => Some(Event::OtherFails),
+                }
+            }
+            Action::Reject(n) => {
+                let mut c = self.incoming.take()?;
+                self.note_notification(&n, "sent on the peer's new connection");
+                let _ = write_msg(&mut c, &Message::Notification(n), &Context::default()).await;
+                let _ = c.stream.shutdown().await;
+                None
+            }
+            Action::CloseOther(n) => {
+                let mut c = self.other.take()?;
+                self.note_notification(&n, "sent on the peer's connection");
+                let _ = write_msg(&mut c, &Message::Notification(n), &Context::default()).await;
+                let _ = c.stream.shutdown().await;
+                None
+            }
+            Action::Promote => {
+                info!(peer = %self.name, "BGP: continuing on the connection the peer opened");
+                self.conn = self.other.take();
+                self.ctx = Context::default();
+                self.rescan = true;
+                None
+            }
             Action::Connect => {
                 self.conn = None;
                 *connecting = Some(Box::pin(connect(self.cfg.clone())));
@@ -321,8 +440,7 @@ impl Driver {
                 .err()
                 .map(|_| Event::TcpConnectionFails),
             Action::SendNotification(n) => {
-                warn!(peer = %self.name, code = n.code, subcode = n.subcode, "BGP: sending NOTIFICATION");
-                self.note_error(&n, "sent");
+                self.note_notification(&n, "sent");
                 // The connection closes next either way.
                 let _ = self.send(&Message::Notification(n)).await;
                 None
@@ -409,7 +527,12 @@ impl Driver {
             };
             let failed = matches!(event, Event::MessageError(_) | Event::NotifMsg(_));
             actions.extend(self.fsm.step(now, event));
-            if failed || self.conn.is_none() {
+            // Bytes after a message that closed or replaced the connection are not
+            // the session's any more.
+            let replaced = actions
+                .iter()
+                .any(|a| matches!(a, Action::Disconnect | Action::Promote));
+            if failed || replaced || self.conn.is_none() {
                 return actions;
             }
         }
@@ -513,29 +636,43 @@ impl Driver {
         let Some(c) = self.conn.as_mut() else {
             return Err(std::io::ErrorKind::NotConnected.into());
         };
-        let bytes = codec::encode(msg, &self.ctx);
-        match tokio::time::timeout(WRITE_TIMEOUT, c.stream.write_all(&bytes)).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-        }
+        write_msg(c, msg, &self.ctx).await
     }
 
     fn open_conn(&mut self, stream: TcpStream) -> std::io::Result<()> {
-        let local = stream.local_addr()?.ip();
-        stream.set_nodelay(true)?;
         self.ctx = Context::default();
-        self.conn = Some(Conn {
-            stream,
-            buf: Vec::with_capacity(MAX_MESSAGE_LEN),
-            local,
-        });
+        self.conn = Some(Conn::new(stream)?);
         Ok(())
+    }
+
+    /// Decodes the first message on the second connection: the peer's OPEN, which
+    /// lets the FSM resolve the collision; anything else ends that connection.
+    fn receive_other(&mut self, now: std::time::Instant) -> Vec<Action> {
+        let Some(c) = self.other.as_mut() else {
+            return vec![];
+        };
+        let event = match codec::decode(&c.buf, &Context::default()) {
+            Err(e) if e.is_incomplete() => return vec![],
+            Ok((Message::Open(o), used)) => {
+                c.buf.drain(..used);
+                Event::OtherOpen(o)
+            }
+            other => {
+                if let Ok((Message::Notification(n), _)) = &other {
+                    self.note_error(n, "received on the peer's connection");
+                }
+                debug!(peer = %self.name, message = ?other.map(|(m, _)| m), "BGP: the second connection did not start with an OPEN; closed");
+                self.other = None;
+                Event::OtherFails
+            }
+        };
+        self.fsm.step(now, event)
     }
 
     async fn finish(&mut self, how: Stop) {
         if how == Stop::Restart && self.graceful {
             info!(peer = %self.name, "BGP: closing for a restart; the peer keeps the routes (graceful restart)");
-            if let Some(mut c) = self.conn.take() {
+            for mut c in [self.conn.take(), self.other.take()].into_iter().flatten() {
                 let _ = c.stream.shutdown().await;
             }
             return;
@@ -547,6 +684,21 @@ impl Driver {
             let _ = self.perform(a, &mut none, &routes).await;
         }
         self.publish_state();
+    }
+
+    /// Logs a NOTIFICATION we send and records it in the status.
+    fn note_notification(&self, n: &Notification, way: &str) {
+        if (n.code, n.subcode) == (6, 7) {
+            info!(
+                peer = %self.name,
+                kept = ?self.fsm.direction(),
+                "BGP: connection collision resolved (RFC 4271 §6.8): Cease/7 {way}"
+            );
+            self.status.send_modify(|s| s.collisions += 1);
+        } else {
+            warn!(peer = %self.name, code = n.code, subcode = n.subcode, "BGP: NOTIFICATION {way}");
+        }
+        self.note_error(n, way);
     }
 
     fn note_error(&self, n: &Notification, way: &str) {
@@ -618,7 +770,7 @@ async fn connect(cfg: SessionConfig) -> std::io::Result<TcpStream> {
     };
     set_ttl(&socket, peer.is_ipv6(), cfg.ttl)?;
     if let Some(key) = &cfg.password {
-        set_md5(&socket, peer, key.as_bytes())?;
+        set_md5(&socket, peer.ip(), key.as_bytes())?;
     }
     if let Some(src) = cfg.source_address {
         socket.bind(SocketAddr::new(src, 0))?;
@@ -630,7 +782,12 @@ async fn connect(cfg: SessionConfig) -> std::io::Result<TcpStream> {
     }
 }
 
-fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) -> std::io::Result<()> {
+pub(super) fn setsockopt<T>(
+    fd: &impl AsRawFd,
+    level: i32,
+    name: i32,
+    value: &T,
+) -> std::io::Result<()> {
     let len = u32::try_from(std::mem::size_of::<T>()).unwrap_or(u32::MAX);
     // SAFETY: `value` points to a live `T` of `len` bytes for the call.
     let rc =
@@ -643,7 +800,7 @@ fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) -> std::io
 }
 
 /// IP_TTL / IPV6_UNICAST_HOPS: 1 for direct eBGP, 255 otherwise.
-fn set_ttl(socket: &TcpSocket, v6: bool, ttl: u8) -> std::io::Result<()> {
+pub(super) fn set_ttl(socket: &impl AsRawFd, v6: bool, ttl: u8) -> std::io::Result<()> {
     let value = libc::c_int::from(ttl);
     if v6 {
         setsockopt(socket, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, &value)
@@ -663,8 +820,10 @@ struct TcpMd5Sig {
     key: [u8; 80],
 }
 
-/// TCP MD5 signatures for the connection to `peer` (RFC 2385, Linux TCP_MD5SIG).
-fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &[u8]) -> std::io::Result<()> {
+/// TCP MD5 signatures for the connection to `peer` (RFC 2385, Linux TCP_MD5SIG); on
+/// a listening socket, for the connections it accepts from `peer`. An empty key
+/// removes the peer's.
+pub(super) fn set_md5(socket: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> std::io::Result<()> {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut sig = TcpMd5Sig {
         addr: unsafe { std::mem::zeroed() },
@@ -680,25 +839,25 @@ fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &[u8]) -> std::io::Result<
     sig.key[..key.len()].copy_from_slice(key);
     sig.keylen = key.len() as u16;
     match peer {
-        SocketAddr::V4(a) => {
+        IpAddr::V4(a) => {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: 0,
                 sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
+                    s_addr: u32::from(a).to_be(),
                 },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage, which is aligned for it.
             unsafe { std::ptr::write((&mut sig.addr as *mut libc::sockaddr_storage).cast(), sin) };
         }
-        SocketAddr::V6(a) => {
+        IpAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: 0,
                 sin6_flowinfo: 0,
                 sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
+                    s6_addr: a.octets(),
                 },
                 sin6_scope_id: 0,
             };

@@ -2,10 +2,22 @@
 //! [`Plan`], started, re-routed and stopped as the plan changes. A change to one
 //! peer's settings resets that session only; a change of routes is sent as UPDATEs
 //! on the sessions it concerns, without resetting any.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+//!
+//! The passive side of RFC 4271 §8.2.1 is here too: a listener on the BGP port of
+//! each local address the peers use (the node's, or a peer's `sourceAddress`), with
+//! each peer's TCP MD5 key on it before any SYN arrives (RFC 2385 §3: the key applies
+//! to the listening socket); an accepted connection goes to the session of the peer
+//! at its remote address, and one from anywhere else is closed and counted.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use tokio::sync::{oneshot, watch};
-use tracing::{info, warn};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
 
 use super::plan::{Plan, SessionConfig};
 use super::session::{self, Stop};
@@ -38,17 +50,26 @@ impl SpeakerHandle {
 /// once the maps serve the VIPs), so a restarting node never tells a router "this is
 /// all" (End-of-RIB) before it knows what it serves. `restarting`: the datapath kept
 /// forwarding across an agent restart (graceful restart's R and F bits).
-/// BFD runs on `node_ip` (the receive socket's address; any when unknown).
+/// BFD runs on `node_ip` (the receive socket's address; any when unknown), and so
+/// does the BGP listener on `listen_port` (0: no passive open).
 pub fn start(
     mut plans: watch::Receiver<Arc<Plan>>,
     restarting: bool,
     node_ip: Option<std::net::Ipv4Addr>,
+    listen_port: u16,
     metrics: Arc<BgpMetrics>,
     views: Arc<Views>,
 ) -> SpeakerHandle {
     let (stop, mut stop_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         let mut sessions: Sessions = BTreeMap::new();
+        let (accepted_tx, mut accepted) = mpsc::channel(16);
+        let mut listeners = Listeners {
+            port: listen_port,
+            node_ip,
+            by_addr: BTreeMap::new(),
+            accepted: accepted_tx,
+        };
         let mut bfd = Bfd {
             local: node_ip.map_or(
                 std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -80,6 +101,7 @@ pub fn start(
                     }
                     let plan = plans.borrow_and_update().clone();
                     reconcile(&mut sessions, &mut bfd, &plan, restarting && first).await;
+                    listeners.reconcile(&plan);
                     first = false;
                     report(&sessions, &bfd, &metrics);
                     publish(&sessions, &bfd, &plans.borrow(), &views);
@@ -88,6 +110,9 @@ pub fn start(
                     report(&sessions, &bfd, &metrics);
                     publish(&sessions, &bfd, &plans.borrow(), &views);
                 }
+                Some((stream, remote, local)) = accepted.recv() => {
+                    hand_over(&sessions, stream, remote, local, &metrics);
+                }
             }
         }
     });
@@ -95,6 +120,202 @@ pub fn start(
 }
 
 type Sessions = BTreeMap<String, (SessionConfig, session::Handle)>;
+
+/// A connection accepted on a listener: the stream, its remote and local addresses.
+type Accepted = (TcpStream, SocketAddr, SocketAddr);
+
+/// The listening sockets of the passive open (RFC 4271 §8.2.1), by local address.
+struct Listeners {
+    port: u16,
+    node_ip: Option<Ipv4Addr>,
+    by_addr: BTreeMap<IpAddr, Listener>,
+    accepted: mpsc::Sender<Accepted>,
+}
+
+/// One listening socket and the MD5 keys set on it, by peer address.
+struct Listener {
+    socket: Arc<TcpListener>,
+    keys: BTreeMap<IpAddr, String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Errors of the passive open's listening sockets.
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error("listening on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("TCP MD5 key for {0}: {1}")]
+    Md5(IpAddr, std::io::Error),
+}
+
+impl Listeners {
+    /// The local address the peer's connections arrive at: its `sourceAddress`, else
+    /// the node's address (any, when unknown, or for an IPv6 peer without one).
+    fn local_for(&self, cfg: &SessionConfig) -> IpAddr {
+        match (cfg.source_address, cfg.peer_address, self.node_ip) {
+            (Some(a), _, _) => a,
+            (None, IpAddr::V4(_), Some(ip)) => IpAddr::V4(ip),
+            (None, IpAddr::V4(_), None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (None, IpAddr::V6(_), _) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+
+    /// Listens where the plan's peers connect to, with their MD5 keys; stops
+    /// listening where none does any more.
+    fn reconcile(&mut self, plan: &Plan) {
+        if self.port == 0 {
+            return;
+        }
+        let mut want: BTreeMap<IpAddr, BTreeMap<IpAddr, String>> = BTreeMap::new();
+        for peer in plan.peers.values() {
+            let keys = want.entry(self.local_for(&peer.session)).or_default();
+            if let Some(key) = &peer.session.password {
+                keys.insert(peer.session.peer_address, key.clone());
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .by_addr
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            info!(%addr, port = self.port, "BGP: no peer connects here any more; not listening");
+            self.by_addr.remove(&addr);
+        }
+        for (addr, keys) in want {
+            if !self.by_addr.contains_key(&addr) {
+                match self.listen(addr, &keys) {
+                    Ok(l) => {
+                        info!(%addr, port = self.port, "BGP: listening for peers' connections");
+                        self.by_addr.insert(addr, l);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "BGP: no passive open; sessions connect actively only")
+                    }
+                }
+                continue;
+            }
+            let Some(l) = self.by_addr.get_mut(&addr) else {
+                continue;
+            };
+            if let Err(e) = l.set_keys(&keys) {
+                warn!(error = %e, "BGP: MD5 keys on the listener not updated");
+            }
+        }
+    }
+
+    fn listen(
+        &self,
+        addr: IpAddr,
+        keys: &BTreeMap<IpAddr, String>,
+    ) -> Result<Listener, ListenError> {
+        let at = SocketAddr::new(addr, self.port);
+        let bind = || -> std::io::Result<TcpSocket> {
+            let socket = match addr {
+                IpAddr::V4(_) => TcpSocket::new_v4()?,
+                IpAddr::V6(_) => {
+                    let s = TcpSocket::new_v6()?;
+                    // Beside an IPv4 listener on the same port.
+                    session::setsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &1i32)?;
+                    s
+                }
+            };
+            // A restarted agent binds again while its old connections linger.
+            socket.set_reuseaddr(true)?;
+            socket.bind(at)?;
+            Ok(socket)
+        };
+        let socket = bind().map_err(|e| ListenError::Bind(at, e))?;
+        // The keys go on before listen(): no SYN is accepted without them.
+        for (peer, key) in keys {
+            session::set_md5(&socket, *peer, key.as_bytes())
+                .map_err(|e| ListenError::Md5(*peer, e))?;
+        }
+        let socket = Arc::new(socket.listen(64).map_err(|e| ListenError::Bind(at, e))?);
+        let task = tokio::spawn(accept_loop(socket.clone(), self.accepted.clone()));
+        Ok(Listener {
+            socket,
+            keys: keys.clone(),
+            task,
+        })
+    }
+}
+
+impl Listener {
+    /// Adds, changes and removes MD5 keys on the listening socket.
+    fn set_keys(&mut self, keys: &BTreeMap<IpAddr, String>) -> Result<(), ListenError> {
+        let peers: BTreeSet<IpAddr> = self.keys.keys().chain(keys.keys()).copied().collect();
+        for peer in peers {
+            let (old, new) = (self.keys.get(&peer), keys.get(&peer));
+            if old != new {
+                let key = new.map_or(&[][..], |k| k.as_bytes());
+                session::set_md5(&*self.socket, peer, key)
+                    .map_err(|e| ListenError::Md5(peer, e))?;
+                match new {
+                    Some(k) => self.keys.insert(peer, k.clone()),
+                    None => self.keys.remove(&peer),
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn accept_loop(socket: Arc<TcpListener>, out: mpsc::Sender<Accepted>) {
+    loop {
+        match socket.accept().await {
+            Ok((stream, remote)) => {
+                let Ok(local) = stream.local_addr() else {
+                    continue;
+                };
+                if out.send((stream, remote, local)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off rather than spin.
+                warn!(error = %e, "BGP: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Gives an accepted connection to the session of the peer at its remote address
+/// (RFC 4271 §8.2.1, event 14 TcpConnection_Valid), with the session's TTL; one from
+/// an address that is no peer's (event 15) is closed.
+fn hand_over(
+    sessions: &Sessions,
+    stream: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+    metrics: &BgpMetrics,
+) {
+    let from = remote.ip().to_canonical();
+    let session = sessions.iter().find(|(_, (cfg, _))| {
+        cfg.peer_address == from
+            && cfg
+                .source_address
+                .is_none_or(|a| a == local.ip().to_canonical())
+    });
+    let Some((name, (cfg, handle))) = session else {
+        warn!(%remote, %local, "BGP: connection from an address that is no peer's; closed");
+        metrics.refused.inc();
+        return;
+    };
+    if let Err(e) = session::set_ttl(&stream, from.is_ipv6(), cfg.ttl) {
+        debug!(peer = %name, error = %e, "BGP: setting the accepted connection's TTL failed; closed");
+        return;
+    }
+    handle.accept(stream);
+}
 
 /// The BFD speaker, bound when the first peer asks for BFD.
 struct Bfd {
@@ -231,6 +452,87 @@ fn report(sessions: &Sessions, bfd: &Bfd, metrics: &BgpMetrics) {
             .advertised
             .get_or_create(&labels)
             .set(i64::try_from(status.advertised).unwrap_or(i64::MAX));
+        metrics
+            .collisions
+            .get_or_create(&labels)
+            .set(i64::try_from(status.collisions).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A listener on loopback (an ephemeral port) takes MD5 keys before and after
+    /// listen(), and a connection from an address that is no peer's is closed and
+    /// counted.
+    #[tokio::test]
+    async fn listener_keys_and_a_connection_from_a_stranger() {
+        let (tx, mut accepted) = mpsc::channel(4);
+        let listeners = Listeners {
+            port: 0,
+            node_ip: None,
+            by_addr: BTreeMap::new(),
+            accepted: tx,
+        };
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let router: IpAddr = "127.0.0.2".parse().unwrap();
+        let mut l = listeners
+            .listen(local, &BTreeMap::from([(router, "s3cret".to_string())]))
+            .unwrap();
+        // Changed, then removed (an empty key deletes it, RFC 2385 is per address).
+        l.set_keys(&BTreeMap::from([(router, "other".to_string())]))
+            .unwrap();
+        l.set_keys(&BTreeMap::new()).unwrap();
+        assert!(l.keys.is_empty());
+
+        let at = l.socket.local_addr().unwrap();
+        let mut client = TcpStream::connect(at).await.unwrap();
+        let (stream, remote, local) = accepted.recv().await.unwrap();
+        let metrics = BgpMetrics::default();
+        hand_over(&Sessions::new(), stream, remote, local, &metrics);
+        assert_eq!(metrics.refused.get(), 1);
+        let mut buf = [0u8; 16];
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn peers_connect_to_their_source_address_or_the_nodes() {
+        let (tx, _rx) = mpsc::channel(1);
+        let listeners = Listeners {
+            port: 179,
+            node_ip: Some(Ipv4Addr::new(10, 0, 0, 11)),
+            by_addr: BTreeMap::new(),
+            accepted: tx,
+        };
+        let mut cfg = SessionConfig {
+            my_asn: 65001,
+            peer_asn: 65000,
+            peer_address: "10.0.0.1".parse().unwrap(),
+            peer_port: 179,
+            source_address: None,
+            hold_time: Duration::from_secs(90),
+            keepalive_time: None,
+            password: None,
+            ttl: 1,
+            graceful_restart: false,
+            router_id: Ipv4Addr::new(10, 0, 0, 11),
+            bfd: None,
+        };
+        assert_eq!(
+            listeners.local_for(&cfg),
+            "10.0.0.11".parse::<IpAddr>().unwrap()
+        );
+        cfg.source_address = Some("10.0.5.11".parse().unwrap());
+        assert_eq!(
+            listeners.local_for(&cfg),
+            "10.0.5.11".parse::<IpAddr>().unwrap()
+        );
+        cfg.source_address = None;
+        cfg.peer_address = "fd00::1".parse().unwrap();
+        assert_eq!(listeners.local_for(&cfg), IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     }
 }
 

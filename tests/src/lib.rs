@@ -23,6 +23,7 @@
 //! [`load`]: health checks under scrape load (hardening test and bench).
 //! [`router`]: BIRD 2 as the lab's BGP router, and a client behind it.
 //! [`frr`]: FRR (zebra, bgpd, bfdd) as the lab's BGP router instead.
+//! [`gobgp`]: GoBGP as the lab's BGP router (its RIB, no kernel routes).
 //! [`bgp_lab`]: the lab, manifests and checks every BGP interop test shares.
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
 
@@ -35,6 +36,7 @@ pub mod bgp_lab;
 pub mod bpf;
 pub mod demo;
 pub mod frr;
+pub mod gobgp;
 pub mod keepalived;
 pub mod l2;
 pub mod lab;

@@ -22,6 +22,9 @@
 //! [`keepalived`]: Debian's keepalived (VRRP) on lab nodes, the reference for L2 failover.
 //! [`load`]: health checks under scrape load (hardening test and bench).
 //! [`router`]: BIRD 2 as the lab's BGP router, and a client behind it.
+//! [`frr`]: FRR (zebra, bgpd, bfdd) as the lab's BGP router instead.
+//! [`gobgp`]: GoBGP as the lab's BGP router (its RIB, no kernel routes).
+//! [`bgp_lab`]: the lab, manifests and checks every BGP interop test shares.
 //! [`packets`]: hand-built frames and checksum checks for the agent's `BPF_PROG_TEST_RUN` tests.
 
 #![warn(missing_docs)]
@@ -29,8 +32,11 @@
 pub mod agent;
 pub mod apiserver;
 pub mod arp;
+pub mod bgp_lab;
 pub mod bpf;
 pub mod demo;
+pub mod frr;
+pub mod gobgp;
 pub mod keepalived;
 pub mod l2;
 pub mod lab;

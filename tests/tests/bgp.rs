@@ -5,108 +5,21 @@
 //! traffic reaching pods through each node with the client's address kept.
 //!
 //! Needs root, bird2 (`cargo xtask setup`) and the built binary (`XLB_BIN`).
-use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, SOON, VIP_RANGE};
-use xlb_lab::manifests::{
-    EndpointSpec, WEB_VIP, endpointslice_yaml, multi_doc, service_yaml, web_ports, web_tcp_vip,
-    web_udp_vip, web_yaml, write_atomic,
+use xlb_lab::bgp_lab::{
+    self, CLUSTER_VIP, bfd_profile_yaml, bgp_yaml, endpoints, lab_with_services, node_addrs,
+    outside_reaches_pods_via_ecmp, router_nodes,
 };
-use xlb_lab::router::{
-    Bird, NODE_ASN, OUTSIDE_ADDR, OUTSIDE_NET, ROUTER_ASN, bird_config, next_hops, outside_host,
-};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, SOON};
+use xlb_lab::manifests::{WEB_VIP, multi_doc, web_udp_vip, web_yaml, write_atomic};
+use xlb_lab::router::{Bird, NODE_ASN, bird_config, next_hops, outside_host};
 use xlb_lab::{Ticker, poll};
 
-/// The Cluster-policy Service's VIP (the standard `demo/web` is Local, on 10.0.100.1).
-const CLUSTER_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 100, 2);
-
-/// BGPPeer and BGPAnnouncement for the router at CLIENT_ADDR. Hold time 9 s: the
-/// lab's sessions never idle long; `extra_peer` adds fields to the peer's spec.
-fn bgp_yaml(extra_peer: &str) -> String {
-    multi_doc(&[
-        format!(
-            "apiVersion: xlb.dev/v1alpha1\nkind: BGPPeer\nmetadata: {{ name: router, namespace: xlb-system }}\n\
-             spec:\n  myASN: {NODE_ASN}\n  peerASN: {ROUTER_ASN}\n  peerAddress: {CLIENT_ADDR}\n  holdTime: 9s\n{extra_peer}"
-        ),
-        "apiVersion: xlb.dev/v1alpha1\nkind: BGPAnnouncement\nmetadata: { name: all, namespace: xlb-system }\n\
-         spec:\n  communities: [\"64512:100\", \"large:4200000001:1:2\"]\n"
-            .to_string(),
-    ])
-}
-
-/// The lab: three nodes with one pod each; `demo/web` (Local) has endpoints on node-a
-/// and node-b, `demo/web2` (Cluster) on all three.
-fn lab_with_services() -> Result<Lab> {
-    let lab = Lab::multi_node(&[
-        NodeSpec::with_pods(1),
-        NodeSpec::with_pods(1),
-        NodeSpec::with_pods(1),
-    ])?;
-    let dir = lab.manifests_dir();
-    lab.write_nodes_yaml(&dir)?;
-    write_atomic(
-        &dir.join("web.yaml"),
-        &web_yaml(&endpoints(&lab, &["node-a", "node-b"])?),
-    )?;
-    let all = endpoints(&lab, &["node-a", "node-b", "node-c"])?;
-    write_atomic(
-        &dir.join("web2.yaml"),
-        &multi_doc(&[
-            service_yaml(
-                "demo",
-                "web2",
-                &CLUSTER_VIP.to_string(),
-                &web_ports(),
-                false,
-            ),
-            endpointslice_yaml("demo", "web2-abc12", "web2", &web_ports(), &all),
-        ]),
-    )?;
-    // The router learns the VIPs by BGP: no static route to one node.
-    lab.client.ns.ip(&["route", "del", VIP_RANGE])?;
-    // The nodes reach the outside network through the router, as a default route would.
-    for node in &lab.nodes {
-        node.host
-            .ns
-            .ip(&["route", "add", OUTSIDE_NET, "via", &CLIENT_ADDR.to_string()])?;
-    }
-    Ok(lab)
-}
-
-fn endpoints(lab: &Lab, nodes: &[&str]) -> Result<Vec<EndpointSpec>> {
-    let mut out = Vec::new();
-    for name in nodes {
-        let n = lab.node_named(name)?;
-        out.extend(
-            n.pods
-                .iter()
-                .map(|p| EndpointSpec::new(p.ip, true, &n.name)),
-        );
-    }
-    Ok(out)
-}
-
-fn node_addrs(lab: &Lab, names: &[&str]) -> Result<Vec<Ipv4Addr>> {
-    let mut v: Vec<Ipv4Addr> = names
-        .iter()
-        .map(|n| lab.node_named(n).map(|n| n.host.addr))
-        .collect::<Result<_>>()?;
-    v.sort();
-    Ok(v)
-}
-
-fn bird_nodes(lab: &Lab) -> Vec<(String, Ipv4Addr)> {
-    lab.nodes
-        .iter()
-        .map(|n| (n.name.clone(), n.host.addr))
-        .collect()
-}
-
-/// Waits until the router's kernel route for `vip` has exactly `want` as next hops;
-/// returns how long that took.
+/// Waits until the router's kernel route for `vip` has exactly `want` as next hops
+/// (with BIRD's view of its sessions for the error); returns how long that took.
 fn wait_next_hops(
     lab: &Lab,
     bird: &Bird,
@@ -114,24 +27,14 @@ fn wait_next_hops(
     want: &[Ipv4Addr],
     timeout: Duration,
 ) -> Result<Duration> {
-    let start = Instant::now();
-    let prefix = format!("{vip}/32");
-    poll(
-        &format!("router routes {vip} via {want:?}"),
-        timeout,
-        Duration::from_millis(10),
-        || Ok((next_hops(&lab.client.ns, &prefix)? == want).then_some(())),
-    )
-    .with_context(|| {
+    bgp_lab::wait_next_hops(lab, vip, want, timeout, || {
         format!(
-            "router table: {}\nbird:\n{}\n{}",
-            lab.client.ns.ip(&["route"]).unwrap_or_default(),
+            "{}\n{}",
             bird.birdc(&["show", "protocols", "all"])
                 .unwrap_or_default(),
             bird.log_tail(20)
         )
-    })?;
-    Ok(start.elapsed())
+    })
 }
 
 #[test]
@@ -140,7 +43,7 @@ fn bird_routes_vips_over_ecmp_and_follows_local_endpoints() -> Result<()> {
     let bird = Bird::start(
         &lab.client.ns,
         &lab.scratch().join("bird"),
-        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), false, |_| {
+        &bird_config(CLIENT_ADDR, &router_nodes(&lab), false, |_| {
             "  hold time 9;".into()
         }),
     )?;
@@ -177,34 +80,7 @@ fn bird_routes_vips_over_ecmp_and_follows_local_endpoints() -> Result<()> {
 
     // A client behind the router reaches the Local VIP's pods through both nodes (the
     // router hashes flows over its next hops), with its own address kept.
-    let tcp_dst = web_tcp_vip();
-    let replies = outside.tcp_flows(tcp_dst, 40, Duration::from_secs(1))?;
-    let servers: BTreeSet<String> = replies.iter().map(|r| r.server.clone()).collect();
-    let expected: BTreeSet<String> = ["node-a", "node-b"]
-        .iter()
-        .flat_map(|n| lab.node_named(n).map(|n| n.pods[0].name.clone()))
-        .collect();
-    ensure!(
-        servers == expected,
-        "40 connections answered by {servers:?}, expected {expected:?}"
-    );
-    for r in &replies {
-        ensure!(
-            r.seen_peer.ip() == std::net::IpAddr::V4(OUTSIDE_ADDR),
-            "{r:?}"
-        );
-    }
-    let cluster = outside.tcp_flows(
-        SocketAddr::from((CLUSTER_VIP, 80)),
-        20,
-        Duration::from_secs(1),
-    )?;
-    ensure!(
-        cluster.len() == 20
-            && cluster
-                .iter()
-                .all(|r| r.seen_peer.ip() == std::net::IpAddr::V4(OUTSIDE_ADDR))
-    );
+    outside_reaches_pods_via_ecmp(&lab, &outside)?;
     for node in &mut lab.nodes {
         let name = node.name.clone();
         let up = node
@@ -247,13 +123,6 @@ fn bird_routes_vips_over_ecmp_and_follows_local_endpoints() -> Result<()> {
     Ok(())
 }
 
-/// `BFDProfile` `fast`: MetalLB's default timers, spelled out.
-fn bfd_profile_yaml() -> String {
-    "apiVersion: xlb.dev/v1alpha1\nkind: BFDProfile\nmetadata: { name: fast, namespace: xlb-system }\n\
-     spec: { receiveInterval: 300, transmitInterval: 300, detectMultiplier: 3 }\n"
-        .to_string()
-}
-
 fn bird_bfd_up(bird: &Bird) -> Result<usize> {
     let out = bird.birdc(&["show", "bfd", "sessions"])?;
     Ok(out
@@ -275,7 +144,7 @@ fn graceful_restart_keeps_the_route_across_an_agent_restart() -> Result<()> {
     let bird = Bird::start(
         &lab.client.ns,
         &lab.scratch().join("bird"),
-        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), false, |_| {
+        &bird_config(CLIENT_ADDR, &router_nodes(&lab), false, |_| {
             "  hold time 9;\n  graceful restart on;".into()
         }),
     )?;
@@ -345,7 +214,7 @@ fn bfd_withdraws_a_dead_node_within_a_second() -> Result<()> {
     let bird = Bird::start(
         &lab.client.ns,
         &lab.scratch().join("bird"),
-        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), true, |_| {
+        &bird_config(CLIENT_ADDR, &router_nodes(&lab), true, |_| {
             "  hold time 9;\n  bfd on;".into()
         }),
     )?;
@@ -417,7 +286,7 @@ fn md5_passwords_and_the_hold_timer_without_bfd() -> Result<()> {
     let bird = Bird::start(
         &lab.client.ns,
         &lab.scratch().join("bird"),
-        &bird_config(CLIENT_ADDR, &bird_nodes(&lab), false, |node| {
+        &bird_config(CLIENT_ADDR, &router_nodes(&lab), false, |node| {
             let key = if node == "node-c" { "other" } else { "s3cret" };
             format!("  hold time 9;\n  password \"{key}\";")
         }),

@@ -103,6 +103,32 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
         "bird2",
         "the BGP/BFD router in the lab (tests/tests/bgp.rs): BIRD 2",
     ),
+    // Its postinst enables frr.service and starts it where it may (systemd, or an init
+    // script policy-rc.d allows): zebra, staticd and watchfrr in the HOST namespace, with
+    // a zserv socket any bgpd on the machine connects to by default. The lab runs its
+    // own zebra, bgpd and bfdd per router namespace with per-run sockets, never that
+    // one; setup stops and disables it (HOST_SERVICES).
+    (
+        "/usr/lib/frr/bgpd",
+        "frr",
+        "the BGP/BFD router in the lab (tests/tests/bgp_frr.rs): FRR 8.4",
+    ),
+    // Its unit starts only with an /etc/gobgpd.conf, which the package does not ship;
+    // setup disables it all the same (HOST_SERVICES). The lab runs its own gobgpd per
+    // router namespace.
+    (
+        "/usr/bin/gobgpd",
+        "gobgpd",
+        "the BGP router in the lab (tests/tests/bgp_gobgp.rs): GoBGP 3, with its gobgp CLI",
+    ),
+];
+
+/// Services that REQUIREMENTS' packages enable in the host namespace and the lab never
+/// uses (it runs its own daemons in its namespaces): (unit and init script name, the
+/// pid files of a running instance without systemd). Setup stops and disables them.
+const HOST_SERVICES: &[(&str, &[&str])] = &[
+    ("frr", &["/run/frr/watchfrr.pid", "/run/frr/zebra.pid"]),
+    ("gobgpd", &[]),
 ];
 
 /// bpf-linker links the eBPF object; built against Debian's LLVM 22.
@@ -225,6 +251,75 @@ fn sh(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Stops and disables HOST_SERVICES where they are enabled or running; does nothing
+/// (and says so with `verbose`) where they already are not. With systemd: `systemctl
+/// disable --now`. Without (a container): the init script stops a running instance
+/// and `update-rc.d disable` turns its start links into stop links.
+fn quiet_host_services(verbose: bool) -> Result<()> {
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    let ok = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
+    let root = !is_not_root();
+    for &(unit, pid_files) in HOST_SERVICES {
+        if systemd {
+            let service = format!("{unit}.service");
+            let enabled = ok(Command::new("systemctl").args(["is-enabled", "--quiet", &service]));
+            let active = ok(Command::new("systemctl").args(["is-active", "--quiet", &service]));
+            if (enabled || active) && !root {
+                eprintln!(
+                    "xtask setup: the host's {service} is enabled or running: run `cargo xtask setup` as root to stop and disable it"
+                );
+            } else if enabled || active {
+                eprintln!(
+                    "xtask setup: stopping and disabling the host's {service} (the lab runs its own daemons in its namespaces)"
+                );
+                sh(Command::new("systemctl").args(["disable", "--now", &service]))?;
+            } else if verbose {
+                eprintln!("xtask setup: host {service} already stopped and disabled");
+            }
+            continue;
+        }
+        let script = Path::new("/etc/init.d").join(unit);
+        if !script.is_file() {
+            continue;
+        }
+        let running = pid_files.iter().any(|f| {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        });
+        let starts = (2..=5).any(|level| {
+            std::fs::read_dir(format!("/etc/rc{level}.d")).is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with('S') && name.get(3..) == Some(unit)
+                })
+            })
+        });
+        if (running || starts) && !root {
+            eprintln!(
+                "xtask setup: the host's {unit} is enabled or running: run `cargo xtask setup` as root to stop and disable it"
+            );
+            continue;
+        }
+        if running {
+            eprintln!(
+                "xtask setup: stopping the host's {unit} (init script; the lab runs its own daemons)"
+            );
+            sh(Command::new(&script).arg("stop"))?;
+        }
+        if starts {
+            eprintln!(
+                "xtask setup: disabling the host's {unit} init script (update-rc.d {unit} disable)"
+            );
+            sh(Command::new("update-rc.d").args([unit, "disable"]))?;
+        } else if verbose && !running {
+            eprintln!("xtask setup: host {unit} already stopped and disabled");
+        }
+    }
+    Ok(())
+}
+
 /// The requirements whose file is missing, as (package, what for).
 fn missing_requirements() -> Vec<(&'static str, &'static str)> {
     REQUIREMENTS
@@ -274,6 +369,7 @@ fn setup(verbose: bool) -> Result<()> {
     } else if verbose {
         eprintln!("xtask setup: every required file is present");
     }
+    quiet_host_services(verbose)?;
     if !bpf_linker_ok() {
         eprintln!(
             "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (about a minute)"

@@ -295,14 +295,14 @@ impl Agent {
         }
     }
 
-    /// `xlb inspect -o json VIEW --agent METRICS_ADDR` run in the node's namespace
-    /// (`owners`, `peers`: what the running agent publishes), parsed.
-    pub fn inspect_view(&self, view: &str) -> Result<serde_json::Value> {
+    /// `xlb inspect -o FORMAT VIEW --agent METRICS_ADDR` run in the node's namespace
+    /// (`owners`, `peers`: what the running agent publishes); its stdout.
+    pub fn inspect_text(&self, view: &str, format: &str) -> Result<String> {
         let out = std::process::Command::new("nsenter")
             .arg(format!("--net={}", netns_path(&self.cfg.netns).display()))
             .arg("--")
             .arg(&self.cfg.xlb_bin)
-            .args(["inspect", "-o", "json", view, "--agent"])
+            .args(["inspect", "-o", format, view, "--agent"])
             .arg(self.cfg.metrics_addr.to_string())
             .output()
             .context("running xlb inspect")?;
@@ -313,7 +313,12 @@ impl Agent {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// [`Agent::inspect_text`] as JSON, parsed.
+    pub fn inspect_view(&self, view: &str) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.inspect_text(view, "json")?)?)
     }
 
     /// A plain HTTP/1.0 GET to the agent's metrics address from inside the node namespace;

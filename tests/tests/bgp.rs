@@ -5,6 +5,7 @@
 //! traffic reaching pods through each node with the client's address kept.
 //!
 //! Needs root, bird2 (`cargo xtask setup`) and the built binary (`XLB_BIN`).
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -232,6 +233,39 @@ fn bfd_withdraws_a_dead_node_within_a_second() -> Result<()> {
         || Ok((bird_bfd_up(&bird)? == 3).then_some(())),
     )
     .with_context(|| bird.birdc(&["show", "bfd", "sessions"]).unwrap_or_default())?;
+    // `xlb inspect peers` and `owners` on node-a: the session Established with its two
+    // prefixes (Local demo/web has an endpoint there, Cluster demo/web2), BFD Up.
+    let agent = lab.node_named_mut("node-a")?.agent()?;
+    poll(
+        "node-a's peers view",
+        SOON,
+        Duration::from_millis(50),
+        || {
+            let v = agent.inspect_view("peers")?;
+            let p = &v["peers"][0];
+            ensure!(
+                p["state"] == "Established" && p["advertised"] == 2 && p["bfd"]["state"] == "Up",
+                "not yet: {v}"
+            );
+            Ok(Some(()))
+        },
+    )?;
+    let owners = agent.inspect_view("owners")?;
+    let prefixes: BTreeSet<String> = owners["bgp"]
+        .as_array()
+        .context("owners.bgp")?
+        .iter()
+        .filter_map(|r| r["prefix"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        prefixes == BTreeSet::from([format!("{WEB_VIP}/32"), format!("{CLUSTER_VIP}/32")]),
+        "node-a announces {prefixes:?}: {owners}"
+    );
+    println!(
+        "$ xlb inspect peers\n{}$ xlb inspect owners\n{}",
+        agent.inspect_text("peers", "table")?,
+        agent.inspect_text("owners", "table")?
+    );
 
     // node-c's link goes down (a dead node): the router's BFD session times out and
     // BIRD withdraws the next hop, long before the 9 s hold time.

@@ -459,6 +459,60 @@ fn report(sessions: &Sessions, bfd: &Bfd, metrics: &BgpMetrics) {
     }
 }
 
+/// What `xlb inspect owners` and `xlb inspect peers` show of the speaker: the
+/// prefixes of the plan with the peers each goes to, and every session's state.
+fn publish(sessions: &Sessions, bfd: &Bfd, plan: &Plan, views: &Views) {
+    let mut routes: BTreeMap<String, BgpRoute> = BTreeMap::new();
+    for (peer, p) in &plan.peers {
+        for (prefix, attrs) in &p.routes {
+            let r = routes
+                .entry(prefix.to_string())
+                .or_insert_with(|| BgpRoute {
+                    prefix: prefix.to_string(),
+                    peers: Vec::new(),
+                    communities: attrs
+                        .communities
+                        .iter()
+                        .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
+                        .chain(
+                            attrs
+                                .large_communities
+                                .iter()
+                                .map(|[a, b, c]| format!("large:{a}:{b}:{c}")),
+                        )
+                        .collect(),
+                });
+            r.peers.push(peer.clone());
+        }
+    }
+    let peers = sessions
+        .iter()
+        .map(|(name, (cfg, s))| {
+            let status = s.status.borrow();
+            let bfd = cfg
+                .bfd
+                .and_then(|_| bfd.speaker.as_ref()?.state(cfg.peer_address));
+            PeerView {
+                name: name.clone(),
+                address: std::net::SocketAddr::new(cfg.peer_address, cfg.peer_port).to_string(),
+                local_asn: cfg.my_asn,
+                peer_asn: cfg.peer_asn,
+                state: status.state.to_string(),
+                advertised: status.advertised,
+                last_error: status.last_error.clone(),
+                bfd: bfd.map(|b| BfdView {
+                    state: format!("{:?}", b.state),
+                    diag: format!("{:?}", b.diag),
+                    detection_ms: b
+                        .detection_time
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                }),
+            }
+        })
+        .collect();
+    views.set_bgp(routes.into_values().collect(), peers);
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -534,58 +588,4 @@ mod tests {
         cfg.peer_address = "fd00::1".parse().unwrap();
         assert_eq!(listeners.local_for(&cfg), IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     }
-}
-
-/// What `xlb inspect owners` and `xlb inspect peers` show of the speaker: the
-/// prefixes of the plan with the peers each goes to, and every session's state.
-fn publish(sessions: &Sessions, bfd: &Bfd, plan: &Plan, views: &Views) {
-    let mut routes: BTreeMap<String, BgpRoute> = BTreeMap::new();
-    for (peer, p) in &plan.peers {
-        for (prefix, attrs) in &p.routes {
-            let r = routes
-                .entry(prefix.to_string())
-                .or_insert_with(|| BgpRoute {
-                    prefix: prefix.to_string(),
-                    peers: Vec::new(),
-                    communities: attrs
-                        .communities
-                        .iter()
-                        .map(|c| format!("{}:{}", c >> 16, c & 0xffff))
-                        .chain(
-                            attrs
-                                .large_communities
-                                .iter()
-                                .map(|[a, b, c]| format!("large:{a}:{b}:{c}")),
-                        )
-                        .collect(),
-                });
-            r.peers.push(peer.clone());
-        }
-    }
-    let peers = sessions
-        .iter()
-        .map(|(name, (cfg, s))| {
-            let status = s.status.borrow();
-            let bfd = cfg
-                .bfd
-                .and_then(|_| bfd.speaker.as_ref()?.state(cfg.peer_address));
-            PeerView {
-                name: name.clone(),
-                address: std::net::SocketAddr::new(cfg.peer_address, cfg.peer_port).to_string(),
-                local_asn: cfg.my_asn,
-                peer_asn: cfg.peer_asn,
-                state: status.state.to_string(),
-                advertised: status.advertised,
-                last_error: status.last_error.clone(),
-                bfd: bfd.map(|b| BfdView {
-                    state: format!("{:?}", b.state),
-                    diag: format!("{:?}", b.diag),
-                    detection_ms: b
-                        .detection_time
-                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                }),
-            }
-        })
-        .collect();
-    views.set_bgp(routes.into_values().collect(), peers);
 }

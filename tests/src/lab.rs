@@ -297,7 +297,7 @@ impl Lab {
         // A veth delivers frames its peer sends with XDP_TX/redirect (xlb's tunnel to
         // another node) only when it runs an XDP program itself; a physical switch
         // port has no such condition. Give each bridge port a pass-through one.
-        let obj = Self::bpf_object()?;
+        let obj = pass_object()?;
         lan.ip(&[
             "link",
             "set",
@@ -308,21 +308,8 @@ impl Lab {
             &obj.to_string_lossy(),
             "sec",
             "xdp",
-            "program",
-            "xlb_baseline_pass",
         ])?;
         Ok(())
-    }
-
-    /// xlb's eBPF object as `cargo xtask build` leaves it (for its `xlb_baseline_pass`
-    /// program, which the lab attaches to bridge ports).
-    fn bpf_object() -> Result<PathBuf> {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/ebpf/bpfel-unknown-none/release/xlb");
-        if !p.is_file() {
-            anyhow::bail!("{} is missing: run `cargo xtask build` first", p.display());
-        }
-        Ok(p)
     }
 
     /// Address and link up on the client's `eth0` (and checksum offload off when
@@ -794,6 +781,37 @@ fn sweep_stale() {
         eprintln!("xlb-lab: removing stale pin dir {}", dir.display());
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// A two-instruction XDP program (`r0 = XDP_PASS; exit`) as an ELF object for
+/// iproute2, assembled once per test process by LLVM's assembler (the llvm-22 that
+/// `cargo xtask setup` installs for bpf-linker). xlb's own object cannot serve: the
+/// aya-log ring buffer is a legacy `maps`-section map, which iproute2's libbpf (v1.0+)
+/// refuses to open.
+fn pass_object() -> Result<PathBuf> {
+    static OBJ: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = OBJ.get() {
+        return Ok(p.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("{NAME_PREFIX}{}-xdp-pass", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let src = dir.join("pass.s");
+    let obj = dir.join("pass.o");
+    std::fs::write(
+        &src,
+        "\t.section xdp,\"ax\",@progbits\n\t.globl xlb_lab_pass\n\t.type xlb_lab_pass,@function\n\
+         xlb_lab_pass:\n\tr0 = 2\n\texit\n\t.size xlb_lab_pass, .-xlb_lab_pass\n\
+         \t.section license,\"aw\",@progbits\n\t.asciz \"GPL\"\n",
+    )?;
+    crate::netns::run(
+        std::process::Command::new("/usr/lib/llvm-22/bin/llvm-mc")
+            .args(["-triple", "bpfel", "-filetype=obj"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj),
+    )
+    .context("assembling the lab's XDP pass program (llvm-22: run `cargo xtask setup`)")?;
+    Ok(OBJ.get_or_init(|| obj).clone())
 }
 
 /// Polls `f` every `every` until it returns `Ok(Some(v))` or `timeout` passes; the error names

@@ -67,6 +67,8 @@ pub struct Config {
     /// TCP port the BGP speaker accepts its peers' connections on (`--bgp-listen-port`;
     /// 0: active open only).
     pub bgp_listen_port: u16,
+    /// What this kernel offers the datapath, probed at start (`crate::features`).
+    pub features: crate::features::Features,
 }
 
 /// Which source the agent reads.
@@ -519,6 +521,7 @@ impl Reconciler {
             &cfg.pin_path,
             cfg.xdp_mode,
             cfg.conntrack_size,
+            &cfg.features,
         )?;
         dp.set_node(&node_config(cfg))?;
         self.in_sync = false;
@@ -745,6 +748,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         &cfg.pin_path,
         cfg.xdp_mode,
         cfg.conntrack_size,
+        &cfg.features,
     )?;
     info!(
         iface = %cfg.interface,
@@ -753,6 +757,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         reason = %xdp.reason,
         "XDP attach mode"
     );
+    let fallbacks = cfg.features.fallbacks();
+    if fallbacks.is_empty() {
+        info!(kernel = %cfg.features.kernel, "kernel features: every probed feature is there; no fallback");
+    } else {
+        warn!(kernel = %cfg.features.kernel, fallbacks = ?fallbacks, "kernel features: taking fallbacks (`xlb inspect features` lists every probe)");
+    }
     let node = node_config(&cfg);
     let node_writes = dp.set_node(&node)?;
     match node.ip {
@@ -787,6 +797,16 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             ("driver", xdp.driver.clone()),
         ])
         .set(1);
+    for f in &cfg.features.found {
+        metrics
+            .kernel_features
+            .get_or_create(&vec![
+                ("feature", f.name.to_string()),
+                ("available", f.available.to_string()),
+                ("fallback", f.fallback.unwrap_or("").to_string()),
+            ])
+            .set(i64::from(f.used));
+    }
 
     let listener_metrics = metrics.clone();
     let views = Arc::new(crate::introspect::Views::new(&cfg.node_name));

@@ -4,6 +4,7 @@
 //! - [`desired`] computes, for this node, the whole BPF state the snapshot asks for;
 //! - [`dataplane`] loads and attaches the kernel programs, reads back what the maps hold,
 //!   and applies the difference;
+//! - [`features`] probes the kernel features the datapath uses and picks fallbacks;
 //! - [`netdev`] reads and keeps what the datapath needs from the uplink (addresses,
 //!   driver and XDP mode, neighbour entries for other nodes);
 //! - [`ipam`] gives LoadBalancer Services addresses from AddressPools (in the model);
@@ -31,6 +32,7 @@ pub mod crd;
 pub mod dataplane;
 pub mod desired;
 pub mod duration;
+pub mod features;
 pub mod health;
 pub mod inspect;
 pub mod introspect;

@@ -105,6 +105,11 @@ enum Command {
         /// `0`: connect to peers only.
         #[arg(long, default_value_t = 179)]
         bgp_listen_port: u16,
+        /// Take a kernel feature's fallback path even where the kernel offers the
+        /// feature (for tests and for ruling a feature out): `xdp-meta`, `tcx` or
+        /// `all`; repeatable. `xlb inspect features` lists the features and fallbacks.
+        #[arg(long, value_enum, env = "XLB_FORCE_FALLBACK", value_delimiter = ',')]
+        force_fallback: Vec<xlb::features::Fallback>,
     },
     /// Show or change which datapath events the kernel programs log (see `xlb agent
     /// --datapath-log`), on the pinned datapath: takes effect at once, no restart.
@@ -304,7 +309,10 @@ fn main() -> anyhow::Result<()> {
             lease_duration,
             datapath_log,
             bgp_listen_port,
+            force_fallback,
         } => {
+            let features = xlb::features::Features::probe(&force_fallback)?;
+            features.check_required()?;
             let cfg = xlb::agent::Config {
                 interface,
                 node_name,
@@ -338,6 +346,7 @@ fn main() -> anyhow::Result<()> {
                     Cluster::Snat => xlb::dataplane::ClusterMode::Snat,
                 },
                 datapath_log,
+                features,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

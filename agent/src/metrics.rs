@@ -150,6 +150,9 @@ pub struct Metrics {
     pub unwilling: Gauge,
     /// The XDP attach mode chosen for the uplink (`xlb_xdp_mode{interface,mode,driver}` = 1).
     pub xdp_mode: Family<Labels, Gauge>,
+    /// Each probed kernel feature: `xlb_kernel_feature{feature,available,fallback}`,
+    /// 1 while the datapath uses the feature, 0 while it takes the fallback.
+    pub kernel_features: Family<Labels, Gauge>,
     /// Other nodes' tunnel addresses kept as managed neighbour entries on the uplink
     /// (`xlb_managed_neighbours`).
     pub neighbours: Gauge,
@@ -236,6 +239,12 @@ impl Metrics {
             "XDP attach mode of the uplink (native or generic) and its driver; always 1",
             xdp_mode.clone(),
         );
+        let kernel_features = Family::<Labels, Gauge>::default();
+        registry.register(
+            "xlb_kernel_feature",
+            "Kernel features the datapath probed at start: 1 when used, 0 when the fallback named in the label is taken (missing or forced off)",
+            kernel_features.clone(),
+        );
         let neighbours = Gauge::default();
         registry.register(
             "xlb_managed_neighbours",
@@ -282,6 +291,7 @@ impl Metrics {
             services,
             unwilling,
             xdp_mode,
+            kernel_features,
             neighbours,
             files_parsed,
             datapath,

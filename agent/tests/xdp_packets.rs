@@ -49,11 +49,13 @@ fn assert_dnat(input: &[u8], out: &RunResult, backends: &[([u8; 4], u16)]) -> ([
     );
     let o = &out.data;
     assert_eq!(o.len(), input.len(), "length changed");
-    // Marked for xlb_tc_ingress, which delivers it into the pod's namespace.
-    // The magic, then zeroes (no interface, no node) up to the struct's length.
-    let mut deliver = xlb_common::DELIVER_MAGIC.to_ne_bytes().to_vec();
-    deliver.resize(std::mem::size_of::<xlb_common::ResolveMeta>(), 0);
-    assert_eq!(out.meta, deliver, "XDP metadata for TC");
+    // Marked for xlb_tc_ingress, which delivers it into the pod's namespace: in XDP
+    // metadata, or in the hand-off slot where the kernel refuses metadata.
+    let deliver = xlb_common::ResolveMeta {
+        magic: xlb_common::DELIVER_MAGIC,
+        ..Default::default()
+    };
+    assert_eq!(out.handoff, Some(deliver), "hand-off to TC");
     let dst: [u8; 4] = o[IP_DST..IP_DST + 4].try_into().unwrap();
     let dport = u16::from_be_bytes([o[DPORT], o[DPORT + 1]]);
     assert!(

@@ -9,8 +9,8 @@ use std::{io, mem::size_of, path::Path};
 use aya::maps::{MapInfo, MapType};
 use xlb_common::{
     Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip, Owner,
-    Reason, RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, config, datapath_log,
-    limits, names,
+    Reason, RevNat, Service, ServiceKey4, ServiceKey6, SnatRev, SourceRange, TcHandoff, config,
+    datapath_log, limits, names,
 };
 
 /// One map as the programs define it.
@@ -204,6 +204,13 @@ pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
         datapath_log::LIMIT_SLOTS,
     ),
     layout(names::EVENT_PROGS, MapType::ProgramArray, U32, U32, 1),
+    layout(
+        names::TC_HANDOFF,
+        MapType::PerCpuArray,
+        U32,
+        size_of::<TcHandoff>(),
+        1,
+    ),
 ];
 
 /// Pins of maps older agents made that no program uses any more (renamed when their

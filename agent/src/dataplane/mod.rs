@@ -32,7 +32,7 @@ use aya::{
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
 };
@@ -238,7 +238,17 @@ pub struct Dataplane {
     ncpus: usize,
     /// The interface index the programs were attached to.
     ifindex: u32,
+    /// TC programs are tcx links (pinned); else netlink filters ([`TC_NL_PRIORITY`]).
+    tcx: bool,
 }
+
+/// Priority of xlb's netlink TC filters (kernels without tcx): first, as a tcx link
+/// appended to an empty chain would be, and fixed, with [`TC_NL_HANDLE`], so that a
+/// new agent replaces its predecessor's filter in place (cls_bpf swaps the program
+/// atomically) and `xlb cleanup` finds it.
+pub const TC_NL_PRIORITY: u16 = 1;
+/// Handle of xlb's netlink TC filters ("xl").
+pub const TC_NL_HANDLE: TcHandle = TcHandle::new(0, 0x786c);
 
 /// Link pin names, one per interface so that one pin directory can serve several.
 pub fn xdp_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
@@ -260,11 +270,13 @@ impl Dataplane {
     /// over a previous agent's links if they are pinned.
     /// `conntrack_size` sizes `xlb_conntrack4` and `xlb_revnat4` when they are created; a
     /// pinned map keeps its size (`xlb cleanup` first to change it).
+    /// `features` decides the paths the programs take (`crate::features`).
     pub fn open(
         iface: &str,
         pin_path: &Path,
         xdp_mode: XdpChoice,
         conntrack_size: u32,
+        features: &crate::features::Features,
     ) -> Result<(Self, XdpDecision), DataplaneError> {
         if OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
@@ -296,6 +308,8 @@ impl Dataplane {
         for name in [names::CONNTRACK4, names::REVNAT4] {
             loader.map_max_entries(name, conntrack_size);
         }
+        let xdp_meta = u8::from(features.xdp_meta());
+        loader.override_global(xlb_common::globals::XDP_META, &xdp_meta, true);
         let mut ebpf = loader.load(OBJECT)?;
 
         // Tail-call targets first: a freshly attached (or swapped-in) xlb_xdp must find
@@ -304,9 +318,10 @@ impl Dataplane {
         let tail_progs = load_tail_programs(&mut ebpf)?;
         let mut config: Array<MapData, u64> = take_map(&mut ebpf, names::CONFIG)?;
         // TC ingress first: XDP may hand it packets as soon as it is attached.
-        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Ingress)?;
+        let tcx = features.tcx();
+        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Ingress, tcx)?;
         let decision = attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, &mut config)?;
-        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Egress)?;
+        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Egress, tcx)?;
         // Only now is nothing attached still using an older agent's maps.
         match layout::unpin_retired(pin_path) {
             Ok(gone) if !gone.is_empty() => info!(maps = ?gone, "removed maps of an older layout"),
@@ -345,6 +360,7 @@ impl Dataplane {
             quiesced: false,
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
+            tcx,
         };
         Ok((dp, decision))
     }
@@ -363,11 +379,12 @@ impl Dataplane {
             }
             Some(_) => {}
         }
-        let links = [
-            xdp_link_pin(pin_path, iface),
-            tc_link_pin(pin_path, iface),
-            tc_ingress_link_pin(pin_path, iface),
-        ];
+        let mut links = vec![xdp_link_pin(pin_path, iface)];
+        // Netlink filters have no pin; their presence is not checked here.
+        if self.tcx {
+            links.push(tc_link_pin(pin_path, iface));
+            links.push(tc_ingress_link_pin(pin_path, iface));
+        }
         let maps = names::ALL_MAPS.iter().map(|n| pin_path.join(n));
         for p in links.into_iter().chain(maps) {
             if !p.exists() {
@@ -1129,14 +1146,16 @@ fn attach_xdp(
     Ok(decision)
 }
 
-/// Attaches (tcx) or takes over the TC program for `direction`: `xlb_tc_egress`
-/// (reverse NAT) or `xlb_tc_ingress` (sends encapsulated packets that need neighbour
-/// resolution).
+/// Attaches or takes over the TC program for `direction`: `xlb_tc_egress` (reverse
+/// NAT) or `xlb_tc_ingress` (what XDP hands over), as a tcx link when `tcx`, else as
+/// a netlink filter; then removes a predecessor's attachment of the other kind (an
+/// agent that probed otherwise, or was forced to), so the program never runs twice.
 fn attach_tc(
     ebpf: &mut Ebpf,
     iface: &str,
     pin_path: &Path,
     direction: TcAttachType,
+    tcx: bool,
 ) -> Result<(), DataplaneError> {
     let (name, pin) = match direction {
         TcAttachType::Ingress => (names::TC_INGRESS_PROG, tc_ingress_link_pin(pin_path, iface)),
@@ -1148,6 +1167,32 @@ fn attach_tc(
         .try_into()
         .map_err(program_err(name))?;
     prog.load().map_err(program_err(name))?;
+    if tcx {
+        attach_tcx(prog, name, iface, &pin, direction)?;
+        // A netlink filter of an agent that ran without tcx.
+        remove_tc_filter(iface, direction);
+    } else {
+        attach_tc_netlink(prog, name, iface, direction)?;
+        if let Some(old) = open_pinned_link(&pin)? {
+            std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+            drop(old);
+            info!(
+                iface,
+                program = name,
+                "removed the tcx link of an agent that used tcx"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    pin: &Path,
+    direction: TcAttachType,
+) -> Result<(), DataplaneError> {
     let attach_new = |prog: &mut SchedClassifier| {
         prog.attach_with_options(
             iface,
@@ -1156,9 +1201,9 @@ fn attach_tc(
         )
         .map_err(program_err(name))
     };
-    let id = match open_pinned_link(&pin)? {
+    let id = match open_pinned_link(pin)? {
         Some(old) => {
-            let link = SchedClassifierLink::try_from(old).map_err(|e| link_err(&pin, e))?;
+            let link = SchedClassifierLink::try_from(old).map_err(|e| link_err(pin, e))?;
             match prog.attach_to_link(link) {
                 Ok(id) => {
                     info!(iface, program = name, link = %pin.display(), "took over the TC link (atomic program replace)");
@@ -1168,7 +1213,7 @@ fn attach_tc(
                 }
                 Err(e) => {
                     info!(iface, program = name, error = %e, "pinned TC link unusable, attaching anew");
-                    std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+                    std::fs::remove_file(pin).map_err(|e| link_err(pin, e))?;
                     attach_new(prog)?
                 }
             }
@@ -1176,10 +1221,77 @@ fn attach_tc(
         None => attach_new(prog)?,
     };
     let link = prog.take_link(id).map_err(program_err(name))?;
-    let fd = FdLink::try_from(link).map_err(|e| link_err(&pin, e))?;
-    fd.pin(&pin).map_err(|e| link_err(&pin, e))?;
+    let fd = FdLink::try_from(link).map_err(|e| link_err(pin, e))?;
+    fd.pin(pin).map_err(|e| link_err(pin, e))?;
     info!(iface, program = name, link = %pin.display(), "attached TC program (tcx)");
     Ok(())
+}
+
+/// Attaches through netlink (kernels before 6.6): the clsact qdisc, then a cls_bpf
+/// filter in direct-action mode at [`TC_NL_PRIORITY`]/[`TC_NL_HANDLE`]. A filter
+/// already there (a previous agent's) is replaced in place: cls_bpf swaps the program
+/// atomically, so every packet runs the old or the new one.
+fn attach_tc_netlink(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    direction: TcAttachType,
+) -> Result<(), DataplaneError> {
+    if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
+        // EEXIST: the qdisc is there already (ours or another tool's); fine.
+        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
+            if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(program_err(name)(ProgramError::from(e)));
+        }
+    }
+    let existing =
+        SchedClassifierLink::attached(iface, direction, TC_NL_PRIORITY, TC_NL_HANDLE, None)
+            .map_err(|e| program_err(name)(ProgramError::from(e)))?;
+    let id = match prog.attach_to_link(existing) {
+        Ok(id) => {
+            info!(
+                iface,
+                program = name,
+                "took over the TC filter (netlink, atomic program replace)"
+            );
+            id
+        }
+        Err(_) => {
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    direction,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: TC_NL_PRIORITY,
+                        handle: TC_NL_HANDLE,
+                        classid: None,
+                    }),
+                )
+                .map_err(program_err(name))?;
+            info!(
+                iface,
+                program = name,
+                priority = TC_NL_PRIORITY,
+                "attached TC program (netlink cls_bpf: this kernel has no tcx)"
+            );
+            id
+        }
+    };
+    let link = prog.take_link(id).map_err(program_err(name))?;
+    // Dropping the link would delete the filter: the datapath outlives the agent, so
+    // the filter stays until `xlb cleanup` (or a tcx-capable agent) removes it.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Deletes xlb's netlink filter for `direction` on `iface`, if there is one.
+fn remove_tc_filter(iface: &str, direction: TcAttachType) -> bool {
+    use aya::programs::Link as _;
+    match SchedClassifierLink::attached(iface, direction, TC_NL_PRIORITY, TC_NL_HANDLE, None) {
+        Ok(link) => link.detach().is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// `xlb cleanup`: detaches the programs from `iface` (by unpinning their links, the
@@ -1198,6 +1310,18 @@ pub fn cleanup(iface: &str, pin_path: &Path) -> Result<Vec<PathBuf>, DataplaneEr
             std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
             drop(link);
             removed.push(pin);
+        }
+    }
+    for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+        if remove_tc_filter(iface, direction) {
+            removed.push(PathBuf::from(format!(
+                "tc filter {iface} {} pref {TC_NL_PRIORITY}",
+                if direction == TcAttachType::Ingress {
+                    "ingress"
+                } else {
+                    "egress"
+                }
+            )));
         }
     }
     for name in names::ALL_MAPS.into_iter().chain(layout::RETIRED) {

@@ -19,8 +19,8 @@ use aya::{
     programs::{Program, ProgramError, TestRun, TestRunOptions},
 };
 use xlb_common::{
-    Backend, Counter, CtEntry, FlowKey4, L2Vip, Reason, Service, ServiceKey4, SlotPair,
-    backend_slot, names, service_slot,
+    Backend, Counter, CtEntry, FlowKey4, L2Vip, Reason, ResolveMeta, Service, ServiceKey4,
+    SlotPair, TcHandoff, backend_slot, names, service_slot,
 };
 
 use super::{DataplaneError, OBJECT, map_err, new_table, take_map};
@@ -56,6 +56,8 @@ pub struct TestBed {
     service_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reasons: PerCpuArray<MapData, u64>,
+    /// `xlb_tc_handoff`, `None` in an object that predates it.
+    tc_handoff: Option<std::sync::Mutex<PerCpuArray<MapData, TcHandoff>>>,
     /// Datapath events, `None` in an object that predates them ([`TestBed::load_object`]).
     events: Option<Events>,
     seen: Collect,
@@ -98,6 +100,9 @@ pub struct RunResult {
     /// XDP metadata the program put in front of the packet (`bpf_xdp_adjust_meta`),
     /// e.g. the `xlb_common::ResolveMeta` for `xlb_tc_ingress`; empty for TC.
     pub meta: Vec<u8>,
+    /// What XDP handed to `xlb_tc_ingress`: the metadata, or else what it left in
+    /// the per-CPU `xlb_tc_handoff` slot (which this run then empties).
+    pub handoff: Option<ResolveMeta>,
     /// Average time per repetition as the kernel measured it, in nanoseconds.
     pub duration_ns: u64,
 }
@@ -110,12 +115,23 @@ impl TestBed {
     }
 
     /// [`TestBed::load`] for another build of the programs (e.g. an older one, to
-    /// compare costs); one without datapath events runs without them.
+    /// compare costs); one without datapath events runs without them. XDP metadata is
+    /// used where this kernel offers it (`crate::features`).
     pub fn load_object(object: &[u8]) -> Result<Self, DataplaneError> {
+        let meta = crate::features::Features::probe(&[]).is_ok_and(|f| f.xdp_meta());
+        Self::load_with(object, meta)
+    }
+
+    /// [`TestBed::load_object`] with XDP metadata on or off (off: the hand-off slot,
+    /// as on a kernel or driver without metadata).
+    pub fn load_with(object: &[u8], xdp_meta: bool) -> Result<Self, DataplaneError> {
         if object.is_empty() {
             return Err(DataplaneError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(object)?;
+        let meta = u8::from(xdp_meta);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(xlb_common::globals::XDP_META, &meta, false)
+            .load(object)?;
         for (name, prog) in ebpf.programs_mut() {
             let loaded = match prog {
                 Program::Xdp(p) => p.load(),
@@ -137,6 +153,13 @@ impl TestBed {
         let service_stats = take_map(&mut ebpf, names::SERVICE_STATS)?;
         let backend_stats = take_map(&mut ebpf, names::BACKEND_STATS)?;
         let reasons = take_map(&mut ebpf, names::REASONS)?;
+        let tc_handoff = match ebpf.map(names::TC_HANDOFF) {
+            Some(_) => Some(std::sync::Mutex::new(take_map(
+                &mut ebpf,
+                names::TC_HANDOFF,
+            )?)),
+            None => None,
+        };
         let seen = Collect::default();
         let events = if ebpf.program(names::EVENTS_PROG).is_some() {
             Some(Events::load(&mut ebpf, &seen)?)
@@ -156,6 +179,7 @@ impl TestBed {
             service_stats,
             backend_stats,
             reasons,
+            tc_handoff,
             events,
             seen,
             ncpus,
@@ -206,12 +230,39 @@ impl TestBed {
             0
         };
         let data = out.split_off(meta_len);
+        let handoff = if out.len() >= std::mem::size_of::<ResolveMeta>() {
+            // SAFETY: ResolveMeta is plain integers; read_unaligned copes with the
+            // byte buffer's alignment.
+            Some(unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<ResolveMeta>()) })
+        } else if xdp {
+            self.take_handoff()?
+        } else {
+            None
+        };
         Ok(RunResult {
             retval: res.return_value,
             data,
+            handoff,
             meta: out,
             duration_ns: u64::try_from(res.duration.as_nanos()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// Empties the `xlb_tc_handoff` slots and returns the one XDP filled, if any.
+    fn take_handoff(&self) -> Result<Option<ResolveMeta>, DataplaneError> {
+        let Some(map) = &self.tc_handoff else {
+            return Ok(None);
+        };
+        // A poisoned lock only means another test thread panicked; the map is fine.
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        let vals = map.get(&0, 0).map_err(map_err(names::TC_HANDOFF))?;
+        let found = vals.iter().find(|h| h.meta.magic != 0).map(|h| h.meta);
+        if found.is_some() {
+            let empty = PerCpuValues::try_from(vec![TcHandoff::default(); self.ncpus])
+                .map_err(DataplaneError::Cpus)?;
+            map.set(0, empty, 0).map_err(map_err(names::TC_HANDOFF))?;
+        }
+        Ok(found)
     }
 
     /// Inserts (or replaces) table `table` holding backend id `slots[i]` in slot `i`,

@@ -75,8 +75,13 @@ pub mod names {
     /// the old size would have to be replaced, which empties it under the running
     /// programs during a takeover.
     pub const EVENT_PROGS: &str = "xlb_event_prog";
+    /// Per-CPU [`super::TcHandoff`]: how `xlb_xdp` hands a packet it passes to
+    /// `xlb_tc_ingress` where XDP metadata is missing (a kernel that refuses
+    /// `bpf_xdp_adjust_meta`, a driver without a metadata area). Pinned so an old and
+    /// a new program version share it during a takeover.
+    pub const TC_HANDOFF: &str = "xlb_tc_handoff";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 23] = [
+    pub const ALL_MAPS: [&str; 24] = [
         SERVICES4,
         SERVICES6,
         MAGLEV,
@@ -100,6 +105,7 @@ pub mod names {
         DATAPATH_LOG,
         LOG_LIMIT,
         EVENT_PROGS,
+        TC_HANDOFF,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -714,6 +720,42 @@ pub enum Reason {
     /// lets the kernel cut it into segments that fit ([`ENCAP_MAGIC`]). Counted
     /// besides [`Reason::FwdEncap`], once per aggregate.
     FwdEncapAggregate = 29,
+    /// Handed from `xlb_xdp` to `xlb_tc_ingress` through the per-CPU
+    /// `xlb_tc_handoff` slot instead of XDP metadata (the kernel or the driver gives
+    /// XDP none): costs a map write here and a compare in TC.
+    HandoffSlot = 30,
+    /// `xlb_tc_ingress` found the hand-off slot holding another packet's hand-off
+    /// (native XDP batches packets before TC sees them): that packet took the
+    /// kernel's own path (routing; for an unresolved next hop, a drop).
+    HandoffMissed = 31,
+}
+
+/// What `xlb_xdp` leaves in the per-CPU `xlb_tc_handoff` slot for `xlb_tc_ingress`
+/// when it cannot use XDP metadata. Generic XDP and TC ingress run back to back on
+/// one CPU for one skb (`__netif_receive_skb_core`: `do_xdp_generic`, then
+/// `sch_handle_ingress`), so the slot is exact there; `ident` makes sure TC applies
+/// it only to the very packet XDP left it for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcHandoff {
+    /// What to do, as the metadata would say; `magic` 0 = empty.
+    pub meta: ResolveMeta,
+    /// The packet's first [`HANDOFF_IDENT_LEN`] bytes from its (outer) IPv4 header
+    /// on: version to destination address (checksum included) and 4 bytes after.
+    pub ident: [u8; HANDOFF_IDENT_LEN],
+}
+
+/// Bytes of a packet, from its IPv4 header on, that identify it to
+/// `xlb_tc_ingress` ([`TcHandoff::ident`]).
+pub const HANDOFF_IDENT_LEN: usize = 24;
+
+/// Names of the read-only globals (`.rodata`) the agent sets when it loads the
+/// programs, from what it probed: the verifier prunes the branches they switch off,
+/// so a helper the kernel refuses is never seen by it.
+pub mod globals {
+    /// `u8`, 1 when XDP programs may call `bpf_xdp_adjust_meta` (else the hand-off
+    /// to TC goes through `xlb_tc_handoff`).
+    pub const XDP_META: &str = "XLB_XDP_META";
 }
 
 /// XDP metadata (`bpf_xdp_adjust_meta`) by which `xlb_xdp` hands a packet it passes
@@ -749,7 +791,7 @@ pub const ENCAP_MAGIC: u32 = 0x786c_6233;
 
 impl Reason {
     /// Number of reasons (length of `xlb_reasons`).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
     /// Every reason, indexed by discriminant.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::FwdNewFlow,
@@ -782,6 +824,8 @@ impl Reason {
         Reason::PassArpDeadline,
         Reason::FwdSnatResolve,
         Reason::FwdEncapAggregate,
+        Reason::HandoffSlot,
+        Reason::HandoffMissed,
     ];
 
     /// The label value exported in metrics.
@@ -817,6 +861,8 @@ impl Reason {
             Reason::PassArpDeadline => "pass_arp_deadline",
             Reason::FwdSnatResolve => "fwd_snat_resolve",
             Reason::FwdEncapAggregate => "fwd_encap_aggregate",
+            Reason::HandoffSlot => "handoff_slot",
+            Reason::HandoffMissed => "handoff_missed",
         }
     }
 }
@@ -875,6 +921,7 @@ mod pod {
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::SnatRev {}
     unsafe impl aya::Pod for super::Handoff {}
+    unsafe impl aya::Pod for super::TcHandoff {}
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::L2Vip {}
 }

@@ -32,8 +32,8 @@ pub fn forward(ctx: &XdpContext) -> u32 {
     match CONFIG.get(xlb_common::config::FORWARD_MODE) {
         Some(m) if *m == FORWARD_REDIRECT => redirect(ctx).unwrap_or(xdp_action::XDP_PASS),
         _ => {
-            // Without room for metadata the kernel routes it: slower, still right.
-            let _ = crate::tunnel::set_tc_meta(ctx, xlb_common::DELIVER_MAGIC, 0);
+            // Without a hand-off the kernel routes it: slower, still right.
+            let _ = crate::handoff::to_tc(ctx, xlb_common::DELIVER_MAGIC, 0, [0; 4]);
             xdp_action::XDP_PASS
         }
     }
@@ -149,7 +149,7 @@ fn redirect_inner(ctx: &XdpContext, resolve: bool) -> Option<u32> {
         )
     };
     if resolve && rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        if !crate::tunnel::set_tc_meta(ctx, xlb_common::RESOLVE_MAGIC, p.ifindex) {
+        if !crate::handoff::to_tc(ctx, xlb_common::RESOLVE_MAGIC, p.ifindex, [0; 4]) {
             return None;
         }
         count(xlb_common::Reason::FwdSnatResolve);

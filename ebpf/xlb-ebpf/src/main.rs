@@ -20,6 +20,7 @@ mod arp;
 mod csum;
 mod events;
 mod fwd;
+mod handoff;
 mod icmp;
 mod lb;
 mod maps;
@@ -245,22 +246,17 @@ pub fn xlb_snat_rev(ctx: XdpContext) -> u32 {
     snat::reply(&ctx)
 }
 
-/// TC ingress entry, for what `xlb_xdp` passed with metadata: a packet DNATed to a
+/// TC ingress entry, for what `xlb_xdp` handed over (`handoff`): a packet DNATed to a
 /// local backend is delivered into the pod's namespace (`fwd::deliver`); one
 /// encapsulated for another node but not addressable yet (no neighbour entry for the
 /// next hop) is sent with `bpf_redirect_neigh`, which resolves the neighbour
 /// (queueing the packet meanwhile). Everything else goes on after one comparison:
-/// only XDP can write the metadata this looks for.
+/// only XDP can write the metadata or the slot this looks for.
 #[classifier]
 pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    // SAFETY: reading fields of our own __sk_buff context.
-    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
-    if meta + core::mem::size_of::<xlb_common::ResolveMeta>() > data {
+    let Some(m) = handoff::take(&ctx) else {
         return TC_ACT_OK as i32;
-    }
-    // SAFETY: [meta, data) holds a ResolveMeta, bounds checked just above.
-    let m = unsafe { *(meta as *const xlb_common::ResolveMeta) };
+    };
     if m.magic == xlb_common::DELIVER_MAGIC {
         return fwd::deliver(&ctx);
     }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use xlb_common::{
     Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip,
     Owner, Reason, RevNat, Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange,
-    config, datapath_log, limits,
+    TcHandoff, config, datapath_log, limits,
 };
 
 /// IPv4 VIP:port:proto -> service. The only lookup non-VIP IPv4 traffic pays, with
@@ -134,6 +134,11 @@ pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// One [`Handoff`] per CPU.
 #[btf_map(name = "xlb_handoff")]
 pub static HANDOFF: PerCpuArray<Handoff, 1> = PerCpuArray::new();
+
+/// One [`TcHandoff`] per CPU: `xlb_xdp` -> `xlb_tc_ingress` without XDP metadata
+/// (see `handoff`).
+#[btf_map(name = "xlb_tc_handoff")]
+pub static TC_HANDOFF: PerCpuArray<TcHandoff, 1> = PerCpuArray::new();
 
 /// The LPM key type of [`SOURCE_RANGES`].
 pub type RangeKey = Key<SourceRange>;

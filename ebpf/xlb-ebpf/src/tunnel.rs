@@ -19,12 +19,12 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
+        bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use xlb_common::{Backend, ENCAP_MAGIC, RESOLVE_MAGIC, Reason, ResolveMeta, config};
+use xlb_common::{Backend, ENCAP_MAGIC, RESOLVE_MAGIC, Reason, config};
 
 use crate::{
     maps::{CONFIG, count},
@@ -83,7 +83,7 @@ pub fn decap(ctx: &XdpContext) -> Option<()> {
 /// out: XDP_TX when the node is reached through the interface it came in on, else a
 /// redirect. When the next hop has no resolved neighbour entry (a node never talked
 /// to, after a reboot or an ARP timeout), XDP cannot resolve it: the encapsulated
-/// packet goes to the kernel (XDP_PASS) with [`ResolveMeta`], and `xlb_tc_ingress`
+/// packet goes to the kernel (XDP_PASS) handed to TC (see `handoff`), and `xlb_tc_ingress`
 /// sends it with `bpf_redirect_neigh`, which resolves the neighbour and queues the
 /// packet meanwhile. `Err` carries the drop reason.
 #[inline(always)]
@@ -202,12 +202,11 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     }
 }
 
-/// Passes the (encapsulated) packet to the kernel with [`ResolveMeta`] for
-/// `xlb_tc_ingress`. A driver without XDP metadata support cannot do this: the packet
-/// is dropped, counted as having no route.
+/// Passes the (encapsulated) packet to the kernel for `xlb_tc_ingress`
+/// ([`RESOLVE_MAGIC`], see `handoff`).
 #[inline(always)]
 fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
-    if !set_tc_meta_to(ctx, RESOLVE_MAGIC, ifindex, [0; 4]) {
+    if !crate::handoff::to_tc(ctx, RESOLVE_MAGIC, ifindex, [0; 4]) {
         return Err(Reason::DropEncapNoRoute);
     }
     count(Reason::FwdEncapResolve);
@@ -218,7 +217,7 @@ fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
 /// encapsulate towards `node` and send out of `ifindex` ([`ENCAP_MAGIC`]).
 #[inline(always)]
 fn hand_to_tc_encap(ctx: &XdpContext, ifindex: u32, node: [u8; 4]) -> Result<u32, Reason> {
-    if !set_tc_meta_to(ctx, ENCAP_MAGIC, ifindex, node) {
+    if !crate::handoff::to_tc(ctx, ENCAP_MAGIC, ifindex, node) {
         return Err(Reason::DropEncapNoRoute);
     }
     Ok(xdp_action::XDP_PASS)
@@ -285,37 +284,6 @@ fn try_encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> Result<i
     // No next-hop parameters: the kernel routes by the outer header just written.
     // SAFETY: plain helper call; a null params pointer with length 0 is allowed.
     Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
-}
-
-/// Puts a [`ResolveMeta`] in front of the frame for `xlb_tc_ingress`; false when the
-/// driver has no room for metadata.
-#[inline(always)]
-pub fn set_tc_meta(ctx: &XdpContext, magic: u32, ifindex: u32) -> bool {
-    set_tc_meta_to(ctx, magic, ifindex, [0; 4])
-}
-
-/// [`set_tc_meta`] with a node address.
-#[inline(always)]
-fn set_tc_meta_to(ctx: &XdpContext, magic: u32, ifindex: u32, node: [u8; 4]) -> bool {
-    const LEN: i32 = core::mem::size_of::<ResolveMeta>() as i32;
-    // SAFETY: grows the metadata area in front of the frame (<= 32 bytes, 4-aligned).
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -LEN) } != 0 {
-        return false;
-    }
-    // SAFETY: reading our own context's fields.
-    let (meta, data) = unsafe { ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize) };
-    if meta + LEN as usize > data {
-        return false;
-    }
-    // SAFETY: the metadata area [meta, data) was bounds checked just above.
-    unsafe {
-        *(meta as *mut ResolveMeta) = ResolveMeta {
-            magic,
-            ifindex,
-            node,
-        }
-    };
-    true
 }
 
 /// Turns the packet into an ICMP destination-unreachable / fragmentation-needed

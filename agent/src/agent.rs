@@ -131,6 +131,13 @@ pub enum AgentError {
     /// The interface does not exist (checked before anything is attached).
     #[error("interface {0} does not exist")]
     Interface(String),
+    /// `--xdp-mode native --forward redirect` on a veth uplink: native XDP on a veth
+    /// sees packets of local senders with partial checksums (TX offload) and cannot
+    /// complete them, so redirected packets reach pods with bad checksums.
+    #[error(
+        "--xdp-mode native with --forward redirect cannot deliver on {0} (a veth: its native XDP gets packets with partial checksums, which pods then drop); use --xdp-mode generic (or auto) with --forward redirect, or the default --forward pass"
+    )]
+    NativeRedirectOnVeth(String),
     /// The pin directory cannot be used, or another agent holds it.
     #[error("pin path {path}: {source}")]
     PinPath {
@@ -687,6 +694,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
     // that fails leaves no links taken over and no maps pinned.
     if crate::netdev::ifindex(&cfg.interface).is_none() {
         return Err(AgentError::Interface(cfg.interface.clone()));
+    }
+    if cfg.forward == ForwardMode::Redirect
+        && cfg.xdp_mode == crate::netdev::XdpChoice::Native
+        && crate::netdev::driver_info(&cfg.interface).is_ok_and(|d| d.driver == "veth")
+    {
+        return Err(AgentError::NativeRedirectOnVeth(cfg.interface.clone()));
     }
     if let SourceConfig::Manifests(dir) = &cfg.source
         && !dir.is_dir()

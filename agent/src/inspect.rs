@@ -85,6 +85,40 @@ pub enum InspectError {
         "no programmed frontend belongs to Service {0:?} (namespace/name or namespace/name:port)"
     )]
     NoService(String),
+    /// Probing the kernel's features failed (not root).
+    #[error("{0}")]
+    Features(#[from] crate::features::FeatureError),
+}
+
+/// `xlb inspect features`: probes this kernel now, as a starting agent would (no
+/// agent or pinned datapath needed), and prints every feature, whether the kernel
+/// offers it, and the fallback taken without it; for bug reports.
+pub fn features(json: bool, out: &mut dyn Write) -> Result<(), InspectError> {
+    let f = crate::features::Features::probe(&[])?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &f)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "kernel {}", f.kernel)?;
+    let rows: Vec<[String; 4]> = f
+        .found
+        .iter()
+        .map(|p| {
+            [
+                p.name.to_string(),
+                if p.available { "yes" } else { "NO" }.to_string(),
+                match (p.available, p.fallback) {
+                    (true, _) => p.used_for.to_string(),
+                    (false, Some(fb)) => format!("fallback: {fb}"),
+                    (false, None) => "REQUIRED: xlb cannot run".to_string(),
+                },
+                p.detail.clone(),
+            ]
+        })
+        .collect();
+    print_table(["FEATURE", "KERNEL", "USE", "DETAIL"], &rows, out)?;
+    Ok(())
 }
 
 /// What a running agent is asked for.

@@ -186,6 +186,9 @@ enum Inspect {
     },
     /// The node settings the datapath runs with.
     Config,
+    /// The kernel features the datapath uses, probed now on this kernel (no agent
+    /// needed), and the fallback taken for each one missing.
+    Features,
     /// Who holds each VIP and why (L2 election), and what this node announces over
     /// BGP: asked of the running agent.
     Owners {
@@ -368,6 +371,10 @@ fn main() -> anyhow::Result<()> {
             let what = match what {
                 Inspect::Owners { agent } => return ask(agent, xlb::inspect::AgentView::Owners),
                 Inspect::Peers { agent } => return ask(agent, xlb::inspect::AgentView::Peers),
+                Inspect::Features => {
+                    return xlb::inspect::features(json, &mut std::io::stdout().lock())
+                        .context("xlb inspect features");
+                }
                 Inspect::Services => xlb::inspect::What::Services,
                 Inspect::Backends => xlb::inspect::What::Backends,
                 Inspect::Conntrack { vip } => xlb::inspect::What::Conntrack(vip),

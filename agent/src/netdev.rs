@@ -390,18 +390,14 @@ fn neighbour_request(
     result.map_err(err)
 }
 
-/// The interface indexes of this network namespace's veth and netkit devices whose
-/// peer lives in another namespace (IFLA_LINK_NETNSID present): the pod-facing ends
-/// a CNI makes, into which `xlb_tc_ingress` may deliver with `bpf_redirect_peer`
-/// (the kernel drops a peer redirect to any other kind of device).
-pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
+/// Sends one rtnetlink dump request and returns every message of the answer.
+fn dump(
+    payload: netlink_packet_route::RouteNetlinkMessage,
+) -> Result<Vec<netlink_packet_route::RouteNetlinkMessage>, NetdevError> {
     use netlink_packet_core::{
         NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     };
-    use netlink_packet_route::{
-        RouteNetlinkMessage,
-        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    };
+    use netlink_packet_route::RouteNetlinkMessage;
     use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
     let err = |what: &str, e: &dyn std::fmt::Display| NetdevError::LinkDump(format!("{what}: {e}"));
@@ -410,10 +406,7 @@ pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
     socket
         .connect(&SocketAddr::new(0, 0))
         .map_err(|e| err("connect", &e))?;
-    let mut req = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
-    );
+    let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(payload));
     req.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
     req.header.sequence_number = 1;
     req.finalize();
@@ -421,7 +414,7 @@ pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
     req.serialize(&mut buf);
     socket.send(&buf, 0).map_err(|e| err("send", &e))?;
 
-    let mut found = std::collections::BTreeSet::new();
+    let mut found = Vec::new();
     loop {
         let (bytes, _) = socket.recv_from_full().map_err(|e| err("recv", &e))?;
         if bytes.is_empty() {
@@ -435,25 +428,7 @@ pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(found),
                 NetlinkPayload::Error(e) => return Err(err("kernel", &format!("{e:?}"))),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    let mut kind_ok = false;
-                    let mut other_ns = false;
-                    for a in &link.attributes {
-                        match a {
-                            LinkAttribute::LinkInfo(infos) => {
-                                kind_ok = infos.iter().any(|i| {
-                                    matches!(i, LinkInfo::Kind(InfoKind::Veth))
-                                        || matches!(i, LinkInfo::Kind(InfoKind::Other(k)) if k == "netkit")
-                                });
-                            }
-                            LinkAttribute::LinkNetNsId(_) => other_ns = true,
-                            _ => {}
-                        }
-                    }
-                    if kind_ok && other_ns {
-                        found.insert(link.header.index);
-                    }
-                }
+                NetlinkPayload::InnerMessage(m) => found.push(m),
                 _ => {}
             }
             if len == 0 {
@@ -463,6 +438,78 @@ pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
             off += (len + 3) & !3;
         }
     }
+}
+
+/// The interface indexes of this network namespace's veth and netkit devices whose
+/// peer lives in another namespace (IFLA_LINK_NETNSID present): the pod-facing ends
+/// a CNI makes, into which `xlb_tc_ingress` may deliver with `bpf_redirect_peer`
+/// (the kernel drops a peer redirect to any other kind of device).
+pub fn peer_devices() -> Result<std::collections::BTreeSet<u32>, NetdevError> {
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    };
+    let mut found = std::collections::BTreeSet::new();
+    for m in dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
+        let RouteNetlinkMessage::NewLink(link) = m else {
+            continue;
+        };
+        let mut kind_ok = false;
+        let mut other_ns = false;
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::LinkInfo(infos) => {
+                    kind_ok = infos.iter().any(|i| {
+                        matches!(i, LinkInfo::Kind(InfoKind::Veth))
+                            || matches!(i, LinkInfo::Kind(InfoKind::Other(k)) if k == "netkit")
+                    });
+                }
+                LinkAttribute::LinkNetNsId(_) => other_ns = true,
+                _ => {}
+            }
+        }
+        if kind_ok && other_ns {
+            found.insert(link.header.index);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether `iface` has a `bpf` filter with `priority` and `handle` at its clsact
+/// ingress (or egress) hook: how the agent checks the netlink TC filters it attached
+/// on a kernel without tcx (they have no pin).
+pub fn has_tc_filter(
+    iface: &str,
+    ingress: bool,
+    priority: u16,
+    handle: u32,
+) -> Result<bool, NetdevError> {
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        tc::{TcAttribute, TcHandle, TcMessage},
+    };
+    let index =
+        ifindex(iface).ok_or_else(|| NetdevError::LinkDump(format!("no interface {iface}")))?;
+    let mut req = TcMessage::default();
+    req.header.index = index as i32;
+    // TC_H_CLSACT major, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS (linux/pkt_sched.h).
+    req.header.parent = TcHandle {
+        major: 0xffff,
+        minor: if ingress { 0xfff2 } else { 0xfff3 },
+    };
+    Ok(dump(RouteNetlinkMessage::GetTrafficFilter(req))?
+        .into_iter()
+        .any(|m| match m {
+            RouteNetlinkMessage::NewTrafficFilter(f) => {
+                let h = u32::from(f.header.handle.major) << 16 | u32::from(f.header.handle.minor);
+                h == handle
+                    && (f.header.info >> 16) as u16 == priority
+                    && f.attributes
+                        .iter()
+                        .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+            }
+            _ => false,
+        }))
 }
 
 #[cfg(test)]

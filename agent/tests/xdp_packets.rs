@@ -161,10 +161,30 @@ fn run(bed: &TestBed, pkt: &[u8]) -> (RunResult, Vec<(Reason, u64)>) {
     let moved = Reason::ALL
         .iter()
         .zip(before.iter().zip(&after))
-        .filter(|(r, (b, a))| a != b && **r != Reason::CtCreated)
+        // How the packet was handed to TC (metadata or the slot, per kernel) is
+        // asserted by `assert_dnat` and `hand_off_without_metadata_uses_the_slot`.
+        .filter(|(r, (b, a))| a != b && **r != Reason::CtCreated && **r != Reason::HandoffSlot)
         .map(|(r, (b, a))| (*r, a - b))
         .collect();
     (out, moved)
+}
+
+/// With XDP metadata off (as on a kernel that refuses `bpf_xdp_adjust_meta`, or a
+/// driver without a metadata area), a DNATed packet is handed to TC through the
+/// per-CPU slot: no metadata, the slot holds the hand-off and the packet's first
+/// bytes, and the fallback is counted.
+#[test]
+fn hand_off_without_metadata_uses_the_slot() {
+    let mut bed = TestBed::load_with(xlb::dataplane::object(), false).expect("load (needs root)");
+    program(&mut bed, 1, (VIP, 80, Protocol::Tcp), &TCP_BACKENDS);
+    let pkt = tcp_syn(CLIENT, VIP, 40_000, 80);
+    let before = bed.reason_counts().unwrap();
+    let out = bed.run(names::XDP_PROG, &pkt, 1).unwrap();
+    let after = bed.reason_counts().unwrap();
+    assert!(out.meta.is_empty(), "metadata written: {:?}", out.meta);
+    assert_dnat(&pkt, &out, &TCP_BACKENDS);
+    let slot = Reason::HandoffSlot as usize;
+    assert_eq!(after[slot] - before[slot], 1, "handoff_slot counted once");
 }
 
 // ---------------------------------------------------------------------------------

@@ -436,6 +436,29 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
+/// The core lab tests (test target, test name): Local and Cluster policy with TCP and
+/// UDP, delivery into pods, an unresolved next hop, SNAT mode, a restart under traffic
+/// and L2 failover. Run again with every kernel-feature fallback forced, and in the
+/// kernel matrix's VMs.
+pub const CORE_LAB_TESTS: [(&str, &str); 7] = [
+    ("agent", "tcp_and_udp_reach_every_ready_backend"),
+    ("agent", "restart_keeps_flows"),
+    ("multinode", "local_policy_on_each_node"),
+    (
+        "cluster",
+        "cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip",
+    ),
+    (
+        "cluster",
+        "first_packet_to_a_node_without_a_neighbour_entry_is_not_lost",
+    ),
+    (
+        "cluster",
+        "cluster_snat_mode_answers_through_the_entry_node",
+    ),
+    ("l2", "l2_vip_is_answered_by_one_node_and_fails_over"),
+];
+
 fn test() -> Result<()> {
     if is_not_root() {
         bail!("the integration tests create network namespaces and load BPF programs: run as root");
@@ -462,6 +485,22 @@ fn test() -> Result<()> {
         .current_dir(&root)
         .args(["test", "--release", "--workspace"])
         .env("XLB_BIN", &bin))?;
+    eprintln!(
+        "xtask test: the core lab tests again with every kernel-feature fallback forced (XLB_FORCE_FALLBACK=all)"
+    );
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root)
+        .args(["test", "--release", "-p", "xlb-lab"])
+        .env("XLB_BIN", &bin)
+        .env("XLB_FORCE_FALLBACK", "all");
+    for (target, _) in CORE_LAB_TESTS {
+        cmd.args(["--test", target]);
+    }
+    cmd.arg("--");
+    for (_, name) in CORE_LAB_TESTS {
+        cmd.arg(name);
+    }
+    sh(cmd.arg("--exact"))?;
     // Keeps the bench harness working: one quick run into a scratch directory (not the
     // committed results), checked for well-formed output, never for speed.
     let out = std::env::temp_dir().join(format!("xlbb{}-bench", std::process::id()));

@@ -380,10 +380,24 @@ impl Dataplane {
             Some(_) => {}
         }
         let mut links = vec![xdp_link_pin(pin_path, iface)];
-        // Netlink filters have no pin; their presence is not checked here.
         if self.tcx {
             links.push(tc_link_pin(pin_path, iface));
             links.push(tc_ingress_link_pin(pin_path, iface));
+        } else {
+            // Netlink filters have no pin: ask the kernel. A failed question is not
+            // an answer (the datapath is left alone).
+            let handle = u32::from(TC_NL_HANDLE);
+            for ingress in [true, false] {
+                match crate::netdev::has_tc_filter(iface, ingress, TC_NL_PRIORITY, handle) {
+                    Ok(true) | Err(_) => {}
+                    Ok(false) => {
+                        return Err(format!(
+                            "xlb's TC {} filter on {iface} is gone",
+                            if ingress { "ingress" } else { "egress" }
+                        ));
+                    }
+                }
+            }
         }
         let maps = names::ALL_MAPS.iter().map(|n| pin_path.join(n));
         for p in links.into_iter().chain(maps) {

@@ -194,7 +194,8 @@ commands:
   test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests
   vm              the kernel matrix: boot Debian's 6.1 and 6.12 kernels in VMs (virtme-ng, qemu)
                   and run the demo and the core lab tests inside each, and on this machine's kernel
-                  [--kernel 6.1|6.12|host|all] [--only-demo] [--timeout SECS per item, default 900]
+                  [--kernel 6.1|6.12|host|all]... [--only-demo] [--only SUBSTRING]...
+                  [--timeout SECS per item, default 300]; results in target/vm/
   bench           measure xlb next to the alternatives (results in bench/results/)
   crds            regenerate deploy/crds/ from the agent's resource types
   validate-deploy render deploy/ (kustomize, Helm) and validate every object offline (part of test)";

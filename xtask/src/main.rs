@@ -1,5 +1,7 @@
-//! `cargo xtask setup | build | run | demo | test`: everything a fresh Debian machine
-//! needs to build, try and test xlb, in the project's own files.
+//! `cargo xtask setup | build | run | demo | test | vm`: everything a fresh Debian
+//! machine needs to build, try and test xlb, in the project's own files.
+mod vm;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -188,7 +190,12 @@ commands:
   build           build target/release/xlb with its eBPF programs embedded
   run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
   demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
+                  (--no-build: use $XLB_BIN, else target/release/xlb, as it is)
   test            the full test suite: fmt, clippy, unit tests, privileged netns integration tests
+  vm              the kernel matrix: boot Debian's 6.1 and 6.12 kernels in VMs (virtme-ng, qemu)
+                  and run the demo and the core lab tests inside each, and on this machine's kernel
+                  [--kernel 6.1|6.12|host|all]... [--only-demo] [--only SUBSTRING]...
+                  [--timeout SECS per item, default 300]; results in target/vm/
   bench           measure xlb next to the alternatives (results in bench/results/)
   crds            regenerate deploy/crds/ from the agent's resource types
   validate-deploy render deploy/ (kustomize, Helm) and validate every object offline (part of test)";
@@ -199,11 +206,14 @@ fn main() -> ExitCode {
         Some("setup") => setup(true),
         Some("build") => build().map(|_| ()),
         Some("run") => run(&args[1..]),
-        Some("demo") => demo(),
+        Some("demo") => demo(&args[1..]),
         Some("test") => test(),
         Some("bench") => bench(),
         Some("crds") => crds(),
         Some("validate-deploy") => validate_deploy(),
+        Some("vm") => vm::vm(&args[1..]),
+        // The kernel matrix's side inside a guest (internal).
+        Some("vm-guest") => vm::guest(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -427,8 +437,26 @@ fn run(args: &[String]) -> Result<()> {
     sh(Command::new(bin).arg("agent").args(args))
 }
 
-fn demo() -> Result<()> {
-    let bin = build()?;
+/// `cargo xtask demo [--no-build]`. With `--no-build` it runs the binary as it is
+/// (`$XLB_BIN`, else target/release/xlb): the kernel matrix runs the demo inside VMs,
+/// where building is neither possible (read-only tree) nor affordable (emulation).
+fn demo(args: &[String]) -> Result<()> {
+    let bin = match args {
+        [] => build()?,
+        [flag] if flag == "--no-build" => {
+            let bin = std::env::var_os("XLB_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target/release/xlb"));
+            if !bin.is_file() {
+                bail!(
+                    "{} is missing: build it first (cargo xtask build)",
+                    bin.display()
+                );
+            }
+            bin
+        }
+        _ => bail!("cargo xtask demo [--no-build]"),
+    };
     let passed = xlb_lab::demo::run(&bin, &root().join("deploy/examples"))?;
     if !passed {
         bail!("the demo's verdict is FAIL");

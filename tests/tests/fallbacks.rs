@@ -184,3 +184,27 @@ fn forced_fallbacks_deliver_survive_a_restart_and_clean_up() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--xdp-mode native --forward redirect` never delivered on a veth uplink (native XDP
+/// there gets partial checksums it cannot complete): the agent refuses it, saying
+/// why and what to use, before it touches the datapath.
+#[test]
+fn native_redirect_on_a_veth_uplink_is_refused_with_the_reason() -> Result<()> {
+    let mut lab = Lab::one_node(1)?;
+    lab.node_mut().agent_args = ["--xdp-mode", "native", "--forward", "redirect"]
+        .map(String::from)
+        .to_vec();
+    let agent = lab.start_agent()?;
+    let status = agent.wait_exit(SOON)?;
+    let log = agent.log();
+    ensure!(!status.success(), "the agent ran: {status}");
+    ensure!(
+        log.contains("cannot deliver on eth0") && log.contains("--xdp-mode generic"),
+        "the refusal does not say why:\n{log}"
+    );
+    let pins = std::fs::read_dir(&lab.node().pin_dir)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    ensure!(pins == 0, "{pins} pins left by a refused start");
+    Ok(())
+}

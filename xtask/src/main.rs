@@ -464,29 +464,6 @@ fn demo(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The core lab tests (test target, test name): Local and Cluster policy with TCP and
-/// UDP, delivery into pods, an unresolved next hop, SNAT mode, a restart under traffic
-/// and L2 failover. Run again with every kernel-feature fallback forced, and in the
-/// kernel matrix's VMs.
-pub const CORE_LAB_TESTS: [(&str, &str); 7] = [
-    ("agent", "tcp_and_udp_reach_every_ready_backend"),
-    ("agent", "restart_keeps_flows"),
-    ("multinode", "local_policy_on_each_node"),
-    (
-        "cluster",
-        "cluster_traffic_is_tunnelled_and_answered_directly_from_the_vip",
-    ),
-    (
-        "cluster",
-        "first_packet_to_a_node_without_a_neighbour_entry_is_not_lost",
-    ),
-    (
-        "cluster",
-        "cluster_snat_mode_answers_through_the_entry_node",
-    ),
-    ("l2", "l2_vip_is_answered_by_one_node_and_fails_over"),
-];
-
 fn test() -> Result<()> {
     if is_not_root() {
         bail!("the integration tests create network namespaces and load BPF programs: run as root");
@@ -521,11 +498,13 @@ fn test() -> Result<()> {
         .args(["test", "--release", "-p", "xlb-lab"])
         .env("XLB_BIN", &bin)
         .env("XLB_FORCE_FALLBACK", "all");
-    for (target, _) in CORE_LAB_TESTS {
+    let targets: std::collections::BTreeSet<&str> =
+        vm::CORE_TESTS.iter().map(|(t, _, _)| *t).collect();
+    for target in targets {
         cmd.args(["--test", target]);
     }
     cmd.arg("--");
-    for (_, name) in CORE_LAB_TESTS {
+    for (_, name, _) in vm::CORE_TESTS {
         cmd.arg(name);
     }
     sh(cmd.arg("--exact"))?;

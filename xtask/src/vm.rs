@@ -84,10 +84,11 @@ const SERIES: &[Series] = &[
 
 /// The in-VM test set: (test binary, test name, what it shows). Issue 29's core set:
 /// Local and Cluster policy with real TCP and UDP, a restart under traffic without a
-/// gap, L2 failover, and a fallback path (the first packet to a node whose neighbour
-/// entry is not resolved). Chosen to keep a cold matrix run well inside CI's limit
+/// gap, L2 failover, and the fallback paths (the first packet to a node whose
+/// neighbour entry is not resolved; the hand-off slot and netlink TC filters). `cargo
+/// xtask test` also runs it on the host with every fallback forced. Chosen to keep a cold matrix run well inside CI's limit
 /// under software emulation.
-const CORE_TESTS: &[(&str, &str, &str)] = &[
+pub(crate) const CORE_TESTS: &[(&str, &str, &str)] = &[
     (
         "agent",
         "tcp_and_udp_reach_every_ready_backend",
@@ -127,6 +128,11 @@ const CORE_TESTS: &[(&str, &str, &str)] = &[
         "l2",
         "a_restart_within_the_grace_moves_nothing",
         "an agent restart keeps its L2 VIPs answered, with no gap",
+    ),
+    (
+        "fallbacks",
+        "forced_fallbacks_deliver_survive_a_restart_and_clean_up",
+        "every fallback forced: hand-off slot, netlink TC filters (restart, re-attach, cleanup)",
     ),
 ];
 

@@ -573,6 +573,11 @@ impl Node {
             ns.name(),
         ])?;
         node.sysctl(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")?;
+        // As Calico sets on its cali* devices: answer the pod's ARP for the gateway
+        // at once. The kernel's default delays proxy ARP by up to 80 jiffies (320 ms
+        // at HZ=250, Debian's), and a pod's first replies queued behind that overflow
+        // the neighbour queue (unres_qlen_bytes) and are lost.
+        node.sysctl(&format!("net/ipv4/neigh/{veth}/proxy_delay"), "0")?;
         node.ip(&["link", "set", &veth, "up"])?;
         node.ip(&["route", "add", &format!("{ip}/32"), "dev", &veth])?;
         if self.links == Links::EmulatedNic {

@@ -508,6 +508,10 @@ fn test() -> Result<()> {
         cmd.arg(name);
     }
     sh(cmd.arg("--exact"))?;
+    // The kernel matrix: Debian 12's own 6.1 (no tcx) and its 6.12 in VMs, the demo
+    // and the same core set inside each (the host kernel ran everything above).
+    eprintln!("xtask test: the kernel matrix (cargo xtask vm --kernel 6.1 --kernel 6.12)");
+    vm::vm(&["--kernel", "6.1", "--kernel", "6.12"].map(String::from))?;
     // Keeps the bench harness working: one quick run into a scratch directory (not the
     // committed results), checked for well-formed output, never for speed.
     let out = std::env::temp_dir().join(format!("xlbb{}-bench", std::process::id()));

@@ -205,14 +205,24 @@ pub fn vm(args: &[String]) -> Result<()> {
     }
     let vng = install()?;
     let bins = binaries()?;
+    // What the agent's probes find on this kernel (`features.log`), for the README's
+    // kernel table and bug reports.
     let mut plan = vec![Item {
+        label: "features".to_string(),
+        command: vec![
+            bins.xlb.display().to_string(),
+            "inspect".into(),
+            "features".into(),
+        ],
+    }];
+    plan.push(Item {
         label: "demo".to_string(),
         command: vec![
             bins.xtask.display().to_string(),
             "demo".into(),
             "--no-build".into(),
         ],
-    }];
+    });
     if !only_demo {
         for &(bin, name, _) in CORE_TESTS {
             let path = bins

@@ -82,12 +82,20 @@ fn bird_routes_vips_over_ecmp_and_follows_local_endpoints() -> Result<()> {
     // A client behind the router reaches the Local VIP's pods through both nodes (the
     // router hashes flows over its next hops), with its own address kept.
     outside_reaches_pods_via_ecmp(&lab, &outside)?;
+    // The agent publishes session state on its own schedule: poll, with a deadline.
     for node in &mut lab.nodes {
         let name = node.name.clone();
-        let up = node
-            .agent()?
-            .metric("xlb_bgp_session_up", &[("peer", "xlb-system/router")])?;
-        ensure!(up == 1.0, "{name}: xlb_bgp_session_up {up}");
+        poll(
+            &format!("{name}: xlb_bgp_session_up 1"),
+            SOON,
+            Duration::from_millis(100),
+            || {
+                let up = node
+                    .agent()?
+                    .metric("xlb_bgp_session_up", &[("peer", "xlb-system/router")])?;
+                Ok((up == 1.0).then_some(()))
+            },
+        )?;
     }
 
     // Local policy: node-b loses its endpoint; the router drops that next hop.

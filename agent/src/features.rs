@@ -371,14 +371,30 @@ struct ProgLoadAttr {
     prog_flags: u32,
 }
 
-fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<i32> {
-    // SAFETY: attr points to a bpf_attr prefix of `size` bytes that outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {
+    // SAFETY: attr is a bpf_attr prefix of its own size that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>(),
+        )
+    };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(rc as i32)
     }
+}
+
+/// [`bpf`] for a call that returns a new fd (a program or map), closed at once:
+/// only whether the kernel made it matters.
+fn bpf_made<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: the kernel just gave us this fd, and nothing else owns it.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    Ok(())
 }
 
 /// Loads `call helper; exit` as `prog_type`. The verifier names a helper it does not
@@ -399,16 +415,8 @@ fn probe_helper(prog_type: u32, helper: i32) -> io::Result<Option<String>> {
         log_buf: log.as_mut_ptr() as u64,
         ..Default::default()
     };
-    match bpf(
-        BPF_PROG_LOAD,
-        (&mut attr as *mut ProgLoadAttr).cast(),
-        std::mem::size_of::<ProgLoadAttr>(),
-    ) {
-        Ok(fd) => {
-            // SAFETY: the kernel just gave us this fd.
-            drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-            Ok(None)
-        }
+    match bpf_made(BPF_PROG_LOAD, &mut attr) {
+        Ok(()) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e),
         Err(_) => {
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
@@ -451,16 +459,8 @@ fn probe_map(
         max_entries,
         map_flags,
     };
-    match bpf(
-        BPF_MAP_CREATE,
-        (&mut attr as *mut MapCreateAttr).cast(),
-        std::mem::size_of::<MapCreateAttr>(),
-    ) {
-        Ok(fd) => {
-            // SAFETY: the kernel just gave us this fd.
-            drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-            Ok(None)
-        }
+    match bpf_made(BPF_MAP_CREATE, &mut attr) {
+        Ok(()) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e),
         Err(e) => Ok(Some(format!("map creation refused: {e}"))),
     }
@@ -487,11 +487,7 @@ fn probe_tcx() -> io::Result<Option<String>> {
         attach_type: BPF_TCX_INGRESS,
         ..Default::default()
     };
-    match bpf(
-        BPF_PROG_QUERY,
-        (&mut attr as *mut QueryAttr).cast(),
-        std::mem::size_of::<QueryAttr>(),
-    ) {
+    match bpf(BPF_PROG_QUERY, &mut attr) {
         Ok(_) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e),
         Err(e) => Ok(Some(format!("BPF_PROG_QUERY for BPF_TCX_INGRESS: {e}"))),

@@ -250,8 +250,8 @@ pub fn xlb_snat_rev(ctx: XdpContext) -> u32 {
 /// local backend is delivered into the pod's namespace (`fwd::deliver`); one
 /// encapsulated for another node but not addressable yet (no neighbour entry for the
 /// next hop) is sent with `bpf_redirect_neigh`, which resolves the neighbour
-/// (queueing the packet meanwhile). Everything else goes on after one comparison:
-/// only XDP can write the metadata or the slot this looks for.
+/// (queueing the packet meanwhile). Everything else goes on after a metadata
+/// comparison and, without metadata, one per-CPU slot lookup: only XDP writes them.
 #[classifier]
 pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     let Some(m) = handoff::take(&ctx) else {

@@ -246,8 +246,7 @@ fn first_packet_to_a_node_without_a_neighbour_entry_is_not_lost() -> Result<()> 
     )?;
     // The entries are deleted again before every flow: node-a's own traffic to its
     // peers (the membership protocol probes and gossips every 50-100 ms) resolves them
-    // again,
-    // and on a loaded machine that can come before the client's first datagram.
+    // again, and on a loaded machine that can come before the client's first datagram.
     let peers = ["node-b", "node-c"]
         .iter()
         .map(|p| Ok(lab.node_named(p)?.host.addr.to_string()))

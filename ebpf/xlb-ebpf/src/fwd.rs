@@ -17,7 +17,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     csum,
     maps::{CONFIG, PEER_DEVS, count},
-    packet::{IP_CSUM_OFF, IP_OFF, IP_TTL_OFF, ptr_at},
+    packet::{IP_OFF, ptr_at, tc_linear},
 };
 
 /// `xlb_config[FORWARD_MODE]` value selecting FIB lookup + redirect.
@@ -53,13 +53,19 @@ pub fn deliver(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn try_deliver(ctx: &TcContext) -> Option<i32> {
-    let ip: Ipv4Hdr = ctx.load(IP_OFF).ok()?;
+    // Direct packet access: the helpers that load and store bytes cost more than the
+    // rest of this function together.
+    let (start, end) = tc_linear(ctx, IP_OFF + Ipv4Hdr::LEN)?;
+    let eth: *mut EthHdr = ptr_at(start, end, 0)?;
+    let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
+    // SAFETY: bounds checked by ptr_at; the skb's head is our own (see tc_linear).
+    let ip = unsafe { &mut *ip };
     // Let the kernel answer with ICMP time exceeded (RFC 1812 section 5.3.1).
     if ip.ttl <= 1 {
         return None;
     }
     // SAFETY: reading a field of our own __sk_buff context.
-    let mut p = fib_params(&ip, unsafe { (*ctx.skb.skb).ingress_ifindex });
+    let mut p = fib_params(ip, unsafe { (*ctx.skb.skb).ingress_ifindex });
     // SAFETY: the helper reads and writes only `p`, sized by the third argument.
     let rc = unsafe {
         fib_lookup(
@@ -75,19 +81,18 @@ fn try_deliver(ctx: &TcContext) -> Option<i32> {
     }
     // SAFETY: plain data lookup.
     unsafe { PEER_DEVS.get(&p.ifindex) }?;
-    // TTL shares a 16-bit word with the protocol.
-    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
-    ctx.l3_csum_replace(
-        IP_OFF + IP_CSUM_OFF,
-        u64::from(old.to_be()),
-        u64::from(new.to_be()),
-        2,
-    )
-    .ok()?;
-    ctx.store(IP_OFF + IP_TTL_OFF, &(ip.ttl - 1), 0).ok()?;
-    ctx.store(0, &p.dmac, 0).ok()?;
-    ctx.store(6, &p.smac, 0).ok()?;
+    // (bpf_fib_lookup does not change packet data: the pointers stay valid.)
+    // TTL shares a 16-bit word with the protocol. The header's one's-complement sum is
+    // unchanged (its checksum compensates), so a CHECKSUM_COMPLETE skb->csum stays
+    // right; the MACs lie outside it.
+    let old = [ip.ttl, ip.proto];
+    ip.ttl -= 1;
+    ip.check = csum::replace2(u16::from_be_bytes(ip.check), old, [ip.ttl, ip.proto]).to_be_bytes();
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = p.dmac;
+        (*eth).src_addr = p.smac;
+    }
     count(xlb_common::Reason::FwdPeer);
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect_peer(p.ifindex, 0) } as i32)

@@ -17,7 +17,7 @@ use xlb_common::{HANDOFF_IDENT_LEN, Reason, ResolveMeta};
 
 use crate::{
     maps::{TC_HANDOFF, count},
-    packet::{IP_OFF, ptr_at},
+    packet::{IP_OFF, ptr_at, tc_linear},
 };
 
 /// 1 when the kernel lets XDP programs call `bpf_xdp_adjust_meta`; set by the agent
@@ -82,6 +82,9 @@ fn set_meta(ctx: &XdpContext, m: ResolveMeta) -> bool {
     true
 }
 
+// `take` compares the identity as three 64-bit words.
+const _: () = assert!(HANDOFF_IDENT_LEN == 24);
+
 /// In `xlb_tc_ingress`: what `xlb_xdp` handed over for this packet, if anything. The
 /// slot is emptied whenever it is looked at, so it can never apply to a later packet.
 #[inline(always)]
@@ -101,17 +104,22 @@ pub fn take(ctx: &TcContext) -> Option<ResolveMeta> {
     }
     // SAFETY: as above.
     unsafe { (*slot).meta.magic = 0 };
-    let Ok(ident) = ctx.load::<[u8; HANDOFF_IDENT_LEN]>(IP_OFF) else {
+    let ident = tc_linear(ctx, IP_OFF + HANDOFF_IDENT_LEN)
+        .and_then(|(start, end)| ptr_at::<[u64; HANDOFF_IDENT_LEN / 8]>(start, end, IP_OFF));
+    let Some(ident) = ident else {
         count(Reason::HandoffMissed);
         return None;
     };
-    let mut diff = 0u8;
-    let mut i = 0;
-    while i < HANDOFF_IDENT_LEN {
-        diff |= ident[i] ^ want.ident[i];
-        i += 1;
-    }
-    if diff != 0 {
+    // SAFETY: bounds checked by ptr_at; the slot's bytes are plain data.
+    let (got, want_ident) = unsafe {
+        (
+            core::ptr::read_unaligned(ident),
+            core::ptr::read_unaligned(
+                want.ident.as_ptr() as *const [u64; HANDOFF_IDENT_LEN / 8],
+            ),
+        )
+    };
+    if (got[0] ^ want_ident[0]) | (got[1] ^ want_ident[1]) | (got[2] ^ want_ident[2]) != 0 {
         count(Reason::HandoffMissed);
         return None;
     }

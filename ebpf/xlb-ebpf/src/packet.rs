@@ -33,6 +33,22 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// At TC: the packet's linear part `[start, end)` once it holds at least `len` bytes,
+/// pulling them in (`bpf_skb_pull_data`) only when an skb keeps them in page fragments
+/// (AF_PACKET, some drivers). What XDP passed on is linear already, so the usual cost
+/// is two context loads. Direct writes into it are safe: the verifier gives a program
+/// that writes packet data a prologue that un-clones the skb's head first
+/// (`tc_cls_act_prologue`).
+#[inline(always)]
+pub fn tc_linear(ctx: &aya_ebpf::programs::TcContext, len: usize) -> Option<(usize, usize)> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + len <= end {
+        return Some((start, end));
+    }
+    ctx.pull_data(len as u32).ok()?;
+    Some((ctx.data(), ctx.data_end()))
+}
+
 /// What the programs need from an IPv4 TCP/UDP packet without options.
 pub struct Flow4 {
     /// Source address as on the wire.

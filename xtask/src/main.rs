@@ -1,5 +1,6 @@
-//! `cargo xtask setup | build | run | demo | test | vm`: everything a fresh Debian
+//! `cargo xtask setup | build | image | run | demo | test | vm`: everything a fresh Debian
 //! machine needs to build, try and test xlb, in the project's own files.
+mod image;
 mod vm;
 
 use std::{
@@ -46,6 +47,21 @@ const REQUIREMENTS: &[(&str, &str, &str)] = &[
         "/usr/include/zstd.h",
         "libzstd-dev",
         "zstd, needed to link bpf-linker",
+    ),
+    (
+        "/usr/bin/buildah",
+        "buildah",
+        "cargo xtask image: commits the agent's OCI image (vfs storage, no daemon)",
+    ),
+    (
+        "/usr/bin/umoci",
+        "umoci",
+        "the image test: unpacks the OCI image to run the demo from its root filesystem",
+    ),
+    (
+        "/usr/bin/objcopy",
+        "binutils",
+        "cargo xtask image: the binary without its debug sections",
     ),
     (
         "/usr/sbin/bpftool",
@@ -188,6 +204,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup           install what the build and tests need (Debian packages, bpf-linker, deploy/ validation tools); idempotent
   build           build target/release/xlb with its eBPF programs embedded
+  image           build the agent's OCI image (from scratch, reproducible) into target/image/oci
+                  [--check: build it twice, unpack it, run the demo with its agent]
   run -- ARGS     build, then run `xlb agent ARGS` on this machine (a lab node)
   demo            build, bring up the netns lab, send real traffic through xlb, print a verdict
                   (--no-build: use $XLB_BIN, else target/release/xlb, as it is)
@@ -205,6 +223,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(true),
         Some("build") => build().map(|_| ()),
+        Some("image") => image::image(&args[1..]),
         Some("run") => run(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("test") => test(),
@@ -490,6 +509,8 @@ fn test() -> Result<()> {
         .current_dir(&root)
         .args(["test", "--release", "--workspace"])
         .env("XLB_BIN", &bin))?;
+    eprintln!("xtask test: the image (built twice, unpacked, the demo through its agent)");
+    image::check(&bin)?;
     eprintln!(
         "xtask test: the core lab tests again with every kernel-feature fallback forced (XLB_FORCE_FALLBACK=all)"
     );

@@ -774,6 +774,22 @@ fn output(cmd: &mut Command) -> Result<String> {
     String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
 }
 
+/// Copies the directory tree `from` to `to`, following symlinks (the chart's crds/).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if std::fs::metadata(entry.path())?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), &dest)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Renders deploy/ as an operator would install it (`kubectl kustomize deploy`,
 /// `deploy/servicemonitor`, the Helm chart with its defaults and with every option
 /// set) and validates every object offline (xtask/validate_deploy.py): strict schemas
@@ -808,7 +824,25 @@ fn validate_deploy() -> Result<()> {
             .args(extra);
         cmd
     };
-    let renders: [(&str, Command); 4] = [
+    // `helm upgrade --reuse-values` from the previous chart: the new templates with the
+    // previous release's values as the chart's defaults (deploy/helm/xlb/ci/).
+    let upgrade_chart = out.join("helm-upgrade-chart");
+    copy_dir(&chart, &upgrade_chart)?;
+    std::fs::copy(
+        chart.join("ci/previous-values.yaml"),
+        upgrade_chart.join("values.yaml"),
+    )
+    .context("deploy/helm/xlb/ci/previous-values.yaml")?;
+    let upgrade = {
+        let mut cmd = helm();
+        cmd.args(["template", "xlb"]).arg(&upgrade_chart).args([
+            "--namespace",
+            "xlb-system",
+            "--include-crds",
+        ]);
+        cmd
+    };
+    let renders: [(&str, Command); 5] = [
         ("kustomize", {
             let mut c = Command::new(&tools.kubectl);
             c.arg("kustomize").arg(&deploy);
@@ -820,6 +854,7 @@ fn validate_deploy() -> Result<()> {
             c
         }),
         ("helm", helm_template(&[])),
+        ("helm-upgrade", upgrade),
         (
             "helm-options",
             helm_template(&[
@@ -850,6 +885,7 @@ fn validate_deploy() -> Result<()> {
         ),
         format!("helm={}", file("helm")),
         format!("helm-options={}", file("helm-options")),
+        format!("helm-upgrade={}", file("helm-upgrade")),
     ];
     output(helm().args(["lint", "--strict"]).arg(&chart))
         .context("helm lint --strict deploy/helm/xlb")?;

@@ -162,8 +162,12 @@ struct Reconciler {
     dp: Dataplane,
     node_name: String,
     interface: String,
-    /// Other nodes' tunnel addresses this agent keeps as managed neighbour entries.
+    /// Other nodes' tunnel addresses this agent keeps resolved.
     neighbours: BTreeSet<std::net::Ipv4Addr>,
+    /// Kept as managed entries (the kernel re-resolves them); else marked used every
+    /// [`crate::features::NEIGH_USE_PERIOD`], last at `neighbours_used`.
+    managed_neigh: bool,
+    neighbours_used: std::time::Instant,
     /// The source asked to be loaded again after this long (a file that emptied).
     recheck: Option<Duration>,
     applied: MapState,
@@ -541,7 +545,24 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Keeps a managed neighbour entry for every other node that holds a backend of a
+    /// Without managed entries: marks every kept entry used once per
+    /// [`crate::features::NEIGH_USE_PERIOD`], so the kernel resolves it again (an
+    /// entry XDP's FIB lookup reads is never "used" by the kernel's own path).
+    fn use_neighbours(&mut self) {
+        if self.managed_neigh || self.neighbours_used.elapsed() < crate::features::NEIGH_USE_PERIOD
+        {
+            return;
+        }
+        self.neighbours_used = std::time::Instant::now();
+        for ip in &self.neighbours {
+            if let Err(e) = crate::netdev::use_neighbour(&self.interface, *ip) {
+                warn!(error = %e, "marking a node's neighbour entry used");
+            }
+        }
+    }
+
+    /// Keeps a neighbour entry (managed, or marked used: see [`Self::use_neighbours`]) for
+    /// every other node that holds a backend of a
     /// Cluster service, so XDP's FIB lookup finds them resolved (what XDP cannot
     /// resolve it hands to `xlb_tc_ingress`; this keeps that the exception). Failures
     /// are logged and retried on the next sync; they cost latency, not packets.
@@ -559,9 +580,14 @@ impl Reconciler {
             if self.neighbours.contains(ip) {
                 continue;
             }
-            match crate::netdev::add_managed_neighbour(&self.interface, *ip) {
+            let kept = if self.managed_neigh {
+                crate::netdev::add_managed_neighbour(&self.interface, *ip)
+            } else {
+                crate::netdev::use_neighbour(&self.interface, *ip)
+            };
+            match kept {
                 Ok(()) => {
-                    info!(node_ip = %ip, iface = %self.interface, "keeping the node's neighbour entry resolved (managed)");
+                    info!(node_ip = %ip, iface = %self.interface, managed = self.managed_neigh, "keeping the node's neighbour entry resolved");
                     self.neighbours.insert(*ip);
                 }
                 Err(e) => warn!(error = %e, "managed neighbour entry"),
@@ -908,6 +934,8 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         node_name: cfg.node_name.clone(),
         interface: cfg.interface.clone(),
         neighbours: BTreeSet::new(),
+        managed_neigh: cfg.features.managed_neigh(),
+        neighbours_used: std::time::Instant::now(),
         recheck: None,
         applied,
         in_sync: false,
@@ -995,6 +1023,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
             _ = resync.tick() => { retry_soon = true; }
             _ = every_second.tick() => {
                 rec.refresh_peer_devices();
+                rec.use_neighbours();
                 report_source(&rec.metrics, &source);
                 if std::mem::take(&mut rec.heap_dirty) {
                     trim_heap();

@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `bpf_xdp_adjust_meta` in XDP | hand-off XDP -> TC ingress | per-CPU slot (`xlb_tc_handoff`) |
 //! | tcx links (6.6+) | attaching TC programs | netlink: clsact + cls_bpf direct-action |
+//! | managed neighbours (5.16+) | other nodes kept resolved | entries marked used every 5 s |
 //!
 //! Everything else listed in [`PROBES`] is required.
 use std::{ffi::CStr, io, os::fd::FromRawFd};
@@ -24,6 +25,9 @@ pub enum Fallback {
     XdpMeta,
     /// Attach TC programs through netlink (cls_bpf), not tcx links.
     Tcx,
+    /// Keep other nodes resolved by marking their entries used every few seconds,
+    /// not as managed neighbour entries.
+    ManagedNeigh,
     /// Every fallback above.
     All,
 }
@@ -43,6 +47,8 @@ enum Ask {
     },
     /// Does `BPF_PROG_QUERY` know tcx ingress (kernel 6.6+)?
     Tcx,
+    /// Does the kernel keep a neighbour entry flagged NTF_EXT_MANAGED (5.16+)?
+    ManagedNeigh,
 }
 
 /// One feature: what it is, how it is probed, what it serves and what replaces it.
@@ -78,6 +84,10 @@ const fn helper(prog_type: u32, helper: i32) -> Ask {
 pub const XDP_META: &str = "xdp_adjust_meta";
 /// Name of the tcx feature.
 pub const TCX: &str = "tcx";
+/// Name of the managed neighbour feature.
+pub const MANAGED_NEIGH: &str = "managed_neigh";
+/// How often, without managed entries, the agent marks other nodes' entries used.
+pub const NEIGH_USE_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every probe, in the order reported.
 pub const PROBES: &[Spec] = &[
@@ -92,6 +102,12 @@ pub const PROBES: &[Spec] = &[
         ask: Ask::Tcx,
         used_for: "TC programs attached as tcx links",
         fallback: Some("netlink: clsact qdisc, cls_bpf direct-action filter"),
+    },
+    Spec {
+        name: MANAGED_NEIGH,
+        ask: Ask::ManagedNeigh,
+        used_for: "other nodes kept resolved for XDP's FIB lookup (managed neighbour entries)",
+        fallback: Some("each entry marked used (NTF_USE) every 5 s, so the kernel re-resolves it"),
     },
     Spec {
         name: "xdp_adjust_head",
@@ -250,6 +266,7 @@ impl Features {
                 Fallback::All => true,
                 Fallback::XdpMeta => name == XDP_META,
                 Fallback::Tcx => name == TCX,
+                Fallback::ManagedNeigh => name == MANAGED_NEIGH,
             })
         };
         let mut found = Vec::with_capacity(PROBES.len());
@@ -295,6 +312,11 @@ impl Features {
     /// TC programs attach as tcx links.
     pub fn tcx(&self) -> bool {
         self.uses(TCX)
+    }
+
+    /// Other nodes are kept as managed neighbour entries.
+    pub fn managed_neigh(&self) -> bool {
+        self.uses(MANAGED_NEIGH)
     }
 
     /// The first required feature the kernel lacks.
@@ -353,7 +375,41 @@ fn ask(a: Ask) -> io::Result<Option<String>> {
             flags,
         } => probe_map(map_type, key, value, max_entries, flags),
         Ask::Tcx => probe_tcx(),
+        Ask::ManagedNeigh => probe_managed_neigh(),
     }
+}
+
+/// Adds a managed entry on `lo` in a network namespace of its own (a thread's, gone
+/// with the thread: nothing on the node changes) and reads it back: a kernel that
+/// does not know NTF_EXT_MANAGED accepts the request but keeps a plain entry.
+fn probe_managed_neigh() -> io::Result<Option<String>> {
+    let addr = std::net::Ipv4Addr::new(127, 51, 0, 1);
+    let probe = std::thread::Builder::new()
+        .name("xlb-probe-neigh".into())
+        .spawn(move || -> io::Result<Option<String>> {
+            // SAFETY: unshare affects only this thread, which exits right after.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                let e = io::Error::last_os_error();
+                return Ok(Some(format!("could not probe (unshare: {e})")));
+            }
+            let other = |e: crate::netdev::NetdevError| io::Error::other(e.to_string());
+            crate::netdev::add_managed_neighbour("lo", addr).map_err(other)?;
+            // A loopback device's entries are all keyed 0.0.0.0 (include/net/arp.h,
+            // __ipv4_neigh_lookup_noref), whatever address was asked for.
+            let key = std::net::Ipv4Addr::UNSPECIFIED;
+            Ok(
+                match crate::netdev::neighbour_is_managed("lo", key).map_err(other)? {
+                    Some(true) => None,
+                    Some(false) => {
+                        Some("the kernel keeps the entry but not its managed flag".into())
+                    }
+                    None => Some("the managed entry was not kept".into()),
+                },
+            )
+        })?;
+    probe
+        .join()
+        .map_err(|_| io::Error::other("the probe thread panicked"))?
 }
 
 /// `union bpf_attr` for `BPF_PROG_LOAD`, up to the fields used.

@@ -106,8 +106,8 @@ enum Command {
         #[arg(long, default_value_t = 179)]
         bgp_listen_port: u16,
         /// Take a kernel feature's fallback path even where the kernel offers the
-        /// feature (for tests and for ruling a feature out): `xdp-meta`, `tcx` or
-        /// `all`; repeatable. `xlb inspect features` lists the features and fallbacks.
+        /// feature (for tests and for ruling a feature out): `xdp-meta`, `tcx`,
+        /// `managed-neigh` or `all`; repeatable. `xlb inspect features` lists the features and fallbacks.
         #[arg(long, value_enum, env = "XLB_FORCE_FALLBACK", value_delimiter = ',')]
         force_fallback: Vec<xlb::features::Fallback>,
     },

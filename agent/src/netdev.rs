@@ -297,13 +297,68 @@ pub fn add_managed_neighbour(iface: &str, addr: Ipv4Addr) -> Result<(), NetdevEr
         addr,
         RTM_NEWNEIGH,
         NLM_F_CREATE | NLM_F_REPLACE,
+        Ndm::Managed,
         "add",
     )
 }
 
+/// The fallback for kernels without managed entries: creates the entry for `addr` on
+/// `iface` if needed and marks it used (`ip neigh replace ADDR dev IFACE use`,
+/// NTF_USE: the kernel's `neigh_event_send`), which starts its resolution, or its
+/// re-validation when stale, as a packet sent to it would. Called again every few
+/// seconds, it keeps the entry resolved the way a managed one is.
+pub fn use_neighbour(iface: &str, addr: Ipv4Addr) -> Result<(), NetdevError> {
+    neighbour_request(
+        iface,
+        addr,
+        RTM_NEWNEIGH,
+        NLM_F_CREATE | NLM_F_REPLACE,
+        Ndm::Use,
+        "use",
+    )
+}
+
+/// Whether the entry for `addr` on `iface` is a managed one (`None`: no entry). The
+/// kernel reports NDA_FLAGS_EXT only when it knows the flag.
+pub fn neighbour_is_managed(iface: &str, addr: Ipv4Addr) -> Result<Option<bool>, NetdevError> {
+    use netlink_packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+    };
+    use netlink_packet_utils::nla::Nla;
+    let index = ifindex(iface)
+        .ok_or_else(|| NetdevError::LinkDump(format!("{iface}: no such interface")))?;
+    let mut req = NeighbourMessage::default();
+    req.header.family = AddressFamily::Inet;
+    for m in dump(RouteNetlinkMessage::GetNeighbour(req))? {
+        let RouteNetlinkMessage::NewNeighbour(n) = m else {
+            continue;
+        };
+        if n.header.ifindex != index
+            || !n.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == addr)
+            })
+        {
+            continue;
+        }
+        let managed = n.attributes.iter().any(|a| match a {
+            NeighbourAttribute::Other(nla) if nla.kind() == NDA_FLAGS_EXT => {
+                let mut v = [0u8; 4];
+                if nla.value_len() == 4 {
+                    nla.emit_value(&mut v);
+                }
+                u32::from_ne_bytes(v) & NTF_EXT_MANAGED != 0
+            }
+            _ => false,
+        });
+        return Ok(Some(managed));
+    }
+    Ok(None)
+}
+
 /// Removes the neighbour entry for `addr` on `iface` (a node that left).
 pub fn remove_neighbour(iface: &str, addr: Ipv4Addr) -> Result<(), NetdevError> {
-    match neighbour_request(iface, addr, RTM_DELNEIGH, 0, "delete") {
+    match neighbour_request(iface, addr, RTM_DELNEIGH, 0, Ndm::Plain, "delete") {
         Err(NetdevError::Netlink { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
             Ok(())
         }
@@ -311,11 +366,26 @@ pub fn remove_neighbour(iface: &str, addr: Ipv4Addr) -> Result<(), NetdevError> 
     }
 }
 
+/// What a neighbour request asks beyond its message type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ndm {
+    /// Nothing more (a delete).
+    Plain,
+    /// NDA_FLAGS_EXT = NTF_EXT_MANAGED.
+    Managed,
+    /// ndm_flags = NTF_USE.
+    Use,
+}
+
+/// ndm_flags: "use" the entry (`neigh_event_send`) instead of updating it.
+const NTF_USE: u8 = 0x01;
+
 fn neighbour_request(
     iface: &str,
     addr: Ipv4Addr,
     kind: u16,
     extra_flags: u16,
+    ndm: Ndm,
     op: &'static str,
 ) -> Result<(), NetdevError> {
     let err = |source| NetdevError::Netlink {
@@ -328,7 +398,7 @@ fn neighbour_request(
         .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no such interface")))?;
     // nlmsghdr (16) + ndmsg (12) + NDA_DST (8) + NDA_FLAGS_EXT (8).
     let mut msg = Vec::with_capacity(44);
-    let len: u32 = if kind == RTM_NEWNEIGH { 44 } else { 36 };
+    let len: u32 = if ndm == Ndm::Managed { 44 } else { 36 };
     msg.extend_from_slice(&len.to_ne_bytes());
     msg.extend_from_slice(&kind.to_ne_bytes());
     msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | extra_flags).to_ne_bytes());
@@ -338,11 +408,11 @@ fn neighbour_request(
     msg.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
     msg.extend_from_slice(&(index as i32).to_ne_bytes());
     msg.extend_from_slice(&0u16.to_ne_bytes());
-    msg.extend_from_slice(&[0, 0]);
+    msg.extend_from_slice(&[if ndm == Ndm::Use { NTF_USE } else { 0 }, 0]);
     msg.extend_from_slice(&8u16.to_ne_bytes());
     msg.extend_from_slice(&NDA_DST.to_ne_bytes());
     msg.extend_from_slice(&addr.octets());
-    if kind == RTM_NEWNEIGH {
+    if ndm == Ndm::Managed {
         msg.extend_from_slice(&8u16.to_ne_bytes());
         msg.extend_from_slice(&NDA_FLAGS_EXT.to_ne_bytes());
         msg.extend_from_slice(&NTF_EXT_MANAGED.to_ne_bytes());

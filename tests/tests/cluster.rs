@@ -244,6 +244,29 @@ fn first_packet_to_a_node_without_a_neighbour_entry_is_not_lost() -> Result<()> 
             Ok((n == 2.0).then_some(()))
         },
     )?;
+    // Kept as managed entries where the agent uses them, else as plain ones it marks
+    // used (the forced-fallback run of the core tests takes that path).
+    let managed = lab
+        .node_named_mut("node-a")?
+        .agent()?
+        .metric("xlb_kernel_feature", &[("feature", "managed_neigh")])?
+        == 1.0;
+    for peer in ["node-b", "node-c"] {
+        let ip = lab.node_named(peer)?.host.addr.to_string();
+        let line = lab.node_named("node-a")?.host.ns.ip(&[
+            "-d",
+            "neigh",
+            "show",
+            &ip,
+            "dev",
+            xlb_lab::lab::UPLINK,
+        ])?;
+        ensure!(
+            line.contains("managed") == managed,
+            "node-a's entry for {peer} with managed neighbours {}: {line:?}",
+            if managed { "used" } else { "not used" }
+        );
+    }
     // The entries are deleted again before every flow: node-a's own traffic to its
     // peers (the membership protocol probes and gossips every 50-100 ms) resolves them
     // again, and on a loaded machine that can come before the client's first datagram.

@@ -314,6 +314,7 @@ fn main() -> anyhow::Result<()> {
             bgp_listen_port,
             force_fallback,
         } => {
+            raise_open_files_limit();
             let features = xlb::features::Features::probe(&force_fallback)?;
             features.check_required()?;
             let cfg = xlb::agent::Config {
@@ -476,4 +477,29 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit
+/// is 1,024): every connection, map and program takes a descriptor, and running out
+/// must not be what bounds the agent (the listener bounds itself).
+fn raise_open_files_limit() {
+    // SAFETY: all-zero is a valid rlimit; getrlimit/setrlimit read and write only it.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: see above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::debug!(
+            from = before,
+            to = lim.rlim_cur,
+            "raised the open files limit"
+        );
+    }
 }

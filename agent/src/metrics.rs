@@ -10,6 +10,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -548,7 +549,103 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics, /healthz and /debug/{{owners,peers}}");
     }
-    axum::serve(listener, app).await
+    let bounds = Arc::new(Bounds::default());
+    let mut accept_failed = false;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => {
+                accept_failed = false;
+                c
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: the pending connection stays queued; try again
+                // shortly rather than spin (or give up the listener).
+                if !std::mem::replace(&mut accept_failed, true) {
+                    tracing::warn!(error = %e, "accepting a /metrics connection failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = bounds.admit(peer.ip()) else {
+            // Closed at once: a full table must not also fill the accept queue.
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // However a client paces its bytes, the connection ends: a scraper opens
+            // another one for its next scrape.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+        });
+    }
+}
+
+/// Concurrent connections the listener serves; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Concurrent connections from one address (a scraper needs one or two, kubelet's
+/// probes one; the lab's stress test runs 50 scrapers from one): one hostile host
+/// cannot take the slots Prometheus and the kubelet need.
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
+/// Time a client has to send a request's headers, including the first request's
+/// (hyper's `header_read_timeout`; a slow sender is cut off, RFC 9112 §9.8 leaves
+/// that to the server).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection lives, idle keep-alive included.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Who holds the listener's connection slots.
+#[derive(Default)]
+struct Bounds {
+    by_addr: Mutex<BTreeMap<std::net::IpAddr, usize>>,
+}
+
+/// One admitted connection; its slot is given back when dropped.
+struct Slot {
+    bounds: Arc<Bounds>,
+    addr: std::net::IpAddr,
+}
+
+impl Bounds {
+    /// A slot for a connection from `addr`, unless that address or the listener is
+    /// at its bound.
+    fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Option<Slot> {
+        let mut by_addr = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = by_addr.values().sum();
+        let mine = by_addr.entry(addr).or_insert(0);
+        if total >= MAX_CONNECTIONS || *mine >= MAX_CONNECTIONS_PER_ADDR {
+            if *mine == 0 {
+                by_addr.remove(&addr);
+            }
+            return None;
+        }
+        *mine += 1;
+        Some(Slot {
+            bounds: self.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_addr = self
+            .bounds
+            .by_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_addr.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                by_addr.remove(&self.addr);
+            }
+        }
+    }
 }
 
 /// `/debug/owners`: who holds each VIP, and why (`xlb inspect owners`).

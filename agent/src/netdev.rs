@@ -265,12 +265,28 @@ fn interface_addr<T>(
     found
 }
 
-/// The interface index of `iface`, if it exists.
+/// The interface index of `iface`, if it exists (any failure reads as "no").
 pub fn ifindex(iface: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(iface).ok()?;
+    lookup_ifindex(iface).ok().flatten()
+}
+
+/// The interface index of `iface`: `Ok(None)` only when the kernel says there is no
+/// such device; a failed question (no file descriptor left for glibc's socket, no
+/// memory) is an error, never "gone".
+pub fn lookup_ifindex(iface: &str) -> io::Result<Option<u32>> {
+    let Ok(name) = std::ffi::CString::new(iface) else {
+        return Ok(None);
+    };
     // SAFETY: a valid NUL-terminated name.
     let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (i != 0).then_some(i)
+    if i != 0 {
+        return Ok(Some(i));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
 }
 
 // rtnetlink constants (linux/rtnetlink.h, linux/neighbour.h, linux/netlink.h).

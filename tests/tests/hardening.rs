@@ -540,3 +540,97 @@ fn an_uplink_deleted_and_recreated_under_a_running_agent_gets_the_datapath_again
     ensure!(lab.agent()?.http_get("/healthz")?.0 == 200);
     Ok(())
 }
+
+/// Issue 31, finding 2: 1,100 connections that send a header line a second, from one
+/// host on the LAN, to an agent whose open-files limit is systemd's default 1,024 (as
+/// its hard limit too, so it cannot raise it). Before, the listener took every one
+/// until descriptors ran out: `/healthz` failed, and the layout and link checks took
+/// EMFILE for "older layout" and "link down". Now it bounds connections per address
+/// and cuts off slow headers: every health poll from the node answers, the pinned
+/// maps are the same maps, and the VIP keeps serving.
+#[test]
+fn a_thousand_slow_connections_neither_stop_health_nor_touch_the_datapath() -> Result<()> {
+    use std::io::Write;
+    let mut lab = health_lab(2)?;
+    lab.client.udp_flows(web_udp_vip(), 10, T)?;
+    let real = lab.agent()?.config().xlb_bin.clone();
+    let wrapper = lab.scratch().join("xlb-1024-files");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec prlimit --nofile=1024:1024 -- {} \"$@\"\n",
+            real.display()
+        ),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let status = lab.agent()?.stop()?;
+    ensure!(status.success(), "the first agent exited {status}");
+    let port = METRICS_PORT + 2;
+    let mut agent = second_agent(&mut lab, |c| {
+        c.xlb_bin = wrapper.clone();
+        c.metrics_addr = SocketAddr::from(([0, 0, 0, 0], port));
+    })?;
+    agent.wait_healthy(SOON)?;
+    let conntrack = |lab: &Lab| -> Result<u64> {
+        let path = lab.node().pin_dir.join(xlb_common::names::CONNTRACK4);
+        let out = xlb_lab::netns::run(
+            std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&path),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["id"].as_u64().context("conntrack map id")
+    };
+    let map_before = conntrack(&lab)?;
+
+    let node = SocketAddr::from((lab.node().host.addr, port));
+    let mut conns = lab.client.ns.enter(move || {
+        let mut v = Vec::new();
+        for _ in 0..1_100 {
+            // Connections past the bound are accepted and closed at once; a refused
+            // or reset one is as good as a held one for the attacker's purpose.
+            if let Ok(mut s) = std::net::TcpStream::connect_timeout(&node, T) {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+                v.push(s);
+            }
+        }
+        Ok(v)
+    })?;
+    ensure!(
+        conns.len() >= 1_000,
+        "only {} connections made",
+        conns.len()
+    );
+    let mut failed = Vec::new();
+    for i in 0..15 {
+        // A header line a second on every connection still open.
+        for s in &mut conns {
+            let _ = s.write_all(b"X-Slow: 1\r\n");
+        }
+        match agent.http_get("/healthz") {
+            Ok((200, _)) => {}
+            Ok((code, _)) => failed.push(format!("poll {i}: status {code}")),
+            Err(e) => failed.push(format!("poll {i}: {e:#}")),
+        }
+        std::thread::sleep(Duration::from_millis(1_000 / 3));
+    }
+    drop(conns);
+    ensure!(
+        failed.is_empty(),
+        "/healthz failed {} of 15 polls: {failed:?}\n{}",
+        failed.len(),
+        xlb_lab::agent::tail(&agent.log(), 20)
+    );
+    ensure!(
+        conntrack(&lab)? == map_before,
+        "the pinned conntrack map was replaced"
+    );
+    let log = agent.log();
+    ensure!(
+        !log.contains("link changed") && !log.contains("datapath missing"),
+        "the agent took the attack for a link or datapath change:\n{}",
+        xlb_lab::agent::tail(&log, 20)
+    );
+    lab.client.udp_flows(web_udp_vip(), 10, T)?;
+    Ok(())
+}

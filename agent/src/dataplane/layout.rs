@@ -226,7 +226,10 @@ fn matches(info: &MapInfo, l: &Layout) -> bool {
 
 /// Unpins every map under `pin_path` whose layout is not the one these programs use,
 /// so loading creates it afresh (its contents are lost: counters restart, tracked
-/// flows pick a backend again). Returns the names replaced.
+/// flows pick a backend again). Returns the names replaced. Only a map the kernel
+/// describes, with another layout, is replaced: a pin that cannot be opened or
+/// described (no file descriptors left, no memory) is an error, never a reason to
+/// throw a live map away.
 pub fn unpin_incompatible(pin_path: &Path) -> io::Result<Vec<&'static str>> {
     let mut replaced = Vec::new();
     for l in &LAYOUTS {
@@ -234,10 +237,13 @@ pub fn unpin_incompatible(pin_path: &Path) -> io::Result<Vec<&'static str>> {
         if !path.exists() {
             continue;
         }
-        let ok = MapInfo::from_pin(&path)
-            .map(|info| matches(&info, l))
-            .unwrap_or(false);
-        if !ok {
+        let info = MapInfo::from_pin(&path).map_err(|e| {
+            io::Error::other(format!(
+                "reading the pinned map {} to check its layout: {e}",
+                path.display()
+            ))
+        })?;
+        if !matches(&info, l) {
             std::fs::remove_file(&path)?;
             replaced.push(l.name);
         }

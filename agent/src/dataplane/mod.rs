@@ -369,15 +369,21 @@ impl Dataplane {
     /// were attached to (not deleted, not recreated under the same name) and every
     /// link and map pin exists. `Err` says what is missing.
     pub fn check(&self, iface: &str, pin_path: &Path) -> Result<(), String> {
-        match crate::netdev::ifindex(iface) {
-            None => return Err(format!("interface {iface} is gone")),
-            Some(i) if i != self.ifindex => {
+        match crate::netdev::lookup_ifindex(iface) {
+            // A failed question is not an answer (EMFILE, ENOMEM): the datapath is
+            // left alone, and asked about again at the next check.
+            Err(e) => {
+                tracing::warn!(%iface, error = %e, "cannot look the interface up; checking the datapath later");
+                return Ok(());
+            }
+            Ok(None) => return Err(format!("interface {iface} is gone")),
+            Ok(Some(i)) if i != self.ifindex => {
                 return Err(format!(
                     "interface {iface} was recreated (index {} -> {i})",
                     self.ifindex
                 ));
             }
-            Some(_) => {}
+            Ok(Some(_)) => {}
         }
         let mut links = vec![xdp_link_pin(pin_path, iface)];
         if self.tcx {

@@ -81,14 +81,15 @@ impl Sender {
 /// Whether `iface` is administratively up and running (`IFF_UP` and `IFF_RUNNING`:
 /// the kernel clears the latter when the carrier goes, netdevice(7)), asked with
 /// `SIOCGIFFLAGS` in this process's network namespace (sysfs would show the one it
-/// was mounted in). A node whose announce link is down gives its VIPs up at once;
-/// an interface that cannot be asked about counts as down.
-pub fn link_up(iface: &str) -> bool {
+/// was mounted in). A node whose announce link is down gives its VIPs up at once; a
+/// device the kernel does not know counts as down, a question that failed (no file
+/// descriptor left) is an error, which the caller must not take for "down".
+pub fn link_up(iface: &str) -> io::Result<bool> {
     let want = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: ifreq is plain data; zeroed is valid.
     let mut req: libc::ifreq = unsafe { mem::zeroed() };
     if iface.len() >= req.ifr_name.len() {
-        return false;
+        return Ok(false);
     }
     for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
         *d = s as libc::c_char;
@@ -96,14 +97,22 @@ pub fn link_up(iface: &str) -> bool {
     // SAFETY: plain socket(2); checked below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return false;
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is fresh and owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // No such device: down. Anything else: the question failed.
+        return match e.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::ENXIO) => Ok(false),
+            _ => Err(e),
+        };
+    }
     // SAFETY: after SIOCGIFFLAGS the union holds ifru_flags.
-    rc == 0 && unsafe { req.ifr_ifru.ifru_flags } & want == want
+    Ok(unsafe { req.ifr_ifru.ifru_flags } & want == want)
 }
 
 #[cfg(test)]

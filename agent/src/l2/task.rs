@@ -193,6 +193,8 @@ struct L2 {
     /// Per-VIP ARP replies already exported.
     replies: BTreeMap<Ipv4Addr, u64>,
     link_up: bool,
+    /// The last link-state question failed (logged once per such episode).
+    link_unknown: bool,
     /// No VIP is claimed before this (see [`JOIN_WAIT`]).
     claim_after: Instant,
     /// Peers whose agent is stopping, in their restart grace.
@@ -263,7 +265,11 @@ pub async fn start(
         owned,
         garps: BTreeMap::new(),
         replies: BTreeMap::new(),
-        link_up: announce::link_up(&cfg.interface),
+        link_up: announce::link_up(&cfg.interface).unwrap_or_else(|e| {
+            warn!(iface = %cfg.interface, error = %e, "cannot read the announce link's state; taking it as down until it can");
+            false
+        }),
+        link_unknown: false,
         claim_after: now + JOIN_WAIT,
         graces: Graces::default(),
         reannounce: false,
@@ -326,7 +332,20 @@ impl L2 {
                 }
                 _ = tick.tick() => {
                     self.refresh_deadline();
-                    let up = announce::link_up(&self.cfg.interface);
+                    // A failed question keeps the last answer: giving the VIPs up
+                    // because a socket could not be made would be an outage.
+                    let up = match announce::link_up(&self.cfg.interface) {
+                        Ok(up) => {
+                            self.link_unknown = false;
+                            up
+                        }
+                        Err(e) => {
+                            if !std::mem::replace(&mut self.link_unknown, true) {
+                                warn!(iface = %self.cfg.interface, error = %e, "cannot read the announce link's state; keeping the last one");
+                            }
+                            self.link_up
+                        }
+                    };
                     if up != self.link_up {
                         info!(iface = %self.cfg.interface, up, "announce interface link changed");
                         self.link_up = up;

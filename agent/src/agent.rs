@@ -83,6 +83,9 @@ pub enum SourceConfig {
         kubeconfig: Option<PathBuf>,
         /// `--lease-namespace`: where the IPAM leader's Lease is.
         lease_namespace: String,
+        /// `--namespace`: the agent's own namespace, where BGPPeer `passwordSecret`s
+        /// are read (the only namespace whose Secrets it reads).
+        namespace: String,
         /// `--lease-duration`.
         lease_duration: Duration,
     },
@@ -661,7 +664,7 @@ fn report_source(metrics: &Metrics, source: &Source) {
                 .copied()
                 .filter(|k| !s.synced.contains(k))
                 .collect();
-            match (&s.unreachable, missing.is_empty()) {
+            let state = match (&s.unreachable, missing.is_empty()) {
                 (Some(e), _) => (
                     "kubernetes",
                     false,
@@ -673,7 +676,20 @@ fn report_source(metrics: &Metrics, source: &Source) {
                     format!("API server: not listed yet: {}\n", missing.join(", ")),
                 ),
                 (None, true) => ("kubernetes", true, String::new()),
+            };
+            let (name, up, mut detail) = state;
+            if !s.refused.is_empty() {
+                let refused: Vec<String> = s
+                    .refused
+                    .iter()
+                    .map(|(k, why)| format!("{k} ({why})"))
+                    .collect();
+                detail.push_str(&format!(
+                    "API server refuses, taken as empty: {}\n",
+                    refused.join(", ")
+                ));
             }
+            (name, up, detail)
         }
     };
     metrics
@@ -918,7 +934,11 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 status_plan = Some(tx);
                 ipam_lease = Some((client.clone(), lease));
             }
-            let k = KubeSource::start(client, cfg.node_ports.clone(), changes_tx);
+            let namespace = match &cfg.source {
+                SourceConfig::Kubernetes { namespace, .. } => namespace.as_str(),
+                SourceConfig::Manifests(_) => "xlb-system",
+            };
+            let k = KubeSource::start(client, cfg.node_ports.clone(), namespace, changes_tx);
             (Source::Kubernetes(k), None)
         }
         (Ok(Some((source, loaded))), None) => (Source::Manifests(source), Some(loaded)),

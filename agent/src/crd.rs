@@ -184,7 +184,8 @@ pub struct BGPPeerSpec {
     /// TCP MD5 signature key (RFC 2385), at most 80 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
-    /// A Secret holding the key under `password` (API source only).
+    /// A Secret holding the key under `password` (with the API source: in the agent's
+    /// namespace); not with `password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<SecretRef>,
     /// The router is more than one hop away (eBGP TTL 255).

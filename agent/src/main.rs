@@ -18,6 +18,8 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the agent's many flags cost nothing worth boxing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the agent: attach XDP/TC to the interface and keep the BPF maps in step
     /// with the Services and EndpointSlices in --manifests. On SIGTERM/SIGINT it exits
@@ -89,6 +91,10 @@ enum Command {
         /// sets it to the pod's own namespace.
         #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
         lease_namespace: String,
+        /// The agent's own namespace (Kubernetes API source): the one namespace whose
+        /// Secrets it reads, for BGPPeer passwordSecret; deploy/ sets it to the pod's.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
+        namespace: String,
         /// How long the IPAM Lease stays with an agent that stopped renewing it (it
         /// renews every duration/7, at most every 2 s); a stopping agent gives it up.
         #[arg(long, default_value = "15s", value_parser = parse_lease)]
@@ -309,6 +315,7 @@ fn main() -> anyhow::Result<()> {
             memberlist_port,
             restart_grace,
             lease_namespace,
+            namespace,
             lease_duration,
             datapath_log,
             bgp_listen_port,
@@ -325,6 +332,7 @@ fn main() -> anyhow::Result<()> {
                     None => xlb::agent::SourceConfig::Kubernetes {
                         kubeconfig,
                         lease_namespace,
+                        namespace,
                         lease_duration,
                     },
                 },

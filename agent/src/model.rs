@@ -63,8 +63,12 @@ pub struct BgpPeer {
     pub hold_time: std::time::Duration,
     /// `spec.keepaliveTime` (default a third of the hold time, RFC 4271 §10).
     pub keepalive_time: Option<std::time::Duration>,
-    /// `spec.password`: TCP MD5 signature key (RFC 2385), at most 80 bytes.
+    /// `spec.password`: TCP MD5 signature key (RFC 2385), at most 80 bytes; for a
+    /// peer with `password_secret`, the key read from that Secret (`None` while it
+    /// cannot be read: the peer then has no session).
     pub password: Option<String>,
+    /// `spec.passwordSecret`: the Secret whose `password` key is the MD5 key.
+    pub password_secret: Option<SecretRef>,
     /// `spec.ebgpMultiHop`: the router is not on a directly connected network (TTL
     /// 255 instead of 1 for eBGP).
     pub ebgp_multihop: bool,
@@ -79,6 +83,21 @@ pub struct BgpPeer {
     pub router_id: Option<std::net::Ipv4Addr>,
     /// Where the object came from (a file path), for error messages.
     pub origin: String,
+}
+
+/// A Secret named by an object (BGPPeer `passwordSecret`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretRef {
+    /// The Secret's namespace (default: the referring object's).
+    pub namespace: String,
+    /// The Secret's name.
+    pub name: String,
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 /// An `xlb.dev/v1alpha1 BGPAnnouncement`: MetalLB's BGPAdvertisement.
@@ -566,6 +585,9 @@ pub enum ErrorKind {
     /// A LoadBalancer Service that asked for an address got none (unknown pool, no
     /// pool admits it, pools exhausted).
     AddressUnavailable,
+    /// A BGPPeer's `passwordSecret` names a Secret that is not there (or not readable
+    /// by the agent), or whose `password` key is missing or unusable.
+    SecretUnavailable,
 }
 
 impl ErrorKind {
@@ -585,6 +607,7 @@ impl ErrorKind {
             ErrorKind::VipConflict => "vip_conflict",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::AddressUnavailable => "address_unavailable",
+            ErrorKind::SecretUnavailable => "secret_unavailable",
         }
     }
 }

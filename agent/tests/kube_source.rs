@@ -2,7 +2,9 @@
 //! protocol (`xlb_lab::apiserver`), inside a network namespace made for the test:
 //!
 //! - the same objects through the API and through a manifest directory give the same
-//!   model (one conversion, two sources);
+//!   model (one conversion, two sources), every xlb.dev kind included, and a BGPPeer's
+//!   `passwordSecret` read from a Secret of the agent's namespace;
+//! - a new key in that Secret reaches the peer;
 //! - a change of one EndpointSlice reaches the model as that one Service changed;
 //! - a watch that ends in `410 Gone` relists, and an object deleted meanwhile goes;
 //! - while the API server is down the model stays as it was, and says so.
@@ -41,6 +43,34 @@ apiVersion: v1
 kind: Service
 metadata: { name: asks, namespace: shop }
 spec: { type: LoadBalancer, ports: [{ name: http, port: 80 }] }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BGPPeer
+metadata: { name: tor, namespace: xlb-system }
+spec: { myASN: 4200000002, peerASN: 4200000001, peerAddress: 10.0.0.1, bfdProfile: fast, passwordSecret: { name: tor-key } }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BGPAnnouncement
+metadata: { name: all, namespace: xlb-system }
+spec: { communities: [\"64512:100\"] }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: BFDProfile
+metadata: { name: fast, namespace: xlb-system }
+spec: { receiveInterval: 100 }
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: tor-key, namespace: xlb-system }
+type: kubernetes.io/basic-auth
+data: { password: czNjcmV0 }
+---
+apiVersion: xlb.dev/v1alpha1
+kind: StaticService
+metadata: { name: kube-apiserver, namespace: kube-system }
+spec:
+  addresses: [192.0.2.100]
+  ports: [{ name: https, port: 6443, backends: [\"10.0.0.11:6443\", \"10.0.0.12:6443\"] }]
 ";
 
 /// The documents of a multi-document YAML text.
@@ -59,7 +89,11 @@ fn put(api: &FakeApiServer, doc: Value) -> Result<()> {
         Some("Service") => api.put(&serde_json::from_value::<core::Service>(doc)?),
         Some("EndpointSlice") => api.put(&serde_json::from_value::<discovery::EndpointSlice>(doc)?),
         Some("Node") => api.put(&serde_json::from_value::<core::Node>(doc)?),
-        Some("L2Announcement" | "AddressPool") => api.put_value(doc),
+        Some("Secret") => api.put(&serde_json::from_value::<core::Secret>(doc)?),
+        Some(
+            "L2Announcement" | "AddressPool" | "StaticService" | "BGPPeer" | "BGPAnnouncement"
+            | "BFDProfile",
+        ) => api.put_value(doc),
         other => bail!("unexpected kind {other:?}"),
     }
 }
@@ -73,6 +107,15 @@ fn without_origins(s: &Snapshot) -> Snapshot {
         .values_mut()
         .for_each(|v| v.origin.clear());
     s.address_pools.values_mut().for_each(|v| v.origin.clear());
+    s.bgp.peers.values_mut().for_each(|v| v.origin.clear());
+    s.bgp
+        .announcements
+        .values_mut()
+        .for_each(|v| v.origin.clear());
+    s.bgp
+        .bfd_profiles
+        .values_mut()
+        .for_each(|v| v.origin.clear());
     s
 }
 
@@ -124,7 +167,7 @@ async fn scenario() -> Result<()> {
     let config = kube::Config::new(api.url().parse()?);
     let client = kube::Client::try_from(config)?;
     let (tx, mut rx) = mpsc::channel(1);
-    let mut source = KubeSource::start(client, DEFAULT_NODE_PORTS, tx);
+    let mut source = KubeSource::start(client, DEFAULT_NODE_PORTS, "xlb-system", tx);
 
     // 1. One conversion, two sources: the same model.
     let first = next_load(&mut source, &mut rx).await?;
@@ -138,8 +181,18 @@ async fn scenario() -> Result<()> {
     );
     assert_eq!(
         first.snapshot.services.len(),
-        4,
-        "ClusterIP `internal` is not served"
+        5,
+        "ClusterIP `internal` is not served; the StaticService is"
+    );
+    let tor = &first.snapshot.bgp.peers["xlb-system/tor"];
+    assert_eq!(tor.password.as_deref(), Some("s3cret"), "the Secret's key");
+    assert!(first.snapshot.bgp.bfd_profiles.contains_key("fast"));
+    assert!(
+        first
+            .snapshot
+            .bgp
+            .announcements
+            .contains_key("xlb-system/all")
     );
     // The pool gave the Service that asked an address, the same as from files.
     let asks = &first.snapshot.services[&ServiceRef::new("shop", "asks")];
@@ -181,6 +234,19 @@ async fn scenario() -> Result<()> {
         without_origins(&loaded.snapshot),
         without_origins(&expected)
     );
+
+    // 2b. A new key in the Secret: the peer has it, and the whole model is handed on
+    //     (BGP is not in the desired maps).
+    let mut secret = documents(L2)?
+        .into_iter()
+        .find(|d| d["kind"] == "Secret")
+        .context("the Secret")?;
+    secret["data"]["password"] = Value::from("bjN3"); // "n3w"
+    put(&api, secret)?;
+    let rekeyed = next_load(&mut source, &mut rx).await?;
+    assert_eq!(rekeyed.changed, Changed::All);
+    let tor = &rekeyed.snapshot.bgp.peers["xlb-system/tor"];
+    assert_eq!(tor.password.as_deref(), Some("n3w"));
 
     // 3. The API server goes away: nothing changes, and the source says why.
     api.set_down(true);

@@ -24,8 +24,14 @@
 //!   recorded ([`FakeApiServer::events`]).
 //!
 //! Objects are whatever the test stores, normally k8s-openapi types serialised with
-//! their `apiVersion` and `kind` ([`FakeApiServer::put`]). Collections are cluster-wide
-//! (`/api/v1/services`), which is what the agent's watchers use.
+//! their `apiVersion` and `kind` ([`FakeApiServer::put`]). Collections are served
+//! cluster-wide (`/api/v1/services`) and per namespace
+//! (`/api/v1/namespaces/NS/secrets`: that namespace's objects only, lists and
+//! watches alike), as the agent's watchers use them.
+//!
+//! [`FakeApiServer::refuse`] makes a collection answer as the real server does when
+//! the client's RBAC lacks it (`403 Forbidden`, reason `Forbidden`, naming the verb,
+//! resource and scope) or its CRD is not installed (`404 Not Found`).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -56,7 +62,7 @@ pub struct Collection {
 }
 
 /// The collections xlb watches.
-pub const COLLECTIONS: [Collection; 6] = [
+pub const COLLECTIONS: [Collection; 11] = [
     Collection {
         path: "/api/v1/services",
         api_version: "v1",
@@ -87,7 +93,66 @@ pub const COLLECTIONS: [Collection; 6] = [
         api_version: "xlb.dev/v1alpha1",
         kind: "AddressPool",
     },
+    Collection {
+        path: "/apis/xlb.dev/v1alpha1/staticservices",
+        api_version: "xlb.dev/v1alpha1",
+        kind: "StaticService",
+    },
+    Collection {
+        path: "/apis/xlb.dev/v1alpha1/bgppeers",
+        api_version: "xlb.dev/v1alpha1",
+        kind: "BGPPeer",
+    },
+    Collection {
+        path: "/apis/xlb.dev/v1alpha1/bgpannouncements",
+        api_version: "xlb.dev/v1alpha1",
+        kind: "BGPAnnouncement",
+    },
+    Collection {
+        path: "/apis/xlb.dev/v1alpha1/bfdprofiles",
+        api_version: "xlb.dev/v1alpha1",
+        kind: "BFDProfile",
+    },
+    Collection {
+        path: "/api/v1/secrets",
+        api_version: "v1",
+        kind: "Secret",
+    },
 ];
+
+impl Collection {
+    /// The collection serving `path`, cluster-wide or (`Some(namespace)`) in one
+    /// namespace: `/api/v1/namespaces/NS/secrets` is `/api/v1/secrets` in `NS`.
+    fn find(path: &str) -> Option<(Collection, Option<String>)> {
+        if let Some(c) = COLLECTIONS.iter().find(|c| c.path == path) {
+            return Some((*c, None));
+        }
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (prefix, ns, plural) = match parts.as_slice() {
+            ["api", v, "namespaces", ns, plural] => (format!("/api/{v}"), *ns, *plural),
+            ["apis", g, v, "namespaces", ns, plural] => (format!("/apis/{g}/{v}"), *ns, *plural),
+            _ => return None,
+        };
+        let cluster = format!("{prefix}/{plural}");
+        let c = COLLECTIONS.iter().find(|c| c.path == cluster)?;
+        Some((*c, Some(ns.to_string())))
+    }
+
+    /// The resource as RBAC names it: `services`, `bgppeers.xlb.dev`; and its group.
+    fn resource(&self) -> (&'static str, &'static str) {
+        let plural = self.path.rsplit('/').next().unwrap_or_default();
+        let group = match self.api_version.split_once('/') {
+            Some((g, _)) => g,
+            None => "",
+        };
+        (plural, group)
+    }
+}
+
+/// Whether `object` is in `namespace` (every object is, for `None`: cluster-wide).
+fn in_namespace(object: &Value, namespace: Option<&str>) -> bool {
+    namespace.is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+}
 
 /// A `PATCH …/services/NAME/status` the server applied.
 #[derive(Clone, Debug)]
@@ -121,6 +186,8 @@ struct Store {
     events: Vec<(IpAddr, Value)>,
     /// Status patches, in order.
     status_patches: Vec<StatusPatch>,
+    /// Collections (by kind) answered with this status code (403, 404) instead.
+    refused: BTreeMap<String, u16>,
 }
 
 #[derive(Clone)]
@@ -301,7 +368,8 @@ impl FakeApiServer {
     }
 
     /// Stores every document of a multi-document YAML text, each through its
-    /// k8s-openapi type where it has one (Service, EndpointSlice, Node, Namespace), as the API
+    /// k8s-openapi type where it has one (Service, EndpointSlice, Node, Namespace,
+    /// Secret: `data` base64-encoded), as the API
     /// server would serialise it; other kinds (xlb.dev) as written.
     pub fn put_yaml(&self, text: &str) -> Result<()> {
         use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
@@ -316,6 +384,7 @@ impl FakeApiServer {
                 }
                 Some("Node") => self.put(&serde_json::from_value::<core::Node>(doc)?)?,
                 Some("Namespace") => self.put(&serde_json::from_value::<core::Namespace>(doc)?)?,
+                Some("Secret") => self.put(&serde_json::from_value::<core::Secret>(doc)?)?,
                 _ => self.put_value(doc)?,
             }
         }
@@ -374,6 +443,24 @@ current-context: fake
     pub fn set_down(&self, down: bool) {
         lock(&self.shared.store).down = down;
         self.shared.tick.send_modify(|t| *t += 1);
+    }
+
+    /// Answers every request for `kind`'s collection with `code` from now on: 403 as
+    /// when the client's RBAC lacks the resource, 404 as when its CRD is not
+    /// installed; `None` serves it again. Open watches of it end.
+    pub fn refuse(&self, kind: &str, code: Option<u16>) -> Result<()> {
+        anyhow::ensure!(
+            COLLECTIONS.iter().any(|c| c.kind == kind),
+            "no collection for kind {kind}"
+        );
+        let mut s = lock(&self.shared.store);
+        match code {
+            Some(code) => s.refused.insert(kind.to_string(), code),
+            None => s.refused.remove(kind),
+        };
+        drop(s);
+        self.shared.tick.send_modify(|t| *t += 1);
+        Ok(())
     }
 
     /// The requests served so far, as "GET /path?query".
@@ -639,21 +726,56 @@ async fn handle(
             status(405, "MethodNotAllowed", &m),
         );
     }
-    let Some(c) = COLLECTIONS.iter().find(|c| c.path == path) else {
+    let not_found = || {
         let body = status(
             404,
             "NotFound",
-            &format!("the server could not find {path}"),
+            &format!("the server could not find the requested resource ({path})"),
         );
-        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+        (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    };
+    let Some((c, namespace)) = Collection::find(&path) else {
+        return not_found();
     };
     let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
+    let refused = lock(&shared.store).refused.get(c.kind).copied();
+    match refused {
+        Some(404) => return not_found(),
+        Some(code) => {
+            // As the API server words an RBAC denial (an authorization failure is 403
+            // Forbidden with the resource in `details`).
+            let (plural, group) = c.resource();
+            let verb = if watching { "watch" } else { "list" };
+            let scope = match &namespace {
+                Some(ns) => format!("in the namespace \"{ns}\""),
+                None => "at the cluster scope".to_string(),
+            };
+            let qualified = if group.is_empty() {
+                plural.to_string()
+            } else {
+                format!("{plural}.{group}")
+            };
+            let message = format!(
+                "{qualified} is forbidden: User \"system:serviceaccount:xlb-system:xlb\" cannot {verb} resource \"{plural}\" in API group \"{group}\" {scope}"
+            );
+            let mut body = status(code, "Forbidden", &message);
+            body["details"] = json!({"group": group, "kind": plural});
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN);
+            return (code, axum::Json(body)).into_response();
+        }
+        None => {}
+    }
     if !watching {
         let s = lock(&shared.store);
         let items: Vec<Value> = s
             .objects
             .get(c.path)
-            .map(|m| m.values().cloned().collect())
+            .map(|m| {
+                m.values()
+                    .filter(|o| in_namespace(o, namespace.as_deref()))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         let list = json!({
             "apiVersion": c.api_version,
@@ -672,7 +794,7 @@ async fn handle(
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
         .map_or(Duration::from_secs(300), Duration::from_secs);
-    let stream = watch_stream(shared, *c, from, bookmarks, timeout);
+    let stream = watch_stream(shared, c, namespace, from, bookmarks, timeout);
     Response::builder()
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
@@ -684,6 +806,7 @@ async fn handle(
 fn watch_stream(
     shared: Shared,
     c: Collection,
+    namespace: Option<String>,
     from: u64,
     bookmarks: bool,
     timeout: Duration,
@@ -693,54 +816,62 @@ fn watch_stream(
     let state = (shared, tick, from, bookmarks, false);
     futures::stream::unfold(
         state,
-        move |(shared, mut tick, mut seen, bookmark, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                let line = {
-                    let s = lock(&shared.store);
-                    if s.down {
-                        return None;
-                    }
-                    if seen < s.compacted {
-                        let gone = status(
-                            410,
-                            "Expired",
-                            &format!("too old resource version: {seen} ({})", s.compacted),
-                        );
-                        let line = json!({"type": "ERROR", "object": gone}).to_string() + "\n";
-                        return Some((Ok(line), (shared.clone(), tick, seen, false, true)));
-                    }
-                    if bookmark {
-                        // Everything up to `seen` has been sent (it is where the watch
-                        // started), so that is what the bookmark may say.
-                        let object = json!({
-                            "apiVersion": c.api_version, "kind": c.kind,
-                            "metadata": {"resourceVersion": seen.to_string()},
-                        });
-                        let line = json!({"type": "BOOKMARK", "object": object}).to_string() + "\n";
-                        drop(s);
+        move |(shared, mut tick, mut seen, bookmark, done)| {
+            let namespace = namespace.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let line = {
+                        let s = lock(&shared.store);
+                        if s.down || s.refused.contains_key(c.kind) {
+                            return None;
+                        }
+                        if seen < s.compacted {
+                            let gone = status(
+                                410,
+                                "Expired",
+                                &format!("too old resource version: {seen} ({})", s.compacted),
+                            );
+                            let line = json!({"type": "ERROR", "object": gone}).to_string() + "\n";
+                            return Some((Ok(line), (shared.clone(), tick, seen, false, true)));
+                        }
+                        if bookmark {
+                            // Everything up to `seen` has been sent (it is where the watch
+                            // started), so that is what the bookmark may say.
+                            let object = json!({
+                                "apiVersion": c.api_version, "kind": c.kind,
+                                "metadata": {"resourceVersion": seen.to_string()},
+                            });
+                            let line =
+                                json!({"type": "BOOKMARK", "object": object}).to_string() + "\n";
+                            drop(s);
+                            return Some((Ok(line), (shared, tick, seen, false, false)));
+                        }
+                        s.log
+                            .iter()
+                            .find(|(rv, path, _, object)| {
+                                *rv > seen
+                                    && *path == c.path
+                                    && in_namespace(object, namespace.as_deref())
+                            })
+                            .map(|(rv, _, kind, object)| {
+                                (
+                                    *rv,
+                                    json!({"type": kind, "object": object}).to_string() + "\n",
+                                )
+                            })
+                    };
+                    if let Some((rv, line)) = line {
+                        seen = rv;
                         return Some((Ok(line), (shared, tick, seen, false, false)));
                     }
-                    s.log
-                        .iter()
-                        .find(|(rv, path, _, _)| *rv > seen && *path == c.path)
-                        .map(|(rv, _, kind, object)| {
-                            (
-                                *rv,
-                                json!({"type": kind, "object": object}).to_string() + "\n",
-                            )
-                        })
-                };
-                if let Some((rv, line)) = line {
-                    seen = rv;
-                    return Some((Ok(line), (shared, tick, seen, false, false)));
-                }
-                // Nothing new: wait for a change, or end at the timeout.
-                tokio::select! {
-                    r = tick.changed() => if r.is_err() { return None; },
-                    _ = tokio::time::sleep_until(deadline) => return None,
+                    // Nothing new: wait for a change, or end at the timeout.
+                    tokio::select! {
+                        r = tick.changed() => if r.is_err() { return None; },
+                        _ = tokio::time::sleep_until(deadline) => return None,
+                    }
                 }
             }
         },

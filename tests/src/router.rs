@@ -94,6 +94,21 @@ impl Bird {
         Ok(())
     }
 
+    /// Replaces the configuration (as [`Bird::start`] writes it) and has BIRD load it
+    /// (`birdc configure`): protocols whose options changed restart, as on a router
+    /// whose operator changed them.
+    pub fn reconfigure(&self, config: &str) -> Result<()> {
+        std::fs::write(
+            &self.conf,
+            format!("log \"{}\" all;\n{config}", self.log.display()),
+        )?;
+        let out = self.birdc(&["configure"])?;
+        if !out.contains("Reconfigur") {
+            bail!("birdc configure: {out}");
+        }
+        Ok(())
+    }
+
     /// `birdc -s SOCKET ARGS...`'s output.
     pub fn birdc(&self, args: &[&str]) -> Result<String> {
         let out = output(

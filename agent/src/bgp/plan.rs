@@ -131,6 +131,11 @@ impl Plan {
             if !any_selects(&peer.node_selectors, &labels) {
                 continue;
             }
+            if peer.password_secret.is_some() && peer.password.is_none() {
+                // Its Secret is not readable (reported by the source): a session
+                // without the key would only be refused by the router.
+                continue;
+            }
             let Some(router_id) = peer.router_id.or(node_ip) else {
                 // No identifier (RFC 4271 §4.2 needs a non-zero one): no session.
                 continue;
@@ -219,6 +224,7 @@ mod tests {
             hold_time: Duration::from_secs(90),
             keepalive_time: None,
             password: None,
+            password_secret: None,
             ebgp_multihop: false,
             graceful_restart: false,
             bfd_profile: None,
@@ -282,6 +288,23 @@ mod tests {
         }
         assert_eq!(routes(&snap, "node-a"), nets(&["10.0.100.1/32"]));
         assert_eq!(routes(&snap, "node-b"), both);
+    }
+
+    #[test]
+    fn a_peer_waiting_for_its_secret_has_no_session_and_gets_its_key() {
+        let mut snap = lab();
+        let r1 = snap.bgp.peers.get_mut("x/r1").unwrap();
+        r1.password_secret = Some(crate::model::SecretRef {
+            namespace: "x".into(),
+            name: "k".into(),
+        });
+        assert!(plan_of(&snap, "node-a").peers.is_empty());
+        snap.bgp.peers.get_mut("x/r1").unwrap().password = Some("s3cret".into());
+        let plan = plan_of(&snap, "node-a");
+        assert_eq!(
+            plan.peers["x/r1"].session.password.as_deref(),
+            Some("s3cret")
+        );
     }
 
     #[test]

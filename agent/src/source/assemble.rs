@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     Changed,
-    convert::{Body, Kind, Object, ObjectKey},
+    convert::{Body, Kind, Object, ObjectKey, SecretKey},
 };
 use crate::model::{self, ConfigError, Endpoint, ErrorKind, Probe, ServiceRef, Snapshot};
 
@@ -50,6 +50,10 @@ pub(crate) struct Index {
     allocated: BTreeMap<ServiceRef, Vec<std::net::IpAddr>>,
     /// Why Services that asked for an address got none.
     pub(crate) ipam_errors: Vec<ConfigError>,
+    /// Secrets by namespace and name: their `password` key (BGPPeer `passwordSecret`).
+    secrets: BTreeMap<model::SecretRef, SecretKey>,
+    /// Why BGPPeers naming a Secret have no key, by peer `namespace/name`.
+    secret_errors: BTreeMap<String, ConfigError>,
 }
 
 impl Index {
@@ -59,6 +63,17 @@ impl Index {
             empty: true,
             ..Index::default()
         }
+    }
+
+    /// The errors of the assembly (objects defined twice, slices joined to no port,
+    /// addresses not given, Secrets not readable), for the source's load.
+    pub(crate) fn errors(&self) -> impl Iterator<Item = &ConfigError> {
+        self.duplicates
+            .values()
+            .flatten()
+            .chain(self.join_errors.values().flatten())
+            .chain(self.ipam_errors.iter())
+            .chain(self.secret_errors.values())
     }
 
     /// Brings the model up to date after the files in `touched` changed (each with its
@@ -107,6 +122,7 @@ impl Index {
         }
         let mut services: BTreeSet<ServiceRef> = BTreeSet::new();
         let mut all = whole;
+        let mut keyed = whole;
         for key in keys {
             let used = self.used(files, &key);
             match self.defs.get(&key) {
@@ -186,10 +202,30 @@ impl Index {
                         },
                     );
                 }
+                Kind::Secret => {
+                    // Only BGPPeers read Secrets: resolved below, and the model handed
+                    // on again only if a peer's key changed.
+                    keyed = true;
+                    let name = model::SecretRef {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                    };
+                    match used {
+                        Some((
+                            _,
+                            Object {
+                                body: Body::Secret(k),
+                                ..
+                            },
+                        )) => self.secrets.insert(name, k.clone()),
+                        _ => self.secrets.remove(&name),
+                    };
+                }
                 Kind::BgpPeer | Kind::BgpAnnouncement | Kind::BfdProfile => {
                     // What BGP announces where: not part of the desired maps, but the
                     // whole model is handed on again.
                     all = true;
+                    keyed |= key.kind == Kind::BgpPeer;
                     let name = format!("{}/{}", key.namespace, key.name);
                     let bgp = &mut Arc::make_mut(&mut self.snapshot).bgp;
                     let body = used.map(|(_, o)| &o.body);
@@ -248,6 +284,9 @@ impl Index {
                 self.defs.remove(&key);
             }
         }
+        if keyed && self.resolve_passwords() {
+            all = true;
+        }
         let joined: Vec<_> = services.iter().map(|s| self.join(files, s)).collect();
         let snapshot = Arc::make_mut(&mut self.snapshot);
         for (sref, (svc, errors)) in services.iter().zip(joined) {
@@ -267,6 +306,52 @@ impl Index {
         } else {
             Changed::Services(services)
         }
+    }
+
+    /// Gives every BGPPeer with a `passwordSecret` the key its Secret holds now (none
+    /// while the Secret or its key is missing or unusable, reported as an error);
+    /// whether any peer's key changed.
+    fn resolve_passwords(&mut self) -> bool {
+        let mut changed = false;
+        let mut errors = BTreeMap::new();
+        let peers = &mut Arc::make_mut(&mut self.snapshot).bgp.peers;
+        for (name, peer) in peers.iter_mut() {
+            let Some(secret) = &peer.password_secret else {
+                continue;
+            };
+            let why = match self.secrets.get(secret) {
+                Some(SecretKey::Key(k)) => {
+                    if peer.password.as_ref() != Some(k) {
+                        peer.password = Some(k.clone());
+                        changed = true;
+                    }
+                    continue;
+                }
+                Some(SecretKey::Invalid(why)) => (*why).to_string(),
+                Some(SecretKey::Missing) => "it has no password key".to_string(),
+                None => {
+                    "not found (the Kubernetes API source reads Secrets in the agent's namespace only)"
+                        .to_string()
+                }
+            };
+            if peer.password.take().is_some() {
+                changed = true;
+            }
+            errors.insert(
+                name.clone(),
+                ConfigError {
+                    origin: peer.origin.clone(),
+                    object: format!("BGPPeer {name}"),
+                    field: "spec.passwordSecret".into(),
+                    message: format!(
+                        "Secret {secret}: {why}; the peer has no session until it has a key"
+                    ),
+                    kind: ErrorKind::SecretUnavailable,
+                },
+            );
+        }
+        self.secret_errors = errors;
+        changed
     }
 
     /// The used definition of `key`: its file and object.

@@ -7,8 +7,10 @@
 //! [`super::assemble`]'s.
 //!
 //! Kinds: `v1 Service` (LoadBalancer and NodePort), `discovery.k8s.io/v1
-//! EndpointSlice`, `v1 Node`, `xlb.dev/v1alpha1 L2Announcement` and `StaticService`
-//! (see `static_service`).
+//! EndpointSlice`, `v1 Node`, `v1 Namespace` (labels), `v1 Secret` (the `password`
+//! key, for BGPPeer `passwordSecret`), and `xlb.dev/v1alpha1` L2Announcement,
+//! AddressPool, StaticService (see `static_service`), BGPPeer, BGPAnnouncement and
+//! BFDProfile.
 use std::{
     net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
@@ -97,6 +99,7 @@ pub(crate) enum Kind {
     BgpPeer,
     BgpAnnouncement,
     BfdProfile,
+    Secret,
 }
 
 impl Kind {
@@ -112,6 +115,7 @@ impl Kind {
             Kind::BgpPeer => "BGPPeer",
             Kind::BgpAnnouncement => "BGPAnnouncement",
             Kind::BfdProfile => "BFDProfile",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -135,6 +139,31 @@ pub(crate) enum Body {
     BgpPeer(model::BgpPeer),
     BgpAnnouncement(model::BgpAnnouncement),
     BfdProfile(model::BfdProfile),
+    /// A Secret's `password` key, as a BGPPeer's `passwordSecret` reads it.
+    Secret(SecretKey),
+}
+
+/// The `password` key of a Secret. Whether it is usable is only reported when a
+/// BGPPeer names the Secret: a namespace holds many Secrets that are not xlb's.
+#[derive(Clone, PartialEq)]
+pub(crate) enum SecretKey {
+    /// No `password` key (in `data` or `stringData`).
+    Missing,
+    /// A `password` key that cannot be a TCP MD5 key, and why.
+    Invalid(&'static str),
+    /// The key.
+    Key(String),
+}
+
+impl std::fmt::Debug for SecretKey {
+    // Secrets stay out of logs and debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretKey::Missing => f.write_str("Missing"),
+            SecretKey::Invalid(why) => write!(f, "Invalid({why:?})"),
+            SecretKey::Key(_) => f.write_str("Key(<redacted>)"),
+        }
+    }
 }
 
 /// A validated IPv4 EndpointSlice, not yet joined to its Service.
@@ -209,6 +238,7 @@ pub(crate) fn parse_object(
         ("xlb.dev/v1alpha1", "BGPPeer") => Kind::BgpPeer,
         ("xlb.dev/v1alpha1", "BGPAnnouncement") => Kind::BgpAnnouncement,
         ("xlb.dev/v1alpha1", "BFDProfile") => Kind::BfdProfile,
+        ("v1", "Secret") => Kind::Secret,
         // Other kinds (ConfigMaps, xlb.dev resources, ...) are not this source's
         // business yet.
         _ => return None,
@@ -280,7 +310,7 @@ pub(crate) fn parse_object(
             .map(|s| Some(Body::Service(Some(Box::new(s))))),
         Kind::BgpPeer => cx
             .deserialize(doc)
-            .and_then(|p| bgp_peer(&mut cx, &key.name, p))
+            .and_then(|p| bgp_peer(&mut cx, &key.namespace, &key.name, p))
             .map(|p| Some(Body::BgpPeer(p))),
         Kind::BgpAnnouncement => cx
             .deserialize(doc)
@@ -290,6 +320,9 @@ pub(crate) fn parse_object(
             .deserialize(doc)
             .and_then(|b| bfd_profile(&mut cx, b))
             .map(|b| Some(Body::BfdProfile(b))),
+        Kind::Secret => cx
+            .deserialize::<core::Secret>(doc)
+            .map(|s| Some(Body::Secret(secret_key(s)))),
     };
     match decoded {
         Ok(body) => body.map(|body| Object { key, body }),
@@ -930,7 +963,12 @@ struct BgpPeerDoc {
 
 /// Validates a BGPPeer. Any bad field refuses the peer (its last good version is
 /// kept): a session half-configured would come up with the wrong AS or timers.
-fn bgp_peer(cx: &mut Cx<'_>, name: &str, doc: BgpPeerDoc) -> Result<model::BgpPeer, Invalid> {
+fn bgp_peer(
+    cx: &mut Cx<'_>,
+    peer_namespace: &str,
+    name: &str,
+    doc: BgpPeerDoc,
+) -> Result<model::BgpPeer, Invalid> {
     let spec = doc.spec;
     let mut invalid = false;
     for (field, asn) in [("spec.myASN", spec.my_asn), ("spec.peerASN", spec.peer_asn)] {
@@ -994,12 +1032,28 @@ fn bgp_peer(cx: &mut Cx<'_>, name: &str, doc: BgpPeerDoc) -> Result<model::BgpPe
         cx.error("spec.password", ErrorKind::InvalidValue, message);
         invalid = true;
     }
-    if spec.password_secret.is_some() {
-        let message =
-            "passwordSecret needs the Kubernetes API source; write the key in spec.password";
-        cx.error("spec.passwordSecret", ErrorKind::InvalidValue, message);
-        invalid = true;
-    }
+    let password_secret = match &spec.password_secret {
+        None => None,
+        Some(_) if spec.password.as_deref().is_some_and(|p| !p.is_empty()) => {
+            let message = "set either password or passwordSecret, not both";
+            cx.error("spec.passwordSecret", ErrorKind::InvalidValue, message);
+            invalid = true;
+            None
+        }
+        Some(r) => {
+            let namespace = r.namespace.as_deref().filter(|n| !n.is_empty());
+            let namespace = namespace.unwrap_or(peer_namespace);
+            if !is_dns_subdomain(&r.name) || !is_dns_label(namespace) {
+                let message = "not a valid Secret name and namespace";
+                cx.error("spec.passwordSecret", ErrorKind::InvalidValue, message);
+                invalid = true;
+            }
+            Some(model::SecretRef {
+                namespace: namespace.to_string(),
+                name: r.name.clone(),
+            })
+        }
+    };
     let router_id = match spec.router_id.as_deref().map(str::trim) {
         None => Ok(None),
         Some(text) => match text.parse::<std::net::Ipv4Addr>() {
@@ -1045,6 +1099,7 @@ fn bgp_peer(cx: &mut Cx<'_>, name: &str, doc: BgpPeerDoc) -> Result<model::BgpPe
         hold_time: hold,
         keepalive_time,
         password: spec.password.filter(|p| !p.is_empty()),
+        password_secret,
         ebgp_multihop: spec.ebgp_multi_hop,
         graceful_restart: spec.enable_graceful_restart,
         bfd_profile: spec.bfd_profile.filter(|p| !p.is_empty()),
@@ -1052,6 +1107,30 @@ fn bgp_peer(cx: &mut Cx<'_>, name: &str, doc: BgpPeerDoc) -> Result<model::BgpPe
         router_id,
         origin: cx.origin.to_string(),
     })
+}
+
+/// A Secret's `password` key: `data` (base64 on the wire, decoded by k8s-openapi),
+/// else `stringData` (as a manifest may write it; the API server folds it into
+/// `data`), as MetalLB's `passwordSecret` reads it.
+fn secret_key(secret: core::Secret) -> SecretKey {
+    const KEY: &str = "password";
+    let bytes = match (secret.data, secret.string_data) {
+        (Some(mut data), _) if data.contains_key(KEY) => data.remove(KEY).map(|b| b.0),
+        (_, Some(mut text)) => text.remove(KEY).map(String::into_bytes),
+        _ => None,
+    };
+    let Some(bytes) = bytes else {
+        return SecretKey::Missing;
+    };
+    match String::from_utf8(bytes) {
+        Err(_) => SecretKey::Invalid("its password is not UTF-8 text"),
+        // TCP_MD5SIG_MAXKEYLEN (include/uapi/linux/tcp.h).
+        Ok(k) if k.len() > 80 => {
+            SecretKey::Invalid("its password is longer than the kernel's 80-byte TCP MD5 key limit")
+        }
+        Ok(k) if k.is_empty() => SecretKey::Invalid("its password is empty"),
+        Ok(k) => SecretKey::Key(k),
+    }
 }
 
 /// `xlb.dev/v1alpha1 BGPAnnouncement` as written (MetalLB BGPAdvertisement names).

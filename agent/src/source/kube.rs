@@ -1,7 +1,9 @@
 //! The Kubernetes API source: kube-rs watchers on Services, EndpointSlices, Nodes,
-//! Namespaces (their labels, for pools' `namespaceSelectors`) and xlb's L2Announcements and AddressPools feed the same conversion ([`super::convert`]) and assembly
-//! ([`super::assemble`]) as the manifest directory, so nothing after the model knows
-//! which source it was.
+//! Namespaces (their labels, for pools' `namespaceSelectors`), every xlb.dev kind
+//! (L2Announcement, AddressPool, StaticService, BGPPeer, BGPAnnouncement, BFDProfile)
+//! and the Secrets of the agent's own namespace (BGPPeer `passwordSecret`) feed the
+//! same conversion ([`super::convert`]) and assembly ([`super::assemble`]) as the
+//! manifest directory, so nothing after the model knows which source it was.
 //!
 //! Each API object is its own origin (`kube:/api/v1/namespaces/NS/services/NAME`),
 //! holding its converted object or, when an update is invalid, its last good
@@ -9,6 +11,11 @@
 //! after `410 Gone`; reconnects with back-off: kube-runtime's `watcher`) run as tasks
 //! and leave their updates in an inbox; [`KubeSource::load_if_changed`] takes them,
 //! coalesced per object. A relist reports objects that vanished meanwhile as deleted.
+//!
+//! A kind the API server refuses (403: the agent's RBAC lacks it, as after an upgrade
+//! that kept an older ClusterRole) or does not serve (404: its CRD is not installed)
+//! is reported once, naming the permission, and taken as empty if it was never
+//! listed (else its last listed objects stay); the other kinds keep working.
 //!
 //! The dataplane never waits on the API server: until every kind has been listed once
 //! ([`KubeSource::synced`]) nothing is loaded, so a restarted agent keeps serving what
@@ -42,13 +49,28 @@ use super::{
 use crate::model::{ConfigError, Probe};
 
 /// The kinds watched, by the name used in logs and [`ApiStatus`].
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 11] = [
     "Service",
     "EndpointSlice",
     "Node",
     "Namespace",
     "L2Announcement",
     "AddressPool",
+    "StaticService",
+    "BGPPeer",
+    "BGPAnnouncement",
+    "BFDProfile",
+    "Secret",
+];
+
+/// xlb.dev kinds (v1alpha1) with their plurals, watched in every namespace.
+const XLB_KINDS: [(&str, &str); 6] = [
+    ("L2Announcement", "l2announcements"),
+    ("AddressPool", "addresspools"),
+    ("StaticService", "staticservices"),
+    ("BGPPeer", "bgppeers"),
+    ("BGPAnnouncement", "bgpannouncements"),
+    ("BFDProfile", "bfdprofiles"),
 ];
 
 /// What the API connection looks like, for metrics and `/healthz`.
@@ -59,6 +81,8 @@ pub struct ApiStatus {
     /// The last watch request failed (the model is the last good one); cleared by
     /// the next event.
     pub unreachable: Option<String>,
+    /// Kinds the API server refuses (403 Forbidden, 404 Not Found), with the verb.
+    pub refused: BTreeMap<&'static str, String>,
 }
 
 /// One API object's converted form (its last good version) and the errors of its
@@ -112,23 +136,17 @@ fn lock(inbox: &Mutex<Inbox>) -> MutexGuard<'_, Inbox> {
 }
 
 impl KubeSource {
-    /// Starts the watchers with `client`; `changed` gets a `()` after each batch of
-    /// events (coalesced: a full channel means a load is pending already).
+    /// Starts the watchers with `client`; Secrets are read in `namespace` only (the
+    /// agent's own). `changed` gets a `()` after each batch of events (coalesced: a
+    /// full channel means a load is pending already).
     pub fn start(
         client: Client,
         node_ports: RangeInclusive<u16>,
+        namespace: &str,
         changed: mpsc::Sender<()>,
     ) -> KubeSource {
         let inbox = Arc::new(Mutex::new(Inbox::default()));
-        let l2 = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("xlb.dev", "v1alpha1", "L2Announcement"),
-            "l2announcements",
-        );
-        let pools = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("xlb.dev", "v1alpha1", "AddressPool"),
-            "addresspools",
-        );
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(watch(
                 Api::<core::Service>::all(client.clone()),
                 (),
@@ -158,21 +176,28 @@ impl KubeSource {
                 inbox.clone(),
                 changed.clone(),
             )),
+            // BGPPeer passwordSecrets: only the agent's namespace (RBAC: a Role there).
             tokio::spawn(watch(
-                Api::<DynamicObject>::all_with(client.clone(), &l2),
-                l2.clone(),
-                "L2Announcement",
+                Api::<core::Secret>::namespaced(client.clone(), namespace),
+                (),
+                "Secret",
                 inbox.clone(),
                 changed.clone(),
             )),
-            tokio::spawn(watch(
-                Api::<DynamicObject>::all_with(client, &pools),
-                pools.clone(),
-                "AddressPool",
-                inbox.clone(),
-                changed,
-            )),
         ];
+        for (kind, plural) in XLB_KINDS {
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("xlb.dev", "v1alpha1", kind),
+                plural,
+            );
+            tasks.push(tokio::spawn(watch(
+                Api::<DynamicObject>::all_with(client.clone(), &ar),
+                ar.clone(),
+                kind,
+                inbox.clone(),
+                changed.clone(),
+            )));
+        }
         KubeSource {
             docs: BTreeMap::new(),
             index: Index::new(),
@@ -244,9 +269,7 @@ impl KubeSource {
             .values()
             .flat_map(|d| d.errors.iter().cloned())
             .collect();
-        errors.extend(self.index.duplicates.values().flatten().cloned());
-        errors.extend(self.index.join_errors.values().flatten().cloned());
-        errors.extend(self.index.ipam_errors.iter().cloned());
+        errors.extend(self.index.errors().cloned());
         Some(Loaded {
             snapshot: Arc::clone(&self.index.snapshot),
             changed,
@@ -256,8 +279,7 @@ impl KubeSource {
         })
     }
 
-    /// StaticService health verdicts (see the manifest source's `set_health`; the API
-    /// source carries no StaticServices today, so this only keeps the contract).
+    /// StaticService health verdicts (see the manifest source's `set_health`).
     pub fn set_health(&mut self, verdicts: BTreeMap<Probe, bool>) {
         self.index.set_health(&self.docs, verdicts);
     }
@@ -340,44 +362,109 @@ async fn watch<K>(
     K: Resource + Clone + DeserializeOwned + Serialize + Debug + Send + 'static,
     K::DynamicType: Send,
 {
+    let resource = match K::group(&dt).as_ref() {
+        "" => K::plural(&dt).into_owned(),
+        g => format!("{}.{g}", K::plural(&dt)),
+    };
+    let scope = match api.namespace() {
+        Some(ns) => format!("in namespace {ns}"),
+        None => "cluster-wide".to_string(),
+    };
     let mut stream = watcher(api, watcher::Config::default())
         .backoff(Reconnect::new(kind))
         .boxed();
     let mut reported: Option<String> = None;
+    // The refusal last reported (403/404 and the verb), so that it is said once.
+    let mut refused: Option<(u16, &str)> = None;
     while let Some(item) = stream.next().await {
-        let mut inbox = lock(&inbox);
-        match item {
-            Ok(event) => {
-                if inbox.status.unreachable.take().is_some() {
-                    info!(kind, "API server reachable again");
+        // The guard must not live across the pause below (the task must stay Send).
+        let pause = {
+            let mut pause = false;
+            let mut inbox = lock(&inbox);
+            match item {
+                Ok(event) => {
+                    if inbox.status.unreachable.take().is_some() {
+                        info!(kind, "API server reachable again");
+                    }
+                    reported = None;
+                    // A watch event proves watching works; a complete list, listing.
+                    let listed = matches!(event, watcher::Event::InitDone)
+                        && refused.is_some_and(|(_, verb)| verb == "list");
+                    if listed {
+                        info!(kind, "listed now: the API server no longer refuses it");
+                    }
+                    if listed
+                        || matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_))
+                    {
+                        refused = None;
+                        inbox.status.refused.remove(kind);
+                    }
+                    apply(&mut inbox, kind, event, |o| {
+                        (origin(o, &dt), serde_json::to_value(o).ok())
+                    });
                 }
-                reported = None;
-                apply(&mut inbox, kind, event, |o| {
-                    (origin(o, &dt), serde_json::to_value(o).ok())
-                });
+                Err(e) => match refusal(&e) {
+                    Some((code, verb)) => {
+                        if refused != Some((code, verb)) {
+                            refused = Some((code, verb));
+                            let what = match code {
+                                403 => format!("{verb} forbidden"),
+                                _ => "not served".to_string(),
+                            };
+                            inbox.status.refused.insert(kind, what);
+                            if code == 403 {
+                                warn!(
+                                    kind,
+                                    permission = %format!("{verb} {resource} {scope}"),
+                                    "forbidden by RBAC (grant the agent's service account this permission); taken as empty, the other kinds keep working"
+                                );
+                            } else {
+                                warn!(
+                                    kind,
+                                    resource = %resource,
+                                    "not served by the API server (CRD not installed?); taken as empty, the other kinds keep working"
+                                );
+                            }
+                        }
+                        // Refused from the start: nothing of this kind is visible, which is
+                        // not an outage. Listed before: what was listed stays.
+                        if verb == "list" {
+                            inbox.status.synced.insert(kind);
+                        } else {
+                            // A list allowed and a watch refused: each retry lists again,
+                            // and the back-off restarts after every good list; this keeps
+                            // those lists 5 s apart.
+                            pause = true;
+                        }
+                    }
+                    None => {
+                        let text = e.to_string();
+                        if reported.as_deref() != Some(text.as_str()) {
+                            warn!(kind, error = %text, "watching the API server failed; keeping the last model and retrying");
+                            reported = Some(text.clone());
+                        }
+                        inbox.status.unreachable = Some(text);
+                    }
+                },
             }
-            // A kind whose CRD is not installed lists as empty (404): nothing of that
-            // kind exists, which is not an outage.
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => {
-                if inbox.status.synced.insert(kind) {
-                    warn!(
-                        kind,
-                        "not served by the API server (CRD not installed?): taken as empty"
-                    );
-                }
-            }
-            Err(e) => {
-                let text = e.to_string();
-                if reported.as_deref() != Some(text.as_str()) {
-                    warn!(kind, error = %text, "watching the API server failed; keeping the last model and retrying");
-                    reported = Some(text.clone());
-                }
-                inbox.status.unreachable = Some(text);
-            }
-        }
-        drop(inbox);
+            pause
+        };
         let _ = changed.try_send(());
+        if pause {
+            tokio::time::sleep(Reconnect::MAX).await;
+        }
     }
+}
+
+/// A refusal of a kind rather than an outage: `403 Forbidden` (RBAC) or `404 Not
+/// Found` (the resource is not served), with the verb refused (`list`, `watch`).
+fn refusal(e: &watcher::Error) -> Option<(u16, &'static str)> {
+    let (verb, status) = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s)) => ("list", s),
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => ("watch", s),
+        _ => return None,
+    };
+    matches!(status.code, 403 | 404).then_some((status.code, verb))
 }
 
 /// Records one watcher event.

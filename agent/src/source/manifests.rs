@@ -207,9 +207,7 @@ impl ManifestSource {
         if only_if_changed && !self.changed && recheck.is_none() && rechecked.is_empty() {
             return None;
         }
-        errors.extend(self.index.duplicates.values().flatten().cloned());
-        errors.extend(self.index.join_errors.values().flatten().cloned());
-        errors.extend(self.index.ipam_errors.iter().cloned());
+        errors.extend(self.index.errors().cloned());
         Some(Loaded {
             snapshot: Arc::clone(&self.index.snapshot),
             changed,
@@ -2361,5 +2359,82 @@ spec: { detectMultiplier: 1 }
             ]
         );
         assert_eq!(loaded.snapshot.bgp, Default::default());
+    }
+
+    #[test]
+    fn a_password_secret_gives_its_peer_the_key_and_follows_the_secret() {
+        // The conversion both sources share: a Secret in the directory (stringData as
+        // written, or base64 data as the API server sends it) keys the peer naming it.
+        let dir = tempfile::tempdir().unwrap();
+        let peer = "apiVersion: xlb.dev/v1alpha1
+kind: BGPPeer
+metadata: { name: tor, namespace: xlb-system }
+spec: { myASN: 4200000002, peerASN: 4200000001, peerAddress: 10.0.0.1, passwordSecret: { name: tor-key } }
+";
+        write(dir.path(), "peer.yaml", peer);
+        let secret = |data: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{ name: tor-key, namespace: xlb-system }}\n{data}\n"
+            )
+        };
+        let mut source = ManifestSource::new(dir.path()).with_empty_grace(Duration::ZERO);
+        let password = |l: &Loaded| l.snapshot.bgp.peers["xlb-system/tor"].password.clone();
+
+        // No Secret yet: no key, reported on the peer.
+        let loaded = source.load();
+        assert_eq!(password(&loaded), None);
+        assert_eq!(
+            where_(&loaded),
+            [(
+                "secret_unavailable",
+                "BGPPeer xlb-system/tor",
+                "spec.passwordSecret"
+            )]
+        );
+
+        write(
+            dir.path(),
+            "secret.yaml",
+            &secret("stringData: { password: s3cret }"),
+        );
+        let loaded = source.load_if_changed().unwrap();
+        assert_eq!(loaded.errors, vec![]);
+        assert_eq!(password(&loaded).as_deref(), Some("s3cret"));
+        assert_eq!(loaded.changed, Changed::All, "a new key is a BGP change");
+
+        // base64 "n3w": the key follows the Secret.
+        write(
+            dir.path(),
+            "secret.yaml",
+            &secret("data: { password: bjN3 }"),
+        );
+        let loaded = source.load_if_changed().unwrap();
+        assert_eq!(password(&loaded).as_deref(), Some("n3w"));
+
+        // A Secret without the key, then none at all: the peer loses its key.
+        write(dir.path(), "secret.yaml", &secret("data: { other: bjN3 }"));
+        let loaded = source.load_if_changed().unwrap();
+        assert_eq!(password(&loaded), None);
+        assert!(
+            loaded.errors[0].message.contains("no password key"),
+            "{:?}",
+            loaded.errors
+        );
+        fs::remove_file(dir.path().join("secret.yaml")).unwrap();
+        let loaded = source.load_if_changed().unwrap();
+        assert_eq!(password(&loaded), None);
+        assert_eq!(loaded.errors.len(), 1);
+
+        // password and passwordSecret together are refused.
+        let both = peer.replace("passwordSecret:", "password: x, passwordSecret:");
+        let loaded = load_one(&both);
+        assert_eq!(
+            where_(&loaded),
+            [(
+                "invalid_value",
+                "BGPPeer xlb-system/tor",
+                "spec.passwordSecret"
+            )]
+        );
     }
 }

@@ -563,9 +563,13 @@ mod tests {
         assert!(f.uses("xdp_adjust_head"), "{f:#?}");
         f.check_required().expect("this kernel runs xlb");
         let forced = Features::probe(&[Fallback::All]).expect("probe");
-        assert!(!forced.xdp_meta() && !forced.tcx());
+        assert!(!forced.xdp_meta() && !forced.tcx() && !forced.managed_neigh());
         let fb = forced.fallbacks();
-        assert_eq!(fb.len(), 2, "{fb:?}");
+        let optional = PROBES.iter().filter(|p| p.fallback.is_some()).count();
+        assert_eq!(fb.len(), optional, "{fb:?}");
+        let one = Features::probe(&[Fallback::ManagedNeigh]).expect("probe");
+        assert!(!one.managed_neigh());
+        assert_eq!(one.tcx(), f.tcx(), "forcing one fallback leaves the others");
     }
 
     /// A helper id no kernel has is reported missing, by the verifier's own words.

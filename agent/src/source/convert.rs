@@ -829,6 +829,31 @@ struct L2AnnouncementDoc {
     spec: crate::crd::L2AnnouncementSpec,
 }
 
+/// Address blocks a pool may not reach into (RFC 6890's special-purpose registries):
+/// nothing there can be a Service's address on a LAN or a router's table.
+const SPECIAL_BLOCKS: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\" (unspecified)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved and broadcast"),
+    ("::/127", "unspecified and loopback"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// The first special-purpose block the inclusive range `(first, last)` overlaps.
+fn special_block((first, last): (IpAddr, IpAddr)) -> Option<(&'static str, &'static str)> {
+    SPECIAL_BLOCKS.iter().copied().find(|(block, _)| {
+        // The table's entries are constant CIDRs: they parse.
+        let Ok(net) = block.parse::<ipnet::IpNet>() else {
+            return false;
+        };
+        let (lo, hi) = (net.network(), net.broadcast());
+        lo.is_ipv4() == first.is_ipv4() && first <= hi && last >= lo
+    })
+}
+
 /// `xlb.dev/v1alpha1 AddressPool` as written (MetalLB IPAddressPool field names).
 #[derive(Deserialize)]
 pub(crate) struct AddressPoolDoc {
@@ -836,7 +861,9 @@ pub(crate) struct AddressPoolDoc {
 }
 
 /// Validates an AddressPool: every address a CIDR (`10.0.0.0/24`) or an inclusive
-/// `first-last` range of one family. Any bad address refuses the pool (its last
+/// `first-last` range of one family, reaching into no special-purpose block
+/// ([`SPECIAL_BLOCKS`]: `0.0.0.0/0` would hand out loopback and multicast addresses).
+/// Any bad address refuses the pool (its last
 /// good version is kept): a pool that silently shrank would hand out other
 /// addresses.
 fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPool, Invalid> {
@@ -857,7 +884,16 @@ fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPo
                 .map(|n| (n.network(), n.broadcast()))
         };
         match range {
-            Some(r) => ranges.push(r),
+            Some(r) => match special_block(r) {
+                None => ranges.push(r),
+                Some((block, what)) => {
+                    let message = format!(
+                        "{text:?} includes {what} addresses ({block}), which no Service may be given"
+                    );
+                    cx.error(field, ErrorKind::InvalidIp, message);
+                    invalid = true;
+                }
+            },
             None => {
                 let message = format!(
                     "{text:?} is neither a CIDR (10.0.0.0/24) nor a range of one family (10.0.0.10-10.0.0.20)"

@@ -2117,6 +2117,45 @@ spec:
     }
 
     #[test]
+    fn pools_reaching_into_special_purpose_addresses_are_refused() {
+        let pool = |name: &str, addrs: &str| {
+            format!(
+                "apiVersion: xlb.dev/v1alpha1\nkind: AddressPool\nmetadata: {{ name: {name}, namespace: xlb-system }}\nspec: {{ addresses: [{addrs}] }}\n"
+            )
+        };
+        let refused = [
+            ("all4", "0.0.0.0/0", "\"this network\""),
+            ("all6", "\"::/0\"", "unspecified and loopback"),
+            ("lo", "127.0.0.0/8", "loopback"),
+            ("ll", "169.254.0.0/16", "link-local"),
+            ("mc", "224.0.0.0/24", "multicast"),
+            ("bc", "255.255.255.255/32", "broadcast"),
+            ("mc6", "\"ff02::/16\"", "multicast"),
+            ("ll6", "\"fe80::1-fe80::9\"", "link-local"),
+            ("span", "223.255.255.250-224.0.0.5", "multicast"),
+        ];
+        let mut docs: Vec<String> = refused.iter().map(|(n, a, _)| pool(n, a)).collect();
+        docs.push(pool("ok", "10.0.0.0/8, 192.0.2.0/24, \"2001:db8::/64\""));
+        let loaded = load_one(&docs.join("---\n"));
+        let pools: Vec<&str> = loaded
+            .snapshot
+            .address_pools
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(pools, ["ok"], "{:#?}", loaded.errors);
+        for (name, _, what) in refused {
+            let e = loaded
+                .errors
+                .iter()
+                .find(|e| e.object.contains(&format!("/{name}")))
+                .unwrap_or_else(|| panic!("no error for {name}: {:#?}", loaded.errors));
+            assert_eq!(e.field, "spec.addresses[0]", "{e:?}");
+            assert!(e.message.contains(what), "{name}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn address_pools_give_addresses_with_metallb_annotations_and_classes() {
         let pools = "apiVersion: xlb.dev/v1alpha1
 kind: AddressPool

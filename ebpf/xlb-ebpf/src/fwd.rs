@@ -81,30 +81,21 @@ fn try_deliver(ctx: &TcContext) -> Option<i32> {
     }
     // SAFETY: plain data lookup.
     unsafe { PEER_DEVS.get(&p.ifindex) }?;
-    // (bpf_fib_lookup does not change packet data: the pointers stay valid.) At TC
-    // the header's one's-complement sum is unchanged by `route_headers` (its checksum
-    // compensates), so a CHECKSUM_COMPLETE skb->csum stays right; the MACs lie
-    // outside it.
-    route_headers(eth, ip, &p);
-    count(xlb_common::Reason::FwdPeer);
-    // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect_peer(p.ifindex, 0) } as i32)
-}
-
-/// A router's work on a packet about to go to the FIB's next hop `p` (RFC 1812
-/// section 5.3.1): TTL down by one, the header checksum updated incrementally (TTL
-/// shares a 16-bit word with the protocol), MACs from the lookup. `eth` was bounds
-/// checked by the caller (`ptr_at`), as `ip` was.
-#[inline(always)]
-fn route_headers(eth: *mut EthHdr, ip: &mut Ipv4Hdr, p: &bpf_fib_lookup) {
+    // (bpf_fib_lookup does not change packet data: the pointers stay valid.)
+    // TTL shares a 16-bit word with the protocol. The header's one's-complement sum is
+    // unchanged (its checksum compensates), so a CHECKSUM_COMPLETE skb->csum stays
+    // right; the MACs lie outside it.
     let old = [ip.ttl, ip.proto];
     ip.ttl -= 1;
     ip.check = csum::replace2(u16::from_be_bytes(ip.check), old, [ip.ttl, ip.proto]).to_be_bytes();
-    // SAFETY: bounds checked by the caller's ptr_at.
+    // SAFETY: bounds checked by ptr_at.
     unsafe {
         (*eth).dst_addr = p.dmac;
         (*eth).src_addr = p.smac;
     }
+    count(xlb_common::Reason::FwdPeer);
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect_peer(p.ifindex, 0) } as i32)
 }
 
 /// FIB lookup parameters for forwarding the IPv4 packet with header `ip` that came
@@ -173,7 +164,15 @@ fn redirect_inner(ctx: &XdpContext, resolve: bool) -> Option<u32> {
         // No neighbour entry yet, not forwardable, ...: the kernel knows what to do.
         return None;
     }
-    route_headers(eth, ip, &p);
+    // Decrement TTL as a router would; TTL shares a 16-bit word with the protocol.
+    let old = [ip.ttl, ip.proto];
+    ip.ttl -= 1;
+    ip.check = csum::replace2(u16::from_be_bytes(ip.check), old, [ip.ttl, ip.proto]).to_be_bytes();
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = p.dmac;
+        (*eth).src_addr = p.smac;
+    }
     // SAFETY: plain helper call.
     Some(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
 }

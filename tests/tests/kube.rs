@@ -109,15 +109,21 @@ fn an_agent_on_the_api_source_serves_and_outlives_an_api_outage() -> Result<()> 
     // The API server goes away for OUTAGE: every flow keeps being served as before.
     api.set_down(true);
     wait_source_up(&mut lab, 0.0)?;
-    let (code, body) = lab.agent()?.http_get("/healthz")?;
-    ensure!(
-        code == 200,
-        "healthz {code} while only the API server is gone: {body}"
-    );
-    ensure!(
-        body.contains("API server unreachable"),
-        "healthz says: {body}"
-    );
+    // A watch that ended first reads "not listed yet" until its relist fails too:
+    // polled until the agent says the API server is unreachable, 200 throughout.
+    poll(
+        "healthz to say the API server is unreachable",
+        SOON,
+        Duration::from_millis(100),
+        || {
+            let (code, body) = lab.agent()?.http_get("/healthz")?;
+            ensure!(
+                code == 200,
+                "healthz {code} while only the API server is gone: {body}"
+            );
+            Ok(body.contains("API server unreachable").then_some(()))
+        },
+    )?;
     let until = Instant::now() + OUTAGE;
     let mut rounds = 0;
     while Instant::now() < until {

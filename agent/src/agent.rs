@@ -798,16 +798,23 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         let loaded = source.load();
         Some((source, loaded))
     });
+    // `--forward redirect` is XDP's: auto mode then keeps XDP on a virtual device.
+    let xdp_mode = match cfg.xdp_mode {
+        crate::netdev::XdpChoice::Auto if cfg.forward == ForwardMode::Redirect => {
+            crate::netdev::XdpChoice::AutoXdp
+        }
+        m => m,
+    };
     let (mut dp, xdp) = Dataplane::open(
         &cfg.interface,
         &cfg.pin_path,
-        cfg.xdp_mode,
+        xdp_mode,
         cfg.conntrack_size,
         &cfg.features,
     )?;
     info!(
         iface = %cfg.interface,
-        mode = if xdp.native { "native" } else { "generic" },
+        mode = xdp.mode(),
         driver = %xdp.driver,
         reason = %xdp.reason,
         "XDP attach mode"
@@ -845,10 +852,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         .xdp_mode
         .get_or_create(&vec![
             ("interface", cfg.interface.clone()),
-            (
-                "mode",
-                if xdp.native { "native" } else { "generic" }.to_string(),
-            ),
+            ("mode", xdp.mode().to_string()),
             ("driver", xdp.driver.clone()),
         ])
         .set(1);

@@ -403,6 +403,7 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
                 match v {
                     1 => "native".into(),
                     2 => "generic".into(),
+                    3 => "tc (no XDP program)".into(),
                     _ => "unknown".into(),
                 },
             ),

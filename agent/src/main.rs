@@ -50,7 +50,8 @@ enum Command {
         pin_path: PathBuf,
         /// XDP attach mode: `auto` (native on hardware NICs, generic on virtual devices
         /// such as veth; falls back to generic if native attach fails), `native`
-        /// (driver) or `generic` (skb).
+        /// (driver), `generic` (skb), or `tc`: no XDP program, the whole ingress
+        /// datapath at TC (cheaper than generic XDP, which copies every skb).
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         xdp_mode: Mode,
         /// Connection-tracking capacity (flows). Applies when the maps are created; run
@@ -237,6 +238,8 @@ enum Mode {
     Auto,
     Native,
     Generic,
+    /// No XDP program: the whole ingress datapath at TC.
+    Tc,
 }
 
 /// `--restart-grace`: `0s` to `5m`, written as `500ms`, `5s`, `1m`.
@@ -342,6 +345,7 @@ fn main() -> anyhow::Result<()> {
                     Mode::Auto => xlb::netdev::XdpChoice::Auto,
                     Mode::Native => xlb::netdev::XdpChoice::Native,
                     Mode::Generic => xlb::netdev::XdpChoice::Generic,
+                    Mode::Tc => xlb::netdev::XdpChoice::Tc,
                 },
                 conntrack_size,
                 forward: match forward {

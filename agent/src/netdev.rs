@@ -127,23 +127,46 @@ pub fn driver_info(iface: &str) -> Result<DriverInfo, NetdevError> {
 /// The XDP attach mode asked for on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpChoice {
-    /// Native where the driver suits it, generic elsewhere (see [`auto_mode`]).
+    /// Native XDP where the driver suits it, else no XDP program: the datapath at TC
+    /// ingress (see [`auto_mode`]).
     Auto,
+    /// As [`Self::Auto`], but generic XDP instead of TC (for `--forward redirect`,
+    /// which only XDP does).
+    AutoXdp,
     /// Native (driver) mode, whatever the device.
     Native,
     /// Generic (skb) mode, whatever the device.
     Generic,
+    /// No XDP program: the whole ingress datapath at TC (`xlb_tc_lb`), which saves
+    /// what generic XDP costs on a device without native XDP (an skb copy and a
+    /// hand-off to TC per packet).
+    Tc,
 }
 
 /// An attach mode and why it was chosen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct XdpDecision {
-    /// Native (driver) mode if true, else generic (skb).
+    /// Native (driver) mode if true, else generic (skb) or none ([`Self::tc`]).
     pub native: bool,
+    /// No XDP program: the datapath runs at TC ingress.
+    pub tc: bool,
     /// Why, for the log and the metric.
     pub reason: String,
     /// The device's driver, when known.
     pub driver: String,
+}
+
+impl XdpDecision {
+    /// The mode's name: `native`, `generic` or `tc` (no XDP program).
+    pub fn mode(&self) -> &'static str {
+        if self.tc {
+            "tc"
+        } else if self.native {
+            "native"
+        } else {
+            "generic"
+        }
+    }
 }
 
 /// Virtual devices whose native XDP does not behave like a NIC's for xlb's needs.
@@ -171,29 +194,38 @@ const VIRTUAL_DRIVERS: &[&str] = &[
     "nlmon",
 ];
 
-/// Chooses the mode for `--xdp-mode auto` from the driver: generic for the virtual
-/// devices above and for any device without a bus address (no hardware behind it);
-/// native for hardware NICs, which deliver XDP_TX frames and give XDP complete
-/// checksums (virtio_net included: it turns guest checksum offload off while XDP is
-/// attached). If native attach then fails, the caller falls back to generic.
-pub fn auto_mode(info: &DriverInfo) -> XdpDecision {
-    let (native, reason) = if VIRTUAL_DRIVERS.contains(&info.driver.as_str()) {
-        (
-            false,
-            format!(
-                "virtual device ({}): XDP_TX and partial checksums need generic mode",
-                info.driver
-            ),
-        )
+/// Chooses the mode for `--xdp-mode auto` from the driver: native for hardware NICs,
+/// which deliver XDP_TX frames and give XDP complete checksums (virtio_net included:
+/// it turns guest checksum offload off while XDP is attached); for the virtual devices
+/// above and any device without a bus address (no hardware behind it), no XDP program
+/// but the datapath at TC ingress (generic XDP there would copy every skb and still
+/// need TC), or generic XDP when `xdp_only`. If native attach then fails, the caller
+/// falls back to generic.
+pub fn auto_mode(info: &DriverInfo, xdp_only: bool) -> XdpDecision {
+    let virtual_reason = if VIRTUAL_DRIVERS.contains(&info.driver.as_str()) {
+        Some(format!("virtual device ({})", info.driver))
     } else if info.bus_info.is_empty() {
-        (
-            false,
-            format!(
-                "no hardware behind the device (driver {:?}, no bus address)",
-                info.driver
-            ),
-        )
+        Some(format!(
+            "no hardware behind the device (driver {:?}, no bus address)",
+            info.driver
+        ))
     } else {
+        None
+    };
+    if let Some(why) = virtual_reason {
+        let (tc, how) = if xdp_only {
+            (false, "generic XDP (--forward redirect needs XDP)")
+        } else {
+            (true, "the datapath at TC ingress, no XDP program")
+        };
+        return XdpDecision {
+            native: false,
+            tc,
+            reason: format!("{why}: {how}"),
+            driver: info.driver.clone(),
+        };
+    }
+    let (native, reason) = {
         (
             true,
             format!(
@@ -204,6 +236,7 @@ pub fn auto_mode(info: &DriverInfo) -> XdpDecision {
     };
     XdpDecision {
         native,
+        tc: false,
         reason,
         driver: info.driver.clone(),
     }
@@ -610,11 +643,17 @@ mod tests {
     }
 
     #[test]
-    fn auto_mode_is_generic_on_virtual_devices_and_native_on_nics() {
-        assert!(!auto_mode(&info("veth", "")).native);
-        assert!(!auto_mode(&info("bridge", "N/A")).native);
-        assert!(!auto_mode(&info("something_new", "")).native);
-        assert!(auto_mode(&info("mlx5_core", "0000:3b:00.0")).native);
-        assert!(auto_mode(&info("virtio_net", "0000:00:03.0")).native);
+    fn auto_mode_is_tc_or_generic_on_virtual_devices_and_native_on_nics() {
+        for xdp_only in [false, true] {
+            let veth = auto_mode(&info("veth", ""), xdp_only);
+            assert!(!veth.native && veth.tc != xdp_only, "{veth:?}");
+            let bridge = auto_mode(&info("bridge", "N/A"), xdp_only);
+            assert!(!bridge.native && bridge.tc != xdp_only, "{bridge:?}");
+            let unknown = auto_mode(&info("something_new", ""), xdp_only);
+            assert!(!unknown.native && unknown.tc != xdp_only, "{unknown:?}");
+            let mlx = auto_mode(&info("mlx5_core", "0000:3b:00.0"), xdp_only);
+            assert!(mlx.native && !mlx.tc);
+            assert!(auto_mode(&info("virtio_net", "0000:00:03.0"), xdp_only).native);
+        }
     }
 }

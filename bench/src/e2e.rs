@@ -156,6 +156,8 @@ pub fn run(scale: Scale) -> Result<Value> {
             ));
             for (mode, args, gro) in [
                 ("generic", vec!["--xdp-mode", "generic"], false),
+                // No XDP program: the whole datapath at TC ingress.
+                ("tc", vec!["--xdp-mode", "tc"], false),
                 ("native", vec!["--xdp-mode", "native"], false),
                 // (`--xdp-mode native --forward redirect` is refused on a veth uplink:
                 // native XDP there sees partial checksums it cannot complete.)

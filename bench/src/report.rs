@@ -31,7 +31,7 @@ pub const HEADLINE_KEYS: [&str; 19] = [
 ];
 
 /// xlb's attach/forward modes measured end to end.
-const XLB_MODES: [&str; 3] = ["generic", "native", "redirect_generic"];
+const XLB_MODES: [&str; 4] = ["generic", "tc", "native", "redirect_generic"];
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)

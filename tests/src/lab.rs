@@ -474,7 +474,12 @@ impl Lab {
             log_dir,
             used_bin: None,
             agent_args: match self.links {
-                Links::Ordinary => Vec::new(),
+                // XLB_LAB_XDP_MODE runs a whole test on another attach mode (CI runs
+                // the core set with `tc`).
+                Links::Ordinary => match xdp_mode_override() {
+                    Some(m) => vec!["--xdp-mode".into(), m],
+                    None => Vec::new(),
+                },
                 Links::EmulatedNic => vec!["--xdp-mode".into(), "native".into()],
             },
             links: self.links,
@@ -728,6 +733,20 @@ impl Drop for Lab {
             eprintln!("xlb-lab: removing {}: {e}", self.scratch.display());
         }
     }
+}
+
+/// `XLB_LAB_XDP_MODE`: the `--xdp-mode` every agent of an ordinary lab runs with
+/// instead of the default (CI runs the core tests again with `tc`).
+pub fn xdp_mode_override() -> Option<String> {
+    std::env::var("XLB_LAB_XDP_MODE")
+        .ok()
+        .filter(|m| !m.is_empty())
+}
+
+/// The `xlb_xdp_mode` label an ordinary lab's agents report on a veth uplink:
+/// `tc` (auto mode on a veth), or the mode [`xdp_mode_override`] names.
+pub fn expected_veth_mode() -> String {
+    xdp_mode_override().unwrap_or_else(|| "tc".into())
 }
 
 /// Fails loudly unless the lab can run here: root, and ip/nsenter/ping/bpftool in PATH.

@@ -107,6 +107,21 @@ fn xdp_attached(lab: &Lab) -> Result<bool> {
     Ok(v.get(0).and_then(|l| l.get("xdp")).is_some())
 }
 
+/// Whether xlb's ingress datapath is on the uplink: its XDP program, or in TC mode
+/// (auto on a veth) its tcx ingress program.
+fn ingress_attached(lab: &Lab) -> Result<bool> {
+    Ok(xdp_attached(lab)? || !lab.node().host.ns.tcx_programs(UPLINK, false)?.is_empty())
+}
+
+/// The pin of the link that holds the ingress datapath in the lab's mode.
+fn ingress_link() -> &'static str {
+    if xlb_lab::lab::expected_veth_mode() == "tc" {
+        "link_tc_ingress_eth0"
+    } else {
+        "link_xdp_eth0"
+    }
+}
+
 fn bpftool_json(args: &[&str]) -> Result<Value> {
     let mut cmd = std::process::Command::new("bpftool");
     cmd.arg("-j").args(args);
@@ -195,7 +210,10 @@ fn tcp_and_udp_reach_every_ready_backend() -> Result<()> {
 fn node_and_non_vip_traffic_untouched() -> Result<()> {
     let lab = web_lab(2, 2)?;
     // The datapath is really in place (else this test would prove nothing).
-    ensure!(xdp_attached(&lab)?, "no XDP program on the node's {UPLINK}");
+    ensure!(
+        ingress_attached(&lab)?,
+        "no datapath on the node's {UPLINK}"
+    );
     check_reply(
         &lab.client
             .udp_request(web_udp_vip(), "", REPLY_TIMEOUT, 3)?,
@@ -544,11 +562,11 @@ fn cleanup_removes_everything() -> Result<()> {
 
     // What the agent left in the kernel, found through its pins.
     ensure!(
-        xdp_attached(&lab)?,
-        "no XDP program on {UPLINK} before cleanup"
+        ingress_attached(&lab)?,
+        "no datapath on {UPLINK} before cleanup"
     );
     let (mut links, mut progs, mut maps) = (Vec::new(), Vec::new(), Vec::new());
-    for name in ["link_xdp_eth0", "link_tc_egress_eth0"] {
+    for name in [ingress_link(), "link_tc_egress_eth0"] {
         let path = pin_dir.join(name);
         let v = bpftool_json(&["link", "show", "pinned", &path.to_string_lossy()])?;
         links.push(
@@ -663,7 +681,7 @@ fn sigterm_leaves_datapath_serving() -> Result<()> {
     ensure!(status.success(), "agent exited with {status} on SIGTERM");
     ensure!(agent.check_running().is_err());
     ensure!(lab.node().pin_dir.exists(), "pin dir removed on SIGTERM");
-    ensure!(xdp_attached(&lab)?, "XDP detached on SIGTERM");
+    ensure!(ingress_attached(&lab)?, "datapath detached on SIGTERM");
     for pod in &lab.node().pods {
         pod.servers.reset_stats();
     }

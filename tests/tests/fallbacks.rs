@@ -47,7 +47,10 @@ fn reason(lab: &mut Lab, reason: &str) -> Result<f64> {
 #[test]
 fn forced_fallbacks_deliver_survive_a_restart_and_clean_up() -> Result<()> {
     let mut lab = Lab::one_node(3)?;
-    lab.node_mut().agent_args = vec!["--force-fallback".into(), "all".into()];
+    // Generic XDP: the hand-off slot is XDP's (the TC datapath needs no hand-off).
+    lab.node_mut().agent_args = ["--xdp-mode", "generic", "--force-fallback", "all"]
+        .map(String::from)
+        .to_vec();
     let eps: Vec<EndpointSpec> = lab
         .node()
         .pods

@@ -211,6 +211,13 @@ pub const LAYOUTS: [Layout; names::ALL_MAPS.len()] = [
         size_of::<TcHandoff>(),
         1,
     ),
+    layout(
+        names::PROGS_TC,
+        MapType::ProgramArray,
+        U32,
+        U32,
+        names::TC_TAIL_PROGS.len() as u32,
+    ),
 ];
 
 /// Pins of maps older agents made that no program uses any more (renamed when their

@@ -223,6 +223,7 @@ pub struct Dataplane {
     peer_devs: HashMap<MapData, u32, u32>,
     // Held so the program array's fd stays valid while programs referring to it load.
     _tail_progs: aya::maps::ProgramArray<MapData>,
+    _tc_tail_progs: Option<aya::maps::ProgramArray<MapData>>,
     _event_progs: aya::maps::ProgramArray<MapData>,
     /// Drains the programs' event log while this datapath is the agent's.
     _events: Option<events::Reader>,
@@ -240,6 +241,8 @@ pub struct Dataplane {
     ifindex: u32,
     /// TC programs are tcx links (pinned); else netlink filters ([`TC_NL_PRIORITY`]).
     tcx: bool,
+    /// `--xdp-mode tc`: no XDP program (and no XDP link pin to check).
+    tc_only: bool,
 }
 
 /// Priority of xlb's netlink TC filters (kernels without tcx): first, as a tcx link
@@ -314,14 +317,45 @@ impl Dataplane {
 
         // Tail-call targets first: a freshly attached (or swapped-in) xlb_xdp must find
         // them in place.
+        let decision = decide_mode(iface, xdp_mode);
+        let tc_only = decision.tc;
         let event_progs = events::load_program(&mut ebpf)?;
         let tail_progs = load_tail_programs(&mut ebpf)?;
+        let tc_tail_progs = if tc_only {
+            Some(load_tc_tail_programs(&mut ebpf)?)
+        } else {
+            None
+        };
         let mut config: Array<MapData, u64> = take_map(&mut ebpf, names::CONFIG)?;
         // TC ingress first: XDP may hand it packets as soon as it is attached.
         let tcx = features.tcx();
-        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Ingress, tcx)?;
-        let decision = attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, &mut config)?;
-        attach_tc(&mut ebpf, iface, pin_path, TcAttachType::Egress, tcx)?;
+        let ingress = if tc_only {
+            names::TC_LB_PROG
+        } else {
+            names::TC_INGRESS_PROG
+        };
+        attach_tc(
+            &mut ebpf,
+            iface,
+            pin_path,
+            ingress,
+            TcAttachType::Ingress,
+            tcx,
+        )?;
+        let decision = if tc_only {
+            detach_xdp(iface, pin_path, &mut config, decision)?
+        } else {
+            attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, decision, &mut config)?
+        };
+        let egress = names::TC_EGRESS_PROG;
+        attach_tc(
+            &mut ebpf,
+            iface,
+            pin_path,
+            egress,
+            TcAttachType::Egress,
+            tcx,
+        )?;
         // Only now is nothing attached still using an older agent's maps.
         match layout::unpin_retired(pin_path) {
             Ok(gone) if !gone.is_empty() => info!(maps = ?gone, "removed maps of an older layout"),
@@ -352,6 +386,7 @@ impl Dataplane {
             owners,
             peer_devs,
             _tail_progs: tail_progs,
+            _tc_tail_progs: tc_tail_progs,
             _event_progs: event_progs,
             _events: events,
             datapath_log,
@@ -361,6 +396,7 @@ impl Dataplane {
             ncpus,
             ifindex: crate::netdev::ifindex(iface).unwrap_or(0),
             tcx,
+            tc_only,
         };
         Ok((dp, decision))
     }
@@ -385,7 +421,10 @@ impl Dataplane {
             }
             Ok(Some(_)) => {}
         }
-        let mut links = vec![xdp_link_pin(pin_path, iface)];
+        let mut links = Vec::new();
+        if !self.tc_only {
+            links.push(xdp_link_pin(pin_path, iface));
+        }
         if self.tcx {
             links.push(tc_link_pin(pin_path, iface));
             links.push(tc_ingress_link_pin(pin_path, iface));
@@ -1044,9 +1083,56 @@ fn load_tail_programs(ebpf: &mut Ebpf) -> Result<aya::maps::ProgramArray<MapData
     Ok(progs)
 }
 
+/// Loads the TC twins of the tail-called programs (`names::TC_TAIL_PROGS`) into the
+/// (pinned) `xlb_progs_tc`, for `xlb_tc_lb`. The handle must outlive loading it.
+fn load_tc_tail_programs(
+    ebpf: &mut Ebpf,
+) -> Result<aya::maps::ProgramArray<MapData>, DataplaneError> {
+    let mut progs: aya::maps::ProgramArray<MapData> = take_map(ebpf, names::PROGS_TC)?;
+    for (i, name) in names::TC_TAIL_PROGS.iter().enumerate() {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing("tail-called TC program"))?
+            .try_into()
+            .map_err(program_err(name))?;
+        prog.load().map_err(program_err(name))?;
+        let fd = prog.fd().map_err(program_err(name))?;
+        progs
+            .set(i as u32, fd, 0)
+            .map_err(map_err(names::PROGS_TC))?;
+    }
+    Ok(progs)
+}
+
 /// `xlb_config[XDP_MODE]` values.
 const MODE_NATIVE: u64 = 1;
 const MODE_GENERIC: u64 = 2;
+/// No XDP program (`--xdp-mode tc`).
+const MODE_TC: u64 = 3;
+
+/// `--xdp-mode tc`: `xlb_tc_lb` now runs at TC ingress; removes the XDP program a
+/// previous agent attached (unpinning its link, the last reference). Until then a
+/// packet XDP DNATed reaches `xlb_tc_lb` addressed to a pod, which it passes.
+fn detach_xdp(
+    iface: &str,
+    pin_path: &Path,
+    config: &mut Array<MapData, u64>,
+    decision: XdpDecision,
+) -> Result<XdpDecision, DataplaneError> {
+    let pin = xdp_link_pin(pin_path, iface);
+    if let Some(old) = open_pinned_link(&pin)? {
+        std::fs::remove_file(&pin).map_err(|e| link_err(&pin, e))?;
+        drop(old);
+        info!(
+            iface,
+            "removed the XDP program a previous agent attached (--xdp-mode tc)"
+        );
+    }
+    config
+        .set(config::XDP_MODE, MODE_TC, 0)
+        .map_err(map_err(names::CONFIG))?;
+    Ok(decision)
+}
 
 /// Decides the attach mode for `iface` (see [`crate::netdev::auto_mode`]).
 fn decide_mode(iface: &str, choice: XdpChoice) -> XdpDecision {
@@ -1058,18 +1144,27 @@ fn decide_mode(iface: &str, choice: XdpChoice) -> XdpDecision {
     match choice {
         XdpChoice::Native => XdpDecision {
             native: true,
+            tc: false,
             reason: "--xdp-mode native".into(),
             driver: name,
         },
         XdpChoice::Generic => XdpDecision {
             native: false,
+            tc: false,
             reason: "--xdp-mode generic".into(),
             driver: name,
         },
-        XdpChoice::Auto => match driver {
-            Ok(info) => crate::netdev::auto_mode(&info),
+        XdpChoice::Tc => XdpDecision {
+            native: false,
+            tc: true,
+            reason: "--xdp-mode tc".into(),
+            driver: name,
+        },
+        XdpChoice::Auto | XdpChoice::AutoXdp => match driver {
+            Ok(info) => crate::netdev::auto_mode(&info, choice == XdpChoice::AutoXdp),
             Err(e) => XdpDecision {
                 native: false,
+                tc: false,
                 reason: format!("driver unknown ({e})"),
                 driver: String::new(),
             },
@@ -1077,21 +1172,22 @@ fn decide_mode(iface: &str, choice: XdpChoice) -> XdpDecision {
     }
 }
 
-/// Attaches `xlb_xdp` in the mode [`decide_mode`] picks, or swaps it into the pinned
+/// Attaches `xlb_xdp` in the mode [`decide_mode`] picked, or swaps it into the pinned
 /// link when that link already runs in that mode. Records the mode in `xlb_config`.
 fn attach_xdp(
     ebpf: &mut Ebpf,
     iface: &str,
     pin_path: &Path,
     choice: XdpChoice,
+    mut decision: XdpDecision,
     config: &mut Array<MapData, u64>,
 ) -> Result<XdpDecision, DataplaneError> {
     let name = names::XDP_PROG;
-    let mut decision = decide_mode(iface, choice);
+    let auto = matches!(choice, XdpChoice::Auto | XdpChoice::AutoXdp);
     let had = config
         .get(&config::XDP_MODE, 0)
         .map_err(map_err(names::CONFIG))?;
-    if choice == XdpChoice::Auto && decision.native && had == MODE_GENERIC {
+    if auto && decision.native && had == MODE_GENERIC {
         // A previous agent found native attach impossible here; don't detach to retry.
         decision.native = false;
         decision.reason = format!("{}; generic kept from the previous attach", decision.reason);
@@ -1143,7 +1239,7 @@ fn attach_xdp(
     };
     let id = match prog.attach(iface, mode) {
         Ok(id) => id,
-        Err(e) if decision.native && choice == XdpChoice::Auto => {
+        Err(e) if decision.native && auto => {
             decision.native = false;
             decision.reason = format!("{}; native attach failed ({e})", decision.reason);
             prog.attach(iface, XdpMode::Skb)
@@ -1166,20 +1262,22 @@ fn attach_xdp(
     Ok(decision)
 }
 
-/// Attaches or takes over the TC program for `direction`: `xlb_tc_egress` (reverse
-/// NAT) or `xlb_tc_ingress` (what XDP hands over), as a tcx link when `tcx`, else as
+/// Attaches or takes over the TC program `name` for `direction`: `xlb_tc_egress`
+/// (reverse NAT), or at ingress `xlb_tc_ingress` (what XDP hands over) or `xlb_tc_lb`
+/// (`--xdp-mode tc`), as a tcx link when `tcx`, else as
 /// a netlink filter; then removes a predecessor's attachment of the other kind (an
 /// agent that probed otherwise, or was forced to), so the program never runs twice.
 fn attach_tc(
     ebpf: &mut Ebpf,
     iface: &str,
     pin_path: &Path,
+    name: &'static str,
     direction: TcAttachType,
     tcx: bool,
 ) -> Result<(), DataplaneError> {
-    let (name, pin) = match direction {
-        TcAttachType::Ingress => (names::TC_INGRESS_PROG, tc_ingress_link_pin(pin_path, iface)),
-        _ => (names::TC_EGRESS_PROG, tc_link_pin(pin_path, iface)),
+    let pin = match direction {
+        TcAttachType::Ingress => tc_ingress_link_pin(pin_path, iface),
+        _ => tc_link_pin(pin_path, iface),
     };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)

@@ -75,13 +75,16 @@ pub mod names {
     /// the old size would have to be replaced, which empties it under the running
     /// programs during a takeover.
     pub const EVENT_PROGS: &str = "xlb_event_prog";
+    /// The TC twins of [`PROGS`] and [`EVENT_PROGS`]' program, tail-called by
+    /// [`TC_LB_PROG`] ([`TC_TAIL_PROGS`], in index order).
+    pub const PROGS_TC: &str = "xlb_progs_tc";
     /// Per-CPU [`super::TcHandoff`]: how `xlb_xdp` hands a packet it passes to
     /// `xlb_tc_ingress` where XDP metadata is missing (a kernel that refuses
     /// `bpf_xdp_adjust_meta`, a driver without a metadata area). Pinned so an old and
     /// a new program version share it during a takeover.
     pub const TC_HANDOFF: &str = "xlb_tc_handoff";
     /// Every map, in the order `xlb cleanup` removes them.
-    pub const ALL_MAPS: [&str; 24] = [
+    pub const ALL_MAPS: [&str; 25] = [
         SERVICES4,
         SERVICES6,
         MAGLEV,
@@ -106,6 +109,7 @@ pub mod names {
         LOG_LIMIT,
         EVENT_PROGS,
         TC_HANDOFF,
+        PROGS_TC,
     ];
     /// `xlb_progs` index of the SNAT forward program.
     pub const PROG_SNAT_FWD: u32 = 0;
@@ -122,6 +126,11 @@ pub mod names {
     /// The TC ingress program that sends encapsulated packets whose next hop is not
     /// resolved yet (see [`super::ResolveMeta`]).
     pub const TC_INGRESS_PROG: &str = "xlb_tc_ingress";
+    /// `--xdp-mode tc`: the whole ingress datapath at TC, attached instead of
+    /// [`XDP_PROG`] and [`TC_INGRESS_PROG`].
+    pub const TC_LB_PROG: &str = "xlb_tc_lb";
+    /// [`PROGS_TC`]'s programs in index order.
+    pub const TC_TAIL_PROGS: [&str; 3] = ["xlb_tc_snat_fwd", "xlb_tc_snat_rev", "xlb_tc_events"];
 }
 
 /// Map capacities. The agent refuses a desired state larger than these.

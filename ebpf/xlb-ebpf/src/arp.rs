@@ -7,11 +7,12 @@
 //! for other addresses, replies, announcements (sender = target, RFC 5227 section 3:
 //! another node announcing, never to be answered), and any request once the agent's
 //! dead-man deadline (`xlb_common::config::L2_DEADLINE`) has passed.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use network_types::eth::EthHdr;
 use xlb_common::{Reason, config};
 
 use crate::{
+    hook::Hook,
     maps::{CONFIG, L2_STATS4, L2_VIPS4, count},
     packet::ptr_at,
 };
@@ -35,23 +36,24 @@ struct Arp4 {
 
 /// Whether the frame is ARP (one comparison, for the miss path of `xlb_xdp`).
 #[inline(always)]
-pub fn is_arp(ctx: &XdpContext) -> bool {
-    match ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) {
+pub fn is_arp<C: Hook>(ctx: &C) -> bool {
+    match ptr_at::<EthHdr>(ctx.start(), ctx.end(), 0) {
         // SAFETY: bounds checked by ptr_at.
         Some(eth) => (unsafe { (*eth).ether_type }) == ETH_P_ARP.to_be(),
         None => false,
     }
 }
 
-/// Answers an ARP request for an owned VIP (XDP_TX) or passes the frame.
+/// Answers an ARP request for an owned VIP (back out where it came in) or passes the
+/// frame.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
+pub fn answer<C: Hook>(ctx: &C) -> u32 {
+    let (start, end) = (ctx.start(), ctx.end());
     let (Some(eth), Some(arp)) = (
         ptr_at::<EthHdr>(start, end, 0),
         ptr_at::<Arp4>(start, end, EthHdr::LEN),
     ) else {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // SAFETY: bounds checked by ptr_at; both are byte arrays (alignment 1).
     let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
@@ -63,19 +65,19 @@ pub fn answer(ctx: &XdpContext) -> u32 {
         || arp.oper != [0, 1]
         || arp.spa == arp.tpa
     {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let vip = u32::from_ne_bytes(arp.tpa);
     // SAFETY: plain data copied out at once.
     let Some(owned) = (unsafe { L2_VIPS4.get(&vip) }).copied() else {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     let deadline = CONFIG.get(config::L2_DEADLINE).copied().unwrap_or(0);
     // SAFETY: bpf_ktime_get_ns has no preconditions; CLOCK_MONOTONIC, the clock the
     // agent computes the deadline on.
     if unsafe { bpf_ktime_get_ns() } >= deadline {
         count(Reason::PassArpDeadline);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     // The reply (RFC 826 "Packet Reception"): swap sender and target, put our
     // hardware address as the sender's, opcode 2; to the requester's MAC.
@@ -91,5 +93,5 @@ pub fn answer(ctx: &XdpContext) -> u32 {
         unsafe { *c += 1 };
     }
     count(Reason::ArpReply);
-    xdp_action::XDP_TX
+    ctx.tx()
 }

@@ -32,6 +32,21 @@ pub fn replace2(check: u16, old: [u8; 2], new: [u8; 2]) -> u16 {
     !fold(s)
 }
 
+/// The change (`to` minus `from`, one's complement) of the sum over bytes where
+/// `from` became `to`, in memory byte order: the form of the skb's receive checksum
+/// (kernel `csum_partial`), for `bpf_csum_update`.
+#[inline(always)]
+pub fn delta_mem<const N: usize>(from: &[u8; N], to: &[u8; N]) -> u32 {
+    let mut s: u32 = 0;
+    let mut i = 0;
+    while i + 1 < N {
+        s += (!u16::from_ne_bytes([from[i], from[i + 1]])) as u32;
+        s += u16::from_ne_bytes([to[i], to[i + 1]]) as u32;
+        i += 2;
+    }
+    fold(s) as u32
+}
+
 /// The IPv4 header checksum (RFC 791 section 3.1) of a header without options: to
 /// fill in, compute it with `check` zero; a received header is valid when this is 0.
 #[inline(always)]

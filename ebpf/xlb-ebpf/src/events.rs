@@ -17,7 +17,7 @@
 //! has its own call site with a literal message: an argument of variable length (a
 //! `&str` picked at run time) would be copied by a loop the verifier walks byte by
 //! byte, while literals are copied with constant sizes.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_log_ebpf::{error, info, warn};
 use network_types::ip::Ipv4Hdr;
 use xlb_common::{
@@ -26,7 +26,8 @@ use xlb_common::{
 };
 
 use crate::{
-    maps::{DATAPATH_LOG, EVENT_PROGS, LOG_LIMIT},
+    hook::Hook,
+    maps::{DATAPATH_LOG, LOG_LIMIT},
     packet::{IP_OFF, parse4, ptr_at},
 };
 
@@ -36,6 +37,11 @@ const KIND_XDP_DROP: u64 = 0;
 const KIND_SNAT_DROP: u64 = 1;
 /// `xlb_xdp` turned the packet into an ICMP fragmentation-needed to its sender.
 const KIND_FRAG_SENT: u64 = 2;
+
+/// The verdicts an event's program may have chosen: drop the packet...
+const VERDICT_DROP: u64 = 0;
+/// ... or send it back out where it came in (XDP_TX, or its TC equivalent).
+const VERDICT_TX: u64 = 1;
 
 /// Whether an event of `level` for `reason` may be logged now: the configured level
 /// is at least as verbose, and this CPU has logged fewer than `LINES_PER_WINDOW`
@@ -62,26 +68,26 @@ fn allowed(reason: Reason, level: u64) -> bool {
     true
 }
 
-/// Tail-calls `xlb_events` to log the event, which then returns `verdict` for the
-/// packet. Returns only if the tail call failed (no program loaded): the caller goes
-/// on as without logging.
+/// Tail-calls `xlb_events` (or its TC twin) to log the event, which then returns
+/// `verdict` (`VERDICT_*`) for the packet. Returns only if the tail call failed (no
+/// program loaded): the caller goes on as without logging.
 #[inline(always)]
-fn emit(ctx: &XdpContext, kind: u64, reason: Reason, verdict: u32, arg: u16) {
+fn emit<C: Hook>(ctx: &C, kind: u64, reason: Reason, verdict: u64, arg: u16) {
     let Some(h) = LOG_LIMIT.get_ptr_mut(HANDOFF_SLOT) else {
         return;
     };
     // SAFETY: this CPU's handoff slot, read by the tail-called program only.
     unsafe {
-        *h = reason as u64 | ((verdict as u64 & 0xff) << 8) | (kind << 16) | ((arg as u64) << 32);
-        EVENT_PROGS.tail_call(ctx, 0);
+        *h = reason as u64 | ((verdict & 0xff) << 8) | (kind << 16) | ((arg as u64) << 32);
     }
+    ctx.tail_call_events();
 }
 
 /// `xlb_xdp` drops the packet for `reason`; the packet is still the client's (after
 /// decapsulation, for one that came through a tunnel). Logs the reasons that signal
 /// misconfiguration; may not return (then `xlb_events` drops the packet).
 #[inline(always)]
-pub fn xdp_drop(ctx: &XdpContext, reason: Reason) {
+pub fn xdp_drop<C: Hook>(ctx: &C, reason: Reason) {
     let level = match reason {
         // In xlb_xdp, DropSnat only follows a failed tail call into xlb_snat_fwd.
         Reason::DropSnat => datapath_log::ERROR,
@@ -93,30 +99,24 @@ pub fn xdp_drop(ctx: &XdpContext, reason: Reason) {
         _ => return,
     };
     if allowed(reason, level) {
-        emit(ctx, KIND_XDP_DROP, reason, xdp_action::XDP_DROP, 0);
+        emit(ctx, KIND_XDP_DROP, reason, VERDICT_DROP, 0);
     }
 }
 
 /// `xlb_xdp` turned the packet into an ICMP fragmentation-needed carrying `mtu` and
 /// is about to send it (XDP_TX); may not return (then `xlb_events` sends it).
 #[inline(always)]
-pub fn frag_needed_sent(ctx: &XdpContext, mtu: u16) {
+pub fn frag_needed_sent<C: Hook>(ctx: &C, mtu: u16) {
     if allowed(Reason::IcmpFragNeeded, INFO) {
-        emit(
-            ctx,
-            KIND_FRAG_SENT,
-            Reason::IcmpFragNeeded,
-            xdp_action::XDP_TX,
-            mtu,
-        );
+        emit(ctx, KIND_FRAG_SENT, Reason::IcmpFragNeeded, VERDICT_TX, mtu);
     }
 }
 
 /// `xlb_snat_fwd` drops the packet for `reason` (the packet is still the client's).
 #[inline(always)]
-pub fn snat_drop(ctx: &XdpContext, reason: Reason) {
+pub fn snat_drop<C: Hook>(ctx: &C, reason: Reason) {
     if reason == Reason::DropSnat && allowed(reason, WARN) {
-        emit(ctx, KIND_SNAT_DROP, reason, xdp_action::XDP_DROP, 0);
+        emit(ctx, KIND_SNAT_DROP, reason, VERDICT_DROP, 0);
     }
 }
 
@@ -132,8 +132,8 @@ struct Addrs {
 /// The client flow of the packet: the packet itself, or for an ICMP error xlb made of
 /// it, the header and ports it quotes (RFC 792).
 #[inline(always)]
-fn addrs(ctx: &XdpContext, kind: u64) -> Option<Addrs> {
-    let (start, end) = (ctx.data(), ctx.data_end());
+fn addrs<C: Hook>(ctx: &C, kind: u64) -> Option<Addrs> {
+    let (start, end) = (ctx.start(), ctx.end());
     let (src, dst, proto, ports) = if kind == KIND_FRAG_SENT {
         const QUOTE: usize = IP_OFF + Ipv4Hdr::LEN + 8;
         let ip: *const Ipv4Hdr = ptr_at(start, end, QUOTE)?;
@@ -158,14 +158,14 @@ fn addrs(ctx: &XdpContext, kind: u64) -> Option<Addrs> {
 /// `xlb_events`: logs the event in this CPU's handoff slot and returns the verdict its
 /// program chose for the packet.
 #[inline(always)]
-pub fn log(ctx: &XdpContext) -> u32 {
+pub fn log<C: Hook>(ctx: &C) -> u32 {
     let Some(h) = LOG_LIMIT.get(HANDOFF_SLOT).copied() else {
-        return xdp_action::XDP_DROP;
+        return C::DROP;
     };
-    let verdict = if (h >> 8) & 0xff == xdp_action::XDP_TX as u64 {
-        xdp_action::XDP_TX
+    let verdict = if (h >> 8) & 0xff == VERDICT_TX {
+        ctx.tx()
     } else {
-        xdp_action::XDP_DROP
+        C::DROP
     };
     let (reason, kind, arg) = ((h & 0xff) as u32, (h >> 16) & 0xff, (h >> 32) as u16);
     let Some(a) = addrs(ctx, kind) else {

@@ -8,7 +8,9 @@
 //! which xlb cannot know under an arbitrary CNI, so it is opt-in and anything the FIB
 //! cannot resolve completely still goes the XDP_PASS way.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
@@ -16,6 +18,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     csum,
+    hook::Hook,
     maps::{CONFIG, PEER_DEVS, count},
     packet::{IP_OFF, ptr_at, tc_linear},
 };
@@ -114,10 +117,10 @@ fn fib_params(ip: &Ipv4Hdr, ifindex: u32) -> bpf_fib_lookup {
     p
 }
 
-/// Forwards the packet itself: FIB lookup, TTL, MACs, then a redirect (or XDP_TX).
+/// Forwards the packet itself: FIB lookup, TTL, MACs, then a redirect.
 /// `None` when the FIB cannot resolve the next hop completely.
 #[inline(always)]
-pub fn redirect(ctx: &XdpContext) -> Option<u32> {
+pub fn redirect<C: Hook>(ctx: &C) -> Option<u32> {
     redirect_inner(ctx, false)
 }
 
@@ -127,13 +130,13 @@ pub fn redirect(ctx: &XdpContext) -> Option<u32> {
 /// `xlb_tc_ingress` ([`xlb_common::RESOLVE_MAGIC`]), whose `bpf_redirect_neigh`
 /// resolves it and queues the packet, instead of failing.
 #[inline(always)]
-pub fn redirect_resolving(ctx: &XdpContext) -> Option<u32> {
+pub fn redirect_resolving<C: Hook>(ctx: &C) -> Option<u32> {
     redirect_inner(ctx, true)
 }
 
 #[inline(always)]
-fn redirect_inner(ctx: &XdpContext, resolve: bool) -> Option<u32> {
-    let (start, end) = (ctx.data(), ctx.data_end());
+fn redirect_inner<C: Hook>(ctx: &C, resolve: bool) -> Option<u32> {
+    let (start, end) = (ctx.start(), ctx.end());
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     let ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
     // SAFETY: bounds checked by ptr_at.
@@ -142,23 +145,20 @@ fn redirect_inner(ctx: &XdpContext, resolve: bool) -> Option<u32> {
     if ip.ttl <= 1 {
         return None;
     }
-    // SAFETY: reading a field of our own xdp_md context.
-    let mut p = fib_params(ip, unsafe { (*ctx.ctx).ingress_ifindex });
+    let mut p = fib_params(ip, ctx.ingress_ifindex());
     // SAFETY: the helper reads and writes only `p`, sized by the third argument.
     let rc = unsafe {
         fib_lookup(
-            ctx.ctx as *mut _,
+            ctx.as_ptr(),
             &mut p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
     if resolve && rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        if !crate::handoff::to_tc(ctx, xlb_common::RESOLVE_MAGIC, p.ifindex, [0; 4]) {
-            return None;
-        }
+        let verdict = ctx.send_resolving(p.ifindex)?;
         count(xlb_common::Reason::FwdSnatResolve);
-        return Some(xdp_action::XDP_PASS);
+        return Some(verdict);
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         // No neighbour entry yet, not forwardable, ...: the kernel knows what to do.

@@ -114,9 +114,7 @@ pub fn take(ctx: &TcContext) -> Option<ResolveMeta> {
     let (got, want_ident) = unsafe {
         (
             core::ptr::read_unaligned(ident),
-            core::ptr::read_unaligned(
-                want.ident.as_ptr() as *const [u64; HANDOFF_IDENT_LEN / 8],
-            ),
+            core::ptr::read_unaligned(want.ident.as_ptr() as *const [u64; HANDOFF_IDENT_LEN / 8]),
         )
     };
     if (got[0] ^ want_ident[0]) | (got[1] ^ want_ident[1]) | (got[2] ^ want_ident[2]) != 0 {

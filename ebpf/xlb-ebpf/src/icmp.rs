@@ -15,10 +15,7 @@
 //! quoted L4 checksum is left alone: it covers bytes the quote does not hold, and
 //! receivers do not check it (Linux matches the quote to a socket by addresses and
 //! ports only).
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use network_types::ip::Ipv4Hdr;
 use xlb_common::{
     BACKEND_F_REMOTE, FlowKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason, ServiceKey4,
@@ -26,6 +23,7 @@ use xlb_common::{
 
 use crate::{
     csum,
+    hook::Hook,
     maps::{CONNTRACK4, SERVICES4, count},
     packet::{IP_OFF, L4_OFF, ptr_at},
 };
@@ -135,15 +133,15 @@ fn translate(ip: &mut Ipv4Hdr, qp: &mut Quote, side: Side, addr: [u8; 4], port: 
 
 /// XDP: ICMP arriving on the uplink (the packet is IPv4 ICMP without options).
 #[inline(always)]
-pub fn ingress(ctx: &XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
+pub fn ingress<C: Hook>(ctx: &C) -> u32 {
+    let (start, end) = (ctx.start(), ctx.end());
     let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, IP_OFF) else {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // SAFETY: bounds checked by ptr_at.
     let dst = unsafe { (*ip).dst_addr };
     let Some(t) = ptr_at::<u8>(start, end, L4_OFF) else {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // SAFETY: bounds checked by ptr_at.
     let t = unsafe { *t };
@@ -151,10 +149,10 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
         if is_vip(dst) {
             count(Reason::PassIcmpVip);
         }
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let Some(q) = quote(start, end) else {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // The quoted packet went from the VIP (its source) to the client.
     let svc = ServiceKey4 {
@@ -166,18 +164,18 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     // The cheap test first: an error about a VIP flow is addressed to the VIP.
     // SAFETY: plain data lookup.
     if q.ip.src_addr != dst || unsafe { SERVICES4.get(&svc) }.is_none() {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let flow = q.reversed();
     // SAFETY: plain data copied out at once.
     let Some(ct) = (unsafe { CONNTRACK4.get(&flow) }).copied() else {
         count(Reason::PassIcmpVip);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // A remote backend's replies left from its own node; its errors are not ours.
     if ct.backend.flags & BACKEND_F_REMOTE != 0 {
         count(Reason::PassIcmpVip);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let b = &ct.backend.addr;
     let backend = [b[0], b[1], b[2], b[3]];
@@ -186,13 +184,13 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
         ptr_at::<Ipv4Hdr>(start, end, IP_OFF),
         ptr_at::<Quote>(start, end, L4_OFF),
     ) else {
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // SAFETY: bounds checked by ptr_at; nothing else aliases the packet here.
     let (ip, qp) = unsafe { (&mut *ip, &mut *qp) };
     translate(ip, qp, Side::ReplySource, backend, bport);
     count(Reason::IcmpErrorNat);
-    crate::fwd::forward(ctx)
+    ctx.forward_local()
 }
 
 /// Whether `addr` is a VIP (its `(addr, 0, ICMP)` key exists).

@@ -9,8 +9,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use xlb_common::{
     Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, BackendKey4, CT_F_CLOSING, FAMILY_V4,
-    FlowKey4, PROTO_TCP, Reason, RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service,
-    SourceRange, timeouts,
+    FlowKey4, PROTO_TCP, Reason, RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange,
+    timeouts,
 };
 
 use crate::{

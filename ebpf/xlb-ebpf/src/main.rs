@@ -21,6 +21,7 @@ mod csum;
 mod events;
 mod fwd;
 mod handoff;
+mod hook;
 mod icmp;
 mod lb;
 mod maps;
@@ -37,10 +38,12 @@ use aya_ebpf::{
 };
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{
-    BACKEND_F_REMOTE, BACKEND_F_SNAT, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey4, backend_slot, service_slot,
+    BACKEND_F_REMOTE, BACKEND_F_SNAT, PROTO_TCP, Reason, SNAT_PORT_MIN, ServiceKey4, backend_slot,
+    service_slot,
 };
 
 use crate::{
+    hook::Hook,
     maps::{BACKEND_STATS, SERVICE_STATS, SERVICES4, add, count},
     packet::{
         IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, L4_OFF, NotFlow, TCP_CSUM_OFF, UDP_CSUM_OFF,
@@ -51,12 +54,36 @@ use crate::{
 /// XDP entry: service load balancing on the uplink.
 #[xdp]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
-    match lb_ingress(&ctx) {
+    ingress(&ctx)
+}
+
+/// TC ingress entry for `--xdp-mode tc`: the same path as `xlb_xdp`, on the skb,
+/// with no XDP program attached (see `hook`).
+#[classifier]
+pub fn xlb_tc_lb(ctx: TcContext) -> i32 {
+    // The headers the path reads must be in the linear part (they nearly always are:
+    // then this is two loads and a comparison).
+    const HEADERS: u32 = 96;
+    let want = if ctx.len() < HEADERS {
+        ctx.len()
+    } else {
+        HEADERS
+    };
+    if ctx.data() + (want as usize) > ctx.data_end() && ctx.pull_data(want).is_err() {
+        return TC_ACT_OK as i32;
+    }
+    ingress(&ctx) as i32
+}
+
+/// The ingress path at either hook: the verdict, drops counted and logged.
+#[inline(always)]
+fn ingress<C: Hook>(ctx: &C) -> u32 {
+    match lb_ingress(ctx) {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
-            events::xdp_drop(&ctx, reason);
-            xdp_action::XDP_DROP
+            events::xdp_drop(ctx, reason);
+            C::DROP
         }
     }
 }
@@ -64,23 +91,23 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 /// One packet's whole path: parse, VIP lookup, validate, select, DNAT, pass.
 /// `Err(reason)` drops the packet and counts the reason.
 #[inline(always)]
-fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
+fn lb_ingress<C: Hook>(ctx: &C) -> Result<u32, Reason> {
     // Ordinary TCP/UDP is parsed once. Only what is not (IPIP among it) is checked for
     // a client packet another node's xlb tunnelled here (Cluster policy), then parsed
     // again without the outer header.
-    let (flow, from_tunnel) = match parse4(ctx.data(), ctx.data_end()) {
+    let (flow, from_tunnel) = match parse4(ctx.start(), ctx.end()) {
         Ok(f) => (f, false),
         Err(NotFlow::Icmp) => return Ok(icmp::ingress(ctx)),
         Err(NotFlow::Other) if arp::is_arp(ctx) => return Ok(arp::answer(ctx)),
         Err(NotFlow::Other) if tunnel::decap(ctx).is_some() => {
-            match parse4(ctx.data(), ctx.data_end()) {
+            match parse4(ctx.start(), ctx.end()) {
                 Ok(f) => (f, true),
-                Err(e) => return Ok(not_balanced(e)),
+                Err(e) => return Ok(not_balanced::<C>(e)),
             }
         }
-        Err(e) => return Ok(not_balanced(e)),
+        Err(e) => return Ok(not_balanced::<C>(e)),
     };
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let vip = ServiceKey4 {
         addr: flow.dst,
         port: u16::from_ne_bytes(flow.dport),
@@ -92,16 +119,16 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         // Not a VIP. A reply to a flow this node source-NATed comes to a port of the
         // SNAT range: only those pay for the (tail-called) lookup.
         if u16::from_be_bytes(flow.dport) >= SNAT_PORT_MIN {
-            // SAFETY: tail call into our own program; returns only on failure.
-            unsafe { maps::PROGS.tail_call(ctx, xlb_common::names::PROG_SNAT_REV) };
+            ctx.tail_call_prog(xlb_common::names::PROG_SNAT_REV);
         }
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(C::PASS);
     };
     let svc = *svc;
     if !for_this_host(start, end) {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(C::PASS);
     }
-    let bytes = (end - start) as u64;
+    let len = ctx.len();
+    let bytes = len as u64;
     add(&SERVICE_STATS, service_slot(svc.id), bytes);
 
     // Validate the lengths, the IP header checksum and the whole L4 header before
@@ -111,7 +138,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if tot_len < Ipv4Hdr::LEN || IP_OFF + tot_len > end - start {
+    if tot_len < Ipv4Hdr::LEN || IP_OFF + tot_len > len {
         return Err(Reason::DropMalformedL4);
     }
     if !csum::header_ok(ip) {
@@ -160,8 +187,8 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
                 (*h).backend_id = backend_id;
                 (*h).snat_port = snat_port;
                 (*h).pad = [0; 6];
-                maps::PROGS.tail_call(ctx, xlb_common::names::PROG_SNAT_FWD);
             }
+            ctx.tail_call_prog(xlb_common::names::PROG_SNAT_FWD);
             // Only reached if the tail call failed (no program loaded).
             return Err(Reason::DropSnat);
         }
@@ -175,7 +202,7 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         backend.addr[3],
     ];
     let new_port = u16::to_ne_bytes(backend.port);
-    nat::rewrite4(
+    let delta = nat::rewrite4(
         start,
         end,
         l4_csum_off,
@@ -188,23 +215,24 @@ fn lb_ingress(ctx: &XdpContext) -> Result<u32, Reason> {
         &new_port,
     )
     .ok_or(Reason::DropMalformedL4)?;
-    Ok(fwd::forward(ctx))
+    ctx.csum_changed(delta);
+    Ok(ctx.forward_local())
 }
 
 /// Passes what the balancer does not handle, counting the kinds worth knowing about;
 /// drops what the kernel would drop anyway.
 #[inline(always)]
-fn not_balanced(why: NotFlow) -> u32 {
+fn not_balanced<C: Hook>(why: NotFlow) -> u32 {
     match why {
         NotFlow::Other | NotFlow::Icmp => {}
         NotFlow::IpOptions => count(Reason::PassIpOptions),
         NotFlow::Fragment => count(Reason::PassFragment),
         NotFlow::Malformed => {
             count(Reason::DropMalformedIp);
-            return xdp_action::XDP_DROP;
+            return C::DROP;
         }
     }
-    xdp_action::XDP_PASS
+    C::PASS
 }
 
 /// Whether the frame is addressed to this interface (or broadcast/multicast): a switch
@@ -244,6 +272,24 @@ pub fn xlb_events(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_snat_rev(ctx: XdpContext) -> u32 {
     snat::reply(&ctx)
+}
+
+/// `xlb_snat_fwd` for `xlb_tc_lb`.
+#[classifier]
+pub fn xlb_tc_snat_fwd(ctx: TcContext) -> i32 {
+    snat::forward(&ctx) as i32
+}
+
+/// `xlb_snat_rev` for `xlb_tc_lb`.
+#[classifier]
+pub fn xlb_tc_snat_rev(ctx: TcContext) -> i32 {
+    snat::reply(&ctx) as i32
+}
+
+/// `xlb_events` for `xlb_tc_lb` and its tail-called programs.
+#[classifier]
+pub fn xlb_tc_events(ctx: TcContext) -> i32 {
+    events::log(&ctx) as i32
 }
 
 /// TC ingress entry, for what `xlb_xdp` handed over (`handoff`): a packet DNATed to a

@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use xlb_common::{
-    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip,
-    Owner, Reason, RevNat, Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange,
-    TcHandoff, config, datapath_log, limits,
+    Affinity, AffinityKey, Backend, BackendKey4, Counter, CtEntry, FlowKey4, Handoff, L2Vip, Owner,
+    Reason, RevNat, Service, ServiceKey4, ServiceKey6, SlotPair, SnatRev, SourceRange, TcHandoff,
+    config, datapath_log, limits,
 };
 
 /// IPv4 VIP:port:proto -> service. The only lookup non-VIP IPv4 traffic pays, with
@@ -116,6 +116,12 @@ pub static SNAT4: LruHashMap<FlowKey4, SnatRev, { limits::CONNTRACK_ENTRIES as u
 #[btf_map(name = "xlb_progs")]
 pub static PROGS: ProgramArray<2> = ProgramArray::new();
 
+/// The TC twins of [`PROGS`] and of the events program, for `xlb_tc_lb` (a program
+/// array holds programs of one type): `PROG_SNAT_FWD`, `PROG_SNAT_REV`, then
+/// `hook::PROG_TC_EVENTS`.
+#[btf_map(name = "xlb_progs_tc")]
+pub static PROGS_TC: ProgramArray<3> = ProgramArray::new();
+
 /// Per-CPU room for the entries a new flow creates (see `lb::record`).
 #[repr(C)]
 pub struct Scratch {
@@ -197,8 +203,7 @@ pub static DATAPATH_LOG: Array<u64, 1> = Array::new();
 /// `xlb_common::datapath_log::window`; and the event handed to `xlb_events`
 /// (`datapath_log::HANDOFF_SLOT`, see `events`).
 #[btf_map(name = "xlb_log_limit")]
-pub static LOG_LIMIT: PerCpuArray<u64, { datapath_log::LIMIT_SLOTS as usize }> =
-    PerCpuArray::new();
+pub static LOG_LIMIT: PerCpuArray<u64, { datapath_log::LIMIT_SLOTS as usize }> = PerCpuArray::new();
 
 /// `xlb_events` at index 0 (`xlb_common::names::EVENT_PROGS`).
 #[btf_map(name = "xlb_event_prog")]

@@ -9,6 +9,11 @@ use xlb_common::PROTO_TCP;
 
 /// Replaces the address at `addr_off` (in the IP header) and the port at `port_off`
 /// (0 source, 2 destination, in the L4 header). `None`: the packet is too short.
+/// `Some(delta)`: how the sum over the bytes behind the Ethernet header changed (see
+/// `hook::Hook::csum_changed`). The IP header's sum does not (its checksum makes up
+/// for the address); with an L4 checksum, that checksum makes up for the port and
+/// for the address in the pseudo-header, which lies outside the bytes: the sum loses
+/// the address change. Without one (UDP checksum 0) it gains the port change.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn rewrite4(
@@ -22,7 +27,7 @@ pub fn rewrite4(
     new_addr: &[u8; 4],
     old_port: &[u8; 2],
     new_port: &[u8; 2],
-) -> Option<()> {
+) -> Option<u32> {
     let ip_csum: *mut [u8; 2] = ptr_at(start, end, IP_OFF + IP_CSUM_OFF)?;
     let addr: *mut [u8; 4] = ptr_at(start, end, IP_OFF + addr_off)?;
     let l4_csum: *mut [u8; 2] = ptr_at(start, end, l4_csum_off)?;
@@ -34,6 +39,11 @@ pub fn rewrite4(
         *addr = *new_addr;
         let c = u16::from_be_bytes(*l4_csum);
         // UDP checksum 0 means "none" over IPv4 (RFC 768): leave it so.
+        let delta = if proto == PROTO_TCP || c != 0 {
+            csum::delta_mem(new_addr, old_addr)
+        } else {
+            csum::delta_mem(old_port, new_port)
+        };
         if proto == PROTO_TCP || c != 0 {
             let mut c = csum::replace4(c, *old_addr, *new_addr);
             c = csum::replace2(c, *old_port, *new_port);
@@ -43,6 +53,6 @@ pub fn rewrite4(
             *l4_csum = c.to_be_bytes();
         }
         *port = *new_port;
+        Some(delta)
     }
-    Some(())
 }

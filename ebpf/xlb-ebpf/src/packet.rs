@@ -16,8 +16,6 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 /// Offset of the IPv4 header checksum within the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
-/// Offset of the TTL within the IPv4 header.
-pub const IP_TTL_OFF: usize = 8;
 /// Offset of the IPv4 source address within the IPv4 header.
 pub const IP_SRC_OFF: usize = 12;
 /// Offset of the IPv4 destination address within the IPv4 header.

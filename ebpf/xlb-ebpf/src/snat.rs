@@ -8,14 +8,13 @@
 //! stack cannot hold them next to the main path), and forward the packet themselves
 //! (FIB lookup + redirect): the kernel would drop the forward packet as a martian (its
 //! source is the node's own address, net.ipv4.conf.*.accept_local=0).
-use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
-    programs::XdpContext,
-};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use xlb_common::{FlowKey4, PROTO_TCP, Reason, SNAT_PORT_MIN, SNAT_PORTS, SnatRev};
 
 use crate::{
-    fwd, lb,
+    fwd,
+    hook::Hook,
+    lb,
     maps::{CONNTRACK4, HANDOFF, SNAT4, count},
     nat::rewrite4,
     packet::{IP_DST_OFF, IP_SRC_OFF, L4_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, addr16, parse4},
@@ -39,23 +38,23 @@ fn csum_off(proto: u8) -> usize {
 /// `xlb_snat_fwd`: source-NATs the client packet to the backend in the handoff and
 /// forwards it. Drops are counted here.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext) -> u32 {
+pub fn forward<C: Hook>(ctx: &C) -> u32 {
     match try_forward(ctx) {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
             crate::events::snat_drop(ctx, reason);
-            xdp_action::XDP_DROP
+            C::DROP
         }
     }
 }
 
 #[inline(always)]
-fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
+fn try_forward<C: Hook>(ctx: &C) -> Result<u32, Reason> {
     // SAFETY: this CPU's handoff, written by xlb_xdp for this very packet.
     let h = unsafe { &*HANDOFF.get_ptr(0).ok_or(Reason::DropSnat)? };
     let backend = h.backend;
-    let flow = parse4(ctx.data(), ctx.data_end()).map_err(|_| Reason::DropMalformedL4)?;
+    let flow = parse4(ctx.start(), ctx.end()).map_err(|_| Reason::DropMalformedL4)?;
     let key = lb::flow_key(&flow);
     let me = node_ip();
     if me == [0; 4] {
@@ -99,7 +98,7 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
             unsafe { (*ct).snat_port = port };
         }
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let pod = [
         backend.addr[0],
         backend.addr[1],
@@ -107,7 +106,7 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         backend.addr[3],
     ];
     let off = csum_off(flow.proto);
-    rewrite4(
+    let d1 = rewrite4(
         start,
         end,
         off,
@@ -120,7 +119,7 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         &backend.port.to_ne_bytes(),
     )
     .ok_or(Reason::DropMalformedL4)?;
-    rewrite4(
+    let d2 = rewrite4(
         start,
         end,
         off,
@@ -133,6 +132,8 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
         &port.to_ne_bytes(),
     )
     .ok_or(Reason::DropMalformedL4)?;
+    ctx.csum_changed(d1);
+    ctx.csum_changed(d2);
     let action = fwd::redirect_resolving(ctx).ok_or(Reason::DropSnat)?;
     count(Reason::FwdSnat);
     Ok(action)
@@ -142,21 +143,21 @@ fn try_forward(ctx: &XdpContext) -> Result<u32, Reason> {
 /// turns it back into one from VIP:port to the client and forwards it; anything else
 /// passes untouched.
 #[inline(always)]
-pub fn reply(ctx: &XdpContext) -> u32 {
-    try_reply(ctx).unwrap_or(xdp_action::XDP_PASS)
+pub fn reply<C: Hook>(ctx: &C) -> u32 {
+    try_reply(ctx).unwrap_or(C::PASS)
 }
 
 #[inline(always)]
-fn try_reply(ctx: &XdpContext) -> Option<u32> {
-    let flow = parse4(ctx.data(), ctx.data_end()).ok()?;
+fn try_reply<C: Hook>(ctx: &C) -> Option<u32> {
+    let flow = parse4(ctx.start(), ctx.end()).ok()?;
     let key = lb::flow_key(&flow);
     // SAFETY: plain data copied out at once.
     let rev = *unsafe { SNAT4.get(&key) }?;
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let vip = [rev.vip[0], rev.vip[1], rev.vip[2], rev.vip[3]];
     let client = [rev.client[0], rev.client[1], rev.client[2], rev.client[3]];
     let off = csum_off(flow.proto);
-    rewrite4(
+    let d1 = rewrite4(
         start,
         end,
         off,
@@ -168,7 +169,7 @@ fn try_reply(ctx: &XdpContext) -> Option<u32> {
         &flow.sport,
         &rev.vip_port.to_ne_bytes(),
     )?;
-    rewrite4(
+    let d2 = rewrite4(
         start,
         end,
         off,
@@ -180,6 +181,8 @@ fn try_reply(ctx: &XdpContext) -> Option<u32> {
         &flow.dport,
         &rev.client_port.to_ne_bytes(),
     )?;
+    ctx.csum_changed(d1);
+    ctx.csum_changed(d2);
     count(Reason::RevSnat);
-    Some(fwd::redirect_resolving(ctx).unwrap_or(xdp_action::XDP_PASS))
+    Some(fwd::redirect_resolving(ctx).unwrap_or(C::PASS))
 }

@@ -14,19 +14,16 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail,
-    },
-    programs::{TcContext, XdpContext},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use xlb_common::{Backend, ENCAP_MAGIC, RESOLVE_MAGIC, Reason, config};
+use xlb_common::{Backend, Reason, config};
 
 use crate::{
+    hook::Hook,
     maps::{CONFIG, count},
     packet::{IP_OFF, ptr_at},
 };
@@ -48,8 +45,8 @@ pub fn node_ip() -> [u8; 4] {
 /// Strips the outer header of an IPIP packet addressed to this node, leaving the
 /// client's packet behind the original Ethernet header. `None`: not ours.
 #[inline(always)]
-pub fn decap(ctx: &XdpContext) -> Option<()> {
-    let (start, end) = (ctx.data(), ctx.data_end());
+pub fn decap<C: Hook>(ctx: &C) -> Option<()> {
+    let (start, end) = (ctx.start(), ctx.end());
     let eth: *const EthHdr = ptr_at(start, end, 0)?;
     let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF)?;
     // SAFETY: bounds checked by ptr_at.
@@ -68,11 +65,7 @@ pub fn decap(ctx: &XdpContext) -> Option<()> {
     }
     // The inner header must be there before we commit to stripping.
     let _: *const Ipv4Hdr = ptr_at(start, end, IP_OFF + OUTER)?;
-    let moved: *mut EthHdr = ptr_at(start, end, OUTER)?;
-    // SAFETY: bounds checked by ptr_at; EthHdr is plain data.
-    unsafe { *moved = eth };
-    // SAFETY: shrinking the head by the outer header, which the frame holds.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
+    if !ctx.pop_behind_eth(OUTER as u32) {
         return None;
     }
     count(Reason::Decap);
@@ -87,8 +80,8 @@ pub fn decap(ctx: &XdpContext) -> Option<()> {
 /// sends it with `bpf_redirect_neigh`, which resolves the neighbour and queues the
 /// packet meanwhile. `Err` carries the drop reason.
 #[inline(always)]
-pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
-    let (start, end) = (ctx.data(), ctx.data_end());
+pub fn encap<C: Hook>(ctx: &C, backend: &Backend) -> Result<u32, Reason> {
+    let (start, end) = (ctx.start(), ctx.end());
     let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropMalformedL4)?;
     // SAFETY: bounds checked by ptr_at.
     let inner = unsafe { *ip };
@@ -110,14 +103,13 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     p.l4_protocol = PROTO_IPIP;
     // Asks the kernel to check the encapsulated size against the route's MTU.
     p.__bindgen_anon_1.tot_len = inner_len.saturating_add(OUTER as u16);
-    // SAFETY: reading the xdp_md field of our own context.
-    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    p.ifindex = ctx.ingress_ifindex();
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(me);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     // SAFETY: the helper reads and writes only `p`, sized by the third argument.
     let rc = unsafe {
         fib_lookup(
-            ctx.ctx as *mut _,
+            ctx.as_ptr(),
             &mut p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
@@ -131,7 +123,7 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
             // sees GRO/GSO skbs whole) whose segments may well fit once each is
             // encapsulated. TC can do that right (see ENCAP_MAGIC); an ICMP here
             // would be wrong, and the client would ignore it and stall.
-            return hand_to_tc_encap(ctx, p.ifindex, dst);
+            return ctx.encap_aggregate(p.ifindex, dst);
         }
         if u16::from_be_bytes(inner.frags) & 0x4000 == 0 {
             // Fragmenting in XDP is not possible; the sender did not forbid it, so
@@ -147,16 +139,15 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && !resolve {
         return Err(Reason::DropEncapNoRoute);
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let in_eth: *const EthHdr = ptr_at(start, end, 0).ok_or(Reason::DropMalformedL4)?;
     // SAFETY: bounds checked by ptr_at.
     let in_eth = unsafe { *in_eth };
 
-    // SAFETY: growing the head by 20 bytes of XDP headroom.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OUTER as i32)) } != 0 {
+    if !ctx.push_behind_eth(OUTER as u32, true) {
         return Err(Reason::DropEncapNoRoute);
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let eth: *mut EthHdr = ptr_at(start, end, 0).ok_or(Reason::DropEncapNoRoute)?;
     let outer: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::DropEncapNoRoute)?;
     let mut hdr = Ipv4Hdr {
@@ -183,7 +174,11 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
             (*eth).ether_type = network_types::eth::EtherType::Ipv4 as u16;
             *outer = hdr;
         }
-        return hand_to_tc(ctx, p.ifindex);
+        let verdict = ctx
+            .send_resolving(p.ifindex)
+            .ok_or(Reason::DropEncapNoRoute)?;
+        count(Reason::FwdEncapResolve);
+        return Ok(verdict);
     }
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -193,34 +188,12 @@ pub fn encap(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
         *outer = hdr;
     }
     count(Reason::FwdEncap);
-    // SAFETY: reading our own context.
-    if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
-        Ok(xdp_action::XDP_TX)
+    if p.ifindex == ctx.ingress_ifindex() {
+        Ok(ctx.tx())
     } else {
         // SAFETY: plain helper call.
         Ok(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
     }
-}
-
-/// Passes the (encapsulated) packet to the kernel for `xlb_tc_ingress`
-/// ([`RESOLVE_MAGIC`], see `handoff`).
-#[inline(always)]
-fn hand_to_tc(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
-    if !crate::handoff::to_tc(ctx, RESOLVE_MAGIC, ifindex, [0; 4]) {
-        return Err(Reason::DropEncapNoRoute);
-    }
-    count(Reason::FwdEncapResolve);
-    Ok(xdp_action::XDP_PASS)
-}
-
-/// Passes the (unencapsulated) aggregate to the kernel for `xlb_tc_ingress` to
-/// encapsulate towards `node` and send out of `ifindex` ([`ENCAP_MAGIC`]).
-#[inline(always)]
-fn hand_to_tc_encap(ctx: &XdpContext, ifindex: u32, node: [u8; 4]) -> Result<u32, Reason> {
-    if !crate::handoff::to_tc(ctx, ENCAP_MAGIC, ifindex, node) {
-        return Err(Reason::DropEncapNoRoute);
-    }
-    Ok(xdp_action::XDP_PASS)
 }
 
 /// TC ingress for an aggregate `xlb_xdp` handed over with [`ENCAP_MAGIC`]: prepends
@@ -240,7 +213,7 @@ pub fn encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> i32 {
 }
 
 #[inline(always)]
-fn try_encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> Result<i32, Reason> {
+pub fn try_encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> Result<i32, Reason> {
     // SAFETY: reading a field of our own __sk_buff context.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
@@ -290,31 +263,27 @@ fn try_encap_aggregate(ctx: &TcContext, ifindex: u32, node: [u8; 4]) -> Result<i
 /// (type 3 code 4, RFC 792 and RFC 1191 section 4) to its sender, quoting its IP
 /// header and first 8 payload bytes, and sends it back out (XDP_TX).
 #[inline(always)]
-fn frag_needed(ctx: &XdpContext, me: [u8; 4], mtu: u16) -> Result<u32, Reason> {
+fn frag_needed<C: Hook>(ctx: &C, me: [u8; 4], mtu: u16) -> Result<u32, Reason> {
     const QUOTE: usize = Ipv4Hdr::LEN + 8;
     const ICMP: usize = 8;
     const GROW: usize = Ipv4Hdr::LEN + ICMP;
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let eth: *const EthHdr = ptr_at(start, end, 0).ok_or(Reason::IcmpFragNeeded)?;
     let ip: *const Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::IcmpFragNeeded)?;
     // The quoted bytes must exist.
     let _: *const [u8; QUOTE] = ptr_at(start, end, IP_OFF).ok_or(Reason::IcmpFragNeeded)?;
     // SAFETY: bounds checked by ptr_at.
     let (eth, client) = unsafe { (*eth, (*ip).src_addr) };
-    let old_len = (end - start) as i32;
 
-    // Grow the front by the new IP + ICMP headers: the original IP header then sits
-    // exactly where the ICMP quote belongs. Then cut everything after the quote.
-    // SAFETY: XDP headroom is at least 256 bytes.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+    // Make room for the new IP + ICMP headers behind the Ethernet header: the original
+    // IP header then sits exactly where the ICMP quote belongs. Then cut everything
+    // after the quote.
+    if !ctx.push_behind_eth(GROW as u32, false)
+        || !ctx.truncate((EthHdr::LEN + GROW + QUOTE) as u32)
+    {
         return Err(Reason::IcmpFragNeeded);
     }
-    let keep = (EthHdr::LEN + GROW + QUOTE) as i32;
-    // SAFETY: shrinking the tail to a length the frame has.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - (old_len + GROW as i32)) } != 0 {
-        return Err(Reason::IcmpFragNeeded);
-    }
-    let (start, end) = (ctx.data(), ctx.data_end());
+    let (start, end) = (ctx.start(), ctx.end());
     let out_eth: *mut EthHdr = ptr_at(start, end, 0).ok_or(Reason::IcmpFragNeeded)?;
     let out_ip: *mut Ipv4Hdr = ptr_at(start, end, IP_OFF).ok_or(Reason::IcmpFragNeeded)?;
     let icmp: *mut [u8; ICMP + QUOTE] =
@@ -361,5 +330,5 @@ fn frag_needed(ctx: &XdpContext, me: [u8; 4], mtu: u16) -> Result<u32, Reason> {
         m[3] = c[1];
     }
     count(Reason::IcmpFragNeeded);
-    Ok(xdp_action::XDP_TX)
+    Ok(ctx.tx())
 }

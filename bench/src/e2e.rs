@@ -168,6 +168,13 @@ pub fn run(scale: Scale) -> Result<Value> {
                     vec!["--xdp-mode", "generic", "--force-fallback", "all"],
                     false,
                 ),
+                // The TC datapath's fallbacks: netlink TC filters, neighbours kept
+                // resolved without managed entries.
+                (
+                    "tc_fallback",
+                    vec!["--xdp-mode", "tc", "--force-fallback", "all"],
+                    false,
+                ),
             ] {
                 v.push((
                     format!("xlb_{mode}_{n}"),

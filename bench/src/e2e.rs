@@ -276,7 +276,7 @@ pub fn run(scale: Scale) -> Result<Value> {
     }
 
     // TCP: connections/s and request latency, xlb (default attach mode), iptables, HAProxy.
-    let tcp_keys: Vec<&str> = ["xlb_generic_1", "iptables_1", "haproxy"]
+    let tcp_keys: Vec<&str> = ["xlb_tc_1", "iptables_1", "haproxy"]
         .into_iter()
         .filter(|k| systems.iter().any(|s| s.key == *k))
         .collect();

@@ -222,6 +222,13 @@ impl Agent {
         self.spawn()
     }
 
+    /// Starts a new agent process with `extra_args` instead of the previous ones (after
+    /// [`Agent::stop`]): an upgrade that changes the agent's flags.
+    pub fn start_again_with(&mut self, extra_args: Vec<String>) -> Result<()> {
+        self.cfg.extra_args = extra_args;
+        self.start_again()
+    }
+
     /// The log of the current process (ANSI colour codes removed).
     pub fn current_log(&self) -> String {
         self.logs

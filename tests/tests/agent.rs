@@ -455,6 +455,73 @@ fn malformed_file_next_to_good_one() -> Result<()> {
 }
 
 // 5
+/// Switching between generic XDP and the TC datapath (an upgrade from an agent that
+/// ran generic on a veth, and back) under traffic: each new agent takes over the other
+/// mode's datapath before removing it, so a UDP flow loses no packet and a TCP
+/// connection stays on its backend.
+#[test]
+fn switching_between_xdp_and_tc_under_traffic_loses_nothing() -> Result<()> {
+    let mut lab = Lab::one_node(3)?;
+    let generic: Vec<String> = ["--xdp-mode", "generic"].map(String::from).to_vec();
+    lab.node_mut().agent_args = generic.clone();
+    let eps = endpoints(&lab, &[(1, true), (2, true), (3, true)]);
+    write_atomic(&web_file(&lab), &web_yaml(&eps))?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+    ensure!(xdp_attached(&lab)?, "generic mode attached no XDP program");
+    let mut conn = lab.client.tcp_connect(web_tcp_vip(), REPLY_TIMEOUT)?;
+    let first = conn.ping()?;
+    check_reply(&first, web_tcp_vip())?;
+    let ticker = Ticker::start(&lab.client, web_udp_vip(), Duration::from_millis(1), 30_000)?;
+    ticker.wait_received(300, Duration::from_secs(10))?;
+    for (args, want) in [(Vec::new(), "tc"), (generic, "generic")] {
+        let agent = lab.agent()?;
+        agent.stop()?;
+        agent.start_again_with(args)?;
+        agent.wait_healthy(SOON)?;
+        let mode = agent.metric("xlb_xdp_mode", &[("mode", want)])?;
+        ensure!(mode == 1.0, "the new agent is not in {want} mode");
+        ensure!(
+            xdp_attached(&lab)? == (want == "generic"),
+            "XDP attached: {}, in {want} mode",
+            lab.node().uplink_details()?
+        );
+        let n = ticker.received();
+        ticker.wait_received(n + 300, Duration::from_secs(10))?;
+        let r = conn
+            .ping()
+            .with_context(|| format!("TCP after the switch to {want}"))?;
+        ensure!(
+            r.server == first.server,
+            "connection moved from {} to {} (switch to {want})",
+            first.server,
+            r.server
+        );
+    }
+    let report = ticker.finish(Duration::from_secs(2))?;
+    println!(
+        "UDP ticker across generic -> tc -> generic: sent {}, answered {}, lost {}, largest gap {:.1} ms",
+        report.sent,
+        report.received,
+        report.lost,
+        report.max_gap.as_secs_f64() * 1000.0
+    );
+    if report.lost > 0 {
+        println!("unanswered tick ranges: {:?}", report.missing);
+    }
+    ensure!(
+        report.reply_sources == BTreeSet::from([web_udp_vip()]),
+        "ticker replies came from {:?}",
+        report.reply_sources
+    );
+    ensure!(
+        report.lost == 0,
+        "{} of {} ticks lost across the mode switches",
+        report.lost,
+        report.sent
+    );
+    Ok(())
+}
+
 #[test]
 fn restart_keeps_flows() -> Result<()> {
     let mut lab = web_lab(3, 3)?;

@@ -327,24 +327,46 @@ impl Dataplane {
             None
         };
         let mut config: Array<MapData, u64> = take_map(&mut ebpf, names::CONFIG)?;
-        // TC ingress first: XDP may hand it packets as soon as it is attached.
         let tcx = features.tcx();
         let ingress = if tc_only {
             names::TC_LB_PROG
         } else {
             names::TC_INGRESS_PROG
         };
-        attach_tc(
-            &mut ebpf,
-            iface,
-            pin_path,
-            ingress,
-            TcAttachType::Ingress,
-            tcx,
-        )?;
+        let had_tc = config.get(&config::XDP_MODE, 0).ok() == Some(MODE_TC);
         let decision = if tc_only {
+            attach_tc(
+                &mut ebpf,
+                iface,
+                pin_path,
+                ingress,
+                TcAttachType::Ingress,
+                tcx,
+            )?;
             detach_xdp(iface, pin_path, &mut config, decision)?
+        } else if had_tc {
+            // From the TC datapath to XDP, XDP goes first: until then `xlb_tc_lb`
+            // balances, and it passes what XDP balanced (addressed to a pod by then).
+            let d = attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, decision, &mut config)?;
+            attach_tc(
+                &mut ebpf,
+                iface,
+                pin_path,
+                ingress,
+                TcAttachType::Ingress,
+                tcx,
+            )?;
+            d
         } else {
+            // TC ingress first: XDP may hand it packets as soon as it is attached.
+            attach_tc(
+                &mut ebpf,
+                iface,
+                pin_path,
+                ingress,
+                TcAttachType::Ingress,
+                tcx,
+            )?;
             attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, decision, &mut config)?
         };
         let egress = names::TC_EGRESS_PROG;

@@ -514,39 +514,13 @@ fn test() -> Result<()> {
     eprintln!(
         "xtask test: the core lab tests again with every kernel-feature fallback forced (XLB_FORCE_FALLBACK=all)"
     );
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(&root)
-        .args(["test", "--release", "-p", "xlb-lab"])
-        .env("XLB_BIN", &bin)
-        .env("XLB_FORCE_FALLBACK", "all");
-    let targets: std::collections::BTreeSet<&str> =
-        vm::CORE_TESTS.iter().map(|(t, _, _)| *t).collect();
-    for target in &targets {
-        cmd.args(["--test", target]);
-    }
-    cmd.arg("--");
-    for (_, name, _) in vm::CORE_TESTS {
-        cmd.arg(name);
-    }
-    sh(cmd.arg("--exact"))?;
+    core_set(&root, &bin, ("XLB_FORCE_FALLBACK", "all"))?;
     // The default on a veth is the TC datapath (no XDP program); real NICs get native
     // XDP, and the same XDP code runs generic where asked: the core set through it.
     eprintln!(
         "xtask test: the core lab tests again through generic XDP (XLB_LAB_XDP_MODE=generic)"
     );
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(&root)
-        .args(["test", "--release", "-p", "xlb-lab"])
-        .env("XLB_BIN", &bin)
-        .env("XLB_LAB_XDP_MODE", "generic");
-    for target in &targets {
-        cmd.args(["--test", target]);
-    }
-    cmd.arg("--");
-    for (_, name, _) in vm::CORE_TESTS {
-        cmd.arg(name);
-    }
-    sh(cmd.arg("--exact"))?;
+    core_set(&root, &bin, ("XLB_LAB_XDP_MODE", "generic"))?;
     // The kernel matrix: Debian 12's own 6.1 (no tcx) and its 6.12 in VMs, the demo
     // and the same core set inside each (the host kernel ran everything above).
     eprintln!("xtask test: the kernel matrix (cargo xtask vm --kernel 6.1 --kernel 6.12)");
@@ -814,6 +788,26 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 /// of Kubernetes [`K8S_VERSIONS`], xlb.dev objects (rendered, in deploy/examples,
 /// deploy/static and the README) against deploy/crds, references between the
 /// objects, and the chart's defaults against kustomize's output.
+/// Runs the core lab tests (`vm::CORE_TESTS`) on the host with `env` set: a fallback
+/// forced, or another attach mode.
+fn core_set(root: &Path, bin: &Path, env: (&str, &str)) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args(["test", "--release", "-p", "xlb-lab"])
+        .env("XLB_BIN", bin)
+        .env(env.0, env.1);
+    let targets: std::collections::BTreeSet<&str> =
+        vm::CORE_TESTS.iter().map(|(t, _, _)| *t).collect();
+    for target in targets {
+        cmd.args(["--test", target]);
+    }
+    cmd.arg("--");
+    for (_, name, _) in vm::CORE_TESTS {
+        cmd.arg(name);
+    }
+    sh(cmd.arg("--exact"))
+}
+
 fn validate_deploy() -> Result<()> {
     let started = std::time::Instant::now();
     let tools = deploy_tools(false)?;

@@ -334,39 +334,20 @@ impl Dataplane {
             names::TC_INGRESS_PROG
         };
         let had_tc = config.get(&config::XDP_MODE, 0).ok() == Some(MODE_TC);
+        let attach_ingress =
+            |ebpf: &mut Ebpf| attach_tc(ebpf, iface, pin_path, ingress, TcAttachType::Ingress, tcx);
         let decision = if tc_only {
-            attach_tc(
-                &mut ebpf,
-                iface,
-                pin_path,
-                ingress,
-                TcAttachType::Ingress,
-                tcx,
-            )?;
+            attach_ingress(&mut ebpf)?;
             detach_xdp(iface, pin_path, &mut config, decision)?
         } else if had_tc {
             // From the TC datapath to XDP, XDP goes first: until then `xlb_tc_lb`
             // balances, and it passes what XDP balanced (addressed to a pod by then).
             let d = attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, decision, &mut config)?;
-            attach_tc(
-                &mut ebpf,
-                iface,
-                pin_path,
-                ingress,
-                TcAttachType::Ingress,
-                tcx,
-            )?;
+            attach_ingress(&mut ebpf)?;
             d
         } else {
             // TC ingress first: XDP may hand it packets as soon as it is attached.
-            attach_tc(
-                &mut ebpf,
-                iface,
-                pin_path,
-                ingress,
-                TcAttachType::Ingress,
-                tcx,
-            )?;
+            attach_ingress(&mut ebpf)?;
             attach_xdp(&mut ebpf, iface, pin_path, xdp_mode, decision, &mut config)?
         };
         let egress = names::TC_EGRESS_PROG;

@@ -844,7 +844,12 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
         "datapath ready; reconciling from the state the maps hold"
     );
     let ct_counts = Arc::new(conntrack::CtCounts::default());
-    conntrack::spawn(cfg.pin_path.clone(), CT_SWEEP_PERIOD, ct_counts.clone());
+    conntrack::spawn(
+        cfg.pin_path.clone(),
+        CT_SWEEP_PERIOD,
+        ct_counts.clone(),
+        cfg.features.map_batch(),
+    );
     let collector = BpfCollector::new(Stats::open(&cfg.pin_path)?, ct_counts);
     let metrics = Metrics::new(collector.clone());
     metrics.map_updates.inc_by(node_writes);

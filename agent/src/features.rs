@@ -28,6 +28,8 @@ pub enum Fallback {
     /// Keep other nodes resolved by marking their entries used every few seconds,
     /// not as managed neighbour entries.
     ManagedNeigh,
+    /// Read the conntrack map key by key in the agent's sweep, not in batches.
+    MapBatch,
     /// Every fallback above.
     All,
 }
@@ -49,6 +51,8 @@ enum Ask {
     Tcx,
     /// Does the kernel keep a neighbour entry flagged NTF_EXT_MANAGED (5.16+)?
     ManagedNeigh,
+    /// Does `BPF_MAP_LOOKUP_BATCH` work on an LRU hash map (5.6+)?
+    MapBatch,
 }
 
 /// One feature: what it is, how it is probed, what it serves and what replaces it.
@@ -67,6 +71,8 @@ pub struct Spec {
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_QUERY: libc::c_long = 16;
+/// `BPF_MAP_LOOKUP_BATCH`.
+pub(crate) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const PROG_SCHED_CLS: u32 = 3;
 const PROG_XDP: u32 = 6;
 const MAP_PERCPU_ARRAY: u32 = 6;
@@ -86,6 +92,8 @@ pub const XDP_META: &str = "xdp_adjust_meta";
 pub const TCX: &str = "tcx";
 /// Name of the managed neighbour feature.
 pub const MANAGED_NEIGH: &str = "managed_neigh";
+/// Name of the batched map read feature.
+pub const MAP_BATCH: &str = "map_lookup_batch";
 /// How often, without managed entries, the agent marks other nodes' entries used.
 pub const NEIGH_USE_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -108,6 +116,12 @@ pub const PROBES: &[Spec] = &[
         ask: Ask::ManagedNeigh,
         used_for: "other nodes kept resolved for XDP's FIB lookup (managed neighbour entries)",
         fallback: Some("each entry marked used (NTF_USE) every 5 s, so the kernel re-resolves it"),
+    },
+    Spec {
+        name: MAP_BATCH,
+        ask: Ask::MapBatch,
+        used_for: "the agent's conntrack sweep reads thousands of entries per syscall",
+        fallback: Some("entries read key by key (two syscalls each)"),
     },
     Spec {
         name: "xdp_adjust_head",
@@ -267,6 +281,7 @@ impl Features {
                 Fallback::XdpMeta => name == XDP_META,
                 Fallback::Tcx => name == TCX,
                 Fallback::ManagedNeigh => name == MANAGED_NEIGH,
+                Fallback::MapBatch => name == MAP_BATCH,
             })
         };
         let mut found = Vec::with_capacity(PROBES.len());
@@ -317,6 +332,11 @@ impl Features {
     /// Other nodes are kept as managed neighbour entries.
     pub fn managed_neigh(&self) -> bool {
         self.uses(MANAGED_NEIGH)
+    }
+
+    /// The conntrack sweep reads the map in batches.
+    pub fn map_batch(&self) -> bool {
+        self.uses(MAP_BATCH)
     }
 
     /// The first required feature the kernel lacks.
@@ -376,7 +396,69 @@ fn ask(a: Ask) -> io::Result<Option<String>> {
         } => probe_map(map_type, key, value, max_entries, flags),
         Ask::Tcx => probe_tcx(),
         Ask::ManagedNeigh => probe_managed_neigh(),
+        Ask::MapBatch => probe_map_batch(),
     }
+}
+
+/// Creates an empty one-entry LRU hash map and reads it in a batch: a kernel with
+/// batched reads answers ENOENT (nothing left to read), one without EINVAL.
+fn probe_map_batch() -> io::Result<Option<String>> {
+    let mut attr = MapCreateAttr {
+        map_type: MAP_LRU_HASH,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    let fd = match bpf(BPF_MAP_CREATE, &mut attr) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return Err(e),
+        Err(e) => return Ok(Some(format!("map creation refused: {e}"))),
+    };
+    // SAFETY: the kernel just gave us this fd, and nothing else owns it.
+    let map = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let (mut keys, mut values, mut token) = ([0u32; 1], [0u32; 1], [0u64; 1]);
+    let mut batch = BatchAttr {
+        out_batch: token.as_mut_ptr() as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: 1,
+        map_fd: std::os::fd::AsRawFd::as_raw_fd(&map) as u32,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut batch) {
+        Ok(_) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(e),
+        Err(e) => Ok(Some(format!("BPF_MAP_LOOKUP_BATCH: {e}"))),
+    }
+}
+
+/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands (`batch` in the uapi union).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct BatchAttr {
+    /// Where to resume (null: from the start).
+    pub in_batch: u64,
+    /// Where the kernel writes the resume token.
+    pub out_batch: u64,
+    /// Key buffer, `count` keys.
+    pub keys: u64,
+    /// Value buffer, `count` values.
+    pub values: u64,
+    /// In: buffer capacity in elements; out: elements written.
+    pub count: u32,
+    /// The map.
+    pub map_fd: u32,
+    /// Per-element flags.
+    pub elem_flags: u64,
+    /// Command flags.
+    pub flags: u64,
+}
+
+/// bpf(2) with `attr`, for the batched reads of the conntrack sweep.
+pub(crate) fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<i32> {
+    bpf(cmd, attr)
 }
 
 /// Adds a managed entry on `lo` in a network namespace of its own (a thread's, gone
@@ -563,7 +645,13 @@ mod tests {
         assert!(f.uses("xdp_adjust_head"), "{f:#?}");
         f.check_required().expect("this kernel runs xlb");
         let forced = Features::probe(&[Fallback::All]).expect("probe");
-        assert!(!forced.xdp_meta() && !forced.tcx() && !forced.managed_neigh());
+        assert!(
+            !forced.xdp_meta() && !forced.tcx() && !forced.managed_neigh() && !forced.map_batch()
+        );
+        assert!(
+            f.map_batch(),
+            "every supported kernel (5.6+) reads maps in batches: {f:#?}"
+        );
         let fb = forced.fallbacks();
         let optional = PROBES.iter().filter(|p| p.fallback.is_some()).count();
         assert_eq!(fb.len(), optional, "{fb:?}");

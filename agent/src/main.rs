@@ -114,7 +114,7 @@ enum Command {
         bgp_listen_port: u16,
         /// Take a kernel feature's fallback path even where the kernel offers the
         /// feature (for tests and for ruling a feature out): `xdp-meta`, `tcx`,
-        /// `managed-neigh` or `all`; repeatable. `xlb inspect features` lists the features and fallbacks.
+        /// `managed-neigh`, `map-batch` or `all`; repeatable. `xlb inspect features` lists the features and fallbacks.
         #[arg(long, value_enum, env = "XLB_FORCE_FALLBACK", value_delimiter = ',')]
         force_fallback: Vec<xlb::features::Fallback>,
     },

@@ -498,6 +498,14 @@ impl Collector for BpfCollector {
             MetricType::Gauge,
         )?;
         prometheus_client::metrics::gauge::ConstGauge::new(present as i64).encode(m)?;
+        let m = encoder.encode_descriptor(
+            "xlb_conntrack_sweep_seconds",
+            "How long the last conntrack sweep (a read of the whole map) took",
+            None,
+            MetricType::Gauge,
+        )?;
+        let took = self.conntrack.last_sweep_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        prometheus_client::metrics::gauge::ConstGauge::new(took).encode(m)?;
         let created = snap
             .reasons
             .get(Reason::CtCreated as usize)

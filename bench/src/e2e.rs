@@ -168,8 +168,24 @@ pub fn run(scale: Scale) -> Result<Value> {
                     vec!["--xdp-mode", "generic", "--force-fallback", "all"],
                     false,
                 ),
-                // The TC datapath's fallbacks: netlink TC filters, neighbours kept
-                // resolved without managed entries.
+                // XDP hands local deliveries to TC in the per-CPU slot, not metadata.
+                (
+                    "fallback_meta",
+                    vec!["--xdp-mode", "generic", "--force-fallback", "xdp-meta"],
+                    false,
+                ),
+                // The TC datapath's fallbacks, each alone and all together: netlink TC
+                // filters; neighbours kept resolved without managed entries.
+                (
+                    "tc_fallback_tcx",
+                    vec!["--xdp-mode", "tc", "--force-fallback", "tcx"],
+                    false,
+                ),
+                (
+                    "tc_fallback_neigh",
+                    vec!["--xdp-mode", "tc", "--force-fallback", "managed-neigh"],
+                    false,
+                ),
                 (
                     "tc_fallback",
                     vec!["--xdp-mode", "tc", "--force-fallback", "all"],
@@ -236,6 +252,11 @@ pub fn run(scale: Scale) -> Result<Value> {
             s.broken = Some(why);
         }
         drop_udp_at_pod(&s.lab)?;
+        if matches!(s.kind, Kind::Xlb { .. })
+            && let Some(pid) = s.lab.agent()?.pid()
+        {
+            keep_off_sender_cpu(pid)?;
+        }
     }
 
     // UDP: interleaved rounds over every system and shape.
@@ -609,6 +630,37 @@ fn trafgen_conf(src: [u8; 6], dst: [u8; 6], ip: Ipv4Addr, dport: u16, shape: Sha
     )
 }
 
+/// The CPU trafgen is pinned to: the last one this process may use.
+fn sender_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+}
+
+/// Moves every thread of process `pid` (an idle agent of a system not being measured)
+/// off [`sender_cpu`]: an agent's periodic work (a conntrack sweep reads a full map
+/// in ~0.1 s) landing on the sender's CPU otherwise takes 10–20 % off the window of
+/// whichever system is measured then. With one CPU there is nowhere to move it.
+fn keep_off_sender_cpu(pid: u32) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        return Ok(());
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in (0..cpus).filter(|&c| c != sender_cpu()) {
+        // SAFETY: cpu < cpus <= CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+        // SAFETY: set is a valid cpu_set_t of the size passed.
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!("moving agent thread {tid} off CPU {}: {e}", sender_cpu());
+        }
+    }
+    Ok(())
+}
+
 /// One window of delivered packets/s for `s` with `shape`.
 fn measure_pps(s: &System, shape: Shape, plan: &Plan) -> Result<f64> {
     let conf = &s
@@ -622,8 +674,12 @@ fn measure_pps(s: &System, shape: Shape, plan: &Plan) -> Result<f64> {
     let before = rx_packets(pod_ns)?;
     // `ip netns exec` (not nsenter): trafgen looks its device up in /sys, which must be
     // the namespace's own.
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &s.sender_ns])
+    // Pinned to one CPU: the whole veth path runs in the sender's context, and a
+    // sender the scheduler moves between CPUs spread one system's windows by ±20 %
+    // here (±5 % pinned).
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &sender_cpu().to_string()])
+        .args(["ip", "netns", "exec", &s.sender_ns])
         .args(["trafgen", "--dev", &s.sender_dev, "--conf"])
         .arg(conf)
         .args([

@@ -24,6 +24,8 @@ fn health_answers_while_fifty_scrapers_read_a_full_conntrack_map() -> Result<()>
     // 200,000 live flows (of the default 262,144), as a UDP flood from many sources
     // leaves them.
     fill_conntrack(&mut lab, 200_000)?;
+    let swept = lab.agent()?.metric("xlb_conntrack_sweep_seconds", &[])?;
+    eprintln!("last sweep of the filled map: {:.1} ms", swept * 1e3);
     let r = health_under_scrapes(&lab, 50, Duration::from_secs(5));
     eprintln!(
         "health polls: {} answered, p50 {:?}, p99 {:?}, max {:?}; {} scrapes completed meanwhile",

@@ -179,6 +179,7 @@ pub fn compute_with(
     restored: &Restored,
 ) -> Desired {
     let node_ips = node_ips(snapshot, node_name);
+    let reserved = snapshot.node_addresses();
     let has_node_ports = snapshot
         .services
         .values()
@@ -194,7 +195,7 @@ pub fn compute_with(
     let mut out = Desired::default();
     let mut claims: BTreeMap<VipKey, Vec<Claim>> = BTreeMap::new();
     for (sref, svc) in &snapshot.services {
-        let mine = service_claims(sref, svc, node_name, &node_ips, snapshot);
+        let mine = service_claims(sref, svc, node_name, &node_ips, &reserved, snapshot);
         let mut keys: Vec<VipKey> = mine.iter().map(|(k, _)| *k).collect();
         keys.dedup();
         for (key, claim) in mine {
@@ -247,6 +248,7 @@ pub fn update(
     changed: &BTreeSet<ServiceRef>,
 ) -> BTreeSet<VipKey> {
     let node_ips = node_ips(snapshot, node_name);
+    let reserved = snapshot.node_addresses();
     let claims = &mut desired.claims;
     let mut affected: BTreeSet<VipKey> = BTreeSet::new();
     let mut fresh: BTreeMap<&ServiceRef, Vec<(VipKey, Claim)>> = BTreeMap::new();
@@ -267,7 +269,7 @@ pub fn update(
         if svc.health_check_node_port.is_some() {
             claims.with_health_check.insert(sref.clone());
         }
-        let mine = service_claims(sref, svc, node_name, &node_ips, snapshot);
+        let mine = service_claims(sref, svc, node_name, &node_ips, &reserved, snapshot);
         let mut keys: Vec<VipKey> = mine.iter().map(|(k, _)| *k).collect();
         keys.dedup();
         for key in &keys {
@@ -297,7 +299,7 @@ pub fn update(
                 None => {
                     if let Some(svc) = snapshot.services.get(r) {
                         claimants.extend(
-                            service_claims(r, svc, node_name, &node_ips, snapshot)
+                            service_claims(r, svc, node_name, &node_ips, &reserved, snapshot)
                                 .into_iter()
                                 .filter(|(k, _)| *k == key)
                                 .map(|(_, c)| c),
@@ -362,6 +364,7 @@ fn service_claims(
     svc: &crate::model::Service,
     node_name: &str,
     node_ips: &[IpAddr],
+    node_addresses: &BTreeMap<IpAddr, &str>,
     snapshot: &Snapshot,
 ) -> Vec<(VipKey, Claim)> {
     let mut out: Vec<(VipKey, Claim)> = Vec::new();
@@ -384,7 +387,13 @@ fn service_claims(
         for &addr in svc.vips.iter().filter(|a| a.is_ipv4()) {
             frontends.push((addr, port.port, Frontend::LoadBalancer, port_field.clone()));
         }
-        for &addr in svc.external_ips.iter().filter(|a| a.is_ipv4()) {
+        // An external IP that is a Node's own address is never served (reported by
+        // `ipam::allocate`, which refuses such VIPs the same way).
+        for &addr in svc
+            .external_ips
+            .iter()
+            .filter(|a| a.is_ipv4() && !node_addresses.contains_key(*a))
+        {
             let field = "spec.externalIPs".to_string();
             frontends.push((addr, port.port, Frontend::ExternalIp, field));
         }
@@ -803,6 +812,7 @@ pub(crate) mod tests {
             let node = Node {
                 name: name.into(),
                 internal_ips: vec![ip.parse().unwrap()],
+                external_ips: vec![],
                 labels: Default::default(),
                 origin: String::new(),
             };
@@ -1118,6 +1128,7 @@ pub(crate) mod tests {
                 Node {
                     name: name.into(),
                     internal_ips: vec![format!("10.9.0.{}", name.len()).parse().unwrap()],
+                    external_ips: vec![],
                     labels: Default::default(),
                     origin: String::new(),
                 },
@@ -1362,6 +1373,27 @@ pub(crate) mod tests {
         let e = &d.services[&key("10.0.100.1")];
         assert_eq!(e.frontend, Frontend::LoadBalancer);
         assert_eq!(e.source_ranges.len(), 1, "the filtered frontend wins");
+    }
+
+    /// An external IP that is some Node's own address (here node-b's, as seen from
+    /// node-a, and node-c's ExternalIP) is not a frontend; the Service's others are.
+    #[test]
+    fn an_external_ip_on_a_node_address_is_not_served() {
+        let mut snap = lab();
+        let sref = snap.services.keys().next().unwrap().clone();
+        let svc = snap.services.get_mut(&sref).unwrap();
+        svc.external_ips = ["10.0.0.12", "203.0.113.13", "198.51.100.9"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let d = compute(&snap, "node-a", None);
+        let external: BTreeSet<IpAddr> = d
+            .services
+            .iter()
+            .filter(|(_, s)| s.frontend == Frontend::ExternalIp && s.owner == sref)
+            .map(|(k, _)| k.addr)
+            .collect();
+        assert_eq!(external, BTreeSet::from(["198.51.100.9".parse().unwrap()]));
     }
 
     #[test]

@@ -88,31 +88,85 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
         .filter(|(_, s)| s.service_type == ServiceType::LoadBalancer)
         .filter_map(|(r, s)| Some((r, s, s.address_request.as_ref()?)))
         .collect();
-    if snapshot.address_pools.is_empty() {
-        // No pools, no IPAM: named addresses as named, the others stay pending.
-        for (sref, _, req) in requests {
-            out.addresses.insert(sref.clone(), req.named.clone());
-        }
-        return out;
-    }
-    requests.sort_by_key(|(r, s, req)| (req.named.is_empty(), s.created.unwrap_or(i64::MAX), *r));
-    // External IPs are the network's, never allocated, and outside the sharing rules.
-    let external: BTreeSet<IpAddr> = snapshot
-        .services
-        .values()
-        .flat_map(|s| s.external_ips.iter().copied())
-        .collect();
-    let mut held: BTreeMap<IpAddr, Vec<Holder<'_>>> = BTreeMap::new();
-    let mut pools: Vec<(&String, &AddressPool)> = snapshot.address_pools.iter().collect();
-    pools.sort_by_key(|(name, p)| (p.priority.unwrap_or(i32::MAX), *name));
-    for (sref, svc, req) in requests {
-        let error = |message: String, field: &str, kind: ErrorKind| ConfigError {
+    // A Node's own address is never a Service's (neither named nor allocated).
+    let nodes = snapshot.node_addresses();
+    let error =
+        |sref: &ServiceRef, svc: &Service, message: String, field: &str, kind| ConfigError {
             origin: svc.origin.clone(),
             object: format!("Service {sref}"),
             field: field.to_string(),
             message,
             kind,
         };
+    // Named addresses a Service may not have: a Node's, and, where pools exist, one
+    // outside every pool unless status already shows it (a Service that had it
+    // before pools were added keeps it, with a warning from `status`). MetalLB and
+    // Cilium LB-IPAM refuse addresses outside their pools too.
+    let refused = |sref: &ServiceRef, svc: &Service, req: &AddressRequest, ip: IpAddr| {
+        let why = if let Some(node) = nodes.get(&ip) {
+            format!(
+                "address {ip} is Node {node}'s own address; not served (it would take the node's own listeners)"
+            )
+        } else if !in_some_pool(snapshot, ip) && !req.status.contains(&ip) {
+            format!("address {ip} is outside every AddressPool; not served")
+        } else {
+            return None;
+        };
+        Some(error(
+            sref,
+            svc,
+            why,
+            &req.named_field,
+            ErrorKind::AddressRefused,
+        ))
+    };
+    // External IPs on a Node's address: reported here, left out of the desired state
+    // by `desired` (the rule is `Snapshot::node_addresses` for both).
+    for (sref, svc) in &snapshot.services {
+        for ip in &svc.external_ips {
+            if let Some(node) = nodes.get(ip) {
+                let m = format!(
+                    "address {ip} is Node {node}'s own address; not served (it would take the node's own listeners)"
+                );
+                out.errors.push(error(
+                    sref,
+                    svc,
+                    m,
+                    "spec.externalIPs",
+                    ErrorKind::AddressRefused,
+                ));
+            }
+        }
+    }
+    if snapshot.address_pools.is_empty() {
+        // No pools, no IPAM: named addresses as named, the others stay pending.
+        for (sref, svc, req) in requests {
+            let mut kept = Vec::new();
+            for ip in &req.named {
+                match refused(sref, svc, req, *ip) {
+                    Some(e) => out.errors.push(e),
+                    None => kept.push(*ip),
+                }
+            }
+            out.addresses.insert(sref.clone(), kept);
+        }
+        return out;
+    }
+    requests.sort_by_key(|(r, s, req)| (req.named.is_empty(), s.created.unwrap_or(i64::MAX), *r));
+    // External IPs are the network's, never allocated, and outside the sharing rules;
+    // node addresses are never allocated either.
+    let external: BTreeSet<IpAddr> = snapshot
+        .services
+        .values()
+        .flat_map(|s| s.external_ips.iter().copied())
+        .chain(nodes.keys().copied())
+        .collect();
+    let mut held: BTreeMap<IpAddr, Vec<Holder<'_>>> = BTreeMap::new();
+    let mut pools: Vec<(&String, &AddressPool)> = snapshot.address_pools.iter().collect();
+    pools.sort_by_key(|(name, p)| (p.priority.unwrap_or(i32::MAX), *name));
+    for (sref, svc, req) in requests {
+        let error =
+            |message: String, field: &str, kind: ErrorKind| error(sref, svc, message, field, kind);
         let holder = || Holder {
             service: sref,
             svc,
@@ -121,6 +175,10 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
         if !req.named.is_empty() {
             let mut kept = Vec::new();
             for ip in &req.named {
+                if let Some(e) = refused(sref, svc, req, *ip) {
+                    out.errors.push(e);
+                    continue;
+                }
                 let holders = held.entry(*ip).or_default();
                 match conflict(holders, svc) {
                     Some(why) => {
@@ -377,6 +435,9 @@ mod tests {
         let req = s.address_request.as_mut().unwrap();
         req.named = ips.iter().map(|a| ip(a)).collect();
         req.from_status = from_status;
+        if from_status {
+            req.status = req.named.clone();
+        }
         s
     }
 
@@ -723,5 +784,99 @@ mod tests {
                 assert_eq!(b.addresses.get(s), Some(ips), "{s} moved");
             }
         }
+    }
+
+    fn with_node(snap: &mut Snapshot, internal: &str, external: &str) {
+        snap.nodes.insert(
+            "node-a".into(),
+            crate::model::Node {
+                name: "node-a".into(),
+                internal_ips: vec![ip(internal)],
+                external_ips: vec![ip(external)],
+                labels: BTreeMap::new(),
+                origin: "nodes.yaml".into(),
+            },
+        );
+    }
+
+    fn refused(a: &Allocation) -> Vec<(String, String)> {
+        a.errors
+            .iter()
+            .filter(|e| e.kind == ErrorKind::AddressRefused)
+            .map(|e| (e.object.clone(), e.field.clone()))
+            .collect()
+    }
+
+    /// A Node's InternalIP or ExternalIP is never a Service's: named (with or without
+    /// pools) it is refused naming the field, and allocation steps over it.
+    #[test]
+    fn node_addresses_are_never_a_services() {
+        let mut snap = Snapshot::default();
+        with_node(&mut snap, "10.0.0.2", "10.0.0.5");
+        let mut asks = svc(0, &[22], None, None);
+        asks.address_request.as_mut().unwrap().named_field = "spec.loadBalancerIP".into();
+        snap.services.insert(
+            r("thief"),
+            named(asks.clone(), &["10.0.0.2", "10.0.0.9"], false),
+        );
+        let mut outside = svc(0, &[23], None, None);
+        outside.external_ips = vec![ip("10.0.0.5")];
+        snap.services.insert(r("external"), outside);
+        // No pools: the node's address refused, the other named one kept.
+        let a = allocate(&snap);
+        assert_eq!(a.addresses[&r("thief")], vec![ip("10.0.0.9")]);
+        assert_eq!(
+            refused(&a),
+            [
+                ("Service default/external".into(), "spec.externalIPs".into()),
+                ("Service default/thief".into(), "spec.loadBalancerIP".into()),
+            ]
+        );
+        // With a pool around the node's addresses: named, refused again; allocated,
+        // never one of the node's (six addresses, two of them the node's).
+        snap.address_pools
+            .insert("p".into(), pool(&[("10.0.0.1", "10.0.0.6")]));
+        snap.services
+            .insert(r("thief"), named(asks, &["10.0.0.2"], false));
+        for i in 0..5 {
+            snap.services
+                .insert(r(&format!("s{i}")), svc(i + 1, &[80], None, None));
+        }
+        let a = allocate(&snap);
+        assert!(a.addresses[&r("thief")].is_empty());
+        // "external" asks for an address too.
+        let got: BTreeSet<IpAddr> = (0..5)
+            .map(|i| format!("s{i}"))
+            .chain(["external".to_string()])
+            .filter_map(|name| a.addresses.get(&r(&name)))
+            .flatten()
+            .copied()
+            .collect();
+        let free: BTreeSet<IpAddr> = ["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.6"]
+            .iter()
+            .map(|a| ip(a))
+            .collect();
+        assert_eq!(got, free, "four free addresses for six Services");
+        assert_eq!(refused(&a).len(), 2, "{:?}", a.errors);
+    }
+
+    /// Where pools exist, a named address outside all of them is refused, unless the
+    /// Service's status already shows it (a Service from before the pools).
+    #[test]
+    fn a_named_address_outside_every_pool_is_refused_unless_in_status() {
+        let mut snap = Snapshot::default();
+        snap.address_pools
+            .insert("p".into(), pool(&[("10.0.0.1", "10.0.0.3")]));
+        snap.services.insert(
+            r("new"),
+            named(svc(0, &[80], None, None), &["192.0.2.7"], false),
+        );
+        let mut kept = named(svc(1, &[80], None, None), &["192.0.2.8"], false);
+        kept.address_request.as_mut().unwrap().status = vec![ip("192.0.2.8")];
+        snap.services.insert(r("old"), kept);
+        let a = allocate(&snap);
+        assert!(a.addresses[&r("new")].is_empty());
+        assert_eq!(a.addresses[&r("old")], vec![ip("192.0.2.8")]);
+        assert_eq!(refused(&a), [("Service default/new".into(), String::new())]);
     }
 }

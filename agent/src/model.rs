@@ -31,6 +31,24 @@ pub struct Snapshot {
     pub bgp: BgpConfig,
 }
 
+impl Snapshot {
+    /// Every Node's own addresses (InternalIP and ExternalIP), with the Node's name: a
+    /// Service never gets one as its VIP or external IP, or a tenant could take over
+    /// a node's own listeners (the CVE-2020-8554 pattern) and, announced, the node's
+    /// address on the LAN.
+    pub fn node_addresses(&self) -> BTreeMap<IpAddr, &str> {
+        self.nodes
+            .values()
+            .flat_map(|n| {
+                n.internal_ips
+                    .iter()
+                    .chain(&n.external_ips)
+                    .map(|ip| (*ip, n.name.as_str()))
+            })
+            .collect()
+    }
+}
+
 /// The `xlb.dev/v1alpha1` BGP resources (MetalLB's BGPPeer, BGPAdvertisement and
 /// BFDProfile field names), each by `namespace/name`. No peer: no BGP.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -181,6 +199,9 @@ pub struct AddressRequest {
     /// The families to allocate, in order: `spec.ipFamilies` (IPv4 when unset),
     /// both under `ipFamilyPolicy: PreferDualStack | RequireDualStack`.
     pub families: Vec<IpFamily>,
+    /// The field `named` was read from (`spec.loadBalancerIP`, an annotation, or
+    /// `status.loadBalancer.ingress`), for errors about a named address.
+    pub named_field: String,
     /// `named` comes from `status.loadBalancer.ingress` (an earlier allocation,
     /// recovered: the address stays, never reshuffled) rather than from the spec.
     pub from_status: bool,
@@ -282,6 +303,9 @@ pub struct Node {
     /// Every `status.addresses[]` entry of `type: InternalIP`, in manifest order,
     /// deduplicated; both families (a dual-stack node has one of each).
     pub internal_ips: Vec<IpAddr>,
+    /// Every `status.addresses[]` entry of `type: ExternalIP` that is an address:
+    /// never served for a Service either (see [`Snapshot::node_addresses`]).
+    pub external_ips: Vec<IpAddr>,
     /// `metadata.labels`, for L2Announcement `nodeSelectors`.
     pub labels: BTreeMap<String, String>,
     /// Where the object came from (a file path), for error messages.
@@ -585,6 +609,10 @@ pub enum ErrorKind {
     /// A LoadBalancer Service that asked for an address got none (unknown pool, no
     /// pool admits it, pools exhausted).
     AddressUnavailable,
+    /// An address a Service may not have: a Node's own address, or, where
+    /// AddressPools exist, one outside every pool that its status does not already
+    /// show.
+    AddressRefused,
     /// A BGPPeer's `passwordSecret` names a Secret that is not there (or not readable
     /// by the agent), or whose `password` key is missing or unusable.
     SecretUnavailable,
@@ -607,6 +635,7 @@ impl ErrorKind {
             ErrorKind::VipConflict => "vip_conflict",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::AddressUnavailable => "address_unavailable",
+            ErrorKind::AddressRefused => "address_refused",
             ErrorKind::SecretUnavailable => "secret_unavailable",
         }
     }

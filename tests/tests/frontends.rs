@@ -8,8 +8,11 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use xlb_lab::agent::http_get;
 use xlb_lab::lab::{CLIENT_ADDR, Lab, REPLY_TIMEOUT, SOON};
-use xlb_lab::manifests::{EndpointSpec, WEB_VIP, multi_doc, web_slice_yaml, write_atomic};
+use xlb_lab::manifests::{
+    EndpointSpec, PortSpec, WEB_VIP, endpointslice_yaml, multi_doc, web_slice_yaml, write_atomic,
+};
 use xlb_lab::poll;
+use xlb_lab::servers::TCP_LINE_PORT;
 
 const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 200, 1);
@@ -238,5 +241,121 @@ fn a_health_check_port_held_by_another_process_is_left_to_it() -> Result<()> {
         },
     )?;
     ensure!(peer.ip() == CLIENT_ADDR, "connection from {peer}");
+    Ok(())
+}
+
+/// A tenant's Service asking for the node's own address (as `loadBalancerIP` or in
+/// `externalIPs`, the CVE-2020-8554 pattern) never gets it: connections to the node's
+/// own listener on that port still reach the node, the agent reports the refused
+/// field, and the same Service's other address is served.
+#[test]
+fn a_service_never_takes_the_nodes_own_address() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut lab = lab_with(2, "")?;
+    // The node's own service (an sshd, say) on 2222 and 2223.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for port in [2222, 2223] {
+        let listener = lab
+            .node()
+            .host
+            .ns
+            .enter(|| Ok(TcpListener::bind((NODE_ADDR, port))?))?;
+        listener.set_nonblocking(true)?;
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut line = String::new();
+                        let mut r = BufReader::new(&s);
+                        if r.read_line(&mut line).is_ok() {
+                            let _ = (&s).write_all(format!("node-own {peer}\n").as_bytes());
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+    }
+    let eps: Vec<EndpointSpec> = lab
+        .node()
+        .pods
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
+        .collect();
+    let thief = |name: &str, vip: Ipv4Addr, port: u16, external: Option<Ipv4Addr>| {
+        let ext = external.map_or(String::new(), |e| format!("  externalIPs: [\"{e}\"]\n"));
+        let svc = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  \
+             type: LoadBalancer\n  loadBalancerIP: \"{vip}\"\n{ext}  ports:\n  - name: http\n    \
+             protocol: TCP\n    port: {port}\n    targetPort: {TCP_LINE_PORT}\n"
+        );
+        let ports = [PortSpec::new("http", "TCP", port, TCP_LINE_PORT)];
+        let slice = endpointslice_yaml("demo", &format!("{name}-1"), name, &ports, &eps);
+        multi_doc(&[svc, slice])
+    };
+    let other_vip = Ipv4Addr::new(10, 0, 100, 9);
+    write_atomic(
+        &lab.node().manifests_dir.join("thieves.yaml"),
+        &multi_doc(&[
+            thief("as-vip", NODE_ADDR, 2222, None),
+            thief("as-external", other_vip, 2223, Some(NODE_ADDR)),
+        ]),
+    )?;
+    // The file is applied once the second Service's own VIP answers from a pod.
+    let served = poll(
+        "the second Service's own VIP to answer",
+        SOON,
+        REPLY_TIMEOUT,
+        || {
+            Ok(lab
+                .client
+                .tcp_connect(SocketAddr::from((other_vip, 2223)), REPLY_TIMEOUT)
+                .and_then(|mut c| c.ping())
+                .ok())
+        },
+    )?;
+    ensure!(
+        served.server.starts_with("pod"),
+        "{other_vip}:2223 answered by {}",
+        served.server
+    );
+    for port in [2222, 2223] {
+        for _ in 0..5 {
+            let r = lab
+                .client
+                .tcp_connect(SocketAddr::from((NODE_ADDR, port)), REPLY_TIMEOUT)?
+                .ping()?;
+            ensure!(
+                r.server == "node-own",
+                "{NODE_ADDR}:{port} reached {} instead of the node's own listener",
+                r.server
+            );
+        }
+    }
+    let refused = lab
+        .agent()?
+        .metric("xlb_config_errors_total", &[("kind", "address_refused")])?;
+    ensure!(refused >= 2.0, "address_refused errors: {refused}");
+    let log = lab.agent()?.log();
+    for (service, field) in [
+        ("demo/as-vip", "spec.loadBalancerIP"),
+        ("demo/as-external", "spec.externalIPs"),
+    ] {
+        ensure!(
+            log.lines().any(|l| l.contains(service)
+                && l.contains(field)
+                && l.contains("Node node-a's own address")),
+            "no error naming {service} {field} in the log"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
     Ok(())
 }

@@ -525,7 +525,11 @@ impl Index {
     /// and writes them into the Services that asked, adding those whose address
     /// changed to `services`.
     fn allocate(&mut self, services: &mut BTreeSet<ServiceRef>) {
-        if self.snapshot.address_pools.is_empty() && self.allocated.is_empty() {
+        // Without pools and nodes there is nothing to allocate or refuse.
+        if self.snapshot.address_pools.is_empty()
+            && self.allocated.is_empty()
+            && self.snapshot.nodes.is_empty()
+        {
             self.ipam_errors.clear();
             return;
         }

@@ -539,10 +539,19 @@ fn service(cx: &mut Cx<'_>, svc: core::Service) -> Result<Option<model::Service>
             .filter(|v| !v.is_empty())
     };
     let sharing_key = first_annotation(SHARING_ANNOTATIONS);
+    // The field without its index: `status.loadBalancer.ingress[0].ip` names the list.
+    let named_field = candidates.first().map_or(String::new(), |(f, _)| {
+        if from_status {
+            "status.loadBalancer.ingress".to_string()
+        } else {
+            f.clone()
+        }
+    });
     let vips = addresses(cx, candidates, "VIP", &mut invalid);
     let address_request = lb.then(|| model::AddressRequest {
         pool: first_annotation(POOL_ANNOTATIONS),
         named: vips.clone(),
+        named_field,
         families: ip_families(
             cx,
             spec.ip_families.as_deref(),
@@ -794,13 +803,24 @@ fn addresses(
 
 /// Validates a Node: its InternalIP addresses. Any invalid address invalidates the
 /// Node (its last good version is kept), since a node with a wrong address would
-/// get NodePort entries and tunnelled traffic at the wrong place.
+/// get NodePort entries and tunnelled traffic at the wrong place. ExternalIP
+/// addresses are kept only to be refused to Services (one that does not parse is
+/// not an address anyone can take).
 fn node(cx: &mut Cx<'_>, name: &str, n: core::Node) -> Result<model::Node, Invalid> {
     let addresses = n.status.and_then(|s| s.addresses).unwrap_or_default();
     let mut internal_ips = Vec::new();
+    let mut external_ips = Vec::new();
     let mut invalid = false;
     for (i, a) in addresses.into_iter().enumerate() {
-        // Hostname, ExternalIP, InternalDNS and ExternalDNS are not for xlb.
+        if a.type_ == "ExternalIP" {
+            if let Ok(ip) = a.address.trim().parse::<IpAddr>()
+                && !external_ips.contains(&ip)
+            {
+                external_ips.push(ip);
+            }
+            continue;
+        }
+        // Hostname, InternalDNS and ExternalDNS are not for xlb.
         if a.type_ != "InternalIP" {
             continue;
         }
@@ -816,6 +836,7 @@ fn node(cx: &mut Cx<'_>, name: &str, n: core::Node) -> Result<model::Node, Inval
     Ok(model::Node {
         name: name.to_string(),
         internal_ips,
+        external_ips,
         labels: n.metadata.labels.unwrap_or_default(),
         origin: cx.origin.to_string(),
     })

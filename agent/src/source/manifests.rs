@@ -745,6 +745,7 @@ endpoints:
                         status: vec!["10.0.100.1".parse().unwrap()],
                         families: vec![model::IpFamily::V4],
                         from_status: true,
+                        named_field: "status.loadBalancer.ingress".into(),
                         ..model::AddressRequest::default()
                     }),
                     created: None,
@@ -1339,21 +1340,22 @@ spec:
         assert_eq!(loaded.errors, vec![]);
         let snap = &loaded.snapshot;
 
-        let node = |name: &str, addrs: &[&str]| model::Node {
+        let node = |name: &str, addrs: &[&str], external: &[&str]| model::Node {
             name: name.into(),
             internal_ips: ips(addrs),
+            external_ips: ips(external),
             labels: BTreeMap::from([("kubernetes.io/hostname".into(), name.into())]),
             origin: path.display().to_string(),
         };
         assert_eq!(
             snap.nodes,
             BTreeMap::from([
-                ("node-a".to_string(), node("node-a", &["10.0.0.11"])),
-                ("node-b".to_string(), node("node-b", &["10.0.0.12"])),
-                // InternalIPs only, both families, manifest order.
+                ("node-a".to_string(), node("node-a", &["10.0.0.11"], &[])),
+                ("node-b".to_string(), node("node-b", &["10.0.0.12"], &[])),
+                // InternalIPs, both families, manifest order; ExternalIPs apart.
                 (
                     "node-c".to_string(),
-                    node("node-c", &["fd00::13", "10.0.0.13"])
+                    node("node-c", &["fd00::13", "10.0.0.13"], &["203.0.113.13"])
                 ),
             ])
         );

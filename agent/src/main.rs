@@ -423,17 +423,30 @@ fn main() -> anyhow::Result<()> {
         }
         Command::ConvertMetallb { files } => {
             use serde::Deserialize;
+            use xlb::source::manifests::{MAX_FILE_BYTES, check_yaml_depth};
+            // The agent's own caps on one input: its size, and how deep it nests.
+            let read = |name: &str, r: &mut dyn std::io::Read| -> anyhow::Result<String> {
+                let mut t = String::new();
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(r, MAX_FILE_BYTES + 1),
+                    &mut t,
+                )
+                .with_context(|| format!("reading {name}"))?;
+                anyhow::ensure!(
+                    t.len() as u64 <= MAX_FILE_BYTES,
+                    "{name}: larger than {MAX_FILE_BYTES} bytes, the agent's limit for one file"
+                );
+                check_yaml_depth(&t).map_err(|e| anyhow::anyhow!("{name}: invalid YAML: {e}"))?;
+                Ok(t)
+            };
             let mut texts = Vec::new();
             if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
-                let mut t = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
-                    .context("reading stdin")?;
-                texts.push(("stdin".to_string(), t));
+                texts.push(("stdin".to_string(), read("stdin", &mut std::io::stdin())?));
             }
             for f in files.iter().filter(|f| f.as_os_str() != "-") {
-                let t = std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                texts.push((f.display().to_string(), t));
+                let name = f.display().to_string();
+                let mut file = std::fs::File::open(f).with_context(|| format!("reading {name}"))?;
+                texts.push((name.clone(), read(&name, &mut file)?));
             }
             let mut docs = Vec::new();
             for (name, text) in &texts {

@@ -3,6 +3,7 @@
 //! answer, expired flows that must not pile up, and a contested VIP whose owner must
 //! survive a restart. Needs root and the built binary (`XLB_BIN`, else
 //! `target/release/xlb`).
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use xlb_lab::lab::{CLIENT_ADDR, Lab, METRICS_PORT, REPLY_TIMEOUT as T, SOON, UPL
 use xlb_lab::load::{fill_conntrack, health_lab, health_under_scrapes};
 use xlb_lab::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, WEB_VIP, endpointslice_yaml, multi_doc,
-    service_yaml, web_ports, web_tcp_vip, web_udp_vip, write_atomic,
+    service_yaml, web_ports, web_tcp_vip, web_udp_vip, write_atomic, write_web,
 };
 use xlb_lab::poll;
 #[test]
@@ -634,5 +635,44 @@ fn a_thousand_slow_connections_neither_stop_health_nor_touch_the_datapath() -> R
         xlb_lab::agent::tail(&log, 20)
     );
     lab.client.udp_flows(web_udp_vip(), 10, T)?;
+    Ok(())
+}
+
+/// A manifest nested 200,000 deep (`spec: [[[…]]]`, 400 KB) is refused at once,
+/// naming its file, and a change written right after it (an endpoint removed) reaches
+/// the datapath: before, parsing it took over a minute, and every other change waited.
+#[test]
+fn a_deeply_nested_manifest_does_not_hold_up_other_changes() -> Result<()> {
+    let mut lab = health_lab(2)?;
+    let n = 200_000;
+    let deep = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: deep, namespace: demo}}\nspec: {}{}\n",
+        "[".repeat(n),
+        "]".repeat(n)
+    );
+    write_atomic(&lab.node().manifests_dir.join("deep.yaml"), &deep)?;
+    // Only pod 1 left in the web Service.
+    write_web(&lab, &[(1, true, true, false)])?;
+    let pod1 = lab.node().pods[0].name.clone();
+    poll(
+        "the endpoint removal to reach the datapath",
+        SOON,
+        T,
+        || {
+            let servers: BTreeSet<String> = lab
+                .client
+                .udp_flows(web_udp_vip(), 20, T)?
+                .into_iter()
+                .map(|r| r.server)
+                .collect();
+            Ok((servers == BTreeSet::from([pod1.clone()])).then_some(()))
+        },
+    )?;
+    let log = lab.agent()?.log();
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("deep.yaml") && l.contains("nested deeper than 128")),
+        "no error naming deep.yaml in the log"
+    );
     Ok(())
 }

@@ -549,13 +549,17 @@ pub async fn serve(
         .route("/debug/owners", get(owners))
         .route("/debug/peers", get(peers))
         .with_state(views);
-    let app = Router::new()
+    // What the listener shows other hosts: the metrics (Prometheus scrapes them over
+    // the network) and health, not the agent's views of its peers and elections.
+    let public = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
         .with_state(metrics)
-        .merge(debug);
+        .route("/debug/{*view}", get(debug_refused));
+    // From the node itself (`xlb inspect owners|peers`, over loopback): everything.
+    let local = public.clone().merge(debug);
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /metrics, /healthz and /debug/{{owners,peers}}");
+        tracing::info!(%addr, "serving /metrics, /healthz, and /debug/{{owners,peers}} to loopback clients");
     }
     let bounds = Arc::new(Bounds::default());
     let mut accept_failed = false;
@@ -580,7 +584,12 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = if peer.ip().is_loopback() {
+            local.clone()
+        } else {
+            public.clone()
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app);
         tokio::spawn(async move {
             let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -654,6 +663,14 @@ impl Drop for Slot {
             }
         }
     }
+}
+
+/// `/debug/*` asked from another host: refused, naming who may read it.
+async fn debug_refused() -> (axum::http::StatusCode, &'static str) {
+    (
+        axum::http::StatusCode::FORBIDDEN,
+        "/debug/* answers clients on the node itself (loopback) only: run `xlb inspect owners|peers` there\n",
+    )
 }
 
 /// `/debug/owners`: who holds each VIP, and why (`xlb inspect owners`).

@@ -676,3 +676,34 @@ fn a_deeply_nested_manifest_does_not_hold_up_other_changes() -> Result<()> {
     );
     Ok(())
 }
+
+/// The listener shows other hosts `/metrics` and `/healthz` only: `/debug/owners` and
+/// `/debug/peers` (who holds each VIP and why, the BGP sessions) answer clients on the
+/// node itself, even with `--metrics-addr 0.0.0.0:…` as the DaemonSet binds it.
+#[test]
+fn debug_views_answer_only_the_node_itself() -> Result<()> {
+    let mut lab = health_lab(1)?;
+    let mut cfg = lab.agent()?.config().clone();
+    lab.agent()?.stop()?;
+    cfg.metrics_addr = SocketAddr::from(([0, 0, 0, 0], METRICS_PORT));
+    let mut agent = Agent::start(cfg)?;
+    agent.wait_healthy(SOON)?;
+    let node_ns = lab.node().host.ns.name().to_string();
+    let client_ns = lab.client.ns.name().to_string();
+    let on_node = SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+    let from_lan = SocketAddr::from((lab.node().host.addr, METRICS_PORT));
+    for view in ["/debug/owners", "/debug/peers"] {
+        let (code, body) = xlb_lab::agent::http_get(&node_ns, on_node, view)?;
+        ensure!(
+            code == 200 && body.starts_with('{'),
+            "{view} on the node: {code} {body}"
+        );
+        let (code, body) = xlb_lab::agent::http_get(&client_ns, from_lan, view)?;
+        ensure!(code == 403, "{view} from the LAN: {code} {body}");
+    }
+    for path in ["/metrics", "/healthz"] {
+        let (code, _) = xlb_lab::agent::http_get(&client_ns, from_lan, path)?;
+        ensure!(code == 200, "{path} from the LAN: {code}");
+    }
+    Ok(())
+}

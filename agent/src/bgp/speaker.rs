@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -79,6 +79,7 @@ pub fn start(
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut first = true;
+        let mut refusals = Refusals::default();
         loop {
             tokio::select! {
                 how = &mut stop_rx => {
@@ -111,7 +112,7 @@ pub fn start(
                     publish(&sessions, &bfd, &plans.borrow(), &views);
                 }
                 Some((stream, remote, local)) = accepted.recv() => {
-                    hand_over(&sessions, stream, remote, local, &metrics);
+                    hand_over(&sessions, stream, remote, local, &metrics, &mut refusals);
                 }
             }
         }
@@ -297,6 +298,7 @@ fn hand_over(
     remote: SocketAddr,
     local: SocketAddr,
     metrics: &BgpMetrics,
+    refusals: &mut Refusals,
 ) {
     let from = remote.ip().to_canonical();
     let session = sessions.iter().find(|(_, (cfg, _))| {
@@ -306,8 +308,8 @@ fn hand_over(
                 .is_none_or(|a| a == local.ip().to_canonical())
     });
     let Some((name, (cfg, handle))) = session else {
-        warn!(%remote, %local, "BGP: connection from an address that is no peer's; closed");
         metrics.refused.inc();
+        refusals.note(remote, local, Instant::now());
         return;
     };
     if let Err(e) = session::set_ttl(&stream, from.is_ipv6(), cfg.ttl) {
@@ -315,6 +317,35 @@ fn hand_over(
         return;
     }
     handle.accept(stream);
+}
+
+/// Logs connections from addresses that are no peer's at most once per
+/// [`Refusals::EVERY`], with how many were closed since: a host opening thousands
+/// (2,829 in 5 s in a probe) must not write a log line each. Every one is counted
+/// (`xlb_bgp_refused_connections_total`).
+#[derive(Debug, Default)]
+struct Refusals {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Refusals {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Notes one refused connection; logs it if the last line is `EVERY` old.
+    fn note(&mut self, remote: SocketAddr, local: SocketAddr, now: Instant) -> bool {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            return false;
+        }
+        let closed = std::mem::take(&mut self.since);
+        warn!(%remote, %local, closed, "BGP: connection from an address that is no peer's; closed (further ones logged at most every 10 s, counted in xlb_bgp_refused_connections_total)");
+        self.last = Some(now);
+        true
+    }
 }
 
 /// The BFD speaker, bound when the first peer asks for BFD.
@@ -546,7 +577,14 @@ mod tests {
         let mut client = TcpStream::connect(at).await.unwrap();
         let (stream, remote, local) = accepted.recv().await.unwrap();
         let metrics = BgpMetrics::default();
-        hand_over(&Sessions::new(), stream, remote, local, &metrics);
+        hand_over(
+            &Sessions::new(),
+            stream,
+            remote,
+            local,
+            &metrics,
+            &mut Refusals::default(),
+        );
         assert_eq!(metrics.refused.get(), 1);
         let mut buf = [0u8; 16];
         assert_eq!(client.read(&mut buf).await.unwrap(), 0);
@@ -587,5 +625,24 @@ mod tests {
         cfg.source_address = None;
         cfg.peer_address = "fd00::1".parse().unwrap();
         assert_eq!(listeners.local_for(&cfg), IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    }
+
+    /// Thousands of refused connections write one line per 10 s, each counted.
+    #[test]
+    fn refused_connections_are_logged_at_most_every_ten_seconds() {
+        let mut r = Refusals::default();
+        let (remote, local) = (
+            "10.0.0.66:40000".parse().unwrap(),
+            "10.0.0.2:179".parse().unwrap(),
+        );
+        let t0 = Instant::now();
+        let logged = (0..2_829u64)
+            .filter(|i| r.note(remote, local, t0 + Duration::from_millis(i * 5 / 3)))
+            .count();
+        // 2,829 in 4.7 s: one line.
+        assert_eq!(logged, 1);
+        assert_eq!(r.since, 2_828);
+        assert!(r.note(remote, local, t0 + Duration::from_secs(10)));
+        assert_eq!(r.since, 0);
     }
 }

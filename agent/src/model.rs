@@ -609,9 +609,7 @@ pub enum ErrorKind {
     /// A LoadBalancer Service that asked for an address got none (unknown pool, no
     /// pool admits it, pools exhausted).
     AddressUnavailable,
-    /// An address a Service may not have: a Node's own address, or, where
-    /// AddressPools exist, one outside every pool that its status does not already
-    /// show.
+    /// An address a Service may not have: a Node's own address.
     AddressRefused,
     /// A BGPPeer's `passwordSecret` names a Secret that is not there (or not readable
     /// by the agent), or whose `password` key is missing or unusable.

@@ -60,6 +60,8 @@ pub struct Config {
     pub node_ports: std::ops::RangeInclusive<u16>,
     /// UDP port of the L2 membership protocol between agents (`--memberlist-port`).
     pub memberlist_port: u16,
+    /// Keys that authenticate the membership (`--memberlist-key-file`).
+    pub memberlist_key_file: Option<std::path::PathBuf>,
     /// How long a stopping agent's node keeps its L2 VIPs (`--restart-grace`).
     pub restart_grace: Duration,
     /// Datapath event level at start (`--datapath-log`, `xlb_common::datapath_log`).
@@ -892,6 +894,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 port: cfg.memberlist_port,
                 pin_path: cfg.pin_path.clone(),
                 restart_grace: cfg.restart_grace,
+                key_file: cfg.memberlist_key_file.clone(),
             };
             Some(crate::l2::task::start(l2_cfg, l2_rx, metrics.clone(), views.clone()).await?)
         }

@@ -80,6 +80,13 @@ enum Command {
         /// announcement failover; the same on every node.
         #[arg(long, default_value_t = 7946)]
         memberlist_port: u16,
+        /// File of the shared keys that authenticate every membership datagram
+        /// (HMAC-SHA256): one key of at least 16 bytes per line, at most 4; the first
+        /// signs, all are accepted (rotation: add the new key second on every node,
+        /// then first, then remove the old). Read again when it changes. Without it
+        /// any host on the LAN can join the membership and move VIPs.
+        #[arg(long, env = "XLB_MEMBERLIST_KEY_FILE")]
+        memberlist_key_file: Option<PathBuf>,
         /// On SIGTERM this node keeps answering ARP for its VIPs this long, and tells
         /// its peers to leave them with it, so that a restart (a DaemonSet rollout)
         /// moves nothing; with no new agent by then the peers take them over. `0s`
@@ -316,6 +323,7 @@ fn main() -> anyhow::Result<()> {
             cluster_mode,
             node_port_range,
             memberlist_port,
+            memberlist_key_file,
             restart_grace,
             lease_namespace,
             namespace,
@@ -355,6 +363,7 @@ fn main() -> anyhow::Result<()> {
                 node_ip,
                 node_ports: node_port_range,
                 memberlist_port,
+                memberlist_key_file,
                 restart_grace,
                 bgp_listen_port,
                 cluster: match cluster_mode {

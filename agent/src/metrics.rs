@@ -52,6 +52,12 @@ pub struct L2Metrics {
     pub members: Family<Labels, Gauge>,
     /// VIPs acquired and released (`xlb_l2_ownership_changes_total{change}`).
     pub changes: Family<Labels, Counter>,
+    /// Keys that authenticate membership datagrams, 0 while membership is not
+    /// authenticated (`xlb_l2_membership_keys`).
+    pub keys: Gauge,
+    /// Membership datagrams refused, by reason (`xlb_l2_membership_refused_total{reason}`:
+    /// unauthenticated, sealed_without_key, unknown_key, bad_tag, stale, replayed).
+    pub refused: Family<Labels, Counter>,
 }
 
 impl L2Metrics {
@@ -80,6 +86,16 @@ impl L2Metrics {
             "xlb_l2_ownership_changes",
             "VIPs this node acquired or released",
             self.changes.clone(),
+        );
+        registry.register(
+            "xlb_l2_membership_keys",
+            "Keys that authenticate membership datagrams; 0: membership is not authenticated",
+            self.keys.clone(),
+        );
+        registry.register(
+            "xlb_l2_membership_refused",
+            "Membership datagrams refused, by reason",
+            self.refused.clone(),
         );
     }
 }

@@ -130,10 +130,29 @@ pub fn write_web(dir: &std::path::Path, eps: &[EndpointSpec]) -> Result<()> {
     write_atomic(&dir.join("web.yaml"), &web)
 }
 
+/// Node `node`'s membership key file (`--memberlist-key-file`), in the lab's scratch
+/// directory: one file per node, so a test can rotate keys node by node.
+pub fn key_file(lab: &Lab, node: &str) -> std::path::PathBuf {
+    lab.scratch().join(format!("{node}.memberlist-keys"))
+}
+
+/// A membership key unique to this lab run (`n` tells keys of one run apart).
+pub fn lab_key(lab: &Lab, n: u32) -> String {
+    format!("xlb-lab-{}-key-{n}", lab.id())
+}
+
 /// Three nodes with one pod each, every pod an endpoint of the Local UDP/TCP
-/// Service on [`VIP`], one L2Announcement for everything; agents started.
+/// Service on [`VIP`], one L2Announcement for everything; agents started, their
+/// membership authenticated with one shared key ([`lab_key`] 1), as deploy/ does.
 pub fn l2_lab() -> Result<Lab> {
     let mut lab = Lab::multi_node(&[1, 1, 1].map(NodeSpec::with_pods))?;
+    let key = lab_key(&lab, 1);
+    let files: Vec<_> = lab.nodes.iter().map(|n| key_file(&lab, &n.name)).collect();
+    for (node, file) in lab.nodes.iter_mut().zip(files) {
+        write_atomic(&file, &format!("{key}\n"))?;
+        node.agent_args.push("--memberlist-key-file".into());
+        node.agent_args.push(file.display().to_string());
+    }
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
     let eps: Vec<EndpointSpec> = lab

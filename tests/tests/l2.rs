@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use xlb_lab::arp::{Mac, neighbour, who_has};
 use xlb_lab::l2::{
-    ARP_WINDOW, Failure, MAX_TICKS, TICK, VIP, failover_gap, l2_lab, l2_logs, mac_named, macs,
-    median_ms, ms, owners, wait_owner, wait_sole_answerer, write_web,
+    ARP_WINDOW, Failure, MAX_TICKS, TICK, VIP, failover_gap, key_file, l2_lab, l2_logs, lab_key,
+    mac_named, macs, median_ms, ms, owners, wait_owner, wait_sole_answerer, write_web,
 };
 use xlb_lab::lab::{CLIENT_ADDR, Lab, SOON, UPLINK};
 use xlb_lab::manifests::{EndpointSpec, WEB_UDP_PORT};
@@ -589,4 +589,195 @@ fn after_a_partition_heals_one_node_answers() -> Result<()> {
         let neigh = lab.client.ns.ip(&["neigh", "show"]).unwrap_or_default();
         e.context(format!("{}\n{garps:?}\nclient: {neigh}", l2_logs(&mut lab)))
     })
+}
+
+/// The membership port (`--memberlist-port`'s default).
+const MEMBERLIST_PORT: u16 = 7946;
+
+/// Sum of `xlb_l2_membership_refused_total{reason}` over every node but `skip`.
+fn refused(lab: &mut Lab, skip: &str, reason: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for node in &mut lab.nodes {
+        if node.name == skip {
+            continue;
+        }
+        total += node
+            .agent()?
+            .metric("xlb_l2_membership_refused_total", &[("reason", reason)])
+            .unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// Issue 31, finding 1: a host on the LAN that is not a node (the client) forges
+/// what the hostile probe sent: restart notices naming the VIP's owner with a grace
+/// of 2^64-1 ms, from the owner's own address, and a datagram in SWIM's place. With
+/// the membership authenticated (the lab's default, as deploy/'s), every peer refuses
+/// them as unauthenticated and counts no peer in a restart grace; then the owner's
+/// link is cut and another node takes the VIP (on the landed code the forged notice
+/// held it with the unreachable owner: no answer to ARP for 30 s and more).
+#[test]
+fn a_host_that_is_not_a_node_cannot_hold_or_move_a_vip() -> Result<()> {
+    let (mut lab, owner, _) = settled_lab()?;
+    let owner_ip = lab.node_named(&owner)?.host.addr;
+    let peers: Vec<SocketAddr> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.name != owner)
+        .map(|n| SocketAddr::from((n.host.addr, MEMBERLIST_PORT)))
+        .collect();
+    let before = refused(&mut lab, &owner, "unauthenticated")?;
+    // The restart notice's wire format (agent/src/l2/restart.rs) as an unkeyed agent
+    // writes it, with the owner's name and the largest grace.
+    let mut notice = b"\xff\xff\xff\xff\xffxlb-restart\x01".to_vec();
+    notice.extend(
+        format!(
+            r#"{{"name":"{owner}","generation":{},"grace_ms":{}}}"#,
+            u64::MAX,
+            u64::MAX
+        )
+        .as_bytes(),
+    );
+    // A foca-looking datagram: a name length, then the name.
+    let mut swim = vec![owner.len() as u8];
+    swim.extend(owner.as_bytes());
+    // The owner's address on the client, as a host on the LAN may add it.
+    let client = &lab.client.ns;
+    let cidr = format!("{owner_ip}/32");
+    client.ip(&["addr", "add", &cidr, "dev", UPLINK])?;
+    let sent = client.enter(|| {
+        let sock = std::net::UdpSocket::bind((owner_ip, MEMBERLIST_PORT))?;
+        for _ in 0..3 {
+            for peer in &peers {
+                sock.send_to(&notice, peer)?;
+                sock.send_to(&swim, peer)?;
+            }
+        }
+        Ok(6 * peers.len())
+    });
+    client.ip(&["addr", "del", &cidr, "dev", UPLINK])?;
+    let sent = sent? as f64;
+    poll(
+        "the peers to refuse every forged datagram",
+        SOON,
+        Duration::from_millis(20),
+        || Ok((refused(&mut lab, &owner, "unauthenticated")? >= before + sent).then_some(())),
+    )?;
+    for node in &mut lab.nodes {
+        let restarting = node
+            .agent()?
+            .metric("xlb_l2_members", &[("state", "restarting")])?;
+        ensure!(
+            restarting == 0.0,
+            "{} counts {restarting} peer(s) in a restart grace after forged notices",
+            node.name
+        );
+    }
+    println!(
+        "{sent} forged datagrams from {owner_ip} (the owner's address) refused as unauthenticated"
+    );
+
+    // The owner's link is cut: the others take the VIP as if nothing had been sent.
+    let cut_at = Instant::now();
+    lab.node_named(&owner)?
+        .host
+        .ns
+        .ip(&["link", "set", UPLINK, "down"])?;
+    let skip = BTreeSet::from([owner.clone()]);
+    let next = wait_owner(&mut lab, &skip, Some(&owner))?;
+    let next_mac = mac_named(&macs(&lab)?, &next)?;
+    wait_sole_answerer(&lab, next_mac)?;
+    println!(
+        "{owner}'s link cut: {next} answers ARP for {VIP} after {:.0} ms",
+        cut_at.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Issue 31, finding 1, key rotation: each node's key file goes from the old key to
+/// old+new, new+old and new alone, one node at a time; the membership never loses
+/// a member (no VIP is acquired anywhere, no datagram is refused). A node then left
+/// on the old key alone is refused by the others (`unknown_key`).
+#[test]
+fn membership_keys_rotate_node_by_node_without_a_flap() -> Result<()> {
+    let (mut lab, owner, _) = settled_lab()?;
+    let (old, new) = (lab_key(&lab, 1), lab_key(&lab, 2));
+    let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    let before = acquisitions(&mut lab, "")?;
+    let steps = [
+        (format!("{old}\n{new}\n"), 2.0),
+        (format!("{new}\n{old}\n"), 2.0),
+        (format!("{new}\n"), 1.0),
+    ];
+    for (text, keys) in &steps {
+        for name in &names {
+            xlb_lab::manifests::write_atomic(&key_file(&lab, name), text)?;
+            let agent = lab.node_named_mut(name)?.agent()?;
+            let reloads = agent.log().matches("key file changed").count();
+            poll(
+                &format!("{name} to load its rotated key file"),
+                SOON,
+                Duration::from_millis(50),
+                || {
+                    let n = agent.log().matches("key file changed").count();
+                    let k = agent.metric("xlb_l2_membership_keys", &[])?;
+                    Ok((n > reloads && k == *keys).then_some(()))
+                },
+            )?;
+            // A few probe periods on the mixed keys before the next node moves on.
+            membership_stays_whole(&mut lab)?;
+        }
+    }
+    let after = acquisitions(&mut lab, "")?;
+    ensure!(
+        after == before,
+        "VIPs moved during the rotation: acquisitions {before:?} -> {after:?}\n{}",
+        l2_logs(&mut lab)
+    );
+    for reason in ["unknown_key", "bad_tag", "replayed", "stale"] {
+        let n = refused(&mut lab, "", reason)?;
+        ensure!(
+            n == 0.0,
+            "{n} datagrams refused as {reason} during the rotation"
+        );
+    }
+    wait_sole_answerer(&lab, mac_named(&macs(&lab)?, &owner)?)?;
+    println!(
+        "3 steps x {} nodes rotated; no VIP moved, nothing refused",
+        names.len()
+    );
+
+    // A node left behind on the old key is refused by the rest.
+    let behind = names
+        .iter()
+        .find(|n| **n != owner)
+        .context("a second node")?
+        .clone();
+    xlb_lab::manifests::write_atomic(&key_file(&lab, &behind), &format!("{old}\n"))?;
+    poll(
+        "the others to refuse the node left on the old key",
+        SOON,
+        Duration::from_millis(50),
+        || Ok((refused(&mut lab, &behind, "unknown_key")? > 0.0).then_some(())),
+    )?;
+    Ok(())
+}
+
+/// Checks that every node counts three members alive, five times 100 ms apart (five
+/// probe periods: an observation window, not a synchronisation).
+fn membership_stays_whole(lab: &mut Lab) -> Result<()> {
+    for _ in 0..5 {
+        for node in &mut lab.nodes {
+            let name = node.name.clone();
+            let agent = node.agent()?;
+            let alive = agent.metric("xlb_l2_members", &[("state", "alive")])?;
+            ensure!(
+                alive == 3.0,
+                "{name} sees {alive} members alive\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

@@ -8,7 +8,12 @@
 //! gives a probe 40 ms before asking others to probe indirectly, and declares a
 //! suspect down after 200 ms more: a dead node is noticed in about 0.25 to 0.5 s
 //! with a few nodes, and every node also gossips the verdict.
-use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    num::{NonZeroU32, NonZeroUsize},
+    time::Duration,
+};
 
 use foca::{Config, Identity};
 use serde::{Deserialize, Serialize};
@@ -70,7 +75,61 @@ pub fn config(cluster_size: usize) -> Config {
     // not stay in the tables forever; a restarted agent rejoins under a new
     // generation before that anyway.
     c.remove_down_after = Some(Duration::from_secs(60));
+    // Room for the seal (`seal::OVERHEAD`) inside a 1,500-byte Ethernet MTU.
+    if let Some(n) = NonZeroUsize::new(c.max_packet_size.get() - super::seal::OVERHEAD) {
+        c.max_packet_size = n;
+    }
     c
+}
+
+/// Splits SWIM's live members into those counted (name, generation) and impostors:
+/// a member whose name is a node of the plan but whose address is not that node's
+/// (its InternalIP) is not counted live, so no host can keep a dead node "live" or
+/// take a live node's place under its name (issue 31, finding 1). Names outside the
+/// plan are counted; they are candidates of no VIP.
+pub fn bound<'a>(
+    members: impl IntoIterator<Item = &'a NodeId>,
+    peers: &BTreeMap<String, IpAddr>,
+) -> (Vec<(String, u64)>, Vec<&'a NodeId>) {
+    let mut counted = Vec::new();
+    let mut impostors = Vec::new();
+    for m in members {
+        match peers.get(&m.name) {
+            Some(ip) if *ip != m.addr.ip() => impostors.push(m),
+            _ => counted.push((m.name.clone(), m.generation)),
+        }
+    }
+    (counted, impostors)
+}
+
+#[cfg(test)]
+mod binding {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_member_counts_only_at_its_nodes_address() {
+        let peers = BTreeMap::from([
+            ("node-a".to_string(), "10.0.0.1".parse().unwrap()),
+            ("node-b".to_string(), "10.0.0.2".parse().unwrap()),
+        ]);
+        let id = |name: &str, ip: &str| NodeId {
+            name: name.into(),
+            addr: SocketAddr::new(ip.parse().unwrap(), 7946),
+            generation: 7,
+        };
+        let members = [
+            id("node-a", "10.0.0.1"),
+            id("node-b", "10.0.0.66"),
+            id("elsewhere", "10.0.0.9"),
+        ];
+        let (counted, impostors) = bound(&members, &peers);
+        assert_eq!(
+            counted,
+            vec![("node-a".to_string(), 7), ("elsewhere".to_string(), 7)]
+        );
+        assert_eq!(impostors, vec![&members[1]]);
+    }
 }
 
 /// Issue 17 test 8, in part: the membership core driven by a simulated clock over a

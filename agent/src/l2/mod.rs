@@ -6,6 +6,7 @@
 //! - [`membership`]: SWIM identity and timing (foca).
 //! - [`announce`]: gratuitous ARP (RFC 5227) and the announce link's state.
 //! - [`restart`]: the restart grace (SIGTERM keeps the VIPs; peers are told).
+//! - [`seal`]: authenticated membership datagrams (a shared key, HMAC-SHA256).
 //! - [`task`]: the tokio driver that ties them to the sockets and the pinned maps
 //!   (`xlb_l2_vips4`, the dead-man deadline in `xlb_config`).
 //!
@@ -15,6 +16,7 @@ pub mod announce;
 pub mod election;
 pub mod membership;
 pub mod restart;
+pub mod seal;
 pub mod task;
 
 pub use election::Plan;

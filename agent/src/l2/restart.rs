@@ -66,9 +66,10 @@ pub struct Graces {
 }
 
 impl Graces {
-    /// Records a notice received at `now`.
-    pub fn record(&mut self, notice: &Notice, now: Instant) {
-        let until = now + Duration::from_millis(notice.grace_ms);
+    /// Records a notice received at `now`, believed for at most `cap` (this node's
+    /// own `--restart-grace`: a peer's word, or a forger's, holds no VIP longer).
+    pub fn record(&mut self, notice: &Notice, now: Instant, cap: Duration) {
+        let until = now + Duration::from_millis(notice.grace_ms).min(cap);
         self.nodes.insert(
             notice.name.clone(),
             Stopping {
@@ -130,6 +131,9 @@ impl Graces {
 mod tests {
     use super::*;
 
+    /// This node's own `--restart-grace` in the tests.
+    const CAP: Duration = Duration::from_secs(5);
+
     fn notice(grace_ms: u64) -> Notice {
         Notice {
             name: "node-b".into(),
@@ -153,7 +157,7 @@ mod tests {
     fn a_node_in_its_grace_stays_live_until_it_ends() {
         let t0 = Instant::now();
         let mut g = Graces::default();
-        g.record(&notice(5000), t0);
+        g.record(&notice(5000), t0, CAP);
         assert_eq!(g.next_end(t0), Some(t0 + Duration::from_secs(5)));
 
         // SWIM has declared the old identity down: the grace keeps the node live.
@@ -178,7 +182,7 @@ mod tests {
     fn a_new_agent_of_the_node_ends_the_grace_and_counts_on_its_own() {
         let t0 = Instant::now();
         let mut g = Graces::default();
-        g.record(&notice(5000), t0);
+        g.record(&notice(5000), t0, CAP);
         let new = [("node-b".to_string(), 8)];
         let mut live = BTreeSet::from(["node-b".to_string()]);
         g.apply(&new, &mut live, t0 + Duration::from_secs(2));
@@ -194,10 +198,23 @@ mod tests {
     fn a_zero_grace_hands_over_at_once() {
         let t0 = Instant::now();
         let mut g = Graces::default();
-        g.record(&notice(0), t0);
+        g.record(&notice(0), t0, CAP);
         let old = [("node-b".to_string(), 7)];
         let mut live = BTreeSet::from(["node-a".to_string(), "node-b".to_string()]);
         g.apply(&old, &mut live, t0);
+        assert!(!live.contains("node-b"));
+    }
+
+    #[test]
+    fn a_notice_holds_a_vip_no_longer_than_this_nodes_own_grace() {
+        // The hostile probe's notice: 2^64-1 ms (and no panic adding it to a clock).
+        let t0 = Instant::now();
+        let mut g = Graces::default();
+        g.record(&notice(u64::MAX), t0, CAP);
+        assert_eq!(g.next_end(t0), Some(t0 + CAP));
+        let old = [("node-b".to_string(), 7)];
+        let mut live = BTreeSet::from(["node-a".to_string(), "node-b".to_string()]);
+        g.apply(&old, &mut live, t0 + CAP);
         assert!(!live.contains("node-b"));
     }
 }

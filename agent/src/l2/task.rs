@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -27,6 +27,7 @@ use super::{
     election::{self, Plan},
     membership::{self, NodeId},
     restart::{Graces, Notice},
+    seal::{KeyError, Keyring, Refused, Sealer, wall_ns},
 };
 use crate::{
     dataplane::conntrack::monotonic_ns,
@@ -58,6 +59,11 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 /// may lose one; peers take the last).
 const NOTICE_COPIES: usize = 3;
 const NOTICE_SPACING: Duration = Duration::from_millis(10);
+/// How often the membership key file is read again (a rotated Kubernetes Secret
+/// reaches the mounted file within the kubelet's sync period, about a minute).
+const KEY_RELOAD: Duration = Duration::from_secs(2);
+/// Refused membership datagrams are logged at most this often (each is counted).
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the L2 task could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +95,10 @@ pub enum L2Error {
     /// The interface has no MAC address or index.
     #[error("interface {0}: no such interface or no MAC address")]
     Interface(String),
+    /// `--memberlist-key-file` names a file that cannot be used: the agent does not
+    /// start with a membership weaker than the one asked for.
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// What the L2 task needs to start.
@@ -104,8 +114,12 @@ pub struct L2Config {
     pub port: u16,
     /// bpffs directory of the pinned maps.
     pub pin_path: std::path::PathBuf,
-    /// How long a stopping agent's VIPs stay with its node (`--restart-grace`).
+    /// How long a stopping agent's VIPs stay with its node (`--restart-grace`); also
+    /// the most a peer's restart notice is believed.
     pub restart_grace: Duration,
+    /// The shared keys that authenticate membership (`--memberlist-key-file`); `None`:
+    /// unauthenticated, as before.
+    pub key_file: Option<PathBuf>,
 }
 
 /// The running task: stop it with [`L2Handle::stop`] (SIGTERM), or drop it (the task
@@ -205,6 +219,17 @@ struct L2 {
     metrics: Arc<Metrics>,
     /// Where `xlb inspect owners` reads who holds what.
     views: Arc<Views>,
+    /// Seals and opens membership datagrams (a no-op without a key file).
+    sealer: Sealer,
+    /// The key file's text last loaded, and when it is read next.
+    key_text: Option<String>,
+    next_key_check: Instant,
+    /// The last key-file error logged (each distinct one once).
+    key_error: Option<String>,
+    /// When a refused datagram may be logged again.
+    next_refused_log: Instant,
+    /// Members already logged as impostors (see [`membership::bound`]).
+    impostors: BTreeSet<NodeId>,
 }
 
 /// Binds the membership socket and opens maps and sockets (so a bad port or a
@@ -229,6 +254,25 @@ pub async fn start(
         source,
     })?;
     let maps = Maps::open(&cfg.pin_path)?;
+    let (sealer, key_text) = match &cfg.key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let ring = Keyring::parse(&text, path)?;
+            info!(file = %path.display(), keys = ?ring.ids(), "membership: datagrams authenticated (HMAC-SHA256)");
+            metrics.l2.keys.set(ring.len() as i64);
+            (Sealer::new(Some(ring)), Some(text))
+        }
+        None => {
+            warn!(
+                "membership is not authenticated (no --memberlist-key-file): any host on the LAN can join it and move VIPs"
+            );
+            metrics.l2.keys.set(0);
+            (Sealer::new(None), None)
+        }
+    };
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -277,6 +321,12 @@ pub async fn start(
         metrics,
         views,
         cfg,
+        sealer,
+        key_text,
+        next_key_check: now + KEY_RELOAD,
+        key_error: None,
+        next_refused_log: now,
+        impostors: BTreeSet::new(),
     };
     l2.refresh_deadline();
     info!(
@@ -359,6 +409,9 @@ impl L2 {
                     }
                     self.send_garps();
                     self.count_replies();
+                    if Instant::now() >= self.next_key_check {
+                        self.reload_keys();
+                    }
                 }
             }
             if Instant::now() >= self.next_announce {
@@ -369,18 +422,25 @@ impl L2 {
         }
     }
 
-    /// A datagram on the membership socket: a restart notice, or foca's.
+    /// A datagram on the membership socket: a restart notice, or foca's; sealed
+    /// when membership is authenticated.
     fn receive(&mut self, data: &[u8], from: SocketAddr) {
-        match Notice::decode(data) {
+        let opened = match self.sealer.open(data, wall_ns()) {
+            Ok(o) => o,
+            Err(why) => return self.refused(why, from),
+        };
+        // The sealed sender where there is one (authenticated), else the source.
+        let sender = opened.sender.map_or(from.ip(), |s| s.ip());
+        match Notice::decode(opened.payload) {
             None => {
-                if let Err(e) = self.foca.handle_data(data, &mut self.rt) {
+                if let Err(e) = self.foca.handle_data(opened.payload, &mut self.rt) {
                     debug!(error = %e, "membership: bad datagram");
                 }
             }
             Some(Err(e)) => debug!(error = %e, %from, "membership: bad restart notice"),
             Some(Ok(notice)) => {
                 // Only from the node it names, at the address the model gives it.
-                let known = self.plan.peers.get(&notice.name) == Some(&from.ip());
+                let known = self.plan.peers.get(&notice.name) == Some(&sender);
                 if !known || notice.name == self.me.name {
                     debug!(node = %notice.name, %from, "membership: restart notice from an unexpected address");
                     return;
@@ -391,7 +451,59 @@ impl L2 {
                         "peer stopping: keeping its VIPs with it for its restart grace"
                     );
                 }
-                self.graces.record(&notice, Instant::now());
+                self.graces
+                    .record(&notice, Instant::now(), self.cfg.restart_grace);
+            }
+        }
+    }
+
+    /// Counts a refused datagram, and logs it at most every [`REFUSED_LOG_EVERY`].
+    fn refused(&mut self, why: Refused, from: SocketAddr) {
+        self.metrics
+            .l2
+            .refused
+            .get_or_create(&vec![("reason", why.reason().into())])
+            .inc();
+        let now = Instant::now();
+        if now >= self.next_refused_log {
+            self.next_refused_log = now + REFUSED_LOG_EVERY;
+            warn!(%from, reason = why.reason(), "membership: datagram refused (more are counted in xlb_l2_membership_refused_total, logged at most every 10 s)");
+        }
+    }
+
+    /// Reads the key file again; a changed, usable file replaces the keys. A file
+    /// that cannot be used keeps the last good keys (logged once per error).
+    fn reload_keys(&mut self) {
+        self.next_key_check = Instant::now() + KEY_RELOAD;
+        let Some(path) = self.cfg.key_file.clone() else {
+            return;
+        };
+        let result = std::fs::read_to_string(&path)
+            .map_err(|source| KeyError::Read {
+                path: path.clone(),
+                source,
+            })
+            .and_then(|text| {
+                if self.key_text.as_deref() == Some(text.as_str()) {
+                    return Ok(None);
+                }
+                Keyring::parse(&text, &path).map(|ring| Some((ring, text)))
+            });
+        match result {
+            Ok(None) => self.key_error = None,
+            Ok(Some((ring, text))) => {
+                info!(file = %path.display(), keys = ?ring.ids(), "membership: key file changed; using its keys");
+                self.metrics.l2.keys.set(ring.len() as i64);
+                self.sealer.set_keyring(ring);
+                self.key_text = Some(text);
+                self.key_error = None;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.key_error.as_deref() != Some(msg.as_str()) {
+                    warn!(error = %msg, "membership: keeping the last good keys");
+                    self.key_error = Some(msg);
+                }
             }
         }
     }
@@ -411,6 +523,7 @@ impl L2 {
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
         }
         .encode();
+        let me = self.me.addr;
         let mut to: BTreeSet<SocketAddr> = self
             .plan
             .peers
@@ -423,8 +536,10 @@ impl L2 {
             if copy > 0 {
                 tokio::time::sleep(NOTICE_SPACING).await;
             }
+            // Each copy is sealed afresh: a receiver refuses a repeated timestamp.
+            let sealed = self.sealer.seal(&notice, me, wall_ns());
             for addr in &to {
-                if let Err(e) = self.socket.send_to(&notice, addr).await {
+                if let Err(e) = self.socket.send_to(&sealed, addr).await {
                     debug!(error = %e, %addr, "membership: sending the restart notice");
                 }
             }
@@ -476,6 +591,7 @@ impl L2 {
     /// Sends what foca produced, schedules its timers, logs membership changes.
     fn flush(&mut self) {
         while let Some((to, data)) = self.rt.to_send() {
+            let data = self.sealer.seal(&data, self.me.addr, wall_ns());
             if let Err(e) = self.socket.try_send_to(&data, to.addr) {
                 debug!(error = %e, to = %to.addr, "membership: send");
             }
@@ -529,11 +645,13 @@ impl L2 {
     /// Recomputes the owned VIPs and programs the difference.
     fn reconcile(&mut self) {
         let now = Instant::now();
-        let members: Vec<(String, u64)> = self
-            .foca
-            .iter_members()
-            .map(|m| (m.id().name.clone(), m.id().generation))
-            .collect();
+        let (members, impostors) =
+            membership::bound(self.foca.iter_members().map(|m| m.id()), &self.plan.peers);
+        for m in impostors {
+            if self.impostors.insert(m.clone()) {
+                warn!(node = %m.name, addr = %m.addr, "membership: a member under a node's name at another address; not counted live");
+            }
+        }
         let mut live: BTreeSet<String> = members.iter().map(|(n, _)| n.clone()).collect();
         self.graces.apply(&members, &mut live, now);
         live.insert(self.me.name.clone());

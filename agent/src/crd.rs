@@ -191,6 +191,12 @@ pub struct BGPPeerSpec {
     /// The router is more than one hop away (eBGP TTL 255).
     #[serde(default)]
     pub ebgp_multi_hop: bool,
+    /// GTSM (RFC 5082) for a directly connected router: send with TTL 255 and accept
+    /// only TTL 255, so no host further away can reach the session, even with the
+    /// router's address. The router must enable it too (BIRD `ttl security on`, FRR
+    /// `neighbor ... ttl-security hops 1`). Not with `ebgpMultiHop`.
+    #[serde(default)]
+    pub ttl_security: bool,
     /// Advertise graceful restart (RFC 4724): routes survive an agent restart.
     #[serde(default)]
     pub enable_graceful_restart: bool,

@@ -98,12 +98,20 @@ pub fn allocate(snapshot: &Snapshot) -> Allocation {
             message,
             kind,
         };
-    // Named addresses a Service may not have: a Node's.
+    // Named addresses a Service may not have: a Node's, and, where pools exist, one
+    // outside every pool unless status already shows it (a Service that had it
+    // before pools were added keeps it, with a warning from `status`). MetalLB and
+    // Cilium LB-IPAM refuse addresses outside their pools too.
     let refused = |sref: &ServiceRef, svc: &Service, req: &AddressRequest, ip: IpAddr| {
-        let node = nodes.get(&ip)?;
-        let why = format!(
-            "address {ip} is Node {node}'s own address; not served (it would take the node's own listeners)"
-        );
+        let why = if let Some(node) = nodes.get(&ip) {
+            format!(
+                "address {ip} is Node {node}'s own address; not served (it would take the node's own listeners)"
+            )
+        } else if !in_some_pool(snapshot, ip) && !req.status.contains(&ip) {
+            format!("address {ip} is outside every AddressPool; not served")
+        } else {
+            return None;
+        };
         Some(error(
             sref,
             svc,
@@ -850,5 +858,25 @@ mod tests {
             .collect();
         assert_eq!(got, free, "four free addresses for six Services");
         assert_eq!(refused(&a).len(), 2, "{:?}", a.errors);
+    }
+
+    /// Where pools exist, a named address outside all of them is refused, unless the
+    /// Service's status already shows it (a Service from before the pools).
+    #[test]
+    fn a_named_address_outside_every_pool_is_refused_unless_in_status() {
+        let mut snap = Snapshot::default();
+        snap.address_pools
+            .insert("p".into(), pool(&[("10.0.0.1", "10.0.0.3")]));
+        snap.services.insert(
+            r("new"),
+            named(svc(0, &[80], None, None), &["192.0.2.7"], false),
+        );
+        let mut kept = named(svc(1, &[80], None, None), &["192.0.2.8"], false);
+        kept.address_request.as_mut().unwrap().status = vec![ip("192.0.2.8")];
+        snap.services.insert(r("old"), kept);
+        let a = allocate(&snap);
+        assert!(a.addresses[&r("new")].is_empty());
+        assert_eq!(a.addresses[&r("old")], vec![ip("192.0.2.8")]);
+        assert_eq!(refused(&a), [("Service default/new".into(), String::new())]);
     }
 }

@@ -90,6 +90,8 @@ pub struct BgpPeer {
     /// `spec.ebgpMultiHop`: the router is not on a directly connected network (TTL
     /// 255 instead of 1 for eBGP).
     pub ebgp_multihop: bool,
+    /// `spec.ttlSecurity`: GTSM (RFC 5082), TTL 255 sent and required.
+    pub ttl_security: bool,
     /// `spec.enableGracefulRestart`: advertise the graceful restart capability
     /// (RFC 4724), so the router keeps this node's routes while its agent restarts.
     pub graceful_restart: bool,
@@ -609,7 +611,9 @@ pub enum ErrorKind {
     /// A LoadBalancer Service that asked for an address got none (unknown pool, no
     /// pool admits it, pools exhausted).
     AddressUnavailable,
-    /// An address a Service may not have: a Node's own address.
+    /// An address a Service may not have: a Node's own address, or, where
+    /// AddressPools exist, one outside every pool that its status does not already
+    /// show.
     AddressRefused,
     /// A BGPPeer's `passwordSecret` names a Secret that is not there (or not readable
     /// by the agent), or whose `password` key is missing or unusable.

@@ -88,15 +88,18 @@ pub fn plan(snapshot: &Snapshot, errors: &[ConfigError]) -> Plan {
         if !svc.vips.is_empty() && svc.vips != req.status {
             out.pending.insert(sref.clone(), svc.vips.clone());
         }
-        // An address it named (or one left in status) that no pool holds: served, as
-        // named, but most likely a mistake (MetalLB would refuse it).
+        // An address it named (or one left in status) that no pool holds: served only
+        // because status already shows it (`ipam` refuses it otherwise), as a Service
+        // from before the pools were added.
         if !allocated {
             for ip in svc
                 .vips
                 .iter()
                 .filter(|ip| !ipam::in_some_pool(snapshot, **ip))
             {
-                let note = format!("{ip} is outside every AddressPool; served as named");
+                let note = format!(
+                    "{ip} is outside every AddressPool; kept because status already shows it"
+                );
                 out.problems
                     .entry(sref.clone())
                     .or_default()

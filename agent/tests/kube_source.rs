@@ -39,6 +39,11 @@ kind: AddressPool
 metadata: { name: public, namespace: xlb-system }
 spec: { addresses: [192.0.2.0/28] }
 ---
+apiVersion: xlb.dev/v1alpha1
+kind: AddressPool
+metadata: { name: lab, namespace: xlb-system }
+spec: { addresses: [10.0.100.0/24], autoAssign: false }
+---
 apiVersion: v1
 kind: Service
 metadata: { name: asks, namespace: shop }

@@ -371,3 +371,69 @@ fn md5_passwords_and_the_hold_timer_without_bfd() -> Result<()> {
     );
     Ok(())
 }
+
+/// `TcpExtTCPMinTTLDrop` of the namespace: TCP segments its kernel dropped for
+/// arriving below a socket's `IP_MINTTL` (/proc/net/netstat is per namespace).
+fn min_ttl_drops(ns: &xlb_lab::netns::Netns) -> Result<u64> {
+    let text = ns.run("cat", &["/proc/net/netstat"])?;
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (
+        tcp_ext.next().context("no TcpExt header")?,
+        tcp_ext.next().context("no TcpExt values")?,
+    );
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "TCPMinTTLDrop")
+        .context("no TCPMinTTLDrop in TcpExt")?;
+    let value = values.split_whitespace().nth(at).context("short TcpExt")?;
+    Ok(value.parse()?)
+}
+
+/// Issue 31, finding 7: GTSM (RFC 5082) with `ttlSecurity: true` on the BGPPeer. The
+/// router (BIRD) enables `ttl security` towards node-a and node-b: their sessions come
+/// up and carry the routes. Towards node-c it sends TTL 1, as direct eBGP does
+/// without GTSM (as anything from further away arrives below 255): node-c's kernel
+/// drops those segments (`TcpExtTCPMinTTLDrop` counts them) and that session never
+/// comes up. On the landed code no session came up: xlb sent TTL 1, which BIRD's GTSM
+/// drops.
+#[test]
+fn ttl_security_accepts_only_a_router_one_hop_away() -> Result<()> {
+    let mut lab = lab_with_services()?;
+    let bird = Bird::start(
+        &lab.client.ns,
+        &lab.scratch().join("bird"),
+        &bird_config(CLIENT_ADDR, &router_nodes(&lab), false, |node| {
+            if node == "node-c" {
+                String::new()
+            } else {
+                "  ttl security on;".to_string()
+            }
+        }),
+    )?;
+    write_atomic(
+        &lab.manifests_dir().join("bgp.yaml"),
+        &bgp_yaml("  ttlSecurity: true\n"),
+    )?;
+    lab.start_agents(ManifestsLayout::Shared, SOON)?;
+    let ab = node_addrs(&lab, &["node-a", "node-b"])?;
+    wait_next_hops(&lab, &bird, CLUSTER_VIP, &ab, SOON)?;
+    let c = &lab.node_named("node-c")?.host.ns;
+    poll(
+        "node-c's kernel to drop the router's TTL-1 segments",
+        SOON,
+        Duration::from_millis(100),
+        || Ok((min_ttl_drops(c)? > 0).then_some(())),
+    )?;
+    let drops = min_ttl_drops(c)?;
+    ensure!(
+        bird.bgp_state("node_c")? != "Established",
+        "node-c's session came up without GTSM on the router"
+    );
+    let up = lab
+        .node_named_mut("node-c")?
+        .agent()?
+        .metric("xlb_bgp_session_up", &[("peer", "xlb-system/router")])?;
+    ensure!(up == 0.0, "node-c: xlb_bgp_session_up {up}");
+    println!("GTSM: node-a and node-b up; node-c dropped {drops} segments below TTL 255");
+    Ok(())
+}

@@ -5,8 +5,9 @@
 //!   PATCHes it into `status.loadBalancer.ingress` and the dataplane serves it with
 //!   real packets; after a restart the address is recovered from status, not
 //!   reshuffled, even though a new pool would now be preferred;
-//! - an unknown pool, an exhausted pool, an address named outside every pool and two
-//!   Services naming one address become Warning Events on the Service, once each;
+//! - an unknown pool, an exhausted pool, an address named outside every pool (refused)
+//!   and two Services naming one address become Warning Events on the Service, once
+//!   each;
 //! - the annotation matrix (xlb's and both MetalLB spellings of loadBalancerIPs,
 //!   address-pool and allow-shared-ip, and `spec.loadBalancerIP`), MetalLB's sharing
 //!   rules, `loadBalancerClass`, namespaceSelectors over Namespace labels and
@@ -199,7 +200,7 @@ fn a_service_gets_an_address_from_its_pool_in_status_and_problems_become_events(
         service("t1", &[("xlb.dev/address-pool", "tiny")]),
         service("t2", &[("metallb.io/address-pool", "tiny")]),
         service("lost", &[("metallb.universe.tf/address-pool", "nope")]),
-        // Named outside every pool: served as named, and warned about.
+        // Named outside every pool: refused (pools exist), and said so.
         service("named", &[("xlb.dev/loadBalancerIPs", "10.0.200.1")]),
         // Two Services naming one address with the same ports: one loses.
         service("clash-a", &[("metallb.io/loadBalancerIPs", "10.0.100.40")]),
@@ -217,7 +218,7 @@ fn a_service_gets_an_address_from_its_pool_in_status_and_problems_become_events(
         let (a, b) = clashes()?;
         Ok((events(&api, "lost", "AddressPoolUnknown")? == 1
             && events(&api, "t2", "AddressPoolExhausted")? == 1
-            && events(&api, "named", "AddressOutsidePools")? == 1
+            && events(&api, "named", "AddressRefused")? == 1
             // One Event for the contested address, on the younger (here: by name,
             // the fixture sets no creationTimestamp) only.
             && (a, b) == (0, 1))
@@ -237,12 +238,15 @@ fn a_service_gets_an_address_from_its_pool_in_status_and_problems_become_events(
         "repeated Event"
     );
     ensure!(
-        events(&api, "named", "AddressOutsidePools")? == 1,
+        events(&api, "named", "AddressRefused")? == 1,
         "repeated Event"
     );
     ensure!(clashes()? == clashed, "repeated conflict Events");
     // Named addresses it holds are shown in status too; the refused one's is not.
-    ensure!(patched(&api, "named").map(|p| p.1) == Some(IpAddr::from([10, 0, 200, 1])));
+    ensure!(
+        patched(&api, "named").is_none(),
+        "an address outside every pool went to status"
+    );
     ensure!(patched(&api, "clash-a").map(|p| p.1) == Some(IpAddr::from([10, 0, 100, 40])));
     ensure!(patched(&api, "clash-b").is_none());
     ensure!(patches_of(&api, "web") == 1, "demo/web PATCHed again");

@@ -56,8 +56,11 @@ pub struct SessionConfig {
     pub password: Option<String>,
     /// IP TTL of the session's packets: 1 for directly connected eBGP (RFC 4271
     /// leaves it to the implementation; 1 is what routers expect without multihop),
-    /// 255 for multihop eBGP and for iBGP.
+    /// 255 for multihop eBGP, for iBGP and with GTSM.
     pub ttl: u8,
+    /// The lowest TTL accepted from the peer (`IP_MINTTL`): 255 with GTSM (RFC 5082
+    /// §3: a directly connected peer's packets arrive with 255), else none.
+    pub min_ttl: Option<u8>,
     /// Advertise graceful restart (RFC 4724).
     pub graceful_restart: bool,
     /// The BGP identifier.
@@ -159,11 +162,12 @@ impl Plan {
                 hold_time: peer.hold_time,
                 keepalive_time: peer.keepalive_time,
                 password: peer.password.clone(),
-                ttl: if peer.my_asn != peer.peer_asn && !peer.ebgp_multihop {
+                ttl: if peer.my_asn != peer.peer_asn && !peer.ebgp_multihop && !peer.ttl_security {
                     1
                 } else {
                     255
                 },
+                min_ttl: peer.ttl_security.then_some(255),
                 graceful_restart: peer.graceful_restart,
                 router_id,
                 bfd,
@@ -226,6 +230,7 @@ mod tests {
             password: None,
             password_secret: None,
             ebgp_multihop: false,
+            ttl_security: false,
             graceful_restart: false,
             bfd_profile: None,
             node_selectors: vec![],
@@ -334,6 +339,7 @@ mod tests {
         let plan = plan_of(&snap, "node-a");
         let r1 = &plan.peers["x/r1"];
         assert_eq!(r1.session.ttl, 1);
+        assert_eq!(r1.session.min_ttl, None);
         assert_eq!(
             r1.session.router_id,
             "10.0.0.11".parse::<Ipv4Addr>().unwrap()

@@ -769,6 +769,9 @@ async fn connect(cfg: SessionConfig) -> std::io::Result<TcpStream> {
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     set_ttl(&socket, peer.is_ipv6(), cfg.ttl)?;
+    if let Some(min) = cfg.min_ttl {
+        set_min_ttl(&socket, peer.is_ipv6(), min)?;
+    }
     if let Some(key) = &cfg.password {
         set_md5(&socket, peer.ip(), key.as_bytes())?;
     }
@@ -806,6 +809,17 @@ pub(super) fn set_ttl(socket: &impl AsRawFd, v6: bool, ttl: u8) -> std::io::Resu
         setsockopt(socket, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, &value)
     } else {
         setsockopt(socket, libc::IPPROTO_IP, libc::IP_TTL, &value)
+    }
+}
+
+/// IP_MINTTL / IPV6_MINHOPCOUNT: the kernel drops the connection's segments that
+/// arrive with a lower TTL (GTSM, RFC 5082; counted in `TcpExtTCPMinTTLDrop`).
+pub(super) fn set_min_ttl(socket: &impl AsRawFd, v6: bool, min: u8) -> std::io::Result<()> {
+    let value = libc::c_int::from(min);
+    if v6 {
+        setsockopt(socket, libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT, &value)
+    } else {
+        setsockopt(socket, libc::IPPROTO_IP, libc::IP_MINTTL, &value)
     }
 }
 

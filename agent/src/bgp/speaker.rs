@@ -316,6 +316,15 @@ fn hand_over(
         debug!(peer = %name, error = %e, "BGP: setting the accepted connection's TTL failed; closed");
         return;
     }
+    // GTSM on an accepted connection: the listener serves every peer, so the minimum
+    // applies from here on (the handshake itself passed the listener). A host further
+    // away completes no more than that: its OPEN is dropped.
+    if let Some(min) = cfg.min_ttl
+        && let Err(e) = session::set_min_ttl(&stream, from.is_ipv6(), min)
+    {
+        debug!(peer = %name, error = %e, "BGP: setting the accepted connection's minimum TTL failed; closed");
+        return;
+    }
     handle.accept(stream);
 }
 
@@ -609,6 +618,7 @@ mod tests {
             keepalive_time: None,
             password: None,
             ttl: 1,
+            min_ttl: None,
             graceful_restart: false,
             router_id: Ipv4Addr::new(10, 0, 0, 11),
             bfd: None,

@@ -875,6 +875,16 @@ fn special_block((first, last): (IpAddr, IpAddr)) -> Option<(&'static str, &'sta
     })
 }
 
+/// Whether the inclusive range `(first, last)` holds more addresses than a /16
+/// (issue 31, finding 4: `10.0.0.0/8` was accepted without a word).
+fn larger_than_slash16((first, last): (IpAddr, IpAddr)) -> bool {
+    let n = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    n(last).saturating_sub(n(first)) >= 1 << 16
+}
+
 /// `xlb.dev/v1alpha1 AddressPool` as written (MetalLB IPAddressPool field names).
 #[derive(Deserialize)]
 pub(crate) struct AddressPoolDoc {
@@ -906,7 +916,15 @@ fn address_pool(cx: &mut Cx<'_>, doc: AddressPoolDoc) -> Result<model::AddressPo
         };
         match range {
             Some(r) => match special_block(r) {
-                None => ranges.push(r),
+                None => {
+                    if larger_than_slash16(r) {
+                        tracing::warn!(
+                            object = %cx.object, field = %field, origin = %cx.origin,
+                            "{text:?} holds more than 65,536 addresses (larger than a /16): most likely a typo; a LAN segment or a router's table rarely wants that many VIPs"
+                        );
+                    }
+                    ranges.push(r)
+                }
                 Some((block, what)) => {
                     let message = format!(
                         "{text:?} includes {what} addresses ({block}), which no Service may be given"
@@ -1089,6 +1107,13 @@ fn bgp_peer(
         cx.error("spec.password", ErrorKind::InvalidValue, message);
         invalid = true;
     }
+    if spec.ttl_security && (spec.ebgp_multi_hop || spec.my_asn == spec.peer_asn) {
+        // RFC 5082 §3 as BIRD and FRR offer it: the peer is one hop away, so its
+        // packets arrive with TTL 255; a multihop or iBGP peer's arrive with less.
+        let message = "GTSM is for a directly connected eBGP router: not with ebgpMultiHop or iBGP";
+        cx.error("spec.ttlSecurity", ErrorKind::InvalidValue, message);
+        invalid = true;
+    }
     let password_secret = match &spec.password_secret {
         None => None,
         Some(_) if spec.password.as_deref().is_some_and(|p| !p.is_empty()) => {
@@ -1158,6 +1183,7 @@ fn bgp_peer(
         password: spec.password.filter(|p| !p.is_empty()),
         password_secret,
         ebgp_multihop: spec.ebgp_multi_hop,
+        ttl_security: spec.ttl_security,
         graceful_restart: spec.enable_graceful_restart,
         bfd_profile: spec.bfd_profile.filter(|p| !p.is_empty()),
         node_selectors,
@@ -1468,4 +1494,27 @@ fn slice(cx: &mut Cx<'_>, es: discovery::EndpointSlice) -> Result<Option<Slice>,
         ports,
         endpoints,
     }))
+}
+
+#[cfg(test)]
+mod pool_size {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn range(text: &str) -> (IpAddr, IpAddr) {
+        let n: ipnet::IpNet = text.parse().unwrap();
+        (n.network(), n.broadcast())
+    }
+
+    #[test]
+    fn pools_past_a_slash16_are_told_apart() {
+        assert!(!larger_than_slash16(range("10.0.0.0/16")));
+        assert!(larger_than_slash16(range("10.0.0.0/15")));
+        assert!(larger_than_slash16(range("10.0.0.0/8")));
+        assert!(!larger_than_slash16(range("fd00::/112")));
+        assert!(larger_than_slash16(range("fd00::/64")));
+        let first: IpAddr = "10.0.0.0".parse().unwrap();
+        let last: IpAddr = "10.1.0.0".parse().unwrap();
+        assert!(larger_than_slash16((first, last)), "65,537 addresses");
+    }
 }

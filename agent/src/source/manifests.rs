@@ -2447,6 +2447,43 @@ spec: { detectMultiplier: 1 }
     }
 
     #[test]
+    fn ttl_security_is_for_directly_connected_ebgp_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: xlb.dev/v1alpha1\nkind: BGPPeer\nmetadata: {{ name: {name}, namespace: xlb-system }}\nspec: {{ myASN: 4200000002, peerASN: 4200000001, peerAddress: 10.0.0.1, ttlSecurity: true{extra} }}\n"
+            )
+        };
+        let docs = [
+            peer("direct", ""),
+            peer("far", ", ebgpMultiHop: true"),
+            peer("ibgp", ", peerASN: 4200000002").replace("peerASN: 4200000001, ", ""),
+        ];
+        write(dir.path(), "peers.yaml", &docs.join("---\n"));
+        let loaded = ManifestSource::new(dir.path())
+            .with_empty_grace(Duration::ZERO)
+            .load();
+        let peers = &loaded.snapshot.bgp.peers;
+        assert!(peers["xlb-system/direct"].ttl_security);
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        assert_eq!(
+            where_(&loaded),
+            [
+                (
+                    "invalid_value",
+                    "BGPPeer xlb-system/far",
+                    "spec.ttlSecurity"
+                ),
+                (
+                    "invalid_value",
+                    "BGPPeer xlb-system/ibgp",
+                    "spec.ttlSecurity"
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn a_password_secret_gives_its_peer_the_key_and_follows_the_secret() {
         // The conversion both sources share: a Secret in the directory (stringData as
         // written, or base64 data as the API server sends it) keys the peer naming it.

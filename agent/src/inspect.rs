@@ -512,6 +512,8 @@ pub struct FlowRow {
     pub expires_in_s: i64,
     /// A FIN or RST was seen.
     pub closing: bool,
+    /// A TCP flow first seen without a SYN: it keeps the SYN lifetime (60 s).
+    pub midstream: bool,
 }
 
 /// Reads the maps pinned at `pin_path` and writes `what` to `out`: a table for
@@ -607,7 +609,7 @@ pub fn run(
 /// The flows of `xlb_conntrack4`, to `vip` only if given, sorted by frontend then client.
 fn flow_rows(pin_path: &Path, vip: Option<std::net::IpAddr>) -> Result<Vec<FlowRow>, InspectError> {
     use aya::maps::{HashMap, Map, MapData};
-    use xlb_common::{CT_F_CLOSING, CtEntry, FlowKey4, names};
+    use xlb_common::{CT_F_CLOSING, CT_F_MIDSTREAM, CtEntry, FlowKey4, names};
     let open = |name: &'static str| {
         MapData::from_pin(pin_path.join(name)).map_err(dataplane::map_err(name))
     };
@@ -657,6 +659,7 @@ fn flow_rows(pin_path: &Path, vip: Option<std::net::IpAddr>) -> Result<Vec<FlowR
             service,
             expires_in_s: i64::try_from(left).unwrap_or(i64::MAX),
             closing: v.flags & CT_F_CLOSING != 0,
+            midstream: v.flags & CT_F_MIDSTREAM != 0,
         });
     }
     rows.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
@@ -675,9 +678,10 @@ fn print_flows(rows: &[FlowRow], out: &mut dyn Write) -> std::io::Result<()> {
                     .clone()
                     .unwrap_or_else(|| "(no owner recorded)".into()),
                 format!(
-                    "{}s{}",
+                    "{}s{}{}",
                     f.expires_in_s,
-                    if f.closing { ", closing" } else { "" }
+                    if f.closing { ", closing" } else { "" },
+                    if f.midstream { ", mid-stream" } else { "" }
                 ),
             ]
         })

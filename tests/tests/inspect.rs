@@ -178,3 +178,114 @@ fn inspect_without_a_datapath_says_so() -> Result<()> {
     );
     Ok(())
 }
+
+/// Sends one TCP segment with a raw socket from the client namespace (the kernel adds
+/// the IP header; the segment's checksum is computed for `src`).
+fn send_raw_tcp(
+    lab: &Lab,
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    flags: u8,
+) -> Result<()> {
+    let seg = xlb_lab::packets::tcp_seg(
+        src.ip().octets(),
+        dst.ip().octets(),
+        (src.port(), dst.port()),
+        flags,
+        5,
+        &[],
+        &[],
+    );
+    lab.client.ns.enter(|| {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_TCP,
+            );
+            ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as u16;
+            sa.sin_addr.s_addr = u32::from_ne_bytes(dst.ip().octets());
+            let n = libc::sendto(
+                fd,
+                seg.as_ptr().cast(),
+                seg.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            ensure!(n == seg.len() as isize, "sendto: {err}");
+        }
+        Ok(())
+    })
+}
+
+/// Issue 31, finding 5: a TCP flow whose first packet is not a SYN (a lone forged
+/// ACK, as a flood of them would be) is tracked as mid-stream with the SYN lifetime
+/// (60 s), while a connection that began with a SYN gets the established one (6 h).
+/// On the landed code the forged ACK's entry lived 6 h too, so 300k of them stayed
+/// in the table for hours.
+#[test]
+fn a_tcp_flow_first_seen_without_a_syn_keeps_a_short_lifetime() -> Result<()> {
+    let mut lab = Lab::one_node(1)?;
+    let eps: Vec<EndpointSpec> = lab
+        .node()
+        .pods
+        .iter()
+        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
+        .collect();
+    write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
+    lab.start_agent()?.wait_healthy(SOON)?;
+
+    let vip = match web_tcp_vip() {
+        std::net::SocketAddr::V4(v) => v,
+        other => anyhow::bail!("the lab's TCP VIP is {other}"),
+    };
+    let mut conn = lab.client.tcp_connect(vip.into(), REPLY_TIMEOUT)?;
+    conn.ping()?;
+    let real_port = conn.local().port();
+    let forged = std::net::SocketAddrV4::new(lab.client.addr, 40_999);
+    send_raw_tcp(&lab, forged, vip, xlb_lab::packets::ACK)?;
+
+    let ip = vip.ip().to_string();
+    let rows = xlb_lab::poll(
+        "both flows in conntrack",
+        SOON,
+        std::time::Duration::from_millis(50),
+        || {
+            let flows: Value =
+                serde_json::from_str(&inspect(&lab, &["conntrack", "--vip", &ip, "-o", "json"])?)?;
+            let flows = flows.as_array().context("an array of flows")?.clone();
+            let port_of = |f: &Value| {
+                f["client"]
+                    .as_str()
+                    .and_then(|c| c.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+            };
+            let real = flows
+                .iter()
+                .find(|f| port_of(f) == Some(real_port))
+                .cloned();
+            let fake = flows
+                .iter()
+                .find(|f| port_of(f) == Some(forged.port()))
+                .cloned();
+            Ok(real.zip(fake))
+        },
+    )?;
+    let (real, fake) = rows;
+    ensure!(
+        real["midstream"] == false && real["expires_in_s"].as_i64() > Some(3600),
+        "the connection that began with a SYN: {real}"
+    );
+    ensure!(
+        fake["midstream"] == true && fake["expires_in_s"].as_i64() <= Some(60),
+        "the flow a lone ACK began: {fake}"
+    );
+    println!("SYN-first: {real}\nACK-first: {fake}");
+    Ok(())
+}

@@ -469,11 +469,18 @@ pub const SNAT_PORTS: u16 = 4_536;
 
 /// Conntrack flag: a FIN or RST was seen; the entry lives [`timeouts::TCP_CLOSING`].
 pub const CT_F_CLOSING: u32 = 1 << 0;
+/// Conntrack flag: the TCP flow was first seen without a SYN (picked up mid-stream,
+/// after a failover or a lost table, or forged): it lives [`timeouts::TCP_SYN`]
+/// without traffic, never the established lifetime, so spoofed ACKs cannot fill the
+/// table with entries that outlive the flood by hours (issue 31, finding 5). With
+/// DSR the replies never pass this node, so traffic, not an answer, keeps it.
+pub const CT_F_MIDSTREAM: u32 = 1 << 1;
 
 /// Conntrack lifetimes in nanoseconds (refreshed by traffic at most once a second).
 pub mod timeouts {
     const S: u64 = 1_000_000_000;
-    /// After a SYN, until the flow is established.
+    /// After a SYN, until the flow is established; and a flow first seen without a
+    /// SYN ([`super::CT_F_MIDSTREAM`]), for as long as it lives.
     pub const TCP_SYN: u64 = 60 * S;
     /// An established TCP flow without traffic (Cilium's default lifetime).
     pub const TCP_ESTABLISHED: u64 = 6 * 3600 * S;

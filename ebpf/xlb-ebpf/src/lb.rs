@@ -8,7 +8,8 @@
 //! any UDP packet) only reuses an entry whose backend still exists.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use xlb_common::{
-    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, BackendKey4, CT_F_CLOSING, FAMILY_V4,
+    Affinity, AffinityKey, BACKEND_F_REMOTE, Backend, BackendKey4, CT_F_CLOSING, CT_F_MIDSTREAM,
+    FAMILY_V4,
     FlowKey4, PROTO_TCP, Reason, RevNat, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES, Service, SourceRange,
     timeouts,
 };
@@ -67,7 +68,8 @@ fn lifetime(proto: u8, tcp_flags: u8, flags: u32) -> u64 {
         timeouts::UDP
     } else if tcp_flags & (TCP_FIN | TCP_RST) != 0 || flags & CT_F_CLOSING != 0 {
         timeouts::TCP_CLOSING
-    } else if tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0 {
+    } else if flags & CT_F_MIDSTREAM != 0 || (tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0)
+    {
         timeouts::TCP_SYN
     } else {
         timeouts::TCP_ESTABLISHED
@@ -181,9 +183,15 @@ fn record(svc: &Service, key: &FlowKey4, tcp_flags: u8, now: u64, id: u32, backe
     let s = unsafe { &mut *s };
     s.ct.backend = backend;
     s.ct.backend_id = id;
-    s.ct.expires = now + lifetime(key.proto, tcp_flags, 0);
+    let syn = tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0;
+    let flags = if key.proto == PROTO_TCP && !syn {
+        CT_F_MIDSTREAM
+    } else {
+        0
+    };
+    s.ct.expires = now + lifetime(key.proto, tcp_flags, flags);
     s.ct.service_id = svc.id;
-    s.ct.flags = 0;
+    s.ct.flags = flags;
     s.ct.snat_port = 0;
     s.ct.pad = [0; 6];
     s.reply.src = [

@@ -91,12 +91,7 @@ pub fn lab_with_services() -> Result<Lab> {
 pub fn endpoints(lab: &Lab, nodes: &[&str]) -> Result<Vec<EndpointSpec>> {
     let mut out = Vec::new();
     for name in nodes {
-        let n = lab.node_named(name)?;
-        out.extend(
-            n.pods
-                .iter()
-                .map(|p| EndpointSpec::new(p.ip, true, &n.name)),
-        );
+        out.extend(lab.node_named(name)?.ready_endpoints());
     }
     Ok(out)
 }

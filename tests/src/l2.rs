@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use crate::arp::{Mac, mac_of, who_has};
-use crate::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, POD_GATEWAY, SOON, UPLINK, poll};
+use crate::lab::{
+    CLIENT_ADDR, Lab, ManifestsLayout, Node, NodeSpec, POD_GATEWAY, SOON, UPLINK, poll,
+};
 use crate::manifests::{
     EndpointSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_UDP_PORT, multi_doc, service_yaml, web_ports,
     web_slice_yaml, write_atomic,
@@ -155,15 +157,7 @@ pub fn l2_lab() -> Result<Lab> {
     }
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
-    let eps: Vec<EndpointSpec> = lab
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            n.pods
-                .iter()
-                .map(|p| EndpointSpec::new(p.ip, true, &n.name))
-        })
-        .collect();
+    let eps: Vec<EndpointSpec> = lab.nodes.iter().flat_map(Node::ready_endpoints).collect();
     write_web(&dir, &eps)?;
     write_atomic(&dir.join("l2.yaml"), L2_ALL)?;
     lab.start_agents(ManifestsLayout::Shared, SOON)?;

@@ -551,6 +551,14 @@ impl Lab {
 }
 
 impl Node {
+    /// Every pod of this node as a ready endpoint on it (the usual EndpointSlice).
+    pub fn ready_endpoints(&self) -> Vec<crate::manifests::EndpointSpec> {
+        self.pods
+            .iter()
+            .map(|p| crate::manifests::EndpointSpec::new(p.ip, true, &self.name))
+            .collect()
+    }
+
     /// This node's pod CIDR, `10.0.{index+1}.0/24`.
     pub fn pod_cidr(&self) -> String {
         format!("10.0.{}.0/24", self.index + 1)

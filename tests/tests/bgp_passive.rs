@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, SOON, VIP_RANGE};
+use xlb_lab::lab::{CLIENT_ADDR, Lab, ManifestsLayout, Node, NodeSpec, SOON, VIP_RANGE};
 use xlb_lab::manifests::{EndpointSpec, WEB_VIP, multi_doc, web_yaml, write_atomic};
 use xlb_lab::netns::Netns;
 use xlb_lab::poll;
@@ -24,15 +24,7 @@ fn lab(n: usize) -> Result<Lab> {
     let lab = Lab::multi_node(&vec![NodeSpec::with_pods(1); n])?;
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;
-    let endpoints: Vec<EndpointSpec> = lab
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            n.pods
-                .iter()
-                .map(|p| EndpointSpec::new(p.ip, true, &n.name))
-        })
-        .collect();
+    let endpoints: Vec<EndpointSpec> = lab.nodes.iter().flat_map(Node::ready_endpoints).collect();
     write_atomic(&dir.join("web.yaml"), &web_yaml(&endpoints))?;
     lab.client.ns.ip(&["route", "del", VIP_RANGE])?;
     Ok(lab)

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use xlb_lab::lab::{CLIENT_ADDR, Lab, Links, ManifestsLayout, NodeSpec, REPLY_TIMEOUT, SOON};
 use xlb_lab::manifests::{
-    EndpointSpec, PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_VIP, multi_doc, service_yaml,
-    web_ports, web_slice_yaml, web_tcp_vip, web_udp_vip, write_atomic,
+    PortSpec, WEB_NAMESPACE, WEB_SERVICE, WEB_VIP, multi_doc, service_yaml, web_ports,
+    web_slice_yaml, web_tcp_vip, web_udp_vip, write_atomic,
 };
 use xlb_lab::poll;
 
@@ -38,11 +38,7 @@ fn cluster_lab_with(
     let mut eps = Vec::new();
     for n in &lab.nodes {
         if endpoint_nodes.contains(&n.name.as_str()) {
-            eps.extend(
-                n.pods
-                    .iter()
-                    .map(|p| EndpointSpec::new(p.ip, true, &n.name)),
-            );
+            eps.extend(n.ready_endpoints());
         }
     }
     let ports: Vec<PortSpec> = web_ports();

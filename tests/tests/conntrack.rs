@@ -3,18 +3,13 @@
 //! packet takes the same Maglev slot again).
 use anyhow::{Result, ensure};
 use xlb_lab::lab::{Lab, REPLY_TIMEOUT, SOON};
-use xlb_lab::manifests::{EndpointSpec, web_udp_vip, web_yaml, write_atomic};
+use xlb_lab::manifests::{web_udp_vip, web_yaml, write_atomic};
 
 #[test]
 fn small_conntrack_evicts_and_counts_it() -> Result<()> {
     let mut lab = Lab::one_node(2)?;
     lab.node_mut().agent_args = vec!["--conntrack-size".into(), "64".into()];
-    let eps: Vec<EndpointSpec> = lab
-        .node()
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
-        .collect();
+    let eps = lab.node().ready_endpoints();
     write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
     lab.start_agent()?.wait_healthy(SOON)?;
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use xlb_lab::lab::{CLIENT_ADDR, Lab, REPLY_TIMEOUT, SOON, UPLINK};
-use xlb_lab::manifests::{EndpointSpec, web_udp_vip, web_yaml, write_atomic};
+use xlb_lab::manifests::{web_udp_vip, web_yaml, write_atomic};
 
 /// Every `expr` of every panel target and templating query, recursively.
 fn exprs(v: &Value, out: &mut Vec<String>) {
@@ -65,12 +65,7 @@ fn every_metric_the_dashboard_queries_is_exported() -> Result<()> {
     ensure!(wanted.len() >= 10, "the dashboard queries only {wanted:?}");
 
     let mut lab = Lab::one_node(2)?;
-    let eps: Vec<EndpointSpec> = lab
-        .node()
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
-        .collect();
+    let eps = lab.node().ready_endpoints();
     write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
     lab.start_agent()?.wait_healthy(SOON)?;
     let replies = lab.client.udp_flows(web_udp_vip(), 10, REPLY_TIMEOUT)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use xlb_lab::lab::{CLIENT_ADDR, Lab, REPLY_TIMEOUT, SOON, UPLINK};
-use xlb_lab::manifests::{EndpointSpec, web_tcp_vip, web_udp_vip, web_yaml, write_atomic};
+use xlb_lab::manifests::{web_tcp_vip, web_udp_vip, web_yaml, write_atomic};
 use xlb_lab::{Ticker, poll};
 
 /// xlb's netlink filters on the uplink in one direction: (handle, program id, name).
@@ -51,12 +51,7 @@ fn forced_fallbacks_deliver_survive_a_restart_and_clean_up() -> Result<()> {
     lab.node_mut().agent_args = ["--xdp-mode", "generic", "--force-fallback", "all"]
         .map(String::from)
         .to_vec();
-    let eps: Vec<EndpointSpec> = lab
-        .node()
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
-        .collect();
+    let eps = lab.node().ready_endpoints();
     write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
     lab.start_agent()?.wait_healthy(SOON)?;
 

@@ -281,12 +281,7 @@ fn a_service_never_takes_the_nodes_own_address() -> Result<()> {
             }
         }));
     }
-    let eps: Vec<EndpointSpec> = lab
-        .node()
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
-        .collect();
+    let eps = lab.node().ready_endpoints();
     let thief = |name: &str, vip: Ipv4Addr, port: u16, external: Option<Ipv4Addr>| {
         let ext = external.map_or(String::new(), |e| format!("  externalIPs: [\"{e}\"]\n"));
         let svc = format!(

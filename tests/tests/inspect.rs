@@ -232,12 +232,7 @@ fn send_raw_tcp(
 #[test]
 fn a_tcp_flow_first_seen_without_a_syn_keeps_a_short_lifetime() -> Result<()> {
     let mut lab = Lab::one_node(1)?;
-    let eps: Vec<EndpointSpec> = lab
-        .node()
-        .pods
-        .iter()
-        .map(|p| EndpointSpec::new(p.ip, true, &lab.node().name))
-        .collect();
+    let eps = lab.node().ready_endpoints();
     write_atomic(&lab.node().manifests_dir.join("web.yaml"), &web_yaml(&eps))?;
     lab.start_agent()?.wait_healthy(SOON)?;
 

@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use xlb_lab::lab::{BRIDGE, CLIENT_ADDR, Lab, ManifestsLayout, NodeSpec, REPLY_TIMEOUT, SOON};
+use xlb_lab::lab::{
+    BRIDGE, CLIENT_ADDR, Lab, ManifestsLayout, Node, NodeSpec, REPLY_TIMEOUT, SOON,
+};
 use xlb_lab::manifests::{EndpointSpec, web_tcp_vip, web_udp_vip, web_yaml, write_atomic};
 use xlb_lab::netns::run;
 use xlb_lab::servers::{TCP_LINE_PORT, UDP_ECHO_PORT};
@@ -193,11 +195,7 @@ fn local_policy_on_each_node() -> Result<()> {
         .map(|n| lab.node_named(n))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
-        .flat_map(|n| {
-            n.pods
-                .iter()
-                .map(|p| EndpointSpec::new(p.ip, true, &n.name))
-        })
+        .flat_map(Node::ready_endpoints)
         .collect();
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;

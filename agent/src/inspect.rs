@@ -92,9 +92,14 @@ pub enum InspectError {
 
 /// `xlb inspect features`: probes this kernel now, as a starting agent would (no
 /// agent or pinned datapath needed), and prints every feature, whether the kernel
-/// offers it, and the fallback taken without it; for bug reports.
-pub fn features(json: bool, out: &mut dyn Write) -> Result<(), InspectError> {
-    let f = crate::features::Features::probe(&[])?;
+/// offers it, and the fallback taken without it (or forced with `force`, as
+/// `--force-fallback` / `XLB_FORCE_FALLBACK` force an agent); for bug reports.
+pub fn features(
+    json: bool,
+    force: &[crate::features::Fallback],
+    out: &mut dyn Write,
+) -> Result<(), InspectError> {
+    let f = crate::features::Features::probe(force)?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &f)?;
         writeln!(out)?;

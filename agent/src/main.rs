@@ -201,8 +201,13 @@ enum Inspect {
     /// The node settings the datapath runs with.
     Config,
     /// The kernel features the datapath uses, probed now on this kernel (no agent
-    /// needed), and the fallback taken for each one missing.
-    Features,
+    /// needed), and the fallback taken for each one missing or forced.
+    Features {
+        /// The fallbacks an agent would be forced to take (`xlb agent
+        /// --force-fallback`), shown as it would choose.
+        #[arg(long, value_enum, env = "XLB_FORCE_FALLBACK", value_delimiter = ',')]
+        force_fallback: Vec<xlb::features::Fallback>,
+    },
     /// Who holds each VIP and why (L2 election), and what this node announces over
     /// BGP: asked of the running agent.
     Owners {
@@ -285,6 +290,12 @@ fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `XLB_FORCE_FALLBACK=` (set, empty: a unit file's or a Pod's blank value) means no
+    // forced fallback; clap would refuse the empty value as an unknown fallback.
+    if std::env::var_os("XLB_FORCE_FALLBACK").is_some_and(|v| v.is_empty()) {
+        // SAFETY: the first statement of main, before any thread exists.
+        unsafe { std::env::remove_var("XLB_FORCE_FALLBACK") };
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -393,9 +404,13 @@ fn main() -> anyhow::Result<()> {
             let what = match what {
                 Inspect::Owners { agent } => return ask(agent, xlb::inspect::AgentView::Owners),
                 Inspect::Peers { agent } => return ask(agent, xlb::inspect::AgentView::Peers),
-                Inspect::Features => {
-                    return xlb::inspect::features(json, &mut std::io::stdout().lock())
-                        .context("xlb inspect features");
+                Inspect::Features { force_fallback } => {
+                    return xlb::inspect::features(
+                        json,
+                        &force_fallback,
+                        &mut std::io::stdout().lock(),
+                    )
+                    .context("xlb inspect features");
                 }
                 Inspect::Services => xlb::inspect::What::Services,
                 Inspect::Backends => xlb::inspect::What::Backends,

@@ -210,3 +210,47 @@ fn native_redirect_on_a_veth_uplink_is_refused_with_the_reason() -> Result<()> {
     ensure!(pins == 0, "{pins} pins left by a refused start");
     Ok(())
 }
+
+/// `xlb inspect features -o json` with `XLB_FORCE_FALLBACK` set to `value`.
+fn features_with_env(value: &str) -> Result<Value> {
+    let out = std::process::Command::new(xlb_lab::xlb_bin()?)
+        .args(["inspect", "features", "-o", "json"])
+        .env("XLB_FORCE_FALLBACK", value)
+        .output()
+        .context("running xlb inspect features")?;
+    ensure!(
+        out.status.success(),
+        "XLB_FORCE_FALLBACK={value:?}: xlb inspect features exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The row of feature `name` in `xlb inspect features -o json`.
+fn feature<'a>(f: &'a Value, name: &str) -> Result<&'a Value> {
+    f["found"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+        .with_context(|| format!("no feature {name} in {f}"))
+}
+
+/// `XLB_FORCE_FALLBACK` set but empty (a blank value in a unit file or a Pod) forces
+/// nothing, where clap refused it before; and `xlb inspect features` shows what the
+/// variable forces, as an agent started with it would choose (it ignored it before).
+#[test]
+fn the_force_fallback_variable_empty_or_set_is_read_by_inspect_too() -> Result<()> {
+    let plain = features_with_env("")?;
+    let tcx = feature(&plain, "tcx")?;
+    ensure!(
+        tcx["used"] == tcx["available"],
+        "empty forces nothing: {tcx}"
+    );
+    let forced = features_with_env("tcx")?;
+    let tcx = feature(&forced, "tcx")?;
+    ensure!(
+        tcx["used"] == false && tcx["detail"].as_str().is_some_and(|d| d.contains("forced")),
+        "XLB_FORCE_FALLBACK=tcx: {tcx}"
+    );
+    Ok(())
+}

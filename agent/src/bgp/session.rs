@@ -804,23 +804,23 @@ pub(super) fn setsockopt<T>(
 
 /// IP_TTL / IPV6_UNICAST_HOPS: 1 for direct eBGP, 255 otherwise.
 pub(super) fn set_ttl(socket: &impl AsRawFd, v6: bool, ttl: u8) -> std::io::Result<()> {
-    let value = libc::c_int::from(ttl);
-    if v6 {
-        setsockopt(socket, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, &value)
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)
     } else {
-        setsockopt(socket, libc::IPPROTO_IP, libc::IP_TTL, &value)
-    }
+        (libc::IPPROTO_IP, libc::IP_TTL)
+    };
+    setsockopt(socket, level, name, &libc::c_int::from(ttl))
 }
 
 /// IP_MINTTL / IPV6_MINHOPCOUNT: the kernel drops the connection's segments that
 /// arrive with a lower TTL (GTSM, RFC 5082; counted in `TcpExtTCPMinTTLDrop`).
 pub(super) fn set_min_ttl(socket: &impl AsRawFd, v6: bool, min: u8) -> std::io::Result<()> {
-    let value = libc::c_int::from(min);
-    if v6 {
-        setsockopt(socket, libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT, &value)
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT)
     } else {
-        setsockopt(socket, libc::IPPROTO_IP, libc::IP_MINTTL, &value)
-    }
+        (libc::IPPROTO_IP, libc::IP_MINTTL)
+    };
+    setsockopt(socket, level, name, &libc::c_int::from(min))
 }
 
 /// `struct tcp_md5sig` of include/uapi/linux/tcp.h.

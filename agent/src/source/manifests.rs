@@ -419,6 +419,8 @@ pub const MAX_YAML_DEPTH: usize = 128;
 /// no Kubernetes manifest comes near.
 pub fn check_yaml_depth(text: &str) -> Result<(), String> {
     use serde_saphyr::budget::{Budget, EnforcingPolicy, check_yaml_budget};
+    // serde-saphyr's own scanner, re-exported: its error kinds are that crate's.
+    use serde_saphyr::granit_parser::ErrorKind as ScanErrorKind;
     let openers = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
     if openers <= MAX_YAML_DEPTH {
         return Ok(());
@@ -438,7 +440,7 @@ pub fn check_yaml_depth(text: &str) -> Result<(), String> {
         },
         // The scanner's own bound on flow nesting (255) trips before the parser has
         // emitted 128 levels when simple-key lookahead holds events back.
-        Err(e) if format!("{:?}", e.kind()) == "RecursionLimitExceeded" => Err(format!(
+        Err(e) if matches!(e.kind(), ScanErrorKind::RecursionLimitExceeded) => Err(format!(
             "refused before parsing: nested deeper than {MAX_YAML_DEPTH} ({e})"
         )),
         Err(_) => Ok(()),

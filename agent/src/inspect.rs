@@ -371,10 +371,10 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
         let (name, value) = match key {
             config::FORWARD_MODE => (
                 "forward",
-                if v == 0 {
-                    "pass".into()
-                } else {
-                    format!("redirect ({v})")
+                match v {
+                    config::FORWARD_PASS => "pass".into(),
+                    config::FORWARD_REDIRECT => "redirect".into(),
+                    v => format!("unknown ({v})"),
                 },
             ),
             config::NEXT_SERVICE_ID => ("next service id", v.to_string()),
@@ -401,14 +401,18 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
             ),
             config::CLUSTER_MODE => (
                 "cluster mode",
-                if v == 0 { "dsr".into() } else { "snat".into() },
+                match v {
+                    config::CLUSTER_DSR => "dsr".into(),
+                    config::CLUSTER_SNAT => "snat".into(),
+                    v => format!("unknown ({v})"),
+                },
             ),
             config::XDP_MODE => (
                 "xdp mode",
                 match v {
-                    1 => "native".into(),
-                    2 => "generic".into(),
-                    3 => "tc (no XDP program)".into(),
+                    config::XDP_MODE_NATIVE => "native".into(),
+                    config::XDP_MODE_GENERIC => "generic".into(),
+                    config::XDP_MODE_TC => "tc (no XDP program)".into(),
                     _ => "unknown".into(),
                 },
             ),

@@ -37,6 +37,9 @@ use aya::{
     },
 };
 use tracing::{debug, info};
+use xlb_common::config::{
+    XDP_MODE_GENERIC as MODE_GENERIC, XDP_MODE_NATIVE as MODE_NATIVE, XDP_MODE_TC as MODE_TC,
+};
 use xlb_common::{
     Backend, Counter, Service, ServiceKey4, ServiceKey6, SlotPair, SourceRange, backend_slot,
     config, names, service_slot,
@@ -175,11 +178,11 @@ pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneEr
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardMode {
     /// XDP_PASS into the kernel's routing: works with any CNI (the default).
-    Pass = 0,
+    Pass = config::FORWARD_PASS as isize,
     /// `bpf_fib_lookup` + `bpf_redirect` to the pod's device, XDP_PASS when the FIB
     /// cannot resolve the next hop. Needs devices that accept XDP frames (veth: XDP
     /// or GRO on the pod side); otherwise the kernel drops redirected frames.
-    Redirect = 1,
+    Redirect = config::FORWARD_REDIRECT as isize,
 }
 
 /// How remote backends of Cluster services are reached.
@@ -187,10 +190,10 @@ pub enum ForwardMode {
 pub enum ClusterMode {
     /// IPIP to the backend's node, which replies to the client directly (the
     /// default; the pod sees the client's address).
-    Dsr = 0,
+    Dsr = config::CLUSTER_DSR as isize,
     /// Source NAT to this node's address; replies come back through it (the pod sees
     /// this node's address). For networks that drop packets sourced from a VIP.
-    Snat = 1,
+    Snat = config::CLUSTER_SNAT as isize,
 }
 
 /// Node-level facts the programs need.
@@ -1106,12 +1109,6 @@ fn load_tc_tail_programs(
     }
     Ok(progs)
 }
-
-/// `xlb_config[XDP_MODE]` values.
-const MODE_NATIVE: u64 = 1;
-const MODE_GENERIC: u64 = 2;
-/// No XDP program (`--xdp-mode tc`).
-const MODE_TC: u64 = 3;
 
 /// `--xdp-mode tc`: `xlb_tc_lb` now runs at TC ingress; removes the XDP program a
 /// previous agent attached (unpinning its link, the last reference). Until then a

@@ -557,8 +557,13 @@ pub struct Counter {
 
 /// Keys of `xlb_config` (an array of u64).
 pub mod config {
-    /// Reserved for the forwarding mode; 0 = XDP_PASS into the kernel's routing.
+    /// How XDP forwards a packet after DNAT: [`FORWARD_PASS`] or [`FORWARD_REDIRECT`]
+    /// (`--forward`).
     pub const FORWARD_MODE: u32 = 0;
+    /// [`FORWARD_MODE`]: XDP_PASS into the kernel's routing (the default).
+    pub const FORWARD_PASS: u64 = 0;
+    /// [`FORWARD_MODE`]: `bpf_fib_lookup` + `bpf_redirect` to the pod's device.
+    pub const FORWARD_REDIRECT: u64 = 1;
     /// The agent's next service id, persisted so ids are not reused across restarts.
     pub const NEXT_SERVICE_ID: u32 = 1;
     /// The agent's next backend id, likewise.
@@ -571,13 +576,26 @@ pub mod config {
     /// VIP packets in frames addressed to another unicast MAC (a flooding switch) are
     /// left alone: they are another node's to serve. 0 disables the check.
     pub const IFACE_MAC: u32 = 4;
-    /// How remote backends of Cluster services are reached: 0 = IPIP + direct server
-    /// return, 1 = SNAT to this node's address (replies come back through it).
+    /// How remote backends of Cluster services are reached: [`CLUSTER_DSR`] or
+    /// [`CLUSTER_SNAT`] (`--cluster-mode`).
     pub const CLUSTER_MODE: u32 = 5;
-    /// How `xlb_xdp` is attached to the uplink, as the agent attached it: 1 native
-    /// (driver), 2 generic (skb); 0 unknown. Read back on takeover so that a changed
-    /// `--xdp-mode` re-attaches instead of silently keeping the old mode.
+    /// [`CLUSTER_MODE`]: IPIP to the backend's node, which answers the client directly.
+    pub const CLUSTER_DSR: u64 = 0;
+    /// [`CLUSTER_MODE`]: source NAT to this node's address (replies come back through
+    /// it).
+    pub const CLUSTER_SNAT: u64 = 1;
+    /// How the datapath is attached to the uplink, as the agent attached it
+    /// (`XDP_MODE_*`). Read back on takeover so that a changed `--xdp-mode`
+    /// re-attaches instead of silently keeping the old mode.
     pub const XDP_MODE: u32 = 6;
+    /// [`XDP_MODE`]: not recorded (a datapath from before the mode was kept).
+    pub const XDP_MODE_UNKNOWN: u64 = 0;
+    /// [`XDP_MODE`]: native (driver) XDP.
+    pub const XDP_MODE_NATIVE: u64 = 1;
+    /// [`XDP_MODE`]: generic (skb) XDP.
+    pub const XDP_MODE_GENERIC: u64 = 2;
+    /// [`XDP_MODE`]: no XDP program; the datapath runs at TC ingress (`--xdp-mode tc`).
+    pub const XDP_MODE_TC: u64 = 3;
     /// L2 dead-man switch: `xlb_xdp` answers ARP for owned VIPs only while
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) is below this deadline, which a live
     /// agent keeps pushing forward. An agent that dies (SIGKILL) leaves its pinned

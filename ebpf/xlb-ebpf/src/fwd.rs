@@ -23,8 +23,6 @@ use crate::{
     packet::{IP_OFF, ptr_at, tc_linear},
 };
 
-/// `xlb_config[FORWARD_MODE]` value selecting FIB lookup + redirect.
-pub const FORWARD_REDIRECT: u64 = 1;
 const AF_INET: u8 = 2;
 
 /// The XDP action that forwards an already DNATed IPv4 packet. By default it goes
@@ -33,7 +31,7 @@ const AF_INET: u8 = 2;
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> u32 {
     match CONFIG.get(xlb_common::config::FORWARD_MODE) {
-        Some(m) if *m == FORWARD_REDIRECT => redirect(ctx).unwrap_or(xdp_action::XDP_PASS),
+        Some(m) if *m == xlb_common::config::FORWARD_REDIRECT => redirect(ctx).unwrap_or(xdp_action::XDP_PASS),
         _ => {
             // Without a hand-off the kernel routes it: slower, still right.
             let _ = crate::handoff::to_tc(ctx, xlb_common::DELIVER_MAGIC, 0, [0; 4]);

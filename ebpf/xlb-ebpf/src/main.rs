@@ -178,7 +178,8 @@ fn lb_ingress<C: Hook>(ctx: &C) -> Result<u32, Reason> {
             return Err(Reason::DropDecapNotLocal);
         }
         if backend.flags & BACKEND_F_SNAT != 0
-            || maps::CONFIG.get(xlb_common::config::CLUSTER_MODE).copied() == Some(1)
+            || maps::CONFIG.get(xlb_common::config::CLUSTER_MODE).copied()
+                == Some(xlb_common::config::CLUSTER_SNAT)
         {
             let h = maps::HANDOFF.get_ptr_mut(0).ok_or(Reason::DropSnat)?;
             // SAFETY: this CPU's handoff slot; read by the tail-called program only.

@@ -11,7 +11,7 @@
 //! an atomic rename of a manifest file (one endpoint address changed) until the maps
 //! serve it: for a small file holding
 //! one Service and its slice, and for one of the 1,000-Service files. The latency
-//! ends at the flip: the changed Service's `xlb_services` value pointing to its new
+//! ends at the flip: the changed Service's `xlb_services4` value pointing to its new
 //! table, the moment packets see the change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{

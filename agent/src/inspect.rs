@@ -460,7 +460,7 @@ fn config_rows(pin_path: &Path) -> Result<Vec<ConfigRow>, InspectError> {
     Ok(rows)
 }
 
-/// One programmed frontend (`xlb_services` key other than the per-VIP ICMP keys).
+/// One programmed frontend (`xlb_services4` key other than the per-VIP ICMP keys).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceRow {
     /// `namespace/name`, or `None` when `xlb_owners` has no entry for the id.

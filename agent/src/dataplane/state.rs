@@ -105,7 +105,7 @@ pub type TableCache = HashMap<(u32, Vec<(SocketAddr, u32)>), Slots>;
 /// Exactly what the configuration maps hold, plus which stats entries exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
-    /// `xlb_services`.
+    /// `xlb_services4` and `xlb_services6`.
     pub services: BTreeMap<ServiceKey, Service>,
     /// `xlb_maglev`: table id -> backend id per slot.
     pub tables: BTreeMap<u32, Slots>,
@@ -884,7 +884,7 @@ fn spare(current: &MapState, id: u32, live: u32) -> Option<(u32, &Slots)> {
     current.tables.get(&other).map(|t| (other, t))
 }
 
-/// The `xlb_services` value of a service and its `xlb_src_ranges` entries.
+/// The `xlb_services4` value of a service and its `xlb_src_ranges` entries.
 fn service_entry(
     ds: &crate::desired::DesiredService,
     id: u32,

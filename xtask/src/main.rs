@@ -782,12 +782,6 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Renders deploy/ as an operator would install it (`kubectl kustomize deploy`,
-/// `deploy/servicemonitor`, the Helm chart with its defaults and with every option
-/// set) and validates every object offline (xtask/validate_deploy.py): strict schemas
-/// of Kubernetes [`K8S_VERSIONS`], xlb.dev objects (rendered, in deploy/examples,
-/// deploy/static and the README) against deploy/crds, references between the
-/// objects, and the chart's defaults against kustomize's output.
 /// Runs the core lab tests (`vm::CORE_TESTS`) on the host with `env` set: a fallback
 /// forced, or another attach mode.
 fn core_set(root: &Path, bin: &Path, env: (&str, &str)) -> Result<()> {
@@ -808,6 +802,12 @@ fn core_set(root: &Path, bin: &Path, env: (&str, &str)) -> Result<()> {
     sh(cmd.arg("--exact"))
 }
 
+/// Renders deploy/ as an operator would install it (`kubectl kustomize deploy`,
+/// `deploy/servicemonitor`, the Helm chart with its defaults and with every option
+/// set) and validates every object offline (xtask/validate_deploy.py): strict schemas
+/// of Kubernetes [`K8S_VERSIONS`], xlb.dev objects (rendered, in deploy/examples,
+/// deploy/static and the README) against deploy/crds, references between the
+/// objects, and the chart's defaults against kustomize's output.
 fn validate_deploy() -> Result<()> {
     let started = std::time::Instant::now();
     let tools = deploy_tools(false)?;

@@ -62,6 +62,8 @@ pub struct Config {
     pub memberlist_port: u16,
     /// Keys that authenticate the membership (`--memberlist-key-file`).
     pub memberlist_key_file: Option<std::path::PathBuf>,
+    /// `--memberlist-key-transition`: how agents without the key are treated.
+    pub memberlist_key_transition: crate::l2::seal::Transition,
     /// How long a stopping agent's node keeps its L2 VIPs (`--restart-grace`).
     pub restart_grace: Duration,
     /// Datapath event level at start (`--datapath-log`, `xlb_common::datapath_log`).
@@ -895,6 +897,7 @@ pub async fn run(cfg: Config) -> Result<(), AgentError> {
                 pin_path: cfg.pin_path.clone(),
                 restart_grace: cfg.restart_grace,
                 key_file: cfg.memberlist_key_file.clone(),
+                transition: cfg.memberlist_key_transition,
             };
             Some(crate::l2::task::start(l2_cfg, l2_rx, metrics.clone(), views.clone()).await?)
         }

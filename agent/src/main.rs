@@ -87,6 +87,11 @@ enum Command {
         /// any host on the LAN can join the membership and move VIPs.
         #[arg(long, env = "XLB_MEMBERLIST_KEY_FILE")]
         memberlist_key_file: Option<PathBuf>,
+        /// Moving a running cluster to a membership key without splitting it: agents
+        /// with the key and `send-plain` talk to agents without one; then roll out
+        /// `accept-plain`, then drop this flag. Each step is one rollout.
+        #[arg(long, value_enum, env = "XLB_MEMBERLIST_KEY_TRANSITION")]
+        memberlist_key_transition: Option<xlb::l2::seal::Transition>,
         /// On SIGTERM this node keeps answering ARP for its VIPs this long, and tells
         /// its peers to leave them with it, so that a restart (a DaemonSet rollout)
         /// moves nothing; with no new agent by then the peers take them over. `0s`
@@ -335,6 +340,7 @@ fn main() -> anyhow::Result<()> {
             node_port_range,
             memberlist_port,
             memberlist_key_file,
+            memberlist_key_transition,
             restart_grace,
             lease_namespace,
             namespace,
@@ -375,6 +381,7 @@ fn main() -> anyhow::Result<()> {
                 node_ports: node_port_range,
                 memberlist_port,
                 memberlist_key_file,
+                memberlist_key_transition: memberlist_key_transition.unwrap_or_default(),
                 restart_grace,
                 bgp_listen_port,
                 cluster: match cluster_mode {

@@ -147,13 +147,24 @@ pub fn lab_key(lab: &Lab, n: u32) -> String {
 /// Service on [`VIP`], one L2Announcement for everything; agents started, their
 /// membership authenticated with one shared key ([`lab_key`] 1), as deploy/ does.
 pub fn l2_lab() -> Result<Lab> {
+    l2_lab_with(&[], &[])
+}
+
+/// [`l2_lab`] with the nodes named in `keyless` started without a membership key (as
+/// agents of a release before keys), and `keyed_args` added to the others' flags.
+pub fn l2_lab_with(keyless: &[&str], keyed_args: &[&str]) -> Result<Lab> {
     let mut lab = Lab::multi_node(&[1, 1, 1].map(NodeSpec::with_pods))?;
     let key = lab_key(&lab, 1);
     let files: Vec<_> = lab.nodes.iter().map(|n| key_file(&lab, &n.name)).collect();
     for (node, file) in lab.nodes.iter_mut().zip(files) {
+        if keyless.contains(&node.name.as_str()) {
+            continue;
+        }
         write_atomic(&file, &format!("{key}\n"))?;
         node.agent_args.push("--memberlist-key-file".into());
         node.agent_args.push(file.display().to_string());
+        node.agent_args
+            .extend(keyed_args.iter().map(|a| a.to_string()));
     }
     let dir = lab.manifests_dir();
     lab.write_nodes_yaml(&dir)?;

@@ -218,12 +218,30 @@ pub struct Opened<'a> {
     pub sender: Option<SocketAddr>,
 }
 
+/// How a keyed agent treats agents without the key while a cluster moves to an
+/// authenticated membership (`--memberlist-key-transition`), as memberlist's
+/// `GossipVerifyIncoming`/`GossipVerifyOutgoing` do: agents that cannot talk to each
+/// other would each elect owners among their own half and answer ARP for the same VIPs.
+/// Three rollouts: `send-plain` everywhere (interoperates with agents without a key),
+/// then `accept-plain` (seals; accepts what a `send-plain` agent sends), then neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transition {
+    /// Seal everything and accept only sealed datagrams (the default).
+    #[default]
+    Enforce,
+    /// Seal everything; accept unsealed datagrams too.
+    AcceptPlain,
+    /// Send unsealed datagrams, accept both.
+    SendPlain,
+}
+
 /// Seals outgoing and opens incoming datagrams; sans-IO (the caller passes the
 /// clock). Without a keyring it passes datagrams through unchanged, as before
 /// membership was authenticated.
 #[derive(Debug, Default)]
 pub struct Sealer {
     keyring: Option<Keyring>,
+    transition: Transition,
     /// The last timestamp this node sealed with.
     last_sent: u64,
     /// Per sender, the last timestamp accepted.
@@ -239,6 +257,12 @@ impl Sealer {
         }
     }
 
+    /// The same, in a transition towards an authenticated membership.
+    pub fn with_transition(mut self, transition: Transition) -> Sealer {
+        self.transition = transition;
+        self
+    }
+
     /// Replaces the keys (a rotated key file); the replay table is kept.
     pub fn set_keyring(&mut self, keyring: Keyring) {
         self.keyring = Some(keyring);
@@ -251,7 +275,11 @@ impl Sealer {
 
     /// `payload` as it goes on the wire from `me` at wall-clock `now_ns`.
     pub fn seal(&mut self, payload: &[u8], me: SocketAddr, now_ns: u64) -> Vec<u8> {
-        let Some(ring) = &self.keyring else {
+        let Some(ring) = self
+            .keyring
+            .as_ref()
+            .filter(|_| self.transition != Transition::SendPlain)
+        else {
             return payload.to_vec();
         };
         // A keyring is never empty (`Keyring::parse`), so the first key exists.
@@ -283,6 +311,12 @@ impl Sealer {
             });
         };
         if !sealed {
+            if self.transition != Transition::Enforce {
+                return Ok(Opened {
+                    payload: data,
+                    sender: None,
+                });
+            }
             return Err(Refused::Unauthenticated);
         }
         let (signed, tag) = data.split_at(data.len() - TAG);
@@ -445,6 +479,37 @@ mod tests {
         let r = ring(&steps[2]);
         assert_eq!(r.len(), 2);
         assert_eq!(r.ids()[0], ring(B).ids()[0], "the first line signs");
+    }
+
+    #[test]
+    fn a_cluster_moves_to_a_key_in_three_rollouts_without_a_split() {
+        // Each rollout replaces agents one by one: every agent of one step talks to
+        // every agent of the next, in both directions.
+        let agent = |step: usize| match step {
+            0 => Sealer::new(None),
+            1 => Sealer::new(Some(ring(A))).with_transition(Transition::SendPlain),
+            2 => Sealer::new(Some(ring(A))).with_transition(Transition::AcceptPlain),
+            _ => Sealer::new(Some(ring(A))),
+        };
+        for step in 0..3 {
+            let (mut old, mut new) = (agent(step), agent(step + 1));
+            let from_old = old.seal(b"o", "10.0.0.1:7946".parse().unwrap(), T0);
+            let from_new = new.seal(b"n", "10.0.0.2:7946".parse().unwrap(), T0);
+            assert_eq!(
+                new.open(&from_old, T0).map(|o| o.payload),
+                Ok(&b"o"[..]),
+                "step {step}"
+            );
+            assert_eq!(
+                old.open(&from_new, T0).map(|o| o.payload),
+                Ok(&b"n"[..]),
+                "step {step}"
+            );
+        }
+        // Skipping a step splits: an enforcing agent refuses a keyless one.
+        let mut keyless = agent(0);
+        let plain = keyless.seal(b"x", me(), T0);
+        assert_eq!(agent(3).open(&plain, T0), Err(Refused::Unauthenticated));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::{
     election::{self, Plan},
     membership::{self, NodeId},
     restart::{Graces, Notice},
-    seal::{KeyError, Keyring, Refused, Sealer, wall_ns},
+    seal::{KeyError, Keyring, Refused, Sealer, Transition, wall_ns},
 };
 use crate::{
     dataplane::conntrack::monotonic_ns,
@@ -120,6 +120,8 @@ pub struct L2Config {
     /// The shared keys that authenticate membership (`--memberlist-key-file`); `None`:
     /// unauthenticated, as before.
     pub key_file: Option<PathBuf>,
+    /// How agents without the key are treated while a cluster moves to one.
+    pub transition: Transition,
 }
 
 /// The running task: stop it with [`L2Handle::stop`] (SIGTERM), or drop it (the task
@@ -261,9 +263,20 @@ pub async fn start(
                 source,
             })?;
             let ring = Keyring::parse(&text, path)?;
-            info!(file = %path.display(), keys = ?ring.ids(), "membership: datagrams authenticated (HMAC-SHA256)");
+            match cfg.transition {
+                Transition::Enforce => {
+                    info!(file = %path.display(), keys = ?ring.ids(), "membership: datagrams authenticated (HMAC-SHA256)")
+                }
+                t => warn!(
+                    file = %path.display(), keys = ?ring.ids(), transition = ?t,
+                    "membership: moving to authenticated datagrams; unauthenticated ones are still accepted"
+                ),
+            }
             metrics.l2.keys.set(ring.len() as i64);
-            (Sealer::new(Some(ring)), Some(text))
+            (
+                Sealer::new(Some(ring)).with_transition(cfg.transition),
+                Some(text),
+            )
         }
         None => {
             warn!(

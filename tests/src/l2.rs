@@ -242,8 +242,14 @@ pub fn failover_gap(lab: &mut Lab, how: Failure) -> Result<(Duration, Duration)>
     }
     // Settled again: every agent sees all three alive (the repaired node has
     // rejoined, and taken back what election gives it).
+    wait_all_alive(lab)?;
+    Ok((report.max_gap, takeover))
+}
+
+/// Polls until every node's agent counts all three nodes alive.
+pub fn wait_all_alive(lab: &mut Lab) -> Result<()> {
     poll(
-        "membership settles",
+        "every node to count three members alive",
         SOON,
         Duration::from_millis(20),
         || {
@@ -257,8 +263,7 @@ pub fn failover_gap(lab: &mut Lab, how: Failure) -> Result<(Duration, Duration)>
             }
             Ok(Some(()))
         },
-    )?;
-    Ok((report.max_gap, takeover))
+    )
 }
 
 /// Milliseconds, for printing.

@@ -12,8 +12,8 @@ use anyhow::{Context, Result, ensure};
 use xlb_lab::arp::{Mac, neighbour, who_has};
 use xlb_lab::l2::{
     ARP_WINDOW, Failure, MAX_TICKS, TICK, VIP, failover_gap, key_file, l2_lab, l2_lab_with,
-    l2_logs, lab_key, mac_named, macs, median_ms, ms, owners, wait_owner, wait_sole_answerer,
-    write_web,
+    l2_logs, lab_key, mac_named, macs, median_ms, ms, owners, wait_all_alive, wait_owner,
+    wait_sole_answerer, write_web,
 };
 use xlb_lab::lab::{CLIENT_ADDR, Lab, SOON, UPLINK};
 use xlb_lab::manifests::{EndpointSpec, WEB_UDP_PORT};
@@ -791,22 +791,7 @@ fn membership_stays_whole(lab: &mut Lab) -> Result<()> {
 #[test]
 fn a_keyless_agent_and_agents_in_transition_form_one_membership() -> Result<()> {
     let mut lab = l2_lab_with(&["node-a"], &["--memberlist-key-transition", "send-plain"])?;
-    poll(
-        "every node to count three members alive",
-        SOON,
-        Duration::from_millis(20),
-        || {
-            for node in &mut lab.nodes {
-                let alive = node
-                    .agent()?
-                    .metric("xlb_l2_members", &[("state", "alive")])?;
-                if alive != 3.0 {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        },
-    )?;
+    wait_all_alive(&mut lab)?;
     let owner = wait_owner(&mut lab, &BTreeSet::new(), None)?;
     wait_sole_answerer(&lab, mac_named(&macs(&lab)?, &owner)?)?;
     ensure!(

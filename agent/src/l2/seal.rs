@@ -268,11 +268,6 @@ impl Sealer {
         self.keyring = Some(keyring);
     }
 
-    /// The keys in use, if any.
-    pub fn keyring(&self) -> Option<&Keyring> {
-        self.keyring.as_ref()
-    }
-
     /// `payload` as it goes on the wire from `me` at wall-clock `now_ns`.
     pub fn seal(&mut self, payload: &[u8], me: SocketAddr, now_ns: u64) -> Vec<u8> {
         let Some(ring) = self
